@@ -1,0 +1,23 @@
+// Runtime facts for backend_info(); safe to call on a machine without a GPU or driver.
+#include <cuda_runtime.h>
+
+#include "neuslice/cuda_runtime.h"
+
+namespace neuslice {
+
+int cuda_runtime_version() {
+  int v = 0;
+  if (cudaRuntimeGetVersion(&v) != cudaSuccess) return 0;
+  return v;
+}
+
+int cuda_device_count() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();  // clear the sticky "no driver" error
+    return 0;
+  }
+  return n;
+}
+
+}  // namespace neuslice

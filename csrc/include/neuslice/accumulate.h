@@ -1,0 +1,51 @@
+// accumulate: one pass over a batch's activations x, gradients g, reference r and labels,
+// adding into the per-class statistics of one layer (SPEC §2).
+//
+//   x, g : [B, N, S] (channels-first) or [B, S, N] (channels_last), any element strides
+//   r    : [N, S] (r_ss may be 0 for a [N] reference), same dtype as x; null = zero reference
+//   labels: int64 [B], or [B, S] (per_token, channels_last only: each token is a sample)
+//   statistics: contiguous, float32 (double when x is f64): count [K], the others [K, N]
+//     act_sum[k,n]      += sum_b xbar[b,n]          xbar = mean_s x[b,n,s]
+//     act_sq[k,n]       += sum_b xbar[b,n]^2
+//     taylor_sum[k,n]   += sum_b |sum_s x*g|          (only when g is given)
+//     deeplift_sum[k,n] += sum_b |sum_s (x - r)*g|    (only when g is given)
+// A non-finite term anywhere leaves every statistic unchanged and returns a nonzero status.
+#pragma once
+#include <cstdint>
+
+#include "neuslice/common.h"
+
+namespace neuslice {
+
+struct AccumulateArgs {
+  const void* x = nullptr;
+  const void* g = nullptr;     // may be null
+  const void* r = nullptr;     // may be null
+  const int64_t* labels = nullptr;
+  DType dtype = DType::f32;    // of x, g and r
+  int64_t B = 0, N = 0, S = 1, K = 0;
+  bool channels_last = false;
+  bool per_token = false;
+  // Element strides by logical axis (b, n, s), whatever the memory layout.
+  int64_t x_sb = 0, x_sn = 0, x_ss = 0;
+  int64_t g_sb = 0, g_sn = 0, g_ss = 0;
+  int64_t r_sn = 0, r_ss = 0;
+  int64_t l_sb = 0, l_ss = 0;  // labels strides (l_ss used when per_token)
+  void* count = nullptr;
+  void* act_sum = nullptr;
+  void* act_sq = nullptr;
+  void* taylor_sum = nullptr;
+  void* deeplift_sum = nullptr;
+};
+
+// CPU (OpenMP, nthreads threads). Returns a Status.
+int accumulate_cpu(const AccumulateArgs& a, int nthreads);
+
+#ifdef NEUSLICE_WITH_CUDA
+// CUDA: all pointers on the device; launched on `stream` (a cudaStream_t). The status of the
+// batch is written to the device int `status` (0 = committed); statistics are committed only
+// when it is 0, without a host round trip. Returns a launch Status (kOk or kCudaError).
+int accumulate_cuda(const AccumulateArgs& a, int* status, void* stream);
+#endif
+
+}  // namespace neuslice

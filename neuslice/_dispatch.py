@@ -1,0 +1,110 @@
+"""THE single point that picks a backend for an op call.
+
+Backends declare what they can run: ``refuse(op, args)`` returns None when the backend can run
+this call, or a sentence saying why not. The first backend in the device's order that does not
+refuse runs the call:
+
+    CUDA tensors: triton -> cuda -> reference
+    CPU tensors:  cpu -> reference
+
+``NEUSLICE_BACKEND=<name>`` (read at every call) forces one backend; when it cannot run the call,
+:class:`~neuslice._errors.BackendError` lists every backend and why it refused. Backends whose
+module cannot be imported (no ``_C``, no Triton) refuse with the import error as the reason, so a
+missing build lowers speed but never breaks ``import neuslice``.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+
+from ._errors import BackendError
+
+__all__ = ["call", "choose", "backends", "refusals", "ORDER", "ENV"]
+
+ENV = "NEUSLICE_BACKEND"
+ORDER: Dict[str, Tuple[str, ...]] = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
+# name -> module that defines `refuse(op, args) -> Optional[str]` and one function per op.
+_MODULES = {
+    "reference": "neuslice._backend_reference",
+    "cpu": "neuslice._native",
+    "cuda": "neuslice._native_cuda",
+    "triton": "neuslice._triton.backend",
+}
+_loaded: Dict[str, object] = {}
+_import_errors: Dict[str, str] = {}
+
+
+def backends() -> Tuple[str, ...]:
+    """Names of every backend, known or not importable."""
+    return tuple(_MODULES)
+
+
+def _module(name: str):
+    if name in _loaded:
+        return _loaded[name]
+    if name in _import_errors:
+        return None
+    try:
+        mod = importlib.import_module(_MODULES[name])
+    except Exception as e:  # a missing _C or Triton must never break import neuslice
+        _import_errors[name] = f"cannot be imported ({type(e).__name__}: {e})"
+        return None
+    _loaded[name] = mod
+    return mod
+
+
+def _refusal(name: str, op: str, args: tuple) -> Optional[str]:
+    mod = _module(name)
+    if mod is None:
+        return _import_errors[name]
+    if not hasattr(mod, op):
+        return f"does not implement {op}"
+    return mod.refuse(op, args)
+
+
+def _device_type(args: tuple) -> str:
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a.device.type
+    return "cpu"
+
+
+def refusals(op: str, args: tuple) -> Dict[str, Optional[str]]:
+    """For every backend, None if it would run ``op`` on ``args``, else why it would not."""
+    return {name: _refusal(name, op, args) for name in _MODULES}
+
+
+def choose(op: str, args: tuple) -> str:
+    """Name of the backend that runs ``op`` on ``args`` (honouring ``NEUSLICE_BACKEND``)."""
+    forced = os.environ.get(ENV, "").strip()
+    if forced:
+        if forced not in _MODULES:
+            raise BackendError(f"neuslice: {ENV}={forced!r} names no backend; "
+                               f"expected one of {', '.join(_MODULES)}")
+        if _refusal(forced, op, args) is None:
+            return forced
+        detail = "; ".join(f"{n}: {r or 'would run'}" for n, r in refusals(op, args).items())
+        raise BackendError(f"neuslice.{op}: backend {forced!r} was forced ({ENV}={forced}) "
+                           f"but cannot run this call. Backends: {detail}")
+    device = _device_type(args)
+    order = ORDER.get(device, ("reference",))
+    for name in order:
+        if _refusal(name, op, args) is None:
+            return name
+    detail = "; ".join(f"{n}: {_refusal(n, op, args)}" for n in order)
+    raise BackendError(f"neuslice.{op}: no backend can run this call on {device}. Backends: {detail}")
+
+
+def call(op: str, *args):
+    """Run ``op`` on the chosen backend. Arguments were checked by :mod:`neuslice.ops`."""
+    fn: Callable = getattr(_module(choose(op, args)), op)
+    return fn(*args)
+
+
+def import_error(name: str) -> Optional[str]:
+    """Why backend ``name``'s module could not be imported, or None."""
+    _module(name)
+    return _import_errors.get(name)

@@ -1,0 +1,260 @@
+"""The op contract: each fused op once, as a ``torch.library`` custom op with a fake kernel.
+
+Ops (schemas as registered):
+
+- ``neuslice::accumulate_(Tensor x, Tensor? grad, Tensor? ref, Tensor labels, bool channels_last,
+  Tensor(a!) count, Tensor(b!) act_sum, Tensor(c!) act_sq, Tensor(d!) taylor_sum, Tensor(e!) deeplift_sum) -> ()``
+- ``neuslice::select(Tensor scores, float theta) -> Tensor``
+- ``neuslice::select_topk(Tensor scores, float ratio) -> Tensor``
+- ``neuslice::masked_sgd_(Tensor(a!) param, Tensor grad, Tensor(b!) momentum_buf, Tensor mask,
+  float lr, float momentum, float weight_decay) -> ()``
+- ``neuslice::masked_adamw_(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq,
+  Tensor mask, float lr, float beta1, float beta2, float eps, float weight_decay, int step) -> ()``
+
+Arguments are checked here, once, before :mod:`neuslice._dispatch` hands the call to a backend;
+every error names the op and says what was expected and what came. Nothing is changed by a call
+that raises.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import _dispatch
+from .reference import acc_dtype
+
+__all__ = ["accumulate_", "select", "select_topk", "masked_sgd_", "masked_adamw_"]
+
+_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_STATS = ("count", "act_sum", "act_sq", "taylor_sum", "deeplift_sum")
+
+
+def _fail(op: str, msg: str, exc=ValueError):
+    raise exc(f"neuslice.{op}: {msg}")
+
+
+def _shape(t: Tensor) -> str:
+    return "[" + ", ".join(str(d) for d in t.shape) + "]"
+
+
+def _check_same(op: str, name: str, t: Tensor, like: Tensor, like_name: str, shape: Optional[Sequence[int]] = None):
+    if t.device != like.device:
+        _fail(op, f"{name} must be on {like_name}'s device {like.device}, got {t.device}")
+    want = tuple(like.shape) if shape is None else tuple(shape)
+    if tuple(t.shape) != want:
+        _fail(op, f"{name} must have shape {list(want)}, got {_shape(t)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# accumulate_
+
+def _check_accumulate(x, grad, ref, labels, channels_last, stats, *, data: bool) -> None:
+    op = "accumulate_"
+    if x.dtype not in _FLOATS:
+        _fail(op, f"x must be float32, float64, float16 or bfloat16, got {x.dtype}", TypeError)
+    if x.dim() not in (2, 3):
+        _fail(op, f"x must be [B, N], [B, N, S] or (channels_last) [B, S, N], got {_shape(x)}")
+    b = x.shape[0]
+    n = x.shape[2] if (channels_last and x.dim() == 3) else x.shape[1]
+    s = 1 if x.dim() == 2 else (x.shape[1] if channels_last else x.shape[2])
+    if grad is not None:
+        _check_same(op, "grad", grad, x, "x")
+        if grad.dtype != x.dtype:
+            _fail(op, f"grad must have x's dtype {x.dtype}, got {grad.dtype}", TypeError)
+    if ref is not None:
+        if ref.dtype != x.dtype:
+            _fail(op, f"ref must have x's dtype {x.dtype}, got {ref.dtype}", TypeError)
+        if ref.device != x.device or tuple(ref.shape) not in ((n, s), (n,)):
+            _fail(op, f"ref must be [N, S] = [{n}, {s}] or [N] = [{n}] on {x.device}, "
+                      f"got {_shape(ref)} on {ref.device}")
+    if labels.dtype != torch.int64:
+        _fail(op, f"labels must be int64, got {labels.dtype}", TypeError)
+    if labels.device != x.device:
+        _fail(op, f"labels must be on x's device {x.device}, got {labels.device}")
+    if labels.dim() == 2:
+        if not channels_last:
+            _fail(op, f"per-token labels [B, S] need channels_last=True, got labels {_shape(labels)} "
+                      "with channels_last=False")
+        if tuple(labels.shape) != (b, s):
+            _fail(op, f"per-token labels must be [B, S] = [{b}, {s}], got {_shape(labels)}")
+    elif tuple(labels.shape) != (b,):
+        _fail(op, f"labels must be [B] = [{b}] (or [B, S] per token), got {_shape(labels)}")
+    count = stats[0]
+    want = acc_dtype(x.dtype)
+    if count.dim() != 1 or count.shape[0] < 1:
+        _fail(op, f"count must be [K] with K >= 1, got {_shape(count)}")
+    k = count.shape[0]
+    for name, t in zip(_STATS, stats):
+        if t.dtype != want:
+            _fail(op, f"{name} must be {want} for x of {x.dtype}, got {t.dtype}", TypeError)
+        _check_same(op, name, t, x, "x", (k,) if name == "count" else (k, n))
+    if data and labels.numel() > 0:
+        lo, hi = torch.aminmax(labels)
+        lo, hi = int(lo), int(hi)
+        if lo < 0 or hi >= k:
+            bad = lo if lo < 0 else hi
+            _fail(op, f"labels must lie in [0, {k}) (K = count.shape[0]), got label {bad}")
+
+
+@torch.library.custom_op("neuslice::accumulate_", mutates_args=_STATS)
+def accumulate_(x: Tensor, grad: Optional[Tensor], ref: Optional[Tensor], labels: Tensor,
+                channels_last: bool, count: Tensor, act_sum: Tensor, act_sq: Tensor,
+                taylor_sum: Tensor, deeplift_sum: Tensor) -> None:
+    """Add one batch to one layer's per-class statistics (SPEC §2), in place.
+
+    Args:
+        x: activations, ``[B, N, S]`` (``[B, S, N]`` when ``channels_last``; ``[B, N]`` means S = 1);
+            float32, float64, float16 or bfloat16.
+        grad: gradient of the target w.r.t. ``x`` (or the DeepLIFT multiplier), like ``x``; None skips
+            ``taylor_sum`` and ``deeplift_sum``.
+        ref: reference activation ``[N, S]`` or ``[N]``, x's dtype; None means zero.
+        labels: int64 ``[B]``, or ``[B, S]`` per token (channels_last only; each token counts as a sample).
+        count: ``[K]``; act_sum, act_sq, taylor_sum, deeplift_sum: ``[K, N]``; float32 (float64 for
+            float64 x), on x's device.
+
+    Raises ValueError/TypeError on bad arguments and NonFiniteError on a non-finite activation or
+    gradient; in every case no statistic is changed.
+    """
+    stats = (count, act_sum, act_sq, taylor_sum, deeplift_sum)
+    _check_accumulate(x, grad, ref, labels, channels_last, stats, data=True)
+    if x.shape[0] == 0:
+        return
+    _dispatch.call("accumulate_", x, grad, ref, labels, channels_last, *stats)
+
+
+@accumulate_.register_fake
+def _accumulate_fake(x, grad, ref, labels, channels_last, count, act_sum, act_sq, taylor_sum, deeplift_sum):
+    _check_accumulate(x, grad, ref, labels, channels_last, (count, act_sum, act_sq, taylor_sum, deeplift_sum),
+                      data=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# select, select_topk
+
+def _check_scores(op: str, scores: Tensor, value: float, name: str) -> None:
+    if scores.dim() != 2:
+        _fail(op, f"scores must be [R, N], got {_shape(scores)}")
+    if scores.dtype not in _FLOATS:
+        _fail(op, f"scores must be a float tensor, got {scores.dtype}", TypeError)
+    if not (isinstance(value, (int, float)) and 0.0 < value <= 1.0 and math.isfinite(value)):
+        _fail(op, f"{name} must lie in (0, 1], got {value!r}")
+
+
+def _check_score_values(op: str, scores: Tensor) -> None:
+    if scores.numel() and not bool(torch.isfinite(scores).all() & (scores >= 0).all()):
+        _fail(op, "scores must be finite and non-negative (metrics never are negative); "
+                  f"got min {float(scores.min())}, max {float(scores.max())}"
+                  + ("" if torch.isfinite(scores).all() else " and a non-finite value"))
+
+
+@torch.library.custom_op("neuslice::select", mutates_args=())
+def select(scores: Tensor, theta: float) -> Tensor:
+    """Cumulative-Θ critical set per row (SPEC §4).
+
+    Args:
+        scores: ``[R, N]`` non-negative float scores (one row per class, one column per neuron).
+        theta: in (0, 1].
+
+    Returns:
+        bool ``[R, N]``: per row, the smallest set taken in descending score order (ties: lower
+        index first) whose sum reaches ``theta`` × the row total. An all-zero row selects nothing.
+    """
+    _check_scores("select", scores, theta, "theta")
+    _check_score_values("select", scores)
+    return _dispatch.call("select", scores, float(theta))
+
+
+@select.register_fake
+def _select_fake(scores, theta):
+    _check_scores("select", scores, theta, "theta")
+    return torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
+
+
+@torch.library.custom_op("neuslice::select_topk", mutates_args=())
+def select_topk(scores: Tensor, ratio: float) -> Tensor:
+    """Top ``ceil(ratio × N)`` per row (ties: lower index first): bool ``[R, N]``; ratio in (0, 1]."""
+    _check_scores("select_topk", scores, ratio, "ratio")
+    _check_score_values("select_topk", scores)
+    return _dispatch.call("select_topk", scores, float(ratio))
+
+
+@select_topk.register_fake
+def _select_topk_fake(scores, ratio):
+    _check_scores("select_topk", scores, ratio, "ratio")
+    return torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
+
+
+# ---------------------------------------------------------------------------------------------
+# masked_sgd_, masked_adamw_
+
+def _check_masked(op: str, param: Tensor, grad: Tensor, states: dict, mask: Tensor, hyper: dict) -> None:
+    if param.dtype not in _FLOATS:
+        _fail(op, f"param must be a float tensor, got {param.dtype}", TypeError)
+    if param.dim() < 1:
+        _fail(op, f"param must have at least one dimension (neurons first), got {_shape(param)}")
+    for name, t in (("grad", grad), *states.items()):
+        _check_same(op, name, t, param, "param")
+        if t.dtype != param.dtype:
+            _fail(op, f"{name} must have param's dtype {param.dtype}, got {t.dtype}", TypeError)
+    if mask.dtype != torch.bool:
+        _fail(op, f"mask must be bool (True = trainable), got {mask.dtype}", TypeError)
+    if mask.device != param.device:
+        _fail(op, f"mask must be on param's device {param.device}, got {mask.device}")
+    if tuple(mask.shape) not in ((param.shape[0],), tuple(param.shape)):
+        _fail(op, f"mask must be [{param.shape[0]}] (per neuron) or {list(param.shape)} (per weight), "
+                  f"got {_shape(mask)}")
+    for name, v in hyper.items():
+        if not math.isfinite(v) or v < 0:
+            _fail(op, f"{name} must be finite and >= 0, got {v!r}")
+
+
+@torch.library.custom_op("neuslice::masked_sgd_", mutates_args=("param", "momentum_buf"))
+def masked_sgd_(param: Tensor, grad: Tensor, momentum_buf: Tensor, mask: Tensor, lr: float,
+                momentum: float, weight_decay: float) -> None:
+    """One SGD step (torch.optim.SGD, dampening 0) on the trainable entries of ``param``.
+
+    ``mask``: bool ``[param.shape[0]]`` (per neuron) or ``param.shape`` (per weight), True = trainable.
+    Frozen entries of ``param`` and ``momentum_buf`` stay bit-identical. ``momentum_buf`` starts at zeros
+    (which equals torch's first-step initialisation) and is only touched when ``momentum != 0``.
+    """
+    _check_masked("masked_sgd_", param, grad, {"momentum_buf": momentum_buf}, mask,
+                  {"lr": lr, "momentum": momentum, "weight_decay": weight_decay})
+    _dispatch.call("masked_sgd_", param, grad, momentum_buf, mask, lr, momentum, weight_decay)
+
+
+@masked_sgd_.register_fake
+def _masked_sgd_fake(param, grad, momentum_buf, mask, lr, momentum, weight_decay):
+    _check_masked("masked_sgd_", param, grad, {"momentum_buf": momentum_buf}, mask,
+                  {"lr": lr, "momentum": momentum, "weight_decay": weight_decay})
+
+
+def _check_adamw(param, grad, exp_avg, exp_avg_sq, mask, lr, beta1, beta2, eps, weight_decay, step):
+    op = "masked_adamw_"
+    _check_masked(op, param, grad, {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}, mask,
+                  {"lr": lr, "eps": eps, "weight_decay": weight_decay})
+    for name, b in (("beta1", beta1), ("beta2", beta2)):
+        if not 0.0 <= b < 1.0:
+            _fail(op, f"{name} must lie in [0, 1), got {b!r}")
+    if step < 1:
+        _fail(op, f"step must be >= 1 (the step number after this update), got {step}")
+
+
+@torch.library.custom_op("neuslice::masked_adamw_", mutates_args=("param", "exp_avg", "exp_avg_sq"))
+def masked_adamw_(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, mask: Tensor,
+                  lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int) -> None:
+    """One AdamW step (torch.optim.AdamW formula, no amsgrad) on the trainable entries of ``param``.
+
+    ``step`` is the step number after this update (1 for the first). Frozen entries of ``param``,
+    ``exp_avg`` and ``exp_avg_sq`` stay bit-identical.
+    """
+    _check_adamw(param, grad, exp_avg, exp_avg_sq, mask, lr, beta1, beta2, eps, weight_decay, step)
+    _dispatch.call("masked_adamw_", param, grad, exp_avg, exp_avg_sq, mask, lr, beta1, beta2, eps,
+                   weight_decay, step)
+
+
+@masked_adamw_.register_fake
+def _masked_adamw_fake(param, grad, exp_avg, exp_avg_sq, mask, lr, beta1, beta2, eps, weight_decay, step):
+    _check_adamw(param, grad, exp_avg, exp_avg_sq, mask, lr, beta1, beta2, eps, weight_decay, step)

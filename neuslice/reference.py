@@ -1,0 +1,133 @@
+"""Plain-torch implementation of every op: the specification in code.
+
+It is the fallback on any device, the oracle every other backend is tested against, and the
+baseline of the benchmarks. Argument checking happens in :mod:`neuslice.ops` before any backend
+runs; these functions assume valid arguments (shapes, dtypes, label range).
+
+Each function has the signature of its op in :mod:`neuslice.ops`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from ._errors import NonFiniteError
+
+__all__ = ["accumulate_", "select", "select_topk", "masked_sgd_", "masked_adamw_", "acc_dtype", "topk_count"]
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype of the statistics for inputs of ``dtype``: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _as_bns(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """View ``[B, N, S]`` of an activation given as [B, N], [B, N, S] or [B, S, N] (channels_last)."""
+    if t.dim() == 2:
+        return t.unsqueeze(-1)
+    return t.transpose(1, 2) if channels_last else t
+
+
+def _ref_ns(ref: Optional[torch.Tensor], n: int, s: int, dtype: torch.dtype) -> Optional[torch.Tensor]:
+    if ref is None:
+        return None
+    r = ref.to(dtype)
+    return r.unsqueeze(-1).expand(n, s) if r.dim() == 1 else r
+
+
+def accumulate_(x, grad, ref, labels, channels_last, count, act_sum, act_sq, taylor_sum, deeplift_sum):
+    """SPEC §2 for one batch; see :func:`neuslice.ops.accumulate_` for shapes."""
+    acc = acc_dtype(x.dtype)
+    xf = _as_bns(x, channels_last).to(acc)                      # [B, N, S]
+    gf = None if grad is None else _as_bns(grad, channels_last).to(acc)
+    n, s = xf.shape[1], xf.shape[2]
+    r = _ref_ns(ref, n, s, acc)
+    if labels.dim() == 2:                                       # per token: each token a sample
+        xf = xf.permute(0, 2, 1).reshape(-1, n, 1)
+        gf = None if gf is None else gf.permute(0, 2, 1).reshape(-1, n, 1)
+        r = None if r is None else r.t().reshape(1, -1, n).expand(labels.shape[0], -1, -1).reshape(-1, n, 1)
+        labels = labels.reshape(-1)
+    xbar = xf.mean(-1)
+    xsq = xbar * xbar
+    if not (torch.isfinite(xf).all() and torch.isfinite(xsq).all()):
+        raise NonFiniteError("neuslice.accumulate_: non-finite value in x; no statistic was changed")
+    if gf is not None:
+        taylor = (xf * gf).sum(-1).abs()
+        delta = xf if r is None else xf - r
+        deeplift = (delta * gf).sum(-1).abs()
+        if not (torch.isfinite(gf).all() and torch.isfinite(taylor).all() and torch.isfinite(deeplift).all()):
+            raise NonFiniteError("neuslice.accumulate_: non-finite value in grad (or in x*grad); "
+                                 "no statistic was changed")
+    count.index_add_(0, labels, torch.ones(labels.shape[0], dtype=count.dtype, device=count.device))
+    act_sum.index_add_(0, labels, xbar)
+    act_sq.index_add_(0, labels, xsq)
+    if gf is not None:
+        taylor_sum.index_add_(0, labels, taylor)
+        deeplift_sum.index_add_(0, labels, deeplift)
+
+
+def _sorted_desc(scores: torch.Tensor):
+    """Scores in float64, sorted descending per row; ties keep the lower index first."""
+    return torch.sort(scores.to(torch.float64), dim=1, descending=True, stable=True)
+
+
+def select(scores: torch.Tensor, theta: float) -> torch.Tensor:
+    """Cumulative-Θ critical set per row (SPEC §4): bool [R, N]."""
+    vals, idx = _sorted_desc(scores)
+    cs = vals.cumsum(1)
+    total = cs[:, -1:]
+    # Index of the first prefix whose sum reaches theta * total, plus one; nothing for a zero row.
+    need = (cs < theta * total).sum(1, keepdim=True) + 1
+    need = torch.where(total > 0, need, torch.zeros_like(need))
+    pos = torch.arange(scores.shape[1], device=scores.device).unsqueeze(0)
+    out = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    return out.scatter_(1, idx, pos < need)
+
+
+def topk_count(ratio: float, n: int) -> int:
+    """``ceil(ratio * n)``, immune to the float error of ``ratio * n`` (0.3 * 10 is 3.0000000000000004)."""
+    return min(n, max(1, math.ceil(round(ratio * n, 9))))
+
+
+def select_topk(scores: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Top ``ceil(ratio * N)`` per row (ties: lower index first): bool [R, N]."""
+    k = topk_count(ratio, scores.shape[1])
+    _, idx = _sorted_desc(scores)
+    out = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    out.scatter_(1, idx[:, :k], True)
+    return out
+
+
+def _broadcast_mask(mask: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    if mask.shape == param.shape:
+        return mask
+    return mask.view(-1, *([1] * (param.dim() - 1)))
+
+
+def masked_sgd_(param, grad, momentum_buf, mask, lr, momentum, weight_decay):
+    """torch.optim.SGD (dampening 0) on the entries where ``mask`` is True; the rest untouched."""
+    m = _broadcast_mask(mask, param)
+    d = grad if weight_decay == 0 else grad.add(param, alpha=weight_decay)
+    if momentum != 0:
+        buf = momentum_buf.mul(momentum).add_(d)
+        momentum_buf.copy_(torch.where(m, buf, momentum_buf))
+        d = buf
+    param.copy_(torch.where(m, param.add(d, alpha=-lr), param))
+
+
+def masked_adamw_(param, grad, exp_avg, exp_avg_sq, mask, lr, beta1, beta2, eps, weight_decay, step):
+    """torch.optim.AdamW (single-tensor formula) on the entries where ``mask`` is True."""
+    m = _broadcast_mask(mask, param)
+    p = param.mul(1 - lr * weight_decay)
+    ea = exp_avg.lerp(grad, 1 - beta1)
+    eas = exp_avg_sq.mul(beta2).addcmul_(grad, grad, value=1 - beta2)
+    bias_correction1 = 1 - beta1 ** step
+    bias_correction2 = 1 - beta2 ** step
+    step_size = lr / bias_correction1
+    denom = (eas.sqrt() / (bias_correction2 ** 0.5)).add_(eps)
+    p.addcdiv_(ea, denom, value=-step_size)
+    param.copy_(torch.where(m, p, param))
+    exp_avg.copy_(torch.where(m, ea, exp_avg))
+    exp_avg_sq.copy_(torch.where(m, eas, exp_avg_sq))
