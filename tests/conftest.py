@@ -1,0 +1,38 @@
+"""Shared test setup.
+
+TRITON_INTERPRET=1 must be in the environment before anything imports triton (a variable set
+after a @triton.jit has run is ignored), so it is set here, first, when no GPU is present.
+"""
+import os
+
+if not os.environ.get("NEUSLICE_TEST_GPU"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def _cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    if _cuda():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _no_forced_backend(monkeypatch):
+    """Tests start with no backend forced; a test forces one with the `force_backend` fixture."""
+    monkeypatch.delenv("NEUSLICE_BACKEND", raising=False)
+
+
+@pytest.fixture
+def force_backend(monkeypatch):
+    def force(name: str):
+        monkeypatch.setenv("NEUSLICE_BACKEND", name)
+    return force

@@ -1,0 +1,37 @@
+"""THE tolerance table: every comparison of a backend against ``reference`` uses it.
+
+Keys are the statistics/outputs compared, per input dtype: ``(rtol, atol)``. Loosening an entry
+needs a comment with the measured error that forced it.
+
+Sums over many elements (S positions, then B samples) may also pass at <= 2x the error of the
+same sum done by torch in the input dtype: see :func:`assert_close_sum`.
+"""
+from __future__ import annotations
+
+import torch
+
+# accumulate: per-class sums of per-sample means/products. float32 accumulation both sides, in
+# different order (SIMD lanes vs torch's pairwise sum): ~1e-6 relative measured on the test shapes.
+ACCUMULATE = {
+    torch.float64: (1e-10, 1e-12),
+    torch.float32: (2e-5, 1e-5),
+    # Inputs are read as-is and accumulated in float32 by every backend: same tolerance as float32.
+    torch.float16: (2e-5, 1e-5),
+    torch.bfloat16: (2e-5, 1e-5),
+}
+
+# masked optimizer steps: elementwise, a few roundings; torch may fuse multiply-adds (FMA), we may not.
+MASKED_UPDATE = {
+    torch.float64: (1e-12, 1e-14),
+    torch.float32: (1e-5, 1e-6),
+    torch.float16: (1e-2, 1e-3),
+    torch.bfloat16: (2e-2, 1e-2),
+}
+
+
+def tol(table: dict, dtype: torch.dtype):
+    return dict(zip(("rtol", "atol"), table[dtype]))
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, table: dict, dtype: torch.dtype, msg: str = ""):
+    torch.testing.assert_close(actual, expected, **tol(table, dtype), msg=lambda m: f"{msg}\n{m}" if msg else m)
