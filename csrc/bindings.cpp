@@ -5,6 +5,7 @@
 #include <pybind11/stl.h>
 
 #include <array>
+#include <string>
 #include <cstdint>
 
 #include "neuslice/accumulate.h"
@@ -12,6 +13,10 @@
 #include "neuslice/cuda_runtime.h"
 #include "neuslice/masked_update.h"
 #include "neuslice/select.h"
+
+namespace neuslice {
+const char* cpu_isa();  // csrc/cpu/isa_dispatch.cpp
+}
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -84,6 +89,7 @@ PYBIND11_MODULE(_C, m) {
 #else
   m.attr("cuda_compiled") = false;
 #endif
+  m.def("cpu_isa", []() { return std::string(neuslice::cpu_isa()); });
   m.def("openmp_max_threads", []() {
 #ifdef _OPENMP
     return omp_get_max_threads();

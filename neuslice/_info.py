@@ -13,7 +13,7 @@ def backend_info() -> Dict[str, Any]:
     """A dict describing the built extension, Triton, the device, and each backend's availability.
 
     Keys: ``c_extension`` (bool), ``c_extension_error`` (str or None), ``cuda_compiled`` (bool: CUDA
-    kernels are in ``_C``), ``cuda_runtime_version`` (int or None), ``openmp_threads``, ``torch_threads``,
+    kernels are in ``_C``), ``cuda_runtime_version`` (int or None), ``openmp_threads``, ``cpu_isa`` (kernel variant: avx2 or base), ``torch_threads``,
     ``triton`` (version or None), ``triton_error``, ``cuda_available`` (torch sees a GPU),
     ``forced`` (``NEUSLICE_BACKEND`` or None), ``order`` (per device type), ``backends``
     (name -> None if importable, else why not).
@@ -22,11 +22,11 @@ def backend_info() -> Dict[str, Any]:
     try:
         from . import _C
         info.update(c_extension=True, c_extension_error=None, cuda_compiled=bool(_C.cuda_compiled),
-                    openmp_threads=_C.openmp_max_threads(),
+                    openmp_threads=_C.openmp_max_threads(), cpu_isa=_C.cpu_isa(),
                     cuda_runtime_version=_C.cuda_runtime_version() if _C.cuda_compiled else None)
     except ImportError as e:
         info.update(c_extension=False, c_extension_error=f"{type(e).__name__}: {e}", cuda_compiled=False,
-                    openmp_threads=None, cuda_runtime_version=None)
+                    openmp_threads=None, cpu_isa=None, cuda_runtime_version=None)
     try:
         import triton
         info.update(triton=triton.__version__, triton_error=None)

@@ -99,7 +99,9 @@ def _check_accumulate(x, grad, ref, labels, channels_last, stats, *, data: bool)
             _fail(op, f"labels must lie in [0, {k}) (K = count.shape[0]), got label {bad}")
 
 
-@torch.library.custom_op("neuslice::accumulate_", mutates_args=_STATS)
+@torch.library.custom_op("neuslice::accumulate_", mutates_args=_STATS, schema=(
+    "(Tensor x, Tensor? grad, Tensor? ref, Tensor labels, bool channels_last, Tensor(a!) count, "
+    "Tensor(b!) act_sum, Tensor(c!) act_sq, Tensor(d!) taylor_sum, Tensor(e!) deeplift_sum) -> ()"))
 def accumulate_(x: Tensor, grad: Optional[Tensor], ref: Optional[Tensor], labels: Tensor,
                 channels_last: bool, count: Tensor, act_sum: Tensor, act_sq: Tensor,
                 taylor_sum: Tensor, deeplift_sum: Tensor) -> None:
@@ -150,7 +152,7 @@ def _check_score_values(op: str, scores: Tensor) -> None:
                   + ("" if torch.isfinite(scores).all() else " and a non-finite value"))
 
 
-@torch.library.custom_op("neuslice::select", mutates_args=())
+@torch.library.custom_op("neuslice::select", mutates_args=(), schema="(Tensor scores, float theta) -> Tensor")
 def select(scores: Tensor, theta: float) -> Tensor:
     """Cumulative-Θ critical set per row (SPEC §4).
 
@@ -173,7 +175,7 @@ def _select_fake(scores, theta):
     return torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
 
 
-@torch.library.custom_op("neuslice::select_topk", mutates_args=())
+@torch.library.custom_op("neuslice::select_topk", mutates_args=(), schema="(Tensor scores, float ratio) -> Tensor")
 def select_topk(scores: Tensor, ratio: float) -> Tensor:
     """Top ``ceil(ratio × N)`` per row (ties: lower index first): bool ``[R, N]``; ratio in (0, 1]."""
     _check_scores("select_topk", scores, ratio, "ratio")
@@ -211,7 +213,9 @@ def _check_masked(op: str, param: Tensor, grad: Tensor, states: dict, mask: Tens
             _fail(op, f"{name} must be finite and >= 0, got {v!r}")
 
 
-@torch.library.custom_op("neuslice::masked_sgd_", mutates_args=("param", "momentum_buf"))
+@torch.library.custom_op("neuslice::masked_sgd_", mutates_args=("param", "momentum_buf"), schema=(
+    "(Tensor(a!) param, Tensor grad, Tensor(b!) momentum_buf, Tensor mask, float lr, float momentum, "
+    "float weight_decay) -> ()"))
 def masked_sgd_(param: Tensor, grad: Tensor, momentum_buf: Tensor, mask: Tensor, lr: float,
                 momentum: float, weight_decay: float) -> None:
     """One SGD step (torch.optim.SGD, dampening 0) on the trainable entries of ``param``.
@@ -242,7 +246,9 @@ def _check_adamw(param, grad, exp_avg, exp_avg_sq, mask, lr, beta1, beta2, eps, 
         _fail(op, f"step must be >= 1 (the step number after this update), got {step}")
 
 
-@torch.library.custom_op("neuslice::masked_adamw_", mutates_args=("param", "exp_avg", "exp_avg_sq"))
+@torch.library.custom_op("neuslice::masked_adamw_", mutates_args=("param", "exp_avg", "exp_avg_sq"), schema=(
+    "(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor mask, float lr, "
+    "float beta1, float beta2, float eps, float weight_decay, int step) -> ()"))
 def masked_adamw_(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, mask: Tensor,
                   lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int) -> None:
     """One AdamW step (torch.optim.AdamW formula, no amsgrad) on the trainable entries of ``param``.

@@ -20,9 +20,11 @@
 #include <vector>
 
 #include "load.h"
+#include "isa.h"
 #include "neuslice/accumulate.h"
 
 namespace neuslice {
+namespace NEUSLICE_CPU_ISA {
 namespace {
 
 using cpu::Elem;
@@ -35,10 +37,70 @@ struct Scratch {
   Acc* plane(int p, int64_t c) { return v.data() + (p * kb + c) * n; }
 };
 
-// Channels-first, S > 1: reduce each (b, n) S-run.
+// Planes of the scratch in use: act_sum, act_sq [, taylor_sum [, deeplift_sum]]. Without a
+// reference, deeplift equals taylor and is not accumulated twice (it is committed from plane 2).
+constexpr int planes(bool has_g, bool has_r) { return has_r ? 4 : has_g ? 3 : 2; }
+
+// Rows are added R at a time (R = kRows when enough remain): partial sums of R rows stay in
+// registers and the L1 accumulators are read and written once per R rows. Measured on the linear
+// shape (hot cache, 1 thread): one row at a time was bound by those loads/stores, not by memory.
+constexpr int kRows = 4;
+
+// Sums over R rows of one sample's positions (channels-last): ax += v, ag += v*w, ad += (v-r)*w.
+template <typename T, bool HasG, bool HasR, bool Unit, int R>
+inline void add_positions(const T* const* xp, const T* const* gp, const T* const* rp, int64_t tn,
+                          int64_t xn, int64_t gn, int64_t rn, typename Elem<T>::acc* __restrict__ ax,
+                          typename Elem<T>::acc* __restrict__ ag, typename Elem<T>::acc* __restrict__ ad) {
+  using Acc = typename Elem<T>::acc;
+#pragma omp simd
+  for (int64_t j = 0; j < tn; ++j) {
+    Acc sx = 0, sg = 0, sd = 0;
+    for (int k = 0; k < R; ++k) {
+      const Acc v = Elem<T>::load(xp[k], j * (Unit ? 1 : xn));
+      sx += v;
+      if constexpr (HasG) {
+        const Acc w = Elem<T>::load(gp[k], j * (Unit ? 1 : gn));
+        sg += v * w;
+        if constexpr (HasR) sd += (v - Elem<T>::load(rp[k], j * rn)) * w;
+      }
+    }
+    ax[j] += sx;
+    if constexpr (HasG) ag[j] += sg;
+    if constexpr (HasR) ad[j] += sd;
+  }
+}
+
+// Sums over R rows that are samples of one class: a0 += v, a1 += v^2, a2 += |v*w|, a3 += |(v-r)*w|.
+template <typename T, bool HasG, bool HasR, bool Unit, int R>
+inline void add_samples(const T* const* xp, const T* const* gp, const T* const* rp, int64_t tn,
+                        int64_t xn, int64_t gn, int64_t rn, typename Elem<T>::acc* __restrict__ a0,
+                        typename Elem<T>::acc* __restrict__ a1, typename Elem<T>::acc* __restrict__ a2,
+                        typename Elem<T>::acc* __restrict__ a3) {
+  using Acc = typename Elem<T>::acc;
+#pragma omp simd
+  for (int64_t j = 0; j < tn; ++j) {
+    Acc s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    for (int k = 0; k < R; ++k) {
+      const Acc v = Elem<T>::load(xp[k], j * (Unit ? 1 : xn));
+      s0 += v;
+      s1 += v * v;
+      if constexpr (HasG) {
+        const Acc w = Elem<T>::load(gp[k], j * (Unit ? 1 : gn));
+        s2 += std::abs(v * w);
+        if constexpr (HasR) s3 += std::abs((v - Elem<T>::load(rp[k], j * rn)) * w);
+      }
+    }
+    a0[j] += s0;
+    a1[j] += s1;
+    if constexpr (HasG) a2[j] += s2;
+    if constexpr (HasR) a3[j] += s3;
+  }
+}
+
+// Sample b, channels-first with S > 1, neurons [n0, n1): reduce each (b, n) S-run.
 template <typename T, bool HasG, bool HasR, bool Unit>
-void tile_cf(const AccumulateArgs& a, const int32_t* lab, Scratch<typename Elem<T>::acc>& sc,
-             int64_t n0, int64_t n1) {
+void sample_cf(const AccumulateArgs& a, int64_t b, int64_t c, Scratch<typename Elem<T>::acc>& sc,
+               int64_t n0, int64_t n1) {
   using Acc = typename Elem<T>::acc;
   const T* x = static_cast<const T*>(a.x);
   const T* g = static_cast<const T*>(a.g);
@@ -46,154 +108,170 @@ void tile_cf(const AccumulateArgs& a, const int32_t* lab, Scratch<typename Elem<
   const int64_t S = a.S;
   const int64_t xs = Unit ? 1 : a.x_ss, gs = Unit ? 1 : a.g_ss;
   const Acc inv_s = Acc(1) / static_cast<Acc>(S);
-  for (int64_t b = 0; b < a.B; ++b) {
-    const int64_t c = lab[b];
-    Acc* p0 = sc.plane(0, c);
-    Acc* p1 = sc.plane(1, c);
-    Acc* p2 = sc.plane(2, c);
-    Acc* p3 = sc.plane(3, c);
-    for (int64_t n = n0; n < n1; ++n) {
-      const T* xp = x + b * a.x_sb + n * a.x_sn;
-      Acc sx = 0, sg = 0, sd = 0;
-      if constexpr (HasG) {
-        const T* gp = g + b * a.g_sb + n * a.g_sn;
-        if constexpr (HasR) {
-          const T* rp = r + n * a.r_sn;
-          const int64_t rs = a.r_ss;
+  Acc* p0 = sc.plane(0, c);
+  Acc* p1 = sc.plane(1, c);
+  Acc* p2 = sc.plane(2, c);
+  Acc* p3 = sc.plane(3, c);
+  for (int64_t n = n0; n < n1; ++n) {
+    const T* xp = x + b * a.x_sb + n * a.x_sn;
+    Acc sx = 0, sg = 0, sd = 0;
+    if constexpr (HasG) {
+      const T* gp = g + b * a.g_sb + n * a.g_sn;
+      if constexpr (HasR) {
+        const T* rp = r + n * a.r_sn;
+        const int64_t rs = a.r_ss;
 #pragma omp simd reduction(+ : sx, sg, sd)
-          for (int64_t s = 0; s < S; ++s) {
-            const Acc v = Elem<T>::load(xp, s * xs), w = Elem<T>::load(gp, s * gs);
-            sx += v;
-            sg += v * w;
-            sd += (v - Elem<T>::load(rp, s * rs)) * w;
-          }
-        } else {
-#pragma omp simd reduction(+ : sx, sg)
-          for (int64_t s = 0; s < S; ++s) {
-            const Acc v = Elem<T>::load(xp, s * xs);
-            sx += v;
-            sg += v * Elem<T>::load(gp, s * gs);
-          }
-          sd = sg;
+        for (int64_t s = 0; s < S; ++s) {
+          const Acc v = Elem<T>::load(xp, s * xs), w = Elem<T>::load(gp, s * gs);
+          sx += v;
+          sg += v * w;
+          sd += (v - Elem<T>::load(rp, s * rs)) * w;
         }
       } else {
+#pragma omp simd reduction(+ : sx, sg)
+        for (int64_t s = 0; s < S; ++s) {
+          const Acc v = Elem<T>::load(xp, s * xs);
+          sx += v;
+          sg += v * Elem<T>::load(gp, s * gs);
+        }
+      }
+    } else {
 #pragma omp simd reduction(+ : sx)
-        for (int64_t s = 0; s < S; ++s) sx += Elem<T>::load(xp, s * xs);
-      }
-      const Acc m = sx * inv_s;
-      p0[n] += m;
-      p1[n] += m * m;
-      if constexpr (HasG) {
-        p2[n] += std::abs(sg);
-        p3[n] += std::abs(sd);
-      }
+      for (int64_t s = 0; s < S; ++s) sx += Elem<T>::load(xp, s * xs);
     }
+    const Acc m = sx * inv_s;
+    p0[n] += m;
+    p1[n] += m * m;
+    if constexpr (HasG) p2[n] += std::abs(sg);
+    if constexpr (HasR) p3[n] += std::abs(sd);
   }
 }
 
-// Channels-last (or S == 1), one label per sample: reduce rows x[b, s, n0:n1] over s.
+// Sample b, channels-last with S > 1, neurons [n0, n1): reduce rows x[b, s, n0:n1] over s into
+// `buf` (3 * (n1 - n0) accumulators), then add the sample's terms.
 template <typename T, bool HasG, bool HasR, bool Unit>
-void tile_cl(const AccumulateArgs& a, const int32_t* lab, Scratch<typename Elem<T>::acc>& sc,
-             int64_t n0, int64_t n1) {
+void sample_cl(const AccumulateArgs& a, int64_t b, int64_t c, Scratch<typename Elem<T>::acc>& sc,
+               int64_t n0, int64_t n1, typename Elem<T>::acc* buf) {
   using Acc = typename Elem<T>::acc;
   const T* x = static_cast<const T*>(a.x);
   const T* g = static_cast<const T*>(a.g);
   const T* r = static_cast<const T*>(a.r);
   const int64_t tn = n1 - n0, S = a.S;
-  const int64_t xn = Unit ? 1 : a.x_sn, gn = Unit ? 1 : a.g_sn, rn = a.r_sn;
-  std::vector<Acc> buf(static_cast<size_t>(3 * tn));
-  Acc* ax = buf.data();
+  Acc* ax = buf;
   Acc* ag = ax + tn;
   Acc* ad = ag + tn;
+  std::fill(buf, buf + 3 * tn, Acc(0));
+  const T* xp[kRows];
+  const T* gp[kRows];
+  const T* rp[kRows];
+  for (int64_t s0 = 0; s0 < S;) {
+    const int rows = S - s0 >= kRows ? kRows : 1;
+    for (int k = 0; k < rows; ++k) {
+      const int64_t s = s0 + k;
+      xp[k] = x + b * a.x_sb + s * a.x_ss + n0 * a.x_sn;
+      gp[k] = HasG ? g + b * a.g_sb + s * a.g_ss + n0 * a.g_sn : nullptr;
+      rp[k] = HasR ? r + s * a.r_ss + n0 * a.r_sn : nullptr;
+    }
+    if (rows == kRows) {
+      add_positions<T, HasG, HasR, Unit, kRows>(xp, gp, rp, tn, a.x_sn, a.g_sn, a.r_sn, ax, ag, ad);
+    } else {
+      add_positions<T, HasG, HasR, Unit, 1>(xp, gp, rp, tn, a.x_sn, a.g_sn, a.r_sn, ax, ag, ad);
+    }
+    s0 += rows;
+  }
   const Acc inv_s = Acc(1) / static_cast<Acc>(S);
-  for (int64_t b = 0; b < a.B; ++b) {
-    std::fill(buf.begin(), buf.end(), Acc(0));
-    for (int64_t s = 0; s < S; ++s) {
-      const T* xp = x + b * a.x_sb + s * a.x_ss + n0 * a.x_sn;
-      if constexpr (HasG) {
-        const T* gp = g + b * a.g_sb + s * a.g_ss + n0 * a.g_sn;
-        const T* rp = HasR ? r + s * a.r_ss + n0 * rn : nullptr;
+  Acc* p0 = sc.plane(0, c) + n0;
+  Acc* p1 = sc.plane(1, c) + n0;
+  Acc* p2 = sc.plane(2, c) + n0;
+  Acc* p3 = sc.plane(3, c) + n0;
 #pragma omp simd
-        for (int64_t j = 0; j < tn; ++j) {
-          const Acc v = Elem<T>::load(xp, j * xn), w = Elem<T>::load(gp, j * gn);
-          ax[j] += v;
-          ag[j] += v * w;
-          if constexpr (HasR) ad[j] += (v - Elem<T>::load(rp, j * rn)) * w;
-        }
-      } else {
-#pragma omp simd
-        for (int64_t j = 0; j < tn; ++j) ax[j] += Elem<T>::load(xp, j * xn);
-      }
-    }
-    const int64_t c = lab[b];
-    Acc* p0 = sc.plane(0, c) + n0;
-    Acc* p1 = sc.plane(1, c) + n0;
-    Acc* p2 = sc.plane(2, c) + n0;
-    Acc* p3 = sc.plane(3, c) + n0;
-#pragma omp simd
-    for (int64_t j = 0; j < tn; ++j) {
-      const Acc m = ax[j] * inv_s;
-      p0[j] += m;
-      p1[j] += m * m;
-      if constexpr (HasG) {
-        p2[j] += std::abs(ag[j]);
-        p3[j] += std::abs(HasR ? ad[j] : ag[j]);
-      }
-    }
+  for (int64_t j = 0; j < tn; ++j) {
+    const Acc m = ax[j] * inv_s;
+    p0[j] += m;
+    p1[j] += m * m;
+    if constexpr (HasG) p2[j] += std::abs(ag[j]);
+    if constexpr (HasR) p3[j] += std::abs(ad[j]);
   }
 }
 
-// Channels-last with one label per token: each x[b, s, :] row is a sample.
+// Rows as samples (S == 1, or tokens under per-token labels), neurons [n0, n1). `order` lists the
+// rows sorted by class (runs of one class); each run is reduced in L1-sized column blocks before
+// one add into the scratch, so the scratch is touched once per run, not once per row.
 template <typename T, bool HasG, bool HasR, bool Unit>
-void tile_tok(const AccumulateArgs& a, const int32_t* lab, Scratch<typename Elem<T>::acc>& sc,
-              int64_t n0, int64_t n1) {
+void rows_by_class(const AccumulateArgs& a, const int32_t* lab, const std::vector<int64_t>& order,
+                   Scratch<typename Elem<T>::acc>& sc, int64_t n0, int64_t n1) {
   using Acc = typename Elem<T>::acc;
-  const T* x = static_cast<const T*>(a.x);
-  const T* g = static_cast<const T*>(a.g);
-  const T* r = static_cast<const T*>(a.r);
-  const int64_t tn = n1 - n0;
-  const int64_t xn = Unit ? 1 : a.x_sn, gn = Unit ? 1 : a.g_sn, rn = a.r_sn;
-  for (int64_t b = 0; b < a.B; ++b) {
-    for (int64_t s = 0; s < a.S; ++s) {
-      const int64_t c = lab[b * a.S + s];
-      const T* xp = x + b * a.x_sb + s * a.x_ss + n0 * a.x_sn;
-      Acc* p0 = sc.plane(0, c) + n0;
-      Acc* p1 = sc.plane(1, c) + n0;
-      Acc* p2 = sc.plane(2, c) + n0;
-      Acc* p3 = sc.plane(3, c) + n0;
-      if constexpr (HasG) {
-        const T* gp = g + b * a.g_sb + s * a.g_ss + n0 * a.g_sn;
-        const T* rp = HasR ? r + s * a.r_ss + n0 * rn : nullptr;
-#pragma omp simd
-        for (int64_t j = 0; j < tn; ++j) {
-          const Acc v = Elem<T>::load(xp, j * xn), w = Elem<T>::load(gp, j * gn);
-          const Acc t = std::abs(v * w);
-          p0[j] += v;
-          p1[j] += v * v;
-          p2[j] += t;
-          if constexpr (HasR) {
-            p3[j] += std::abs((v - Elem<T>::load(rp, j * rn)) * w);
-          } else {
-            p3[j] += t;
-          }
+  constexpr int64_t kBlock = 1024;  // 4 accumulators of 1024 floats: 16 KiB, in L1
+  const int64_t S = a.per_token ? a.S : 1, nrows = static_cast<int64_t>(order.size());
+  std::vector<Acc> buf(4 * kBlock);
+  Acc *a0 = buf.data(), *a1 = a0 + kBlock, *a2 = a1 + kBlock, *a3 = a2 + kBlock;
+  const T* xp[kRows];
+  const T* gp[kRows];
+  const T* rp[kRows];
+  for (int64_t m0 = n0; m0 < n1; m0 += kBlock) {
+    const int64_t tn = std::min(n1, m0 + kBlock) - m0;
+    for (int64_t i = 0; i < nrows;) {
+      const int64_t c = lab[order[i]];
+      int64_t end = i;
+      while (end < nrows && lab[order[end]] == c) ++end;
+      std::fill(buf.begin(), buf.end(), Acc(0));
+      while (i < end) {
+        const int rows = end - i >= kRows ? kRows : 1;
+        for (int k = 0; k < rows; ++k) {
+          const int64_t b = order[i + k] / S, s = order[i + k] % S;
+          xp[k] = static_cast<const T*>(a.x) + b * a.x_sb + s * a.x_ss + m0 * a.x_sn;
+          gp[k] = HasG ? static_cast<const T*>(a.g) + b * a.g_sb + s * a.g_ss + m0 * a.g_sn : nullptr;
+          rp[k] = HasR ? static_cast<const T*>(a.r) + s * a.r_ss + m0 * a.r_sn : nullptr;
         }
-      } else {
-#pragma omp simd
-        for (int64_t j = 0; j < tn; ++j) {
-          const Acc v = Elem<T>::load(xp, j * xn);
-          p0[j] += v;
-          p1[j] += v * v;
+        if (rows == kRows) {
+          add_samples<T, HasG, HasR, Unit, kRows>(xp, gp, rp, tn, a.x_sn, a.g_sn, a.r_sn, a0, a1, a2, a3);
+        } else {
+          add_samples<T, HasG, HasR, Unit, 1>(xp, gp, rp, tn, a.x_sn, a.g_sn, a.r_sn, a0, a1, a2, a3);
         }
+        i += rows;
+      }
+      for (int p = 0; p < planes(HasG, HasR); ++p) {
+        Acc* dst = sc.plane(p, c) + m0;
+        const Acc* src = buf.data() + p * kBlock;
+#pragma omp simd
+        for (int64_t j = 0; j < tn; ++j) dst[j] += src[j];
       }
     }
   }
 }
 
-// Non-finite scan of a tile's scratch columns: 1 for statistics of x, 2 for those of g.
+// Channels-last accumulators cover at most this many neurons (3 arrays of 4096 floats: 48 KiB, in
+// L2; measured faster than 512-2048 blocks on the transformer shape, which re-walk the rows).
+constexpr int64_t kClBlock = 4096;
+
+// All samples' terms for neurons [n0, n1) into `sc`, samples (rows) [r0, r1).
+template <typename T, bool HasG, bool HasR, bool Unit>
+void run_range(const AccumulateArgs& a, const int32_t* lab, Scratch<typename Elem<T>::acc>& sc,
+               int64_t r0, int64_t r1, int64_t n0, int64_t n1) {
+  using Acc = typename Elem<T>::acc;
+  const bool rows = a.per_token || a.S == 1;  // one position per sample
+  if (rows) {
+    // Counting sort of rows [r0, r1) by class: stable, so equal classes keep their row order.
+    std::vector<int64_t> start(static_cast<size_t>(sc.kb) + 1, 0), order(static_cast<size_t>(r1 - r0));
+    for (int64_t i = r0; i < r1; ++i) start[lab[i] + 1] += 1;
+    for (int64_t c = 0; c < sc.kb; ++c) start[c + 1] += start[c];
+    for (int64_t i = r0; i < r1; ++i) order[start[lab[i]]++] = i;
+    rows_by_class<T, HasG, HasR, Unit>(a, lab, order, sc, n0, n1);
+  } else if (a.channels_last) {
+    std::vector<Acc> buf(static_cast<size_t>(3 * std::min(kClBlock, n1 - n0)));
+    for (int64_t b = r0; b < r1; ++b)
+      for (int64_t m0 = n0; m0 < n1; m0 += kClBlock)
+        sample_cl<T, HasG, HasR, Unit>(a, b, lab[b], sc, m0, std::min(n1, m0 + kClBlock), buf.data());
+  } else {
+    for (int64_t b = r0; b < r1; ++b) sample_cf<T, HasG, HasR, Unit>(a, b, lab[b], sc, n0, n1);
+  }
+}
+
+// Non-finite test of scratch columns [n0, n1): 1 for statistics of x, 2 for those of g.
 template <typename Acc>
-int scan_tile(Scratch<Acc>& sc, int64_t n0, int64_t n1, bool has_g) {
+int scan(Scratch<Acc>& sc, int64_t n0, int64_t n1, int np) {
   int flags = 0;
-  for (int p = 0; p < (has_g ? 4 : 2); ++p) {
+  for (int p = 0; p < np; ++p) {
     for (int64_t c = 0; c < sc.kb; ++c) {
       const Acc* row = sc.plane(p, c);
       Acc probe = 0;
@@ -204,28 +282,62 @@ int scan_tile(Scratch<Acc>& sc, int64_t n0, int64_t n1, bool has_g) {
   return flags;
 }
 
+// Scratch of all threads reduced into the first, then scanned: per neuron block, in parallel.
+template <typename Acc>
+int reduce_and_scan(std::vector<Scratch<Acc>>& scs, int np, int nthreads) {
+  Scratch<Acc>& dst = scs[0];
+  const int64_t N = dst.n, block = 1024, nblocks = (N + block - 1) / block;
+  int flags = 0;
+#pragma omp parallel for num_threads(nthreads) schedule(static) reduction(| : flags)
+  for (int64_t blk = 0; blk < nblocks; ++blk) {
+    const int64_t n0 = blk * block, n1 = std::min(N, n0 + block);
+    for (size_t t = 1; t < scs.size(); ++t)
+      for (int p = 0; p < np; ++p)
+        for (int64_t c = 0; c < dst.kb; ++c) {
+          Acc* d = dst.plane(p, c);
+          const Acc* s = scs[t].plane(p, c);
+#pragma omp simd
+          for (int64_t n = n0; n < n1; ++n) d[n] += s[n];
+        }
+    flags |= scan(dst, n0, n1, np);
+  }
+  return flags;
+}
+
+// Two schedules, both one pass over x:
+//  - by sample (default): each thread streams whole samples (contiguous in memory for either
+//    layout) into a private scratch; the scratches are summed afterwards. Measured 2.4x faster
+//    than neuron tiles on the linear shape (S == 1), where tiles read 2 KiB runs with page jumps.
+//  - by neuron tile: threads own neuron ranges of one shared scratch; used when private
+//    scratches would be large (many classes in the batch, e.g. per-token labels over a vocabulary).
 template <typename T, bool HasG, bool HasR, bool Unit>
-int run(const AccumulateArgs& a, const std::vector<int32_t>& lab, Scratch<typename Elem<T>::acc>& sc,
-        int nthreads) {
-  const bool cl = a.channels_last || a.S == 1;
-  // Tiles: contiguous neuron runs of at most 512 (channels-last accumulators stay in L1), at
-  // least 4 per thread for channels-first so that uneven finishing evens out.
-  const int64_t per = cl ? std::min<int64_t>(512, (a.N + nthreads - 1) / nthreads)
-                         : (a.N + 4 * nthreads - 1) / (4 * nthreads);
-  const int64_t tile = std::max<int64_t>(1, cl ? ((per + 15) / 16) * 16 : per);
+int run(const AccumulateArgs& a, const std::vector<int32_t>& lab, int64_t kb, int nthreads,
+        std::vector<Scratch<typename Elem<T>::acc>>& scs) {
+  using Acc = typename Elem<T>::acc;
+  const int64_t nrows = (a.per_token || a.S == 1) ? static_cast<int64_t>(lab.size()) : a.B;
+  const int64_t x_bytes = a.B * a.N * a.S * static_cast<int64_t>(sizeof(T));
+  const int64_t priv_bytes = nthreads * 4 * kb * a.N * static_cast<int64_t>(sizeof(Acc));
+  const bool by_sample = nthreads == 1 || (nrows >= 2 * nthreads && priv_bytes <= x_bytes / 4);
+  if (by_sample) {
+    scs.reserve(nthreads);
+    for (int t = 0; t < nthreads; ++t) scs.emplace_back(kb, a.N);
+#pragma omp parallel num_threads(nthreads)
+    {
+      const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+      const int64_t r0 = nrows * t / nt, r1 = nrows * (t + 1) / nt;
+      run_range<T, HasG, HasR, Unit>(a, lab.data(), scs[t], r0, r1, 0, a.N);
+    }
+    return reduce_and_scan(scs, planes(HasG, HasR), nthreads);
+  }
+  scs.emplace_back(kb, a.N);
+  const int64_t tile = std::max<int64_t>(16, (a.N + 4 * nthreads - 1) / (4 * nthreads));
   const int64_t ntiles = (a.N + tile - 1) / tile;
   int flags = 0;
 #pragma omp parallel for num_threads(nthreads) schedule(static) reduction(| : flags)
   for (int64_t t = 0; t < ntiles; ++t) {
     const int64_t n0 = t * tile, n1 = std::min(a.N, n0 + tile);
-    if (a.per_token) {
-      tile_tok<T, HasG, HasR, Unit>(a, lab.data(), sc, n0, n1);
-    } else if (cl) {
-      tile_cl<T, HasG, HasR, Unit>(a, lab.data(), sc, n0, n1);
-    } else {
-      tile_cf<T, HasG, HasR, Unit>(a, lab.data(), sc, n0, n1);
-    }
-    flags |= scan_tile(sc, n0, n1, HasG);
+    run_range<T, HasG, HasR, Unit>(a, lab.data(), scs[0], 0, nrows, n0, n1);
+    flags |= scan(scs[0], n0, n1, planes(HasG, HasR));
   }
   return flags;
 }
@@ -250,22 +362,23 @@ int accumulate_typed(const AccumulateArgs& a, int nthreads) {
     lab[i] = cmap[k];
     counts[cmap[k]] += 1;
   }
-  Scratch<Acc> sc(static_cast<int64_t>(classes.size()), a.N);
+  const int64_t kb = static_cast<int64_t>(classes.size());
+  std::vector<Scratch<Acc>> scs;
   const bool has_g = a.g != nullptr, has_r = a.r != nullptr;
-  const bool cl = a.channels_last || a.S == 1;
+  const bool rows = a.per_token || a.S == 1;
   // Unit: the axis the inner loop walks (s for channels-first, n otherwise) has stride 1.
-  const bool unit = cl ? (a.x_sn == 1 && (!has_g || a.g_sn == 1))
-                       : (a.x_ss == 1 && (!has_g || a.g_ss == 1));
+  const bool unit = (rows || a.channels_last) ? (a.x_sn == 1 && (!has_g || a.g_sn == 1))
+                                              : (a.x_ss == 1 && (!has_g || a.g_ss == 1));
   int flags;
   if (!has_g) {
-    flags = unit ? run<T, false, false, true>(a, lab, sc, nthreads)
-                 : run<T, false, false, false>(a, lab, sc, nthreads);
+    flags = unit ? run<T, false, false, true>(a, lab, kb, nthreads, scs)
+                 : run<T, false, false, false>(a, lab, kb, nthreads, scs);
   } else if (!has_r) {
-    flags = unit ? run<T, true, false, true>(a, lab, sc, nthreads)
-                 : run<T, true, false, false>(a, lab, sc, nthreads);
+    flags = unit ? run<T, true, false, true>(a, lab, kb, nthreads, scs)
+                 : run<T, true, false, false>(a, lab, kb, nthreads, scs);
   } else {
-    flags = unit ? run<T, true, true, true>(a, lab, sc, nthreads)
-                 : run<T, true, true, false>(a, lab, sc, nthreads);
+    flags = unit ? run<T, true, true, true>(a, lab, kb, nthreads, scs)
+                 : run<T, true, true, false>(a, lab, kb, nthreads, scs);
   }
   if (flags) return (flags & kNonFiniteX) ? kNonFiniteX : kNonFiniteGrad;
 
@@ -273,12 +386,13 @@ int accumulate_typed(const AccumulateArgs& a, int nthreads) {
   Acc* out[4] = {static_cast<Acc*>(a.act_sum), static_cast<Acc*>(a.act_sq),
                  static_cast<Acc*>(a.taylor_sum), static_cast<Acc*>(a.deeplift_sum)};
   const int np = has_g ? 4 : 2;
-  const int64_t kb = sc.kb, N = a.N;
+  Scratch<Acc>& sc = scs[0];
+  const int64_t N = a.N;
 #pragma omp parallel for num_threads(nthreads) schedule(static) collapse(2)
   for (int p = 0; p < np; ++p) {
     for (int64_t c = 0; c < kb; ++c) {
       Acc* dst = out[p] + classes[c] * N;
-      const Acc* src = sc.plane(p, c);
+      const Acc* src = sc.plane(p == 3 && !has_r ? 2 : p, c);
 #pragma omp simd
       for (int64_t n = 0; n < N; ++n) dst[n] += src[n];
     }
@@ -301,4 +415,5 @@ int accumulate_cpu(const AccumulateArgs& a, int nthreads) {
   });
 }
 
+}  // namespace NEUSLICE_CPU_ISA
 }  // namespace neuslice

@@ -11,9 +11,11 @@
 #include <cstdint>
 
 #include "load.h"
+#include "isa.h"
 #include "neuslice/masked_update.h"
 
 namespace neuslice {
+namespace NEUSLICE_CPU_ISA {
 namespace {
 
 template <typename V>
@@ -119,4 +121,5 @@ int masked_adamw_cpu(const MaskedParam& mp, void* exp_avg, void* exp_avg_sq, dou
              : adamw_typed<float>(mp, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step, nt);
 }
 
+}  // namespace NEUSLICE_CPU_ISA
 }  // namespace neuslice

@@ -1,0 +1,138 @@
+"""Each op's `cpu` backend against `reference` and against the composite a user writes by hand.
+
+Run: python -m pytest bench/bench_ops.py --benchmark-enable -q
+The table (GB/s, % of the copy bandwidth measured in the same run, speedups) prints at the end
+and is saved to bench/results/cpu_ops.md.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from harness import TABLE, copy_bandwidth, flush_cache
+from neuslice import ops, reference
+
+K = 10
+ACCUMULATE_CASES = {
+    "conv B=128 N=256 S=196": (128, 256, 196, False),
+    "linear B=1024 N=4096": (1024, 4096, 1, False),
+    "transformer B=8 S=512 N=3072 (channels-last)": (8, 3072, 512, True),
+}
+IMPLS = ["cpu", "reference", "composite"]
+
+
+def _bench(benchmark, fn, rounds=15):
+    benchmark.pedantic(fn, setup=flush_cache, rounds=rounds, warmup_rounds=1)
+    return None if benchmark.stats is None else benchmark.stats.stats.median
+
+
+def _forced(impl):
+    """Runs an op through the dispatcher with backend `impl` forced (cpu or reference)."""
+    os.environ["NEUSLICE_BACKEND"] = impl
+
+
+@pytest.fixture(autouse=True)
+def _unforce():
+    yield
+    os.environ.pop("NEUSLICE_BACKEND", None)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", list(ACCUMULATE_CASES))
+def bench_accumulate(benchmark, threads, case, impl):
+    b, n, s, cl = ACCUMULATE_CASES[case]
+    g = torch.Generator().manual_seed(0)
+    shape = (b, s, n) if cl else (b, n, s)
+    x = torch.randn(shape, generator=g)
+    grad = torch.randn(shape, generator=g)
+    labels = torch.randint(0, K, (b,), generator=g)
+    stats = [torch.zeros(K)] + [torch.zeros(K, n) for _ in range(4)]
+    if impl == "composite":
+        red = 1 if cl else -1
+
+        def fn():  # what a user writes by hand: taylor + the activation statistics
+            xbar = x.mean(red)
+            stats[0].index_add_(0, labels, torch.ones(b))
+            stats[1].index_add_(0, labels, xbar)
+            stats[2].index_add_(0, labels, xbar * xbar)
+            stats[3].index_add_(0, labels, (x * grad).sum(red).abs())
+    else:
+        _forced(impl)
+
+        def fn():
+            ops.accumulate_(x, grad, None, labels, cl, *stats)
+    t = _bench(benchmark, fn)
+    if t is not None:
+        TABLE.add("accumulate (taylor+act)", case, impl, threads, t, 2 * x.numel() * 4 + labels.numel() * 8)
+        copy_bandwidth(threads)
+
+
+def _composite_select(scores, theta):
+    vals, idx = torch.sort(scores, dim=1, descending=True)
+    cs = vals.cumsum(1)
+    need = (cs < theta * cs[:, -1:]).sum(1, keepdim=True)
+    keep = torch.arange(scores.shape[1]).unsqueeze(0) <= need
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, idx, keep)
+
+
+def _composite_topk(scores, ratio):
+    k = reference.topk_count(ratio, scores.shape[1])
+    idx = scores.topk(k, dim=1).indices
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, idx, True)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("op", ["select", "select_topk"])
+def bench_select(benchmark, threads, op, impl):
+    scores = torch.rand(1000, 4096, generator=torch.Generator().manual_seed(0)) ** 4
+    value = 0.9 if op == "select" else 0.3
+    if impl == "composite":
+        comp = _composite_select if op == "select" else _composite_topk
+        fn = lambda: comp(scores, value)  # noqa: E731
+    else:
+        _forced(impl)
+        fn = lambda: getattr(ops, op)(scores, value)  # noqa: E731
+    t = _bench(benchmark, fn)
+    if t is not None:
+        TABLE.add(op, "R=1000 N=4096", impl, threads, t, scores.numel() * 4)
+        copy_bandwidth(threads)
+
+
+def _adamw_setup(n=4096):
+    g = torch.Generator().manual_seed(0)
+    p = torch.randn(n, n, generator=g)
+    grad = torch.randn(n, n, generator=g)
+    mask = torch.rand(n, generator=g) < 0.5
+    return p, grad, mask
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def bench_masked_adamw(benchmark, threads, impl):
+    p, grad, mask = _adamw_setup()
+    if impl == "composite":
+        param = torch.nn.Parameter(p)
+        param.grad = grad
+        opt = torch.optim.AdamW([param], lr=1e-3, weight_decay=0.01)
+        opt.step()  # creates the state
+        frozen = (~mask).nonzero().squeeze(1)
+
+        def fn():  # torch's AdamW, then put the frozen rows (and their state) back
+            state = opt.state[param]
+            saved = [t[frozen].clone() for t in (param.data, state["exp_avg"], state["exp_avg_sq"])]
+            opt.step()
+            for t, s in zip((param.data, state["exp_avg"], state["exp_avg_sq"]), saved):
+                t[frozen] = s
+    else:
+        _forced(impl)
+        m, v = torch.zeros_like(p), torch.zeros_like(p)
+        step = [0]
+
+        def fn():
+            step[0] += 1
+            ops.masked_adamw_(p, grad, m, v, mask, 1e-3, 0.9, 0.999, 1e-8, 0.01, step[0])
+    t = _bench(benchmark, fn, rounds=7)
+    if t is not None:
+        TABLE.add("masked_adamw", "4096x4096, 50% rows", impl, threads, t, 4 * p.numel() * 4)
+        copy_bandwidth(threads)

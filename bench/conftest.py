@@ -1,0 +1,26 @@
+"""Benchmarks: `python -m pytest bench/bench_ops.py --benchmark-enable` (see README)."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from harness import TABLE  # noqa: E402
+
+
+@pytest.fixture(params=[1, 2], ids=lambda t: f"{t}thr")
+def threads(request):
+    prev = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(prev)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not TABLE.rows:
+        return
+    path = TABLE.save(os.environ.get("NEUSLICE_BENCH_NAME", "cpu_ops"))
+    terminalreporter.write_sep("=", "neuslice benchmark table")
+    terminalreporter.write_line(TABLE.markdown())
+    terminalreporter.write_line(f"saved to {path}")

@@ -1,0 +1,124 @@
+"""The one bench harness: cache flushing, the machine's copy bandwidth, and the result table.
+
+Conventions (printed with every table):
+- Every timed call starts from a cold last-level cache (a 96 MiB buffer is rewritten first), so a
+  kernel's inputs come from DRAM as they would for real activations.
+- GB/s of a kernel = bytes that must be read once (its inputs) / median time.
+- Copy bandwidth = (bytes read + bytes written) / median time of ``dst.copy_(src)`` over 256 MiB,
+  measured in the same run at the same thread count (the STREAM "copy" convention).
+"""
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+_FLUSH = None
+
+
+def flush_cache() -> None:
+    """Evict the inputs of the previous call from every cache level."""
+    global _FLUSH
+    if _FLUSH is None:
+        _FLUSH = torch.empty(96 * 2**20 // 4, dtype=torch.float32)
+    _FLUSH.fill_(1.0)
+
+
+def median_seconds(fn: Callable[[], object], *, reps: int = 15, flush: bool = True) -> float:
+    """Median wall time of ``fn()`` over ``reps`` calls (after one warm-up), each from a cold cache."""
+    fn()
+    times = []
+    for _ in range(reps):
+        if flush:
+            flush_cache()
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]
+
+
+_COPY: Dict[int, float] = {}
+
+
+def copy_bandwidth(threads: int) -> float:
+    """STREAM-copy bandwidth in GB/s ((read + write bytes) / median time) at ``threads`` threads."""
+    if threads not in _COPY:
+        prev = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            src = torch.ones(256 * 2**20 // 4, dtype=torch.float32)
+            dst = torch.empty_like(src)
+            t = median_seconds(lambda: dst.copy_(src), reps=9, flush=False)
+            _COPY[threads] = 2 * src.numel() * 4 / t / 1e9
+        finally:
+            torch.set_num_threads(prev)
+    return _COPY[threads]
+
+
+@dataclass
+class Row:
+    op: str
+    case: str
+    impl: str
+    threads: int
+    ms: float
+    gbs: Optional[float] = None
+    extra: Dict[str, float] = field(default_factory=dict)
+
+
+class Table:
+    """Collects rows during a pytest session; bench/conftest.py prints and saves it at the end."""
+
+    def __init__(self) -> None:
+        self.rows: List[Row] = []
+
+    def add(self, op: str, case: str, impl: str, threads: int, seconds: float, nbytes: Optional[int] = None,
+            **extra: float) -> Row:
+        row = Row(op, case, impl, threads, seconds * 1e3, None if nbytes is None else nbytes / seconds / 1e9,
+                  dict(extra))
+        self.rows.append(row)
+        return row
+
+    def _baseline(self, row: Row, impl: str) -> Optional[Row]:
+        for r in self.rows:
+            if (r.op, r.case, r.threads, r.impl) == (row.op, row.case, row.threads, impl):
+                return r
+        return None
+
+    def markdown(self) -> str:
+        lines = [
+            f"machine: {platform.machine()} {platform.processor() or ''}, torch {torch.__version__}; "
+            "GB/s = bytes read once / median time (cold cache); copy = STREAM copy (read+write)/time.",
+            "",
+            "| op | case | impl | threads | median ms | GB/s | % of copy | speedup vs composite | vs reference |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in self.rows:
+            comp, ref = self._baseline(r, "composite"), self._baseline(r, "reference")
+            pct = "" if r.gbs is None else f"{100 * r.gbs / copy_bandwidth(r.threads):.0f}%"
+            sp = "" if comp is None or r.impl == "composite" else f"{comp.ms / r.ms:.1f}x"
+            sr = "" if ref is None or r.impl == "reference" else f"{ref.ms / r.ms:.1f}x"
+            gbs = "" if r.gbs is None else f"{r.gbs:.1f}"
+            lines.append(f"| {r.op} | {r.case} | {r.impl} | {r.threads} | {r.ms:.2f} | {gbs} | {pct} | {sp} | {sr} |")
+        copies = ", ".join(f"{t} thread(s): {bw:.1f} GB/s" for t, bw in sorted(_COPY.items()))
+        lines += ["", f"copy bandwidth measured in this run: {copies}"]
+        return "\n".join(lines)
+
+    def save(self, name: str) -> Path:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y-%m-%d")
+        (RESULTS / f"{name}.json").write_text(json.dumps(
+            {"date": stamp, "copy_gbs": _COPY, "rows": [asdict(r) for r in self.rows]}, indent=1))
+        path = RESULTS / f"{name}.md"
+        path.write_text(f"# {name} ({stamp})\n\n{self.markdown()}\n")
+        return path
+
+
+TABLE = Table()

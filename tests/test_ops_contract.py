@@ -1,0 +1,361 @@
+"""The op contract: schemas, fake kernels (opcheck, torch.compile), dispatch, bad input, properties."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import neuslice
+from neuslice import BackendError, NonFiniteError, _dispatch, ops, reference
+from op_cases import K, new_stats
+
+CPU_BACKENDS = [b for b in ("reference", "cpu") if _dispatch.import_error(b) is None]
+
+
+def _acc_args(cl=False):
+    x, g = torch.randn(6, 4, 3), torch.randn(6, 4, 3)
+    if cl:
+        x, g = x.transpose(1, 2).contiguous(), g.transpose(1, 2).contiguous()
+    return (x, g, torch.randn(4, 3), torch.tensor([0, 1, 2, 1, 0, 4]), cl, *new_stats(4))
+
+
+def _sgd_args():
+    return (torch.randn(5, 3), torch.randn(5, 3), torch.zeros(5, 3), torch.tensor([1, 0, 1, 1, 0], dtype=torch.bool),
+            0.1, 0.9, 0.0)
+
+
+def _adamw_args():
+    return (torch.randn(5, 3), torch.randn(5, 3), torch.zeros(5, 3), torch.zeros(5, 3), torch.rand(5, 3) > 0.5,
+            1e-3, 0.9, 0.999, 1e-8, 0.01, 1)
+
+
+OP_ARGS = {
+    "accumulate_": _acc_args,
+    "select": lambda: (torch.rand(4, 9), 0.9),
+    "select_topk": lambda: (torch.rand(4, 9), 0.3),
+    "masked_sgd_": _sgd_args,
+    "masked_adamw_": _adamw_args,
+}
+
+
+# ------------------------------------------------------------------ opcheck and torch.compile
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("op", list(OP_ARGS))
+def test_opcheck(force_backend, op, backend):
+    force_backend(backend)
+    torch.library.opcheck(getattr(torch.ops.neuslice, op).default, OP_ARGS[op]())
+
+
+def test_schemas_are_the_contract():
+    schemas = {op: str(getattr(torch.ops.neuslice, op).default._schema) for op in OP_ARGS}
+    assert schemas["accumulate_"] == (
+        "neuslice::accumulate_(Tensor x, Tensor? grad, Tensor? ref, Tensor labels, bool channels_last, "
+        "Tensor(a!) count, Tensor(b!) act_sum, Tensor(c!) act_sq, Tensor(d!) taylor_sum, "
+        "Tensor(e!) deeplift_sum) -> ()")
+    assert schemas["select"] == "neuslice::select(Tensor scores, float theta) -> Tensor"
+    assert schemas["select_topk"] == "neuslice::select_topk(Tensor scores, float ratio) -> Tensor"
+    assert schemas["masked_sgd_"].startswith("neuslice::masked_sgd_(Tensor(a!) param, Tensor grad, "
+                                             "Tensor(b!) momentum_buf, Tensor mask, float lr")
+    assert "int step) -> ()" in schemas["masked_adamw_"]
+
+
+def _compiled_matches_eager(fn, make_args):
+    eager_args, compiled_args = make_args(), make_args()
+    torch._dynamo.reset()
+    out_e = fn(*eager_args)
+    out_c = torch.compile(fn, fullgraph=True, backend="aot_eager")(*compiled_args)
+    if out_e is not None:
+        assert torch.equal(out_e, out_c)
+    for a, b in zip(eager_args, compiled_args):
+        if isinstance(a, torch.Tensor):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def _seeded(make):
+    def f():
+        torch.manual_seed(0)
+        return make()
+    return f
+
+
+def test_compile_accumulate():
+    def fn(x, g, r, labels, cl, *stats):
+        ops.accumulate_(x * 2, g, r, labels, cl, *stats)
+    _compiled_matches_eager(fn, _seeded(_acc_args))
+
+
+def test_compile_select():
+    _compiled_matches_eager(lambda s, t: ops.select(s * 1.5, t), _seeded(OP_ARGS["select"]))
+
+
+def test_compile_select_topk():
+    _compiled_matches_eager(lambda s, r: ops.select_topk(s + 1, r), _seeded(OP_ARGS["select_topk"]))
+
+
+def test_compile_masked_sgd():
+    def fn(p, g, b, m, lr, mom, wd):
+        ops.masked_sgd_(p, g * 0.5, b, m, lr, mom, wd)
+    _compiled_matches_eager(fn, _seeded(_sgd_args))
+
+
+def test_compile_masked_adamw():
+    def fn(p, g, ea, eas, m, *h):
+        ops.masked_adamw_(p, g.clamp(-1, 1), ea, eas, m, *h)
+    _compiled_matches_eager(fn, _seeded(_adamw_args))
+
+
+def test_compile_inductor_accumulate():
+    # The default backend too, once: the custom op stays opaque inside an inductor graph.
+    torch._dynamo.reset()
+    args = _seeded(_acc_args)()
+    want = [t.clone() for t in args[5:]]
+    reference.accumulate_(args[0] + 1, *args[1:5], *want)
+
+    @torch.compile(fullgraph=True)
+    def fn(x, g, r, labels, *stats):
+        ops.accumulate_(x + 1, g, r, labels, False, *stats)
+    fn(args[0], args[1], args[2], args[3], *args[5:])
+    for a, b in zip(args[5:], want):
+        torch.testing.assert_close(a, b)
+
+
+# ------------------------------------------------------------------ properties of select
+
+
+def _int_scores(rows):
+    # Integer-valued scores: every partial sum is exact, so the properties hold without slack.
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.lists(st.lists(st.integers(0, 1000), min_size=1, max_size=40), min_size=1, max_size=4)
+       .filter(lambda rs: len({len(r) for r in rs}) == 1),
+       theta=st.floats(0.001, 1.0), backend=st.sampled_from(CPU_BACKENDS))
+def test_select_reaches_theta_minimally(rows, theta, backend):
+    s = _int_scores(rows)
+    os.environ["NEUSLICE_BACKEND"] = backend
+    try:
+        mask = ops.select(s, theta)
+    finally:
+        del os.environ["NEUSLICE_BACKEND"]
+    for row, keep in zip(s.double(), mask):
+        total = float(row.sum())
+        if total == 0:
+            assert not keep.any()
+            continue
+        kept = row[keep]
+        assert float(kept.sum()) >= theta * total                      # the set reaches theta
+        assert float(kept.sum() - kept.min()) < theta * total          # dropping its lowest falls below
+        # everything above the smallest kept score is kept; ties are taken lower index first
+        low = float(kept.min())
+        assert bool(keep[row > low].all())
+        tied = (row == low).nonzero().squeeze(1)
+        assert keep[tied].tolist() == sorted(keep[tied].tolist(), reverse=True)
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.lists(st.lists(st.integers(0, 50), min_size=1, max_size=30), min_size=1, max_size=3)
+       .filter(lambda rs: len({len(r) for r in rs}) == 1),
+       ratio=st.floats(0.001, 1.0), backend=st.sampled_from(CPU_BACKENDS))
+def test_select_topk_counts_and_order(rows, ratio, backend):
+    s = _int_scores(rows)
+    os.environ["NEUSLICE_BACKEND"] = backend
+    try:
+        mask = ops.select_topk(s, ratio)
+    finally:
+        del os.environ["NEUSLICE_BACKEND"]
+    k = reference.topk_count(ratio, s.shape[1])
+    for row, keep in zip(s, mask):
+        assert int(keep.sum()) == k
+        if k < len(row):
+            assert float(row[keep].min()) >= float(row[~keep].max())
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def _clones(args):
+    return [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+
+
+def _bits(t):
+    # Bit patterns, so that NaN equals NaN and -0.0 differs from 0.0.
+    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+    return t.view(ints[t.element_size()]) if t.is_floating_point() else t
+
+
+def _unchanged(before, after):
+    return all(torch.equal(_bits(a), _bits(b)) if isinstance(a, torch.Tensor) else a == b
+               for a, b in zip(before, after) if not (isinstance(a, torch.Tensor) and a.is_meta))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("mutate,exc,words", [
+    (lambda a: a.__setitem__(3, torch.tensor([0, 1, 2, 1, 0, 5])), ValueError, "labels must lie in [0, 5)"),
+    (lambda a: a.__setitem__(3, torch.tensor([0, 1, -1, 1, 0, 4])), ValueError, "got label -1"),
+    (lambda a: a.__setitem__(3, torch.tensor([0, 1, 2, 1, 0, 4], dtype=torch.int32)), TypeError, "int64"),
+    (lambda a: a.__setitem__(3, torch.tensor([0, 1, 2])), ValueError, "labels must be [B] = [6]"),
+    (lambda a: a.__setitem__(1, torch.randn(6, 4, 2)), ValueError, "grad must have shape [6, 4, 3]"),
+    (lambda a: a.__setitem__(1, torch.randn(6, 4, 3, dtype=torch.float64)), TypeError, "grad must have x's dtype"),
+    (lambda a: a.__setitem__(2, torch.randn(3, 4)), ValueError, "ref must be [N, S] = [4, 3]"),
+    (lambda a: a.__setitem__(6, torch.zeros(5, 3)), ValueError, "act_sum must have shape [5, 4]"),
+    (lambda a: a.__setitem__(7, torch.zeros(5, 4, dtype=torch.float64)), TypeError, "act_sq must be torch.float32"),
+    (lambda a: a.__setitem__(0, torch.randn(6, 4, 3, 2)), ValueError, "x must be [B, N]"),
+    (lambda a: a.__setitem__(0, torch.randint(0, 3, (6, 4, 3))), TypeError, "x must be float32"),
+    (lambda a: a.__setitem__(3, torch.zeros(6, 3, dtype=torch.long)), ValueError, "need channels_last=True"),
+    (lambda a: a.__setitem__(1, torch.randn(6, 4, 3, device="meta")), ValueError, "grad must be on x's device"),
+])
+def test_accumulate_bad_input_is_rejected_and_changes_nothing(force_backend, backend, mutate, exc, words):
+    force_backend(backend)
+    args = list(_acc_args())
+    for t in args[5:]:
+        t.fill_(0.5)
+    mutate(args)
+    before = _clones(args)
+    with pytest.raises(exc, match="neuslice.accumulate_") as info:
+        ops.accumulate_(*args)
+    assert words in str(info.value)
+    assert _unchanged(before, args)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("where", ["x", "grad", "ref"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("cl,per_token", [(False, False), (True, False), (True, True)])
+def test_accumulate_non_finite_changes_nothing(force_backend, backend, where, value, cl, per_token):
+    force_backend(backend)
+    args = list(_acc_args(cl))
+    if per_token:
+        args[3] = torch.randint(0, K, (6, 3))
+    for t in args[5:]:
+        t.uniform_()
+    target = {"x": args[0], "grad": args[1], "ref": args[2]}[where]
+    target.view(-1)[5] = value
+    before = _clones(args)
+    with pytest.raises(NonFiniteError, match="neuslice.accumulate_: non-finite value in "
+                                             + ("x" if where == "x" else "grad")):
+        ops.accumulate_(*args)
+    assert _unchanged(before, args)
+
+
+def test_accumulate_overflowing_square_is_non_finite(force_backend):
+    for backend in CPU_BACKENDS:
+        force_backend(backend)
+        st_ = new_stats(2)
+        with pytest.raises(NonFiniteError):
+            ops.accumulate_(torch.full((2, 2), 3e38), None, None, torch.tensor([0, 1]), False, *st_)
+        assert not any(t.any() for t in st_)
+
+
+@pytest.mark.parametrize("op", ["select", "select_topk"])
+@pytest.mark.parametrize("value", [0.0, -0.1, 1.0000001, 2.0, float("nan"), float("inf")])
+def test_select_value_out_of_range(op, value):
+    name = "theta" if op == "select" else "ratio"
+    with pytest.raises(ValueError, match=rf"neuslice.{op}: {name} must lie in \(0, 1\], got"):
+        getattr(ops, op)(torch.rand(3, 4), value)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("op", ["select", "select_topk"])
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf")])
+def test_select_bad_scores(force_backend, backend, op, bad):
+    force_backend(backend)
+    s = torch.rand(3, 4)
+    s[1, 2] = bad
+    with pytest.raises(ValueError, match=f"neuslice.{op}: scores must be finite and non-negative"):
+        getattr(ops, op)(s, 0.5)
+
+
+@pytest.mark.parametrize("scores", [torch.rand(4), torch.rand(2, 3, 4)])
+def test_select_wrong_rank(scores):
+    with pytest.raises(ValueError, match=r"neuslice.select: scores must be \[R, N\]"):
+        ops.select(scores, 0.5)
+
+
+@pytest.mark.parametrize("op,index,value,exc,words", [
+    ("masked_sgd_", 3, torch.ones(5, dtype=torch.uint8), TypeError, "mask must be bool"),
+    ("masked_sgd_", 3, torch.ones(3, dtype=torch.bool), ValueError, "mask must be [5] (per neuron) or [5, 3]"),
+    ("masked_sgd_", 1, torch.randn(5, 2), ValueError, "grad must have shape [5, 3]"),
+    ("masked_sgd_", 2, torch.zeros(5, 3, dtype=torch.float64), TypeError, "momentum_buf must have param's dtype"),
+    ("masked_sgd_", 4, -0.1, ValueError, "lr must be finite and >= 0"),
+    ("masked_adamw_", 6, 1.0, ValueError, "beta1 must lie in [0, 1)"),
+    ("masked_adamw_", 10, 0, ValueError, "step must be >= 1"),
+    ("masked_adamw_", 3, torch.zeros(4, 3), ValueError, "exp_avg_sq must have shape [5, 3]"),
+    ("masked_adamw_", 4, torch.ones(5, 3, dtype=torch.bool, device="meta"), ValueError, "mask must be on param's"),
+])
+def test_masked_update_bad_input(op, index, value, exc, words):
+    args = list(_sgd_args() if op == "masked_sgd_" else _adamw_args())
+    args[index] = value
+    before = _clones(args)
+    with pytest.raises(exc, match=f"neuslice.{op}") as info:
+        getattr(ops, op)(*args)
+    assert words in str(info.value)
+    assert _unchanged(before, args)
+
+
+# ------------------------------------------------------------------ dispatch
+
+
+def test_default_backend_on_cpu_is_cpu_when_built():
+    args = _acc_args()
+    want = "cpu" if _dispatch.import_error("cpu") is None else "reference"
+    assert _dispatch.choose("accumulate_", args) == want
+
+
+def test_forced_backend_that_cannot_run_lists_every_backend(force_backend):
+    force_backend("cuda")
+    with pytest.raises(BackendError) as info:
+        ops.select(torch.rand(2, 3), 0.5)
+    msg = str(info.value)
+    assert "backend 'cuda' was forced (NEUSLICE_BACKEND=cuda)" in msg
+    for name in _dispatch.backends():
+        assert f"{name}:" in msg
+
+
+def test_forced_unknown_backend(force_backend):
+    force_backend("fastest")
+    with pytest.raises(BackendError, match="names no backend; expected one of reference, cpu"):
+        ops.select(torch.rand(2, 3), 0.5)
+
+
+def test_cpu_backend_refuses_non_contiguous_statistics():
+    args = list(_acc_args())
+    args[6] = torch.zeros(4, 5).t()  # a [5, 4] view that is not contiguous
+    assert "contiguous" in _dispatch.refusals("accumulate_", tuple(args))["cpu"]
+    assert _dispatch.choose("accumulate_", tuple(args)) == "reference"
+    ops.accumulate_(*args)  # the reference serves it
+    assert args[6].sum() != 0
+
+
+def test_backend_info_reports_the_build():
+    info = neuslice.backend_info()
+    for key in ("c_extension", "cuda_compiled", "triton", "backends", "order", "cpu_isa"):
+        assert key in info
+    assert info["order"]["cpu"] == ["cpu", "reference"]
+    assert info["order"]["cuda"] == ["triton", "cuda", "reference"]
+    assert info["backends"]["reference"] is None
+
+
+def test_import_without_c_extension_falls_back_to_reference():
+    code = (
+        "import sys; sys.modules['neuslice._C'] = None\n"
+        "import torch, neuslice\n"
+        "from neuslice import ops, _dispatch\n"
+        "info = neuslice.backend_info()\n"
+        "assert info['c_extension'] is False and 'neuslice._C' in info['c_extension_error'], info\n"
+        "assert 'cannot be imported' in info['backends']['cpu']\n"
+        "s = torch.tensor([[3.0, 1.0, 2.0]])\n"
+        "assert ops.select(s, 0.5).tolist() == [[True, False, False]]\n"
+        "assert _dispatch.choose('select', (s, 0.5)) == 'reference'\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"

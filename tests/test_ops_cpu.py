@@ -1,0 +1,229 @@
+"""The `cpu` backend (neuslice._C) against `reference`: odd shapes, both layouts, per-token labels,
+dtypes, non-contiguous inputs, thread counts, and bit-identical frozen entries."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from neuslice import _dispatch, ops, reference
+from op_cases import K, acc_cases, acc_id, make_labels, make_x, new_stats
+from tolerances import ACCUMULATE, MASKED_UPDATE, assert_close
+
+pytestmark = pytest.mark.skipif(_dispatch.import_error("cpu") is not None,
+                                reason=f"cpu backend unavailable: {_dispatch.import_error('cpu')}")
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+def _run_both(force_backend, x, g, r, labels, cl, acc):
+    n = x.shape[-1] if (cl and x.dim() == 3) else x.shape[1]
+    got, want = new_stats(n, acc), new_stats(n, acc)
+    force_backend("cpu")
+    ops.accumulate_(x, g, r, labels, cl, *got)
+    reference.accumulate_(x, g, r, labels, cl, *want)
+    return got, want
+
+
+@pytest.mark.parametrize("case", list(acc_cases()), ids=acc_id)
+def test_accumulate_matches_reference(force_backend, case):
+    shape, cl, pt, with_g, with_r = case
+    x = make_x(shape, cl, torch.float32)
+    g = make_x(shape, cl, torch.float32, seed=7) if with_g else None
+    r = torch.randn(shape[1], shape[2]) if with_r else None
+    got, want = _run_both(force_backend, x, g, r, make_labels(shape[0], shape[2], pt), cl, torch.float32)
+    for name, a, b in zip(("count", "act_sum", "act_sq", "taylor", "deeplift"), got, want):
+        assert_close(a, b, ACCUMULATE, torch.float32, name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("cl", [False, True], ids=["cf", "cl"])
+def test_accumulate_dtypes(force_backend, dtype, cl):
+    shape = (9, 123, 7)
+    x, g = make_x(shape, cl, dtype), make_x(shape, cl, dtype, seed=5)
+    r = torch.randn(123, dtype=dtype)  # a [N] reference, broadcast over positions
+    acc = reference.acc_dtype(dtype)
+    got, want = _run_both(force_backend, x, g, r, make_labels(9, 7, False), cl, acc)
+    for a, b in zip(got, want):
+        assert_close(a, b, ACCUMULATE, dtype)
+
+
+@pytest.mark.parametrize("cl,pt", [(False, False), (True, False), (True, True)], ids=["cf", "cl", "cl-tok"])
+def test_accumulate_non_contiguous(force_backend, cl, pt):
+    shape = (6, 37, 5)
+    x = make_x(shape, cl, torch.float32, contiguous=False)
+    g = make_x(shape, cl, torch.float32, contiguous=False, seed=4)
+    r = torch.randn(5, 37).t()  # [N, S] as a transposed view
+    labels = make_labels(6, 5, pt, contiguous=False)
+    assert not x.is_contiguous() and not labels.is_contiguous() and not r.is_contiguous()
+    got, want = _run_both(force_backend, x, g, r, labels, cl, torch.float32)
+    for a, b in zip(got, want):
+        assert_close(a, b, ACCUMULATE, torch.float32)
+
+
+def test_accumulate_transposed_layout_view(force_backend):
+    # Channels-first data stored channels-last in memory (a permuted view): strides, no copy.
+    x = torch.randn(8, 11, 64).transpose(1, 2)   # logical [B, N=64, S=11]
+    g = torch.randn(8, 11, 64).transpose(1, 2)
+    got, want = _run_both(force_backend, x, g, None, torch.arange(8) % K, False, torch.float32)
+    for a, b in zip(got, want):
+        assert_close(a, b, ACCUMULATE, torch.float32)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("shape,cl,pt", [((64, 300, 1), False, False), ((40, 70, 9), True, False),
+                                         ((30, 50, 6), False, False), ((4, 90, 16), True, True)])
+def test_accumulate_thread_counts_agree(force_backend, threads, shape, cl, pt):
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x, g = make_x(shape, cl, torch.float32), make_x(shape, cl, torch.float32, seed=9)
+        got, want = _run_both(force_backend, x, g, None, make_labels(shape[0], shape[2], pt), cl, torch.float32)
+    finally:
+        torch.set_num_threads(prev)
+    for a, b in zip(got, want):
+        assert_close(a, b, ACCUMULATE, torch.float32)
+
+
+def test_accumulate_many_classes_uses_neuron_tiles(force_backend):
+    # Per-token labels over many classes make private per-thread scratch too large: the kernel
+    # switches to neuron tiles of one shared scratch. Same results either way.
+    x, g = torch.randn(2, 300, 40), torch.randn(2, 300, 40)
+    labels = torch.randint(0, 500, (2, 300))
+    n = 40
+    got = [torch.zeros(500)] + [torch.zeros(500, n) for _ in range(4)]
+    want = [t.clone() for t in got]
+    force_backend("cpu")
+    ops.accumulate_(x, g, None, labels, True, *got)
+    reference.accumulate_(x, g, None, labels, True, *want)
+    for a, b in zip(got, want):
+        assert_close(a, b, ACCUMULATE, torch.float32)
+
+
+def test_accumulate_adds_onto_existing_statistics(force_backend):
+    x, g = torch.randn(10, 6, 3), torch.randn(10, 6, 3)
+    labels = torch.arange(10) % K
+    st = new_stats(6)
+    force_backend("cpu")
+    ops.accumulate_(x[:5], g[:5], None, labels[:5], False, *st)
+    ops.accumulate_(x[5:], g[5:], None, labels[5:], False, *st)
+    want = new_stats(6)
+    reference.accumulate_(x, g, None, labels, False, *want)
+    for a, b in zip(st, want):
+        assert_close(a, b, ACCUMULATE, torch.float32)
+
+
+# ------------------------------------------------------------------ select
+
+
+def _scores(r, n, seed=0, dtype=torch.float32, ties=False):
+    gen = torch.Generator().manual_seed(seed)
+    s = torch.rand(r, n, generator=gen) ** 3
+    if ties:
+        s = torch.randint(0, 4, (r, n), generator=gen).float()
+    s[0, : n // 3] = 0  # a row with zeros
+    if r > 1:
+        s[1] = 0        # an all-zero row
+    return s.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("r,n", [(1, 1), (3, 7), (5, 97), (4, 123), (2, 5000)])
+@pytest.mark.parametrize("theta", [0.01, 0.5, 0.9, 0.99, 1.0])
+def test_select_matches_reference(force_backend, dtype, r, n, theta):
+    s = _scores(r, n, dtype=dtype)
+    force_backend("cpu")
+    assert torch.equal(ops.select(s, theta), reference.select(s, theta))
+
+
+@pytest.mark.parametrize("ratio", [0.01, 0.1, 0.3, 0.5, 1.0])
+@pytest.mark.parametrize("ties", [False, True])
+def test_select_topk_matches_reference(force_backend, ratio, ties):
+    s = _scores(6, 333, ties=ties)
+    force_backend("cpu")
+    got = ops.select_topk(s, ratio)
+    assert torch.equal(got, reference.select_topk(s, ratio))
+    assert (got.sum(1) == reference.topk_count(ratio, 333)).all()
+
+
+@pytest.mark.parametrize("theta", [0.3, 0.9, 1.0])
+def test_select_ties_take_lower_index_first(force_backend, theta):
+    s = _scores(8, 200, ties=True)
+    force_backend("cpu")
+    assert torch.equal(ops.select(s, theta), reference.select(s, theta))
+
+
+def test_select_non_contiguous_and_negative_zero(force_backend):
+    s = _scores(7, 64).t().contiguous().t()[:, ::2]   # column-major and strided
+    s[2, 3] = -0.0
+    force_backend("cpu")
+    assert torch.equal(ops.select(s, 0.8), reference.select(s, 0.8))
+    assert torch.equal(ops.select_topk(s, 0.2), reference.select_topk(s, 0.2))
+
+
+# ------------------------------------------------------------------ masked updates
+
+
+def _param_case(shape, per_weight, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    p = torch.randn(shape, generator=gen).to(dtype)
+    mask_shape = shape if per_weight else shape[:1]
+    mask = torch.rand(mask_shape, generator=gen) > 0.5
+    return p, mask
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", [(1,), (7,), (97, 3), (13, 4, 3, 3)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("per_weight", [False, True], ids=["row", "weight"])
+def test_masked_adamw_matches_reference_and_freezes(force_backend, dtype, shape, per_weight):
+    p0, mask = _param_case(shape, per_weight, dtype)
+    p1, p2 = p0.clone(), p0.clone()
+    m1, v1 = torch.zeros_like(p0), torch.zeros_like(p0)
+    m2, v2 = m1.clone(), v1.clone()
+    gen = torch.Generator().manual_seed(1)
+    for step in range(1, 4):
+        g = torch.randn(shape, generator=gen).to(dtype)
+        g[~mask] = float("nan")  # frozen gradients are never read by the cpu kernel
+        force_backend("cpu")
+        ops.masked_adamw_(p1, g, m1, v1, mask, 1e-2, 0.9, 0.999, 1e-8, 0.05, step)
+        reference.masked_adamw_(p2, torch.nan_to_num(g), m2, v2, mask, 1e-2, 0.9, 0.999, 1e-8, 0.05, step)
+    full = mask if per_weight else mask.view(-1, *[1] * (len(shape) - 1)).expand(shape)
+    for a, b in ((p1, p2), (m1, m2), (v1, v2)):
+        assert_close(a[full], b[full], MASKED_UPDATE, dtype)
+    assert torch.equal(p1[~full], p0[~full])
+    assert not m1[~full].any() and not v1[~full].any()
+
+
+@pytest.mark.parametrize("momentum,wd", [(0.0, 0.0), (0.9, 0.0), (0.9, 0.01), (0.0, 0.1)])
+@pytest.mark.parametrize("per_weight", [False, True], ids=["row", "weight"])
+def test_masked_sgd_matches_torch_and_freezes(force_backend, momentum, wd, per_weight):
+    shape = (17, 5)
+    p0, mask = _param_case(shape, per_weight, torch.float32)
+    p, buf = p0.clone(), torch.zeros(shape)
+    tp = torch.nn.Parameter(p0.clone())
+    opt = torch.optim.SGD([tp], lr=0.05, momentum=momentum, weight_decay=wd)
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        g = torch.randn(shape, generator=gen)
+        force_backend("cpu")
+        ops.masked_sgd_(p, g, buf, mask, 0.05, momentum, wd)
+        tp.grad = g.clone()
+        opt.step()
+    full = mask if per_weight else mask.view(-1, 1).expand(shape)
+    assert_close(p[full], tp.detach()[full], MASKED_UPDATE, torch.float32)
+    assert torch.equal(p[~full], p0[~full]) and not buf[~full].any()
+
+
+def test_masked_adamw_matches_torch_adamw(force_backend):
+    p0, mask = _param_case((64, 32), False, torch.float32)
+    p, m, v = p0.clone(), torch.zeros(64, 32), torch.zeros(64, 32)
+    tp = torch.nn.Parameter(p0.clone())
+    opt = torch.optim.AdamW([tp], lr=3e-3, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.02)
+    gen = torch.Generator().manual_seed(3)
+    for step in range(1, 6):
+        g = torch.randn(64, 32, generator=gen)
+        force_backend("cpu")
+        ops.masked_adamw_(p, g, m, v, mask, 3e-3, 0.8, 0.95, 1e-6, 0.02, step)
+        tp.grad = g.clone()
+        opt.step()
+    assert_close(p[mask], tp.detach()[mask], MASKED_UPDATE, torch.float32)
+    assert torch.equal(p[~mask], p0[~mask])
