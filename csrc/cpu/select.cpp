@@ -37,7 +37,7 @@ struct RowWork {
   std::vector<double> hsum;
   std::vector<int64_t> hcnt;
   explicit RowWork(int64_t n)
-      : val(n), key(n), cand(n), next(n), hsum(kBuckets), hcnt(kBuckets) {}
+      : val(n), key(n), cand(n), next(n), hsum(2 * kBuckets), hcnt(2 * kBuckets) {}
 };
 
 // Loads a row; returns false on a negative or non-finite score. -0.0 becomes +0.0.
@@ -74,13 +74,36 @@ void radix_select(RowWork<V>& w, int64_t n, double target, bool by_sum, bool* ou
     const int width = hi < kDigitBits ? hi : kDigitBits;
     const int shift = hi - width;
     const K mask = (K(1) << width) - 1;
-    std::fill(w.hsum.begin(), w.hsum.begin() + (1 << width), 0.0);
-    std::fill(w.hcnt.begin(), w.hcnt.begin() + (1 << width), 0);
-    for (int64_t j = 0; j < nc; ++j) {
+    // Two interleaved histograms: runs of equal digits (common: scores cluster) would otherwise
+    // chain every add on the previous store to the same bucket.
+    const int nb = 1 << width;
+    std::fill(w.hsum.begin(), w.hsum.begin() + 2 * nb, 0.0);
+    std::fill(w.hcnt.begin(), w.hcnt.begin() + 2 * nb, 0);
+    double* h0 = w.hsum.data();
+    double* h1 = h0 + nb;
+    int64_t* c0 = w.hcnt.data();
+    int64_t* c1 = c0 + nb;
+    int64_t j = 0;
+    for (; j + 1 < nc; j += 2) {
+      const int32_t i0 = w.cand[j], i1 = w.cand[j + 1];
+      const int d0 = static_cast<int>((w.key[i0] >> shift) & mask);
+      const int d1 = static_cast<int>((w.key[i1] >> shift) & mask);
+      c0[d0] += 1;
+      c1[d1] += 1;
+      if (by_sum) {
+        h0[d0] += w.val[i0];
+        h1[d1] += w.val[i1];
+      }
+    }
+    if (j < nc) {
       const int32_t i = w.cand[j];
       const int d = static_cast<int>((w.key[i] >> shift) & mask);
-      w.hsum[d] += w.val[i];
-      w.hcnt[d] += 1;
+      c0[d] += 1;
+      if (by_sum) h0[d] += w.val[i];
+    }
+    for (int d = 0; d < nb; ++d) {
+      h0[d] += h1[d];
+      c0[d] += c1[d];
     }
     int cross = -1;
     double acc = 0;
