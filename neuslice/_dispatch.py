@@ -22,7 +22,7 @@ import torch
 
 from ._errors import BackendError
 
-__all__ = ["call", "choose", "backends", "refusals", "ORDER", "ENV"]
+__all__ = ["call", "choose", "backends", "refusals", "implementation", "import_error", "ORDER", "ENV"]
 
 ENV = "NEUSLICE_BACKEND"
 ORDER: Dict[str, Tuple[str, ...]] = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
@@ -102,6 +102,14 @@ def call(op: str, *args):
     """Run ``op`` on the chosen backend. Arguments were checked by :mod:`neuslice.ops`."""
     fn: Callable = getattr(_module(choose(op, args)), op)
     return fn(*args)
+
+
+def implementation(name: str, op: str) -> Callable:
+    """Backend ``name``'s function for ``op`` with no argument checks (benchmarks time it alone)."""
+    mod = _module(name)
+    if mod is None:
+        raise BackendError(f"neuslice: backend {name!r} {_import_errors[name]}")
+    return getattr(mod, op)
 
 
 def import_error(name: str) -> Optional[str]:
