@@ -92,8 +92,7 @@ def _check_accumulate(x, grad, ref, labels, channels_last, stats, *, data: bool)
             _fail(op, f"{name} must be {want} for x of {x.dtype}, got {t.dtype}", TypeError)
         _check_same(op, name, t, x, "x", (k,) if name == "count" else (k, n))
     if data and labels.numel() > 0:
-        lo, hi = torch.aminmax(labels)
-        lo, hi = int(lo), int(hi)
+        lo, hi = torch.stack(torch.aminmax(labels)).tolist()  # one device read, not two
         if lo < 0 or hi >= k:
             bad = lo if lo < 0 else hi
             _fail(op, f"labels must lie in [0, {k}) (K = count.shape[0]), got label {bad}")
