@@ -86,6 +86,49 @@ PYBIND11_MODULE(_C, m) {
   m.attr("cuda_compiled") = true;
   m.def("cuda_runtime_version", &neuslice::cuda_runtime_version);
   m.def("cuda_device_count", &neuslice::cuda_device_count);
+
+  // CUDA kernels: device pointers, the stream (torch.cuda.current_stream().cuda_stream) and the
+  // device index of the tensors. Launches are asynchronous; the device int `status` holds the
+  // outcome, and the Python side reads it. The return value is the launch Status.
+  // Same arguments as accumulate_cuda up to `stats` (pointers are not read; g == 0 means no g).
+  m.def("accumulate_cuda_scratch_bytes",
+        [](uintptr_t x, uintptr_t g, uintptr_t r, uintptr_t labels, int dtype, int64_t B,
+           int64_t N, int64_t S, int64_t K, bool channels_last, bool per_token,
+           std::array<int64_t, 3> xs, std::array<int64_t, 3> gs, std::array<int64_t, 2> rs,
+           std::array<int64_t, 2> ls, std::array<uintptr_t, 5> stats) {
+          auto a = make_accumulate_args(x, g, r, labels, dtype, B, N, S, K, channels_last,
+                                        per_token, xs, gs, rs, ls, stats);
+          return neuslice::accumulate_cuda_scratch_bytes(a);
+        });
+  m.def("accumulate_cuda",
+        [](uintptr_t x, uintptr_t g, uintptr_t r, uintptr_t labels, int dtype, int64_t B,
+           int64_t N, int64_t S, int64_t K, bool channels_last, bool per_token,
+           std::array<int64_t, 3> xs, std::array<int64_t, 3> gs, std::array<int64_t, 2> rs,
+           std::array<int64_t, 2> ls, std::array<uintptr_t, 5> stats, uintptr_t scratch,
+           int64_t scratch_bytes, uintptr_t status, uintptr_t stream, int device) {
+          auto a = make_accumulate_args(x, g, r, labels, dtype, B, N, S, K, channels_last,
+                                        per_token, xs, gs, rs, ls, stats);
+          py::gil_scoped_release nogil;
+          if (int rc = neuslice::cuda_set_device(device)) return rc;
+          return neuslice::accumulate_cuda(a, ptr<void>(scratch), scratch_bytes, ptr<int>(status),
+                                           ptr<void>(stream));
+        });
+  m.def("select_cumulative_cuda",
+        [](uintptr_t scores, int dtype, int64_t R, int64_t N, int64_t s_r, int64_t s_n,
+           uintptr_t out, double theta, uintptr_t status, uintptr_t stream, int device) {
+          auto a = make_select_args(scores, dtype, R, N, s_r, s_n, out);
+          py::gil_scoped_release nogil;
+          if (int rc = neuslice::cuda_set_device(device)) return rc;
+          return neuslice::select_cumulative_cuda(a, theta, ptr<int>(status), ptr<void>(stream));
+        });
+  m.def("select_topk_cuda",
+        [](uintptr_t scores, int dtype, int64_t R, int64_t N, int64_t s_r, int64_t s_n,
+           uintptr_t out, int64_t k, uintptr_t status, uintptr_t stream, int device) {
+          auto a = make_select_args(scores, dtype, R, N, s_r, s_n, out);
+          py::gil_scoped_release nogil;
+          if (int rc = neuslice::cuda_set_device(device)) return rc;
+          return neuslice::select_topk_cuda(a, k, ptr<int>(status), ptr<void>(stream));
+        });
 #else
   m.attr("cuda_compiled") = false;
 #endif

@@ -43,9 +43,17 @@ int accumulate_cpu(const AccumulateArgs& a, int nthreads);
 
 #ifdef NEUSLICE_WITH_CUDA
 // CUDA: all pointers on the device; launched on `stream` (a cudaStream_t). The status of the
-// batch is written to the device int `status` (0 = committed); statistics are committed only
-// when it is 0, without a host round trip. Returns a launch Status (kOk or kCudaError).
-int accumulate_cuda(const AccumulateArgs& a, int* status, void* stream);
+// batch is OR-ed into the device int `status` (zero it first; 0 after the call = committed);
+// statistics are committed only when it is 0, without a host round trip.
+// `scratch`: `scratch_bytes` >= accumulate_cuda_scratch_bytes(a) bytes of zero-filled device
+// memory, 256-byte aligned, that the caller allocates (from torch's caching allocator) and keeps
+// alive until the stream has run the call. Returns a launch Status (kOk, kCudaError, or
+// kBadArgument, which includes a scratch too small for `a`).
+// The size depends on dtype, B, N, S, K, per_token, whether g is null, and the x and g strides
+// (they pick the kernel); the data pointers are not read.
+int64_t accumulate_cuda_scratch_bytes(const AccumulateArgs& a);
+int accumulate_cuda(const AccumulateArgs& a, void* scratch, int64_t scratch_bytes, int* status,
+                    void* stream);
 #endif
 
 }  // namespace neuslice

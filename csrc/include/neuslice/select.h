@@ -23,7 +23,8 @@ int select_cumulative_cpu(const SelectArgs& a, double theta, int nthreads);
 int select_topk_cpu(const SelectArgs& a, int64_t k, int nthreads);
 
 #ifdef NEUSLICE_WITH_CUDA
-// Device pointers; launched on `stream`; status written to the device int `status`.
+// Device pointers; launched on `stream`; kBadScore is OR-ed into the device int `status` (zero it
+// first). `out` needs no initialisation: every element is written. Returns a launch Status.
 int select_cumulative_cuda(const SelectArgs& a, double theta, int* status, void* stream);
 int select_topk_cuda(const SelectArgs& a, int64_t k, int* status, void* stream);
 #endif

@@ -1,0 +1,191 @@
+"""The ``cuda`` backend: CUDA tensors handed to the CUDA kernels of ``neuslice._C`` (csrc/cuda).
+
+Zero-copy like the ``cpu`` backend: x, grad, ref and labels are read in place through their
+strides; the statistics must be contiguous. Kernels run on ``torch.cuda.current_stream()`` of the
+tensors' device. Scratch memory comes from torch's caching allocator (one zero-filled byte
+buffer per call: the status int at offset 0, the kernels' scratch from offset 256), so the C++
+side never calls cudaMalloc. The kernels write their outcome to that device status; this module
+reads it (one synchronisation per call, as the CPU backend is synchronous too) and raises the
+same errors as the ``cpu`` backend. ``masked_sgd_``/``masked_adamw_`` are not implemented here:
+the Triton backend ahead of this one fuses them, and the reference serves the rest.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from . import _C
+from ._errors import NonFiniteError
+from .reference import topk_count
+
+__all__ = ["refuse", "accumulate_", "select", "select_topk", "scratch_bytes", "DTYPE_CODES"]
+
+DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+_STATUS_NONFINITE_X, _STATUS_NONFINITE_G, _STATUS_BAD_LABEL, _STATUS_BAD_SCORE = 1, 2, 4, 8
+_SCRATCH_OFFSET = 256  # the kernels' scratch starts here in the per-call buffer; the status is at 0
+_INT32_MAX = 2**31 - 1
+_OPS = ("accumulate_", "select", "select_topk")
+_device_count: Optional[int] = None
+
+
+def _runtime_devices() -> int:
+    """Devices that the CUDA runtime linked into _C sees (0 when the driver is too old for it)."""
+    global _device_count
+    if _device_count is None:
+        _device_count = int(_C.cuda_device_count())
+    return _device_count
+
+
+def _bns(x: torch.Tensor, channels_last: bool) -> Tuple[int, int, int]:
+    if x.dim() == 2:
+        return x.shape[0], x.shape[1], 1
+    if channels_last:
+        return x.shape[0], x.shape[2], x.shape[1]
+    return x.shape[0], x.shape[1], x.shape[2]
+
+
+def refuse(op: str, args: tuple) -> Optional[str]:
+    """Why the cuda backend cannot run this call, or None."""
+    if not getattr(_C, "cuda_compiled", False):
+        return "neuslice._C was built without the CUDA kernels (nvcc was not found at build time)"
+    if op not in _OPS:
+        return f"does not implement {op}"
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    devices = sorted({str(t.device) for t in tensors})
+    if not tensors or any(t.device.type != "cuda" for t in tensors):
+        return f"runs CUDA tensors only, got tensors on {', '.join(devices) or 'no device'}"
+    if _runtime_devices() == 0:
+        return (f"the CUDA runtime compiled into neuslice._C ({_C.cuda_runtime_version()}) sees no GPU "
+                "(is the driver older than that runtime?)")
+    if op == "accumulate_":
+        x, stats = args[0], args[5:]
+        if x.dtype not in DTYPE_CODES:
+            return f"reads float32/float64/float16/bfloat16 activations, got {x.dtype}"
+        if not all(t.is_contiguous() for t in stats):
+            return "needs contiguous statistics tensors"
+        b, _, s = _bns(x, bool(args[4]))
+        if s < 1:
+            return "needs at least one position (S >= 1)"
+        if b * s >= _INT32_MAX or stats[0].shape[0] >= _INT32_MAX:
+            return f"indexes samples and classes with int32, got B*S = {b * s}, K = {stats[0].shape[0]}"
+        return None
+    scores = args[0]
+    if scores.dtype not in DTYPE_CODES:
+        return f"selects over float scores, got {scores.dtype}"
+    if scores.dim() != 2 or max(scores.shape) > _INT32_MAX:
+        return f"needs [R, N] scores with R, N < 2^31, got {list(scores.shape)}"
+    return None
+
+
+def _strides_bns(t: torch.Tensor, channels_last: bool):
+    if t.dim() == 2:
+        return (t.stride(0), t.stride(1), 0)
+    if channels_last:
+        return (t.stride(0), t.stride(2), t.stride(1))
+    return (t.stride(0), t.stride(1), t.stride(2))
+
+
+def _ref_for_kernel(ref: Optional[torch.Tensor], channels_last: bool, s: int):
+    """ref and its (n, s) strides. Channels-last kernels walk n: a [N, S] ref is laid out n-fastest
+    (a copy of N*S elements, the size of one sample's x) so its loads coalesce like x's."""
+    if ref is None:
+        return None, (0, 0)
+    if ref.dim() == 1:
+        return ref, (ref.stride(0), 0)
+    if channels_last and s > 1 and ref.stride(0) != 1:
+        ref = ref.t().contiguous().t()
+    return ref, (ref.stride(0), ref.stride(1))
+
+
+def _kernel_args(x, grad, ref, labels, channels_last, stats):
+    """The argument tuple of ``_C.accumulate_cuda`` up to the statistics, and the ref it points to
+    (possibly a re-laid-out copy, which must outlive the launch)."""
+    b, n, s = _bns(x, channels_last)
+    per_token = labels.dim() == 2
+    r, rs = _ref_for_kernel(ref, channels_last, s)
+    xs = _strides_bns(x, channels_last)
+    gs = _strides_bns(grad, channels_last) if grad is not None else (0, 0, 0)
+    ls = (labels.stride(0), labels.stride(1) if per_token else 0)
+    args = (_ptr(x), _ptr(grad), _ptr(r), _ptr(labels), DTYPE_CODES[x.dtype], b, n, s, stats[0].shape[0],
+            bool(channels_last), per_token, xs, gs, rs, ls, tuple(_ptr(t) for t in stats))
+    return args, r
+
+
+def scratch_bytes(x, grad, ref, labels, channels_last, count, act_sum, act_sq, taylor_sum, deeplift_sum) -> int:
+    """Bytes of zero-filled device scratch the accumulate kernels take for this call (op signature;
+    computed on the host from shapes and strides, so CPU tensors work too)."""
+    args, _ = _kernel_args(x, grad, ref, labels, channels_last,
+                           (count, act_sum, act_sq, taylor_sum, deeplift_sum))
+    return int(_C.accumulate_cuda_scratch_bytes(*args))
+
+
+def _ptr(t: Optional[torch.Tensor]) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _check_launch(op: str, rc: int, what: str) -> None:
+    if rc:
+        raise RuntimeError(f"neuslice.{op}: the cuda kernel launch failed (status {rc}); {what}")
+
+
+def accumulate_(x, grad, ref, labels, channels_last, count, act_sum, act_sq, taylor_sum, deeplift_sum):
+    dev = x.device
+    with torch.cuda.device(dev):
+        stream = torch.cuda.current_stream(dev).cuda_stream
+        args, _r = _kernel_args(x, grad, ref, labels, channels_last,
+                                (count, act_sum, act_sq, taylor_sum, deeplift_sum))
+        nbytes = int(_C.accumulate_cuda_scratch_bytes(*args))
+        buf = torch.zeros(_SCRATCH_OFFSET + nbytes, dtype=torch.uint8, device=dev)
+        base = buf.data_ptr()
+        rc = _C.accumulate_cuda(*args, base + _SCRATCH_OFFSET, nbytes, base, stream, dev.index)
+        _check_launch("accumulate_", rc, "no statistic was changed")
+        status = int(buf[:4].view(torch.int32).item())
+    _raise_accumulate(status, count.shape[0])
+
+
+def _raise_accumulate(status: int, k: int) -> None:
+    if status == 0:
+        return
+    if status & _STATUS_BAD_LABEL:
+        raise ValueError(f"neuslice.accumulate_: labels must lie in [0, {k}); no statistic was changed")
+    if status & _STATUS_NONFINITE_X:
+        raise NonFiniteError("neuslice.accumulate_: non-finite value in x; no statistic was changed")
+    if status & _STATUS_NONFINITE_G:
+        raise NonFiniteError("neuslice.accumulate_: non-finite value in grad (or in x*grad); "
+                             "no statistic was changed")
+    raise RuntimeError(f"neuslice.accumulate_: cuda kernel failed with status {status}")
+
+
+def _scores_for_kernel(scores: torch.Tensor) -> torch.Tensor:
+    # f16/bf16 scores are upcast exactly to float32 (a [R, N] copy, small beside the activations).
+    return scores if scores.dtype in (torch.float32, torch.float64) else scores.float()
+
+
+def _select(op: str, scores: torch.Tensor, theta: float, k: int) -> torch.Tensor:
+    s = _scores_for_kernel(scores)
+    dev = s.device
+    with torch.cuda.device(dev):
+        stream = torch.cuda.current_stream(dev).cuda_stream
+        out = torch.empty(s.shape, dtype=torch.bool, device=dev)
+        status = torch.zeros(1, dtype=torch.int32, device=dev)
+        args = (_ptr(s), DTYPE_CODES[s.dtype], s.shape[0], s.shape[1], s.stride(0), s.stride(1), _ptr(out))
+        if op == "select":
+            rc = _C.select_cumulative_cuda(*args, float(theta), _ptr(status), stream, dev.index)
+        else:
+            rc = _C.select_topk_cuda(*args, int(k), _ptr(status), stream, dev.index)
+        _check_launch(op, rc, "no selection was made")
+        st = int(status.item())
+    if st & _STATUS_BAD_SCORE:
+        raise ValueError(f"neuslice.{op}: scores must be finite and non-negative")
+    if st:
+        raise RuntimeError(f"neuslice.{op}: cuda kernel failed with status {st}")
+    return out
+
+
+def select(scores, theta):
+    return _select("select", scores, theta, 0)
+
+
+def select_topk(scores, ratio):
+    return _select("select_topk", scores, 0.0, topk_count(ratio, scores.shape[1]))
