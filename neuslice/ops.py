@@ -60,6 +60,8 @@ def _check_accumulate(x, grad, ref, labels, channels_last, stats, *, data: bool)
     b = x.shape[0]
     n = x.shape[2] if (channels_last and x.dim() == 3) else x.shape[1]
     s = 1 if x.dim() == 2 else (x.shape[1] if channels_last else x.shape[2])
+    if s == 0:
+        _fail(op, f"x must have at least one position (S >= 1), got {_shape(x)} with channels_last={channels_last}")
     if grad is not None:
         _check_same(op, "grad", grad, x, "x")
         if grad.dtype != x.dtype:

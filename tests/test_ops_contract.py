@@ -208,6 +208,8 @@ def _unchanged(before, after):
     (lambda a: a.__setitem__(6, torch.zeros(5, 3)), ValueError, "act_sum must have shape [5, 4]"),
     (lambda a: a.__setitem__(7, torch.zeros(5, 4, dtype=torch.float64)), TypeError, "act_sq must be torch.float32"),
     (lambda a: a.__setitem__(0, torch.randn(6, 4, 3, 2)), ValueError, "x must be [B, N]"),
+    (lambda a: (a.__setitem__(0, torch.randn(6, 4, 0)), a.__setitem__(1, None), a.__setitem__(2, None)),
+     ValueError, "x must have at least one position (S >= 1)"),
     (lambda a: a.__setitem__(0, torch.randint(0, 3, (6, 4, 3))), TypeError, "x must be float32"),
     (lambda a: a.__setitem__(3, torch.zeros(6, 3, dtype=torch.long)), ValueError, "need channels_last=True"),
     (lambda a: a.__setitem__(1, torch.randn(6, 4, 3, device="meta")), ValueError, "grad must be on x's device"),
