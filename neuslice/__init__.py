@@ -1,5 +1,13 @@
-"""neuslice: neuron-level semantic slicing of deep neural networks (NeuSemSlice) and the model
-maintenance it enables, on fused Triton, CUDA and C++ kernels behind one dispatch point."""
+"""neuslice: neuron-level semantic slicing of deep neural networks (NeuSemSlice), and the model
+maintenance it enables, on fused Triton, CUDA and C++ kernels behind one dispatch point.
+
+Slicing in three steps::
+
+    prof = neuslice.profile(model, loader, num_classes=10)          # SPEC §2: one pass, additive sums
+    slices = neuslice.semantic_slice(prof, "taylor", theta=0.95)     # SPEC §4
+    with slices.apply(model, classes=[3, 5]):                        # evaluate the masked model
+        ...
+"""
 from __future__ import annotations
 
 import torch  # noqa: F401  (first: its OpenMP runtime serves neuslice._C too)
@@ -7,6 +15,14 @@ import torch  # noqa: F401  (first: its OpenMP runtime serves neuslice._C too)
 from . import ops
 from ._errors import BackendError, NeusliceError, NonFiniteError
 from ._info import backend_info
+from ._io import FileFormatError, SignatureError
+from ._profiler import Profiler
+from .metrics import METRICS
+from .profile import profile
+from .slices import Profile, Slices
+from .slicing import category_slice, global_slice, semantic_slice
 
 __version__ = "0.1.0"
-__all__ = ["ops", "backend_info", "NeusliceError", "NonFiniteError", "BackendError", "__version__"]
+__all__ = ["ops", "backend_info", "NeusliceError", "NonFiniteError", "BackendError", "FileFormatError",
+           "SignatureError", "profile", "Profiler", "Profile", "Slices", "METRICS", "global_slice",
+           "category_slice", "semantic_slice", "__version__"]

@@ -1,0 +1,96 @@
+"""DeepLIFT multipliers under the Rescale rule (Shrikumar et al. 2017) through nonlinearity modules.
+
+One forward serves both gradients: every nonlinearity module's output is routed through
+:class:`_Rescale`, an identity in the forward whose backward either passes the gradient on unchanged
+(``switch.on = False``: the plain gradient g) or replaces the local derivative by Δout/Δin where
+|Δin| > 1e-7 (``switch.on = True``: the multiplier m). Reference inputs and outputs of each
+nonlinearity come from one forward of the baseline, indexed by call order (shared modules work).
+"""
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+from torch import nn
+
+from ._hooks import activation_modules
+
+__all__ = ["Rescale", "EPS"]
+
+EPS = 1e-7  # SPEC §2: rescale where |Δin| > 1e-7, else the local derivative
+
+
+class _Switch:
+    on = False
+
+
+class _Rescale(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, out, inp, ratio, use, switch):
+        ctx.save_for_backward(ratio, use)
+        ctx.switch = switch
+        return out.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        if not ctx.switch.on:
+            return grad, None, None, None, None
+        ratio, use = ctx.saved_tensors
+        zero = torch.zeros((), dtype=grad.dtype, device=grad.device)
+        return torch.where(use, zero, grad), torch.where(use, grad * ratio, zero), None, None, None
+
+
+class Rescale:
+    """Hooks on every nonlinearity module of ``model``. ``record()`` mode stores the baseline's
+    per-call inputs/outputs; ``rescale()`` mode reroutes outputs through :class:`_Rescale`.
+    Register before the tap hooks so the taps see the rerouted tensors."""
+
+    def __init__(self, model: nn.Module):
+        self.switch = _Switch()
+        self._refs: Dict[int, List[tuple]] = {}
+        self._calls: Dict[int, int] = {}
+        self._recording = False
+        self.modules = activation_modules(model)
+        self._handles = [model.register_forward_pre_hook(self._reset)]
+        try:
+            for _, m in self.modules:
+                self._handles.append(m.register_forward_hook(self._hook))
+        except BaseException:
+            self.remove()
+            raise
+
+    def _reset(self, module, args):
+        self._calls = {}
+
+    def record(self, on: bool) -> None:
+        self._recording = on
+        if on:
+            self._refs = {}
+
+    def _hook(self, module, args, out):
+        if not args or not isinstance(args[0], torch.Tensor) or not isinstance(out, torch.Tensor):
+            return None
+        k = id(module)
+        idx = self._calls.get(k, 0)
+        self._calls[k] = idx + 1
+        inp = args[0]
+        if self._recording:
+            self._refs.setdefault(k, []).append((inp.detach(), out.detach()))
+            return None
+        refs = self._refs.get(k, [])
+        if idx >= len(refs) or not (inp.requires_grad or out.requires_grad):
+            return None
+        ref_in, ref_out = refs[idx]
+        if ref_in.shape[1:] != inp.shape[1:]:
+            return None
+        d_in = inp.detach() - ref_in
+        use = d_in.abs() > EPS
+        ratio = torch.where(use, (out.detach() - ref_out) / torch.where(use, d_in, torch.ones_like(d_in)),
+                            torch.zeros_like(d_in))
+        return _Rescale.apply(out, inp, ratio, use, self.switch)
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._refs = {}

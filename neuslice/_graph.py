@@ -1,0 +1,342 @@
+"""Layer discovery (SPEC §1): which Conv/Linear layers are sliced, where each is tapped, which layers
+read its neurons, which are coupled, and which layer is the head.
+
+The traced graph (``torch.fx.symbolic_trace``) is used where tracing works; else module order;
+a layer whose nonlinearity cannot be found is tapped at its own output. The result records which
+source each decision came from.
+"""
+from __future__ import annotations
+
+import operator
+import weakref
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["LayerInfo", "Plan", "discover", "LAYER_TYPES", "ACTIVATIONS"]
+
+LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+PASS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity)
+# Elementwise nonlinearities: tapped after, and rescaled by DeepLIFT.
+ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+               nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Softsign, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid,
+               nn.LogSigmoid, nn.Tanhshrink)
+_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+          nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+          nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample)
+_FUNC_ACTS = {F.relu: "relu", torch.relu: "relu", F.gelu: "gelu", F.silu: "silu", torch.sigmoid: "sigmoid",
+              torch.tanh: "tanh", F.leaky_relu: "leaky_relu", F.elu: "elu", F.relu6: "relu6",
+              F.hardswish: "hardswish", F.mish: "mish", F.softplus: "softplus", torch.sigmoid: "sigmoid"}
+_METHOD_ACTS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_"}
+_ELEMENTWISE = {operator.add, operator.iadd, operator.sub, operator.mul, operator.imul, torch.add, torch.mul,
+                torch.sub}
+_ELEMENTWISE_METHODS = {"add", "add_", "mul", "mul_", "sub", "sub_"}
+_PRESERVE_FUNCS = set(_FUNC_ACTS) | {F.dropout, F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d,
+                                     F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.interpolate}
+_PRESERVE_METHODS = _METHOD_ACTS | {"contiguous", "clone", "float", "half", "to"}
+_FLATTEN_FUNCS = {torch.flatten}
+_FLATTEN_METHODS = {"flatten", "view", "reshape"}
+
+LayerSpec = Union[None, Sequence[Union[str, type]], type, Tuple[type, ...], Callable[[str, nn.Module], bool]]
+
+
+@dataclass
+class LayerInfo:
+    """One sliced layer. ``chain``: module names from the layer to its tap point and on to the end of
+    its per-neuron chain (layer → norm → dropout → activation); ``tap_stage`` indexes the tap in it."""
+    name: str
+    module: nn.Module
+    n: int
+    chain: List[str]
+    tap_stage: int
+    tap_source: str                      # "graph", "module order" or "layer"
+    functional: Optional[str] = None     # a functional nonlinearity follows (not a module)
+    consumers: List[Tuple[str, int]] = field(default_factory=list)  # (layer name, weight columns per neuron)
+
+    @property
+    def tap(self) -> str:
+        """Name of the module whose output is the neuron's activation."""
+        return self.chain[self.tap_stage]
+
+    @property
+    def weight_shape(self) -> Tuple[int, ...]:
+        return tuple(self.module.weight.shape)
+
+
+@dataclass
+class Plan:
+    layers: List[LayerInfo]
+    heads: List[str]
+    coupled: List[List[str]]
+    trace_error: Optional[str]
+
+
+def _neurons(m: nn.Module) -> int:
+    return m.out_features if isinstance(m, nn.Linear) else m.out_channels
+
+
+def _mha_children(model: nn.Module) -> set:
+    """Linear modules inside nn.MultiheadAttention: its forward reads their weights, never calls them."""
+    out = set()
+    for name, m in model.named_modules():
+        if isinstance(m, nn.MultiheadAttention):
+            out |= {f"{name}.{c}" if name else c for c, _ in m.named_modules() if c}
+    return out
+
+
+def _trace(model: nn.Module):
+    try:
+        return torch.fx.symbolic_trace(model), None
+    except Exception as e:  # any model fx cannot trace: fall back to module order
+        return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+def _is_act_node(node, modules) -> Optional[str]:
+    if node.op == "call_function" and node.target in _FUNC_ACTS:
+        return _FUNC_ACTS[node.target]
+    if node.op == "call_method" and node.target in _METHOD_ACTS:
+        return node.target.rstrip("_")
+    return None
+
+
+def _graph_chain(node, modules) -> Tuple[List[str], bool, Optional[str]]:
+    """Chain of module names after a layer's call node; (chain, ends_in_activation, functional_act)."""
+    chain, cur, seen_norm = [node.target], node, False
+    while len(cur.users) == 1:
+        u = next(iter(cur.users))
+        if u.op == "call_module":
+            m = modules[u.target]
+            if isinstance(m, NORMS) and not seen_norm and len(chain) == 1:
+                chain.append(u.target)
+                seen_norm = True
+            elif isinstance(m, PASS):
+                chain.append(u.target)
+            elif isinstance(m, ACTIVATIONS):
+                chain.append(u.target)
+                return chain, True, None
+            else:
+                break
+        else:
+            return chain, False, _is_act_node(u, modules)
+        cur = u
+    return chain, False, None
+
+
+def _order_chain(name: str, n: int, leaves: List[Tuple[str, nn.Module]], i: int) -> Tuple[List[str], bool]:
+    chain, seen_norm = [name], False
+    for nm, m in leaves[i + 1:]:
+        if isinstance(m, NORMS) and not seen_norm and len(chain) == 1 and m.num_features == n:
+            chain.append(nm)
+            seen_norm = True
+        elif isinstance(m, PASS):
+            chain.append(nm)
+        elif isinstance(m, ACTIVATIONS):
+            chain.append(nm)
+            return chain, True
+        else:
+            break
+    return chain, False
+
+
+class _Union:
+    def __init__(self):
+        self.parent: Dict[str, str] = {}
+
+    def find(self, a: str) -> str:
+        self.parent.setdefault(a, a)
+        while self.parent[a] != a:
+            self.parent[a] = self.parent[self.parent[a]]
+            a = self.parent[a]
+        return a
+
+    def union(self, names) -> None:
+        names = sorted(names)
+        for b in names[1:]:
+            self.parent[self.find(b)] = self.find(names[0])
+
+
+def _is_depthwise(m: nn.Module) -> bool:
+    return isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and m.groups > 1 and m.groups == m.in_channels
+
+
+def _flow(gm, modules):
+    """Channel sources per node; returns (consumers, coupled union, call counts)."""
+    src: Dict[object, frozenset] = {}
+    flat: Dict[object, frozenset] = {}
+    consumers: Dict[str, List[Tuple[str, int]]] = {}
+    uf, calls = _Union(), {}
+    for node in gm.graph.nodes:
+        ins = node.all_input_nodes
+        s0 = src.get(ins[0], frozenset()) if ins else frozenset()
+        f0 = flat.get(ins[0], frozenset()) if ins else frozenset()
+        s_new, f_new = frozenset(), frozenset()
+        if node.op == "call_module":
+            m = modules[node.target]
+            if isinstance(m, LAYER_TYPES):
+                calls[node.target] = calls.get(node.target, 0) + 1
+                _add_consumer(consumers, node.target, m, s0, f0, modules)
+                s_new = frozenset({node.target})
+                if _is_depthwise(m):
+                    s_new = s0 | s_new
+                    uf.union(s_new)
+            elif isinstance(m, NORMS + PASS + ACTIVATIONS + _POOLS):
+                s_new, f_new = s0, f0
+            elif isinstance(m, nn.Flatten):
+                f_new = s0 | f0
+        elif node.op in ("call_function", "call_method"):
+            t = node.target
+            if t in _ELEMENTWISE or (node.op == "call_method" and t in _ELEMENTWISE_METHODS):
+                s_new = frozenset().union(*(src.get(a, frozenset()) for a in ins))
+                f_new = frozenset().union(*(flat.get(a, frozenset()) for a in ins))
+                if len(s_new) > 1:
+                    uf.union(s_new)
+            elif t in _PRESERVE_FUNCS or (node.op == "call_method" and t in _PRESERVE_METHODS):
+                s_new, f_new = s0, f0
+            elif t in _FLATTEN_FUNCS or (node.op == "call_method" and t in _FLATTEN_METHODS):
+                f_new = s0 | f0
+        src[node], flat[node] = s_new, f_new
+    return consumers, uf, calls
+
+
+def _add_consumer(consumers, name, m, s0, f0, modules) -> None:
+    for src_name in s0:
+        s = modules[src_name]
+        # a Linear reads the last dim (a Linear source's neurons); a conv reads dim 1 (a conv source's)
+        if isinstance(m, nn.Linear) == isinstance(s, nn.Linear):
+            consumers.setdefault(src_name, []).append((name, 1))
+    if isinstance(m, nn.Linear):
+        for src_name in f0 - s0:
+            n = _neurons(modules[src_name])
+            if m.in_features % n == 0:
+                consumers.setdefault(src_name, []).append((name, m.in_features // n))
+
+
+def _heads(gm, modules) -> List[str]:
+    out = [n for n in gm.graph.nodes if n.op == "output"]
+    stack, seen, heads = list(out), set(), []
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node.op == "call_module" and isinstance(modules[node.target], LAYER_TYPES):
+            if node.target not in heads:
+                heads.append(node.target)
+            continue
+        stack.extend(node.all_input_nodes)
+    return heads
+
+
+def _select(fn: str, candidates: Dict[str, nn.Module], layers: LayerSpec, heads: List[str]) -> List[str]:
+    if layers is None:
+        names = [n for n in candidates if n not in heads]
+    elif callable(layers) and not isinstance(layers, type):
+        names = [n for n, m in candidates.items() if layers(n, m)]
+    else:
+        specs = [layers] if isinstance(layers, (str, type)) else list(layers)
+        if isinstance(layers, tuple) and all(isinstance(s, type) for s in layers):
+            specs = [layers]
+        unknown = [s for s in specs if isinstance(s, str) and s not in candidates]
+        if unknown:
+            raise ValueError(f"{fn}: unknown layer name(s) {unknown}; expected names of Conv/Linear modules "
+                             f"called in forward, one of {list(candidates)}")
+        bad = [s for s in specs if not isinstance(s, (str, type, tuple))]
+        if bad:
+            raise TypeError(f"{fn}: layers must be names, module types or a predicate (name, module) -> bool, "
+                            f"got {bad!r}")
+        names = [n for n, m in candidates.items()
+                 if any(s == n if isinstance(s, str) else isinstance(m, s) for s in specs)]
+    if not names:
+        raise ValueError(f"{fn}: no sliceable layer: expected at least one Conv1d/2d/3d or Linear module "
+                         f"(other than the head {heads}) selected by layers={layers!r}; "
+                         f"the model has {list(candidates) or 'none'}")
+    return names
+
+
+def _order_consumers(name: str, n: int, leaves: List[Tuple[str, nn.Module]], i: int) -> List[Tuple[str, int]]:
+    for nm, m in leaves[i + 1:]:
+        if isinstance(m, LAYER_TYPES):
+            if isinstance(m, nn.Linear) and m.in_features % n == 0:
+                return [(nm, m.in_features // n)]
+            if not isinstance(m, nn.Linear) and m.in_channels == n:
+                return [(nm, 1)]
+            return []
+    return []
+
+
+_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def _fingerprint(model: nn.Module) -> tuple:
+    return tuple((n, id(m), type(m), tuple(getattr(m, "weight", torch.empty(0)).shape))
+                 for n, m in model.named_modules())
+
+
+def discover(model: nn.Module, layers: LayerSpec = None, *, tap: str = "auto", fn: str = "neuslice") -> Plan:
+    """:func:`_discover`, cached per model while its modules stay the same objects and shapes (tracing
+    costs ~10 ms; evaluation loops call this once per slice). Only name lists and None are cached, and a
+    cached :class:`Plan` is shared between callers: treat it as read-only."""
+    names = tuple(layers) if isinstance(layers, (list, tuple)) and all(isinstance(x, str) for x in layers) else None
+    if layers is not None and names is None:
+        return _discover(model, layers, tap=tap, fn=fn)
+    try:
+        entry = _CACHE.setdefault(model, {})
+    except TypeError:                                   # a model that cannot be weakly referenced
+        return _discover(model, layers, tap=tap, fn=fn)
+    fp, key = _fingerprint(model), (names, tap)
+    hit = entry.get(key)
+    if hit is not None and hit[0] == fp:
+        return hit[1]
+    plan = _discover(model, layers, tap=tap, fn=fn)
+    entry[key] = (fp, plan)
+    return plan
+
+
+def _discover(model: nn.Module, layers: LayerSpec = None, *, tap: str = "auto", fn: str = "neuslice") -> Plan:
+    """Find the sliced layers of ``model`` (SPEC §1).
+
+    Args:
+        layers: None (every Conv/Linear but the head), names, module types, or a predicate
+            ``(qualified_name, module) -> bool``.
+        tap: ``"auto"`` (after the nonlinearity where one follows) or ``"layer"`` (the layer's own output).
+        fn: the public function's name, for error messages.
+    """
+    if tap not in ("auto", "layer"):
+        raise ValueError(f"{fn}: tap must be 'auto' or 'layer', got {tap!r}")
+    modules = dict(model.named_modules())
+    excluded = _mha_children(model)
+    gm, err = _trace(model)
+    if gm is not None:
+        consumers, uf, calls = _flow(gm, modules)
+        heads = _heads(gm, modules)
+        twice = [n for n, c in calls.items() if c > 1]
+        candidates = {n: modules[n] for n in modules if n in calls and n not in twice}
+    else:
+        consumers, uf, calls, twice = {}, _Union(), {}, []
+        candidates = {n: m for n, m in modules.items() if isinstance(m, LAYER_TYPES) and n not in excluded}
+        heads = list(candidates)[-1:]
+    names = _select(fn, candidates, layers, heads)
+    leaves = [(n, m) for n, m in modules.items() if n and not list(m.children())]
+    leaf_index = {n: i for i, (n, _) in enumerate(leaves)}
+    nodes = {n.target: n for n in gm.graph.nodes if n.op == "call_module"} if gm is not None else {}
+    infos = []
+    for name in names:
+        m, n = candidates[name], _neurons(candidates[name])
+        functional = None
+        if gm is not None:
+            chain, act, functional = _graph_chain(nodes[name], modules)
+            source, cons = "graph", consumers.get(name, [])
+        else:
+            chain, act = _order_chain(name, n, leaves, leaf_index[name])
+            source, cons = "module order", _order_consumers(name, n, leaves, leaf_index[name])
+        stage = len(chain) - 1 if (act and tap == "auto") else 0
+        infos.append(LayerInfo(name, m, n, chain, stage, source if stage else "layer", functional, cons))
+    groups: Dict[str, List[str]] = {}
+    for name in names:
+        groups.setdefault(uf.find(name), []).append(name)
+    coupled = [g for g in groups.values() if len(g) > 1 and len({_neurons(modules[x]) for x in g}) == 1]
+    return Plan(infos, heads, coupled, err)

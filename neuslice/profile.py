@@ -1,0 +1,405 @@
+"""Hooks → statistics (SPEC §2): ``neuslice.profile`` (one offline pass) and ``neuslice.Profiler``
+(inside a user's training loop). Every statistic is added by ``neuslice.ops.accumulate_``.
+
+A batch is all-or-nothing: each layer's sums go into batch-local buffers first, and the profile's
+float64 totals change only after every layer of the batch succeeded.
+"""
+from __future__ import annotations
+
+import sys
+import warnings
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import ops
+from ._errors import NonFiniteError
+from ._graph import LayerInfo, Plan, discover
+from ._hooks import ChainHooks, activation_modules, no_inplace
+from ._deeplift import Rescale
+from ._io import layer_entry
+from .metrics import METRICS
+from .reference import acc_dtype
+from .slices import STATS, Profile
+
+__all__ = ["profile", "Profiler"]
+
+GRADIENT_METRICS = ("taylor", "deeplift")
+
+
+# ---------------------------------------------------------------------------------------------
+# shared pieces
+
+def check_metrics(fn: str, metrics: Sequence[str]) -> Tuple[str, ...]:
+    """Validated metric names; ``ens`` implies all four base metrics."""
+    if isinstance(metrics, str):
+        metrics = (metrics,)
+    bad = [m for m in metrics if m not in METRICS]
+    if bad or not metrics:
+        raise ValueError(f"{fn}: metrics must be a non-empty subset of {METRICS}, got {tuple(metrics)!r}")
+    if "ens" in metrics:
+        metrics = ("avg", "var", "taylor", "deeplift")
+    return tuple(m for m in ("avg", "var", "taylor", "deeplift") if m in metrics)
+
+
+def check_labels(fn: str, labels, num_classes: int) -> Tensor:
+    """``labels`` as int64 ``[B]`` or ``[B, T]`` in ``[0, num_classes)``; raises naming ``fn`` otherwise."""
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"{fn}: labels must be an integer tensor [B] or [B, T], got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"{fn}: labels must be an integer tensor (class indices), got {labels.dtype}")
+    if labels.dim() not in (1, 2):
+        raise ValueError(f"{fn}: labels must be [B] (per sample) or [B, T] (per token), got {list(labels.shape)}")
+    if labels.numel():
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi >= num_classes:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"{fn}: labels must lie in [0, {num_classes}) (num_classes={num_classes}), "
+                             f"got label {bad}")
+    return labels.long()
+
+
+def check_num_classes(fn: str, num_classes, class_names) -> List[str]:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"{fn}: num_classes must be an int >= 1, got {num_classes!r}")
+    if class_names is None:
+        return [str(k) for k in range(num_classes)]
+    names = [str(c) for c in class_names]
+    if len(names) != num_classes or len(set(names)) != num_classes:
+        raise ValueError(f"{fn}: class_names must be {num_classes} distinct names, got {names!r}")
+    return names
+
+
+def as_bns(fn: str, info: LayerInfo, t: Tensor, labels: Tensor) -> Tuple[Tensor, bool]:
+    """A tapped output as accumulate_'s ``[B, N]``, ``[B, N, S]`` or channels-last ``[B, S, N]``."""
+    b, n = labels.shape[0], info.n
+    linear = isinstance(info.module, nn.Linear)
+    ok = isinstance(t, Tensor) and t.dim() >= 2 and t.shape[0] == b and (t.shape[-1] if linear else t.shape[1]) == n
+    if not ok:
+        shape = list(t.shape) if isinstance(t, Tensor) else type(t).__name__
+        want = f"[B, ..., N] = [{b}, ..., {n}]" if linear else f"[B, N, ...] = [{b}, {n}, ...]"
+        raise ValueError(f"{fn}: layer {info.name!r} (tapped at {info.tap!r}) gave output {shape}; expected {want} "
+                         "with B the batch size of the labels")
+    if t.dim() == 2:
+        x, cl = t, False
+    elif linear:
+        x, cl = t.reshape(b, -1, n), True
+    else:
+        x, cl = t.flatten(2), False
+    if labels.dim() == 2 and not (cl and x.shape[1] == labels.shape[1]):
+        raise ValueError(f"{fn}: per-token labels {list(labels.shape)} need a channels-last layer output "
+                         f"[B, T, N] with T = {labels.shape[1]}; layer {info.name!r} gave {list(t.shape)}")
+    return x, cl
+
+
+def nonfinite_what(e: Exception) -> str:
+    """The op's finding ("non-finite value in x") without its prefix and suffix."""
+    return str(e).split(": ", 1)[-1].split(";")[0]
+
+
+def new_stats(k: int, n: int, dtype: torch.dtype, device) -> Dict[str, Tensor]:
+    return {s: torch.zeros((k,) if s == "count" else (k, n), dtype=dtype, device=device) for s in STATS}
+
+
+def layer_entries(plan: Plan, deeplift: Dict[str, str]) -> List[dict]:
+    return [{**layer_entry(i.name, i.module), "n": i.n, "tap": i.tap, "tap_source": i.tap_source,
+             "deeplift": deeplift.get(i.name)} for i in plan.layers]
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for t in list(model.parameters()) + list(model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def to_device(x, device):
+    if isinstance(x, Tensor):
+        return x.to(device)
+    if isinstance(x, (list, tuple)):
+        return type(x)(to_device(v, device) for v in x)
+    if isinstance(x, dict):
+        return {k: to_device(v, device) for k, v in x.items()}
+    return x
+
+
+def call_model(model: nn.Module, x):
+    if isinstance(x, dict):
+        return model(**x)
+    if isinstance(x, (list, tuple)):
+        return model(*x)
+    return model(x)
+
+
+def target_of(fn: str, out, labels: Tensor, target: str) -> Tensor:
+    """The scalar whose gradient is taken: Σ_b f_{y_b} (``"logit"``) or Σ_b loss_b (``"loss"``)."""
+    if not isinstance(out, Tensor) or out.dim() != labels.dim() + 1 or out.shape[:-1] != labels.shape:
+        shape = list(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        want = "[B, K]" if labels.dim() == 1 else "[B, T, K] (per-token labels)"
+        raise ValueError(f"{fn}: the model output must be logits {want} matching labels {list(labels.shape)}, "
+                         f"got {shape}")
+    if int(labels.max()) >= out.shape[-1]:
+        raise ValueError(f"{fn}: label {int(labels.max())} has no logit: the model gives {out.shape[-1]} outputs")
+    if target == "logit":
+        return out.gather(-1, labels.unsqueeze(-1)).sum()
+    return F.cross_entropy(out.reshape(-1, out.shape[-1]).float(), labels.reshape(-1), reduction="sum")
+
+
+def dl_forms(fn: str, plan: Plan, rescale: bool, warn: bool) -> Dict[str, str]:
+    """Per layer: ``"rescale"``, or ``"gradient"`` (m = g) where the nonlinearity is functional; warns once."""
+    functional = [i.name for i in plan.layers if i.functional]
+    if warn and (functional or not rescale):
+        names = functional or [i.name for i in plan.layers]
+        warnings.warn(f"{fn}: DeepLIFT uses gradient × Δ (m = g) for layer(s) {names}: their nonlinearity is "
+                      "a functional call, not a module, so the Rescale rule cannot see it", stacklevel=3)
+    return {i.name: ("rescale" if rescale and not i.functional else "gradient") for i in plan.layers}
+
+
+class _Offline:
+    """State of one ``profile`` pass. Hooks: DeepLIFT's Rescale first, then the taps."""
+
+    def __init__(self, fn, model, plan, k, metrics, target, baseline):
+        self.fn, self.model, self.plan, self.k = fn, model, plan, k
+        self.target, self.baseline = target, baseline
+        self.grad = any(m in GRADIENT_METRICS for m in metrics)
+        self.want_dl = "deeplift" in metrics
+        self.device = model_device(model)
+        self.totals = {i.name: new_stats(k, i.n, torch.float64, self.device) for i in plan.layers}
+        self.taps: List[Optional[Tensor]] = [None] * len(plan.layers)
+        self.refs: Optional[Tuple[object, List[Tensor]]] = None
+        self.recording = False
+        self.num_batches = 0
+        self.rescale = self.hooks = None
+        try:
+            has_acts = bool(activation_modules(model))
+            self.rescale = Rescale(model) if (self.want_dl and has_acts) else None
+            self.forms = dl_forms(fn, plan, self.rescale is not None, self.want_dl) if self.want_dl else {}
+            self.hooks = ChainHooks(model, plan.layers, self._on_tap)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for h in (self.hooks, self.rescale):
+            if h is not None:
+                h.remove()
+
+    def _on_tap(self, i: int, t):
+        if self.grad and not self.recording and isinstance(t, Tensor) and t.is_floating_point() \
+                and not t.requires_grad:
+            t = t.detach().requires_grad_(True)   # frozen upstream: the tap becomes the leaf
+            self.taps[i] = t
+            return t
+        self.taps[i] = t
+        return None
+
+    def _forward(self, x) -> object:
+        self.taps = [None] * len(self.taps)
+        self.hooks.reset()
+        out = call_model(self.model, x)
+        missing = [info for info, t in zip(self.plan.layers, self.taps) if t is None]
+        if missing:
+            info = missing[0]
+            raise RuntimeError(f"{self.fn}: layer {info.name!r} was not tapped at {info.tap!r} in the forward "
+                               f"pass (tap source: {info.tap_source}); the module is not called, or the "
+                               "activation found by module order does not follow it: pass tap='layer' or "
+                               "choose layers=")
+        return out
+
+    def _ensure_ref(self, x) -> List[Tensor]:
+        key = _shape_key(x)
+        if self.refs is not None and self.refs[0] == key:
+            return self.refs[1]
+        base = _baseline(self.fn, self.baseline, x)
+        self.recording = True
+        if self.rescale is not None:
+            self.rescale.record(True)
+        try:
+            with torch.no_grad():
+                self._forward(base)
+            one = torch.zeros(1, dtype=torch.int64, device=self.device)
+            refs = []
+            for info, t in zip(self.plan.layers, self.taps):
+                r, cl = as_bns(self.fn, info, t, one)
+                refs.append((r[0].t() if cl else r[0]).contiguous())
+        finally:
+            self.recording = False
+            if self.rescale is not None:
+                self.rescale.record(False)
+        self.refs = (key, refs)
+        return refs
+
+    def batch(self, x, labels) -> None:
+        """Profile one batch: forward, the target's gradient(s) at the taps, then accumulate."""
+        y = check_labels(self.fn, labels, self.k).to(self.device)
+        x = to_device(x, self.device)
+        refs = self._ensure_ref(x) if self.want_dl else [None] * len(self.taps)
+        with torch.set_grad_enabled(self.grad):
+            out = self._forward(x)
+            views = [as_bns(self.fn, info, t, y) for info, t in zip(self.plan.layers, self.taps)]
+            grads = mults = [None] * len(self.taps)
+            if self.grad:
+                tgt = target_of(self.fn, out, y, self.target)
+                grads = self._grad(tgt, retain=self.rescale is not None)
+                if self.rescale is not None:
+                    self.rescale.switch.on = True
+                    try:
+                        mults = self._grad(tgt, retain=False)
+                    finally:
+                        self.rescale.switch.on = False
+        partial = {}
+        for info, (xv, cl), g, m, r in zip(self.plan.layers, views, grads, mults, refs):
+            partial[info.name] = self._accumulate(info, xv.detach(), cl, g, m, r, y)
+        for name, st in partial.items():                        # all layers succeeded: commit
+            for s, v in st.items():
+                self.totals[name][s].add_(v)
+        self.num_batches += 1
+
+    def _grad(self, tgt: Tensor, retain: bool) -> List[Tensor]:
+        gs = torch.autograd.grad(tgt, self.taps, retain_graph=retain, allow_unused=True)
+        return [torch.zeros_like(t) if g is None else g for g, t in zip(gs, self.taps)]
+
+    def _accumulate(self, info, x, cl, g, m, r, y) -> Dict[str, Tensor]:
+        st = new_stats(self.k, info.n, acc_dtype(x.dtype), x.device)
+        gv = None if g is None else g.reshape(x.shape) if cl else _like(g, x)
+        try:
+            if m is None:   # m = g: one call gives taylor (ref None) and deeplift (ref r) alike
+                ops.accumulate_(x, gv, r, y, cl, st["count"], st["act_sum"], st["act_sq"], st["taylor_sum"],
+                                st["deeplift_sum"])
+            else:
+                junk = new_stats(self.k, info.n, acc_dtype(x.dtype), x.device)
+                ops.accumulate_(x, gv, None, y, cl, st["count"], st["act_sum"], st["act_sq"], st["taylor_sum"],
+                                junk["deeplift_sum"])
+                mv = m.reshape(x.shape) if cl else _like(m, x)
+                ops.accumulate_(x, mv, r, y, cl, junk["count"], junk["act_sum"], junk["act_sq"],
+                                junk["taylor_sum"], st["deeplift_sum"])
+        except NonFiniteError as e:
+            raise NonFiniteError(f"{self.fn}: layer {info.name!r} (tapped at {info.tap!r}): {nonfinite_what(e)}; "
+                                 "the batch was rejected and no statistic changed") from None
+        if g is None:
+            st["taylor_sum"].zero_()
+            st["deeplift_sum"].zero_()
+        elif not self.want_dl:
+            st["deeplift_sum"].zero_()
+        return st
+
+
+def _like(t: Tensor, x: Tensor) -> Tensor:
+    """``t`` (a tap's gradient, the tap's shape) viewed like ``x`` (the tap as [B, N] or [B, N, S])."""
+    return t.reshape(x.shape)
+
+
+def _shape_key(x):
+    if isinstance(x, Tensor):
+        return (tuple(x.shape[1:]), x.dtype)
+    if isinstance(x, (list, tuple)):
+        return tuple(_shape_key(v) for v in x)
+    if isinstance(x, dict):
+        return tuple((k, _shape_key(v)) for k, v in sorted(x.items()))
+    return None
+
+
+def _baseline(fn: str, baseline, x):
+    """The reference input ``[1, ...]``: zeros like one sample of ``x`` unless the user gave one."""
+    if baseline is None:
+        return _zeros_one(x)
+    if isinstance(x, Tensor):
+        if not isinstance(baseline, Tensor):
+            raise TypeError(f"{fn}: baseline must be a tensor like one input sample, got {type(baseline).__name__}")
+        b = baseline.to(device=x.device, dtype=x.dtype)
+        if tuple(b.shape) == tuple(x.shape[1:]):
+            b = b.unsqueeze(0)
+        if tuple(b.shape) != (1, *x.shape[1:]):
+            raise ValueError(f"{fn}: baseline must be {list(x.shape[1:])} or {[1, *x.shape[1:]]} (one input "
+                             f"sample), got {list(baseline.shape)}")
+        return b
+    return to_device(baseline, _first_device(x))
+
+
+def _zeros_one(x):
+    if isinstance(x, Tensor):
+        return torch.zeros_like(x[:1])
+    if isinstance(x, (list, tuple)):
+        return type(x)(_zeros_one(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _zeros_one(v) for k, v in x.items()}
+    return x
+
+
+def _first_device(x):
+    if isinstance(x, Tensor):
+        return x.device
+    vals = x.values() if isinstance(x, dict) else x if isinstance(x, (list, tuple)) else ()
+    for v in vals:
+        d = _first_device(v)
+        if d is not None:
+            return d
+    return None
+
+
+def _unpack(fn: str, batch) -> Tuple[object, Tensor]:
+    if isinstance(batch, (list, tuple)) and len(batch) == 2:
+        return batch[0], batch[1]
+    raise ValueError(f"{fn}: data must yield (inputs, labels) pairs, got "
+                     f"{type(batch).__name__}{'' if not hasattr(batch, '__len__') else f' of length {len(batch)}'}")
+
+
+def profile(model: nn.Module, data: Iterable, num_classes: int, *, layers=None,
+            metrics: Sequence[str] = ("avg", "var", "taylor", "deeplift"), target: str = "logit",
+            baseline=None, progress: bool = True, class_names: Optional[Sequence[str]] = None,
+            tap: str = "auto") -> Profile:
+    """Profile ``model`` over ``data`` in one pass (SPEC §2).
+
+    Args:
+        model: a classifier giving logits ``[B, K]`` (``[B, T, K]`` with per-token labels). It runs in
+            eval mode (restored afterwards); its parameters, buffers and ``.grad`` are left untouched.
+        data: a DataLoader or any iterable of ``(inputs, labels)``: inputs a tensor ``[B, ...]`` (or a
+            tuple/dict of them, passed as ``model(*inputs)``/``model(**inputs)``), labels integer ``[B]``
+            or ``[B, T]`` (per token; channels-last layers only) in ``[0, num_classes)``.
+        num_classes: K. layers: None (every Conv/Linear but the head), names, types or a predicate.
+        metrics: any of ``avg``, ``var``, ``taylor``, ``deeplift``, ``ens`` (= all four). Forward only
+            when neither ``taylor`` nor ``deeplift`` is asked.
+        target: ``"logit"`` (f_y) or ``"loss"`` (cross-entropy of the sample).
+        baseline: DeepLIFT reference input, one sample (``[...]`` or ``[1, ...]``); zeros by default.
+        progress: a progress line on stderr when it is a terminal. class_names: K names.
+        tap: ``"auto"`` (after the layer's nonlinearity where one follows) or ``"layer"``.
+
+    Returns:
+        a :class:`~neuslice.Profile` with float64 sums on the model's device.
+    """
+    fn = "neuslice.profile"
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{fn}: model must be a torch.nn.Module, got {type(model).__name__}")
+    metrics = check_metrics(fn, metrics)
+    names = check_num_classes(fn, num_classes, class_names)
+    if target not in ("logit", "loss"):
+        raise ValueError(f"{fn}: target must be 'logit' or 'loss', got {target!r}")
+    plan = discover(model, layers, tap=tap, fn=fn)
+    training = {m: m.training for m in model.modules()}
+    run = None
+    try:
+        model.eval()
+        with no_inplace(model):
+            run = _Offline(fn, model, plan, num_classes, metrics, target, baseline)
+            for i, batch in enumerate(data):
+                run.batch(*_unpack(fn, batch))
+                if progress and sys.stderr.isatty():
+                    print(f"\r{fn}: {i + 1} batches", end="", file=sys.stderr, flush=True)
+    finally:
+        if run is not None:
+            run.close()
+        for m, t in training.items():
+            m.training = t
+    if progress and sys.stderr.isatty():
+        print(file=sys.stderr)
+    if run.num_batches == 0:
+        raise ValueError(f"{fn}: data yielded no batch")
+    forms = run.forms
+    return Profile(layer_entries(plan, forms), names, run.totals, metrics=metrics, target=target,
+                   deeplift=_overall(forms) if "deeplift" in metrics else None, num_batches=run.num_batches,
+                   coupled=plan.coupled)
+
+
+def _overall(forms: Dict[str, str]) -> str:
+    return "rescale" if forms and all(v == "rescale" for v in forms.values()) else "gradient"

@@ -1,0 +1,318 @@
+"""The ``Profile`` and ``Slices`` objects and their files (SPEC §5).
+
+``Profile``: per layer, the SPEC §2 sums (float64): ``count [K]``, ``act_sum``, ``act_sq``,
+``taylor_sum``, ``deeplift_sum`` ``[K, N]``. Sums merge by addition (``p1 + p2``,
+:meth:`Profile.all_reduce`). ``Slices``: per layer, the critical sets ``bool [K, N]`` of a slicing run.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import numbers
+from typing import Dict, Iterable, List, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import _io, metrics as _metrics
+
+__all__ = ["Profile", "Slices", "STATS"]
+
+STATS = ("count", "act_sum", "act_sq", "taylor_sum", "deeplift_sum")
+_COMPAT = ("num_classes", "metrics", "target", "deeplift")
+
+
+class Profile:
+    """Per-class neuron statistics of a model's sliced layers (SPEC §2).
+
+    Attributes:
+        layers: one dict per layer: ``name``, ``type``, ``weight_shape``, ``n`` (neurons), ``tap`` (module
+            whose output was read), ``tap_source`` (``"graph"``, ``"module order"`` or ``"layer"``),
+            ``deeplift`` (``"rescale"`` or ``"gradient"``: gradient × Δ).
+        stats: ``{layer: {stat: Tensor}}``; ``count`` float64 ``[K]``, the others float64 ``[K, N]``.
+        class_names: K names. metrics: the metrics whose statistics were collected.
+        target: ``"logit"`` or ``"loss"``. deeplift: ``"rescale"``, ``"gradient"`` (gradient × Δ on some
+            or all layers), or None when not collected. num_batches: batches added.
+        coupled: lists of layer names whose channels must stay equal in number (residual adds,
+            depthwise convolutions): slicing keeps their union.
+    """
+
+    def __init__(self, layers: List[dict], class_names: Sequence[str], stats: Dict[str, Dict[str, Tensor]], *,
+                 metrics: Sequence[str], target: str, deeplift: Optional[str], num_batches: int = 0,
+                 coupled: Sequence[Sequence[str]] = ()):
+        self.layers = [dict(e) for e in layers]
+        self.coupled = [list(g) for g in coupled]
+        self.class_names = [str(c) for c in class_names]
+        self.stats = stats
+        self.metrics = tuple(metrics)
+        self.target = target
+        self.deeplift = deeplift
+        self.num_batches = int(num_batches)
+
+    # -- views -----------------------------------------------------------------------------
+    @property
+    def layer_names(self) -> List[str]:
+        return [e["name"] for e in self.layers]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def counts(self) -> Tensor:
+        """Samples (or tokens) per class, float64 ``[K]`` (of the first layer; every layer sees the same)."""
+        return self.stats[self.layers[0]["name"]]["count"]
+
+    @property
+    def signature(self) -> str:
+        return _io.signature(self.layers)
+
+    def score(self, metric: str) -> Dict[str, Tensor]:
+        """Per-class scores ``{layer: float64 [K, N]}`` (SPEC §3); NaN rows for classes without samples."""
+        return _metrics.score(self, metric)
+
+    def class_agnostic(self, metric: str) -> Dict[str, Tensor]:
+        """Count-weighted mean over classes of :meth:`score`: ``{layer: float64 [N]}``."""
+        return _metrics.class_agnostic(self, metric)
+
+    def __repr__(self) -> str:
+        return (f"Profile({len(self.layers)} layers, {self.num_classes} classes, "
+                f"{int(self.counts.sum())} samples, metrics={self.metrics}, target={self.target!r})")
+
+    # -- merging -----------------------------------------------------------------------------
+    def _check_compatible(self, fn: str, other: "Profile") -> None:
+        if not isinstance(other, Profile):
+            raise TypeError(f"{fn}: expected a Profile, got {type(other).__name__}")
+        if [(e["name"], e["weight_shape"]) for e in self.layers] != [(e["name"], e["weight_shape"])
+                                                                     for e in other.layers]:
+            raise ValueError(f"{fn}: the profiles are of different layers: {self.layer_names} vs "
+                             f"{other.layer_names} (signatures {self.signature} vs {other.signature})")
+        for attr in _COMPAT + ("class_names",):
+            if getattr(self, attr) != getattr(other, attr):
+                raise ValueError(f"{fn}: the profiles differ in {attr}: {getattr(self, attr)!r} vs "
+                                 f"{getattr(other, attr)!r}")
+
+    def __add__(self, other: "Profile") -> "Profile":
+        """A new profile holding both profiles' sums (profiles of disjoint data merge exactly this way)."""
+        self._check_compatible("neuslice.Profile.__add__", other)
+        stats = {n: {k: v + other.stats[n][k].to(v.device) for k, v in self.stats[n].items()}
+                 for n in self.layer_names}
+        return Profile(self.layers, self.class_names, stats, metrics=self.metrics, target=self.target,
+                       deeplift=self.deeplift, num_batches=self.num_batches + other.num_batches,
+                       coupled=self.coupled)
+
+    def all_reduce(self, group=None) -> "Profile":
+        """Sum this profile over the ranks of ``torch.distributed`` ``group`` in place; returns self.
+
+        One ``all_reduce(SUM)`` per tensor (on the current CUDA device under NCCL, else where the
+        tensors are). Every rank must hold a profile of the same layers and classes: checked first,
+        on every rank, with one more all_reduce of a signature hash (all ranks raise together)."""
+        import torch.distributed as dist
+        fn = "neuslice.Profile.all_reduce"
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError(f"{fn}: torch.distributed is not initialised; call init_process_group first")
+        dev = self.counts.device
+        if dist.get_backend(group) == "nccl":
+            dev = torch.device("cuda", torch.cuda.current_device())
+        key = json.dumps([self.signature, self.class_names, self.metrics, self.target, self.deeplift])
+        h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:7], "little")
+        hs = torch.tensor([h, -h], dtype=torch.int64, device=dev)
+        dist.all_reduce(hs, op=dist.ReduceOp.MAX, group=group)
+        if int(hs[0]) != h or int(hs[1]) != -h:
+            raise ValueError(f"{fn}: ranks hold profiles of different layers, classes or metrics "
+                             f"(this rank: signature {self.signature}, classes {self.class_names})")
+        for name in self.layer_names:
+            for k, v in self.stats[name].items():
+                t = v.to(dev)
+                dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+                v.copy_(t)
+        nb = torch.tensor([self.num_batches], dtype=torch.int64, device=dev)
+        dist.all_reduce(nb, op=dist.ReduceOp.SUM, group=group)
+        self.num_batches = int(nb)
+        return self
+
+    def to(self, device) -> "Profile":
+        """A copy with every statistic on ``device``."""
+        stats = {n: {k: v.to(device, copy=True) for k, v in s.items()} for n, s in self.stats.items()}
+        return Profile(self.layers, self.class_names, stats, metrics=self.metrics, target=self.target,
+                       deeplift=self.deeplift, num_batches=self.num_batches, coupled=self.coupled)
+
+    # -- files -----------------------------------------------------------------------------
+    def save(self, path) -> None:
+        """Write the profile to one safetensors file at ``path``, atomically (write, then rename)."""
+        tensors = {f"{i}.{k}": v for i, n in enumerate(self.layer_names) for k, v in self.stats[n].items()}
+        meta = {"layers": self.layers, "class_names": self.class_names, "metrics": list(self.metrics),
+                "target": self.target, "deeplift": self.deeplift, "num_batches": self.num_batches,
+                "coupled": self.coupled, "signature": self.signature}
+        _io.write("neuslice.Profile.save", path, "profile", tensors, meta)
+
+    @classmethod
+    def load(cls, path, model: Optional[nn.Module] = None) -> "Profile":
+        """Read a profile written by :meth:`save`. With ``model``, its layers must match the file's
+        (else an error naming the layer that differs). Truncated or corrupt files raise; nothing is unpickled."""
+        fn = "neuslice.Profile.load"
+        tensors, doc = _io.read(fn, path, "profile")
+        try:
+            layers, k = doc["layers"], len(doc["class_names"])
+            stats = {}
+            for i, e in enumerate(layers):
+                stats[e["name"]] = {s: _io.expect(fn, path, tensors, f"{i}.{s}", [k] if s == "count" else
+                                                  [k, int(e["n"])], torch.float64) for s in STATS}
+            prof = cls(layers, doc["class_names"], stats, metrics=doc["metrics"], target=doc["target"],
+                       deeplift=doc["deeplift"], num_batches=doc["num_batches"], coupled=doc["coupled"])
+        except (KeyError, TypeError) as e:
+            raise _io.FileFormatError(f"{fn}: {path!r} is not a valid neuslice profile file "
+                                      f"(metadata lacks {e})") from None
+        if doc.get("signature") != prof.signature:
+            raise _io.FileFormatError(f"{fn}: {path!r} is corrupt: its signature does not match its layers")
+        if model is not None:
+            _io.check_model(fn, prof.layers, model)
+        return prof
+
+
+ClassSpec = Union[int, str, Iterable[Union[int, str]]]
+
+
+class Slices:
+    """Critical neuron sets of a slicing run (SPEC §4).
+
+    Attributes:
+        layers: per layer ``name``, ``type``, ``weight_shape``, ``n``. class_names: K names.
+        critical: ``{layer: bool [K, N]}``: row k is class k's critical set (global mode: every row the same).
+        sliced: bool ``[K]``: classes that have a critical set. scores: ``{layer: float64 [K, N]}`` used.
+        mode: ``"global"``, ``"category"`` or ``"semantic"``; metric; value: p (ratio) or Θ;
+        share (ρ), tau (τ), min_keep; coupled: lists of layer names whose channels are kept as one.
+    """
+
+    CATEGORIES = ("shared", "group", "specific", "free")
+
+    def __init__(self, layers: List[dict], class_names: Sequence[str], critical: Dict[str, Tensor], sliced: Tensor,
+                 scores: Dict[str, Tensor], *, mode: str, metric: str, value: float, share: float = 0.5,
+                 tau: float = 0.5, min_keep: int = 1, coupled: Sequence[Sequence[str]] = ()):
+        self.layers = [dict(e) for e in layers]
+        self.class_names = [str(c) for c in class_names]
+        self.critical_sets = critical
+        self.sliced = sliced
+        self.scores = scores
+        self.mode, self.metric, self.value = mode, metric, float(value)
+        self.share, self.tau, self.min_keep = float(share), float(tau), int(min_keep)
+        self.coupled = [list(g) for g in coupled]
+
+    @property
+    def layer_names(self) -> List[str]:
+        return [e["name"] for e in self.layers]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def signature(self) -> str:
+        return _io.signature(self.layers)
+
+    def __repr__(self) -> str:
+        what = "ratio" if self.mode != "semantic" else "theta"
+        return (f"Slices({self.mode}, metric={self.metric!r}, {what}={self.value}, {len(self.layers)} layers, "
+                f"{int(self.sliced.sum())}/{self.num_classes} classes)")
+
+    def class_indices(self, fn: str, classes: ClassSpec) -> List[int]:
+        """``classes`` (an index, a class name, or an iterable of them) as sorted sliced class indices."""
+        items = [classes] if isinstance(classes, (int, str)) else list(classes)
+        if not items:
+            raise ValueError(f"{fn}: expected at least one class, got none")
+        out = set()
+        for c in items:
+            if isinstance(c, str):
+                if c not in self.class_names:
+                    raise ValueError(f"{fn}: unknown class name {c!r}; expected one of {self.class_names}")
+                c = self.class_names.index(c)
+            integral = isinstance(c, numbers.Integral) or (isinstance(c, Tensor) and c.numel() == 1
+                                                            and not c.is_floating_point())
+            if isinstance(c, bool) or not integral:
+                raise TypeError(f"{fn}: classes must be ints or class names, got {c!r}")
+            c = int(c)
+            if not 0 <= c < self.num_classes:
+                raise ValueError(f"{fn}: class {c} is outside [0, {self.num_classes})")
+            if not bool(self.sliced[c]):
+                raise ValueError(f"{fn}: class {c} ({self.class_names[c]!r}) has no critical set: it had no "
+                                 "samples in the profile or was left out of the slicing")
+            out.add(c)
+        return sorted(out)
+
+    def critical(self, k: Union[int, str]) -> Dict[str, Tensor]:
+        """Class ``k``'s critical sets: ``{layer: bool [N]}``."""
+        (k,) = self.class_indices("neuslice.Slices.critical", [k])
+        return {n: c[k].clone() for n, c in self.critical_sets.items()}
+
+    def mask(self, classes: ClassSpec) -> Dict[str, Tensor]:
+        """The slice serving ``classes``: per layer, the union of their critical sets, ``{layer: bool [N]}``."""
+        idx = self.class_indices("neuslice.Slices.mask", classes)
+        return {n: c[idx].any(0) for n, c in self.critical_sets.items()}
+
+    def categories(self) -> Dict[str, Dict[str, Tensor]]:
+        """``{"shared"|"group"|"specific"|"free": {layer: bool [N]}}`` (SPEC §4; a neuron is ``shared`` when
+        critical for at least max(2, ⌈share·K⌉) of the K sliced classes, ``specific`` for exactly one)."""
+        from .slicing import categories
+        return categories(self)
+
+    def similarity(self) -> Tensor:
+        """Class similarity ``S`` float64 ``[K, K]`` (neuron-weighted Jaccard of critical sets; NaN for
+        classes without a critical set)."""
+        from .slicing import similarity
+        return similarity(self)
+
+    def groups(self) -> List[List[int]]:
+        """Semantic groups: average-linkage clusters of the sliced classes on 1 − S, cut below ``tau``."""
+        from .slicing import groups
+        return groups(self)
+
+    def compression_rate(self, model: nn.Module, classes: ClassSpec, *, restrict_head: bool = True) -> float:
+        """Fraction of ``model``'s parameters that belong to neurons outside the slice of ``classes``
+        (incoming weights, bias, norm entries, the next layers' reading weights; with ``restrict_head``,
+        also the head rows of the other classes)."""
+        from .slicing import compression_rate
+        return compression_rate(self, model, classes, restrict_head=restrict_head)
+
+    def apply(self, model: nn.Module, classes: ClassSpec):
+        """Context manager: ``model`` computes with every neuron outside the slice of ``classes`` zeroed
+        (at the end of its layer → norm → activation chain); hooks removed on exit."""
+        from .slicing import MaskedModel
+        return MaskedModel(self, model, classes)
+
+    # -- files -----------------------------------------------------------------------------
+    def save(self, path) -> None:
+        """Write the slices to one safetensors file at ``path``, atomically."""
+        tensors = {"sliced": self.sliced}
+        for i, n in enumerate(self.layer_names):
+            tensors[f"{i}.critical"] = self.critical_sets[n]
+            tensors[f"{i}.scores"] = self.scores[n]
+        meta = {"layers": self.layers, "class_names": self.class_names, "mode": self.mode, "metric": self.metric,
+                "value": self.value, "share": self.share, "tau": self.tau, "min_keep": self.min_keep,
+                "coupled": self.coupled, "signature": self.signature}
+        _io.write("neuslice.Slices.save", path, "slices", tensors, meta)
+
+    @classmethod
+    def load(cls, path, model: Optional[nn.Module] = None) -> "Slices":
+        """Read slices written by :meth:`save`; with ``model``, check its layers match (else an error naming
+        the layer). Truncated or corrupt files raise; nothing is unpickled."""
+        fn = "neuslice.Slices.load"
+        tensors, doc = _io.read(fn, path, "slices")
+        try:
+            layers, k = doc["layers"], len(doc["class_names"])
+            crit, scores = {}, {}
+            for i, e in enumerate(layers):
+                crit[e["name"]] = _io.expect(fn, path, tensors, f"{i}.critical", [k, int(e["n"])], torch.bool)
+                scores[e["name"]] = _io.expect(fn, path, tensors, f"{i}.scores", [k, int(e["n"])], torch.float64)
+            sliced = _io.expect(fn, path, tensors, "sliced", [k], torch.bool)
+            out = cls(layers, doc["class_names"], crit, sliced, scores, mode=doc["mode"], metric=doc["metric"],
+                      value=doc["value"], share=doc["share"], tau=doc["tau"], min_keep=doc["min_keep"],
+                      coupled=doc["coupled"])
+        except (KeyError, TypeError) as e:
+            raise _io.FileFormatError(f"{fn}: {path!r} is not a valid neuslice slices file "
+                                      f"(metadata lacks {e})") from None
+        if doc.get("signature") != out.signature or not math.isfinite(out.value):
+            raise _io.FileFormatError(f"{fn}: {path!r} is corrupt: its signature does not match its layers")
+        if model is not None:
+            _io.check_model(fn, out.layers, model)
+        return out

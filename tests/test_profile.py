@@ -1,0 +1,410 @@
+"""neuslice.profile: statistics against hand loops and Captum, taps, state, hooks, errors (digits)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import neuslice
+from neuslice.slices import STATS
+from slicing_fixtures import F32, relu_cnn, small_loader, stats_close, trained
+
+K = 10
+
+
+def _hand_stats(model, loader, taps, target="logit", deeplift_mults=None):
+    """SPEC §2 by loops over samples, in float64: {layer: {stat: tensor}}; taps: {layer: tap module name}."""
+    m64 = copy.deepcopy(model).double().eval()
+    mods = dict(m64.named_modules())
+    out = {l: {s: torch.zeros((K,) if s == "count" else (K, mods[l].weight.shape[0]), dtype=torch.float64)
+               for s in STATS} for l in taps}
+    for x, y in loader:
+        for b in range(x.shape[0]):
+            got = {}
+            hs = [mods[t].register_forward_hook(lambda m, a, o, l=l: got.__setitem__(l, o)) for l, t in taps.items()]
+            logits = m64(x[b:b + 1].double())
+            for h in hs:
+                h.remove()
+            k = int(y[b])
+            tgt = logits[0, k] if target == "logit" else F.cross_entropy(logits, y[b:b + 1])
+            grads = torch.autograd.grad(tgt, [got[l] for l in taps])
+            for (l, _), g in zip(taps.items(), grads):
+                a = got[l][0].detach().reshape(g.shape[1], -1)
+                g = g[0].reshape(a.shape)
+                st = out[l]
+                st["count"][k] += 1
+                st["act_sum"][k] += a.mean(1)
+                st["act_sq"][k] += a.mean(1) ** 2
+                st["taylor_sum"][k] += (a * g).sum(1).abs()
+    return out
+
+
+def _stats(p):
+    return p.stats
+
+
+@pytest.mark.parametrize("target", ["logit", "loss"])
+def test_cnn_statistics_match_hand_loops(target):
+    model = trained()
+    loader = small_loader(90, 30)
+    prof = neuslice.profile(model, loader, K, metrics=("avg", "var", "taylor"), target=target, progress=False)
+    taps = {e["name"]: e["tap"] for e in prof.layers}
+    assert taps == {"features.0": "features.2", "features.4": "features.6"}
+    assert [e["tap_source"] for e in prof.layers] == ["graph", "graph"]
+    stats_close(_stats(prof), _hand_stats(model, loader, taps, target), keys=["count", "act_sum", "act_sq",
+                                                                              "taylor_sum"])
+
+
+def _mlp_deeplift_by_hand(model, loader):
+    """Rescale-rule multipliers of f_y written out for Linear-ReLU-Linear-ReLU-Linear, zero baseline."""
+    w1, b1 = model.body[1].weight.double(), model.body[1].bias.double()
+    w2, b2 = model.body[3].weight.double(), model.body[3].bias.double()
+    w3 = model.head.weight.double()
+    a1r = b1.relu()
+    h2r = w2 @ a1r + b2
+    a2r = h2r.relu()
+    out = {"body.1": torch.zeros(K, w1.shape[0], dtype=torch.float64),
+           "body.3": torch.zeros(K, w2.shape[0], dtype=torch.float64)}
+    for x, y in loader:
+        for xb, yb in zip(x.double().flatten(1), y):
+            h1 = w1 @ xb + b1
+            a1 = h1.relu()
+            h2 = w2 @ a1 + b2
+            a2 = h2.relu()
+            m_a2 = w3[int(yb)]
+            d = h2 - h2r
+            resc = torch.where(d.abs() > 1e-7, (a2 - a2r) / torch.where(d.abs() > 1e-7, d, torch.ones_like(d)),
+                               (h2 > 0).double())
+            m_a1 = w2.t() @ (m_a2 * resc)
+            out["body.1"][int(yb)] += ((a1 - a1r) * m_a1).abs()
+            out["body.3"][int(yb)] += ((a2 - a2r) * m_a2).abs()
+    return out
+
+
+def test_mlp_every_statistic_matches_hand_loops():
+    model = trained("digits_mlp", epochs=5)
+    loader = small_loader(100, 25, flatten=True)
+    prof = neuslice.profile(model, loader, K, progress=False)
+    assert prof.deeplift == "rescale" and prof.metrics == ("avg", "var", "taylor", "deeplift")
+    taps = {e["name"]: e["tap"] for e in prof.layers}
+    assert taps == {"body.1": "body.2", "body.3": "body.4"}
+    stats_close(_stats(prof), _hand_stats(model, loader, taps), keys=["count", "act_sum", "act_sq", "taylor_sum"])
+    hand = _mlp_deeplift_by_hand(model, loader)
+    for layer, v in hand.items():
+        torch.testing.assert_close(prof.stats[layer]["deeplift_sum"], v, **F32)
+
+
+def _captum_per_class(attr_fn, model, loader, layer_module, **kw):
+    sums = torch.zeros(K, layer_module_n(model, layer_module), dtype=torch.float64)
+    count = torch.zeros(K, dtype=torch.float64)
+    for x, y in loader:
+        a = attr_fn(x, target=y, **kw)
+        a = a.reshape(a.shape[0], a.shape[1], -1).sum(-1).abs().double()
+        sums.index_add_(0, y, a)
+        count.index_add_(0, y, torch.ones(len(y), dtype=torch.float64))
+    return sums / count.unsqueeze(1)
+
+
+def layer_module_n(model, module):
+    x = torch.zeros(1, 1, 8, 8)
+    got = []
+    h = module.register_forward_hook(lambda m, a, o: got.append(o))
+    with torch.no_grad():
+        model(x)
+    h.remove()
+    return got[0].shape[1]
+
+
+def test_taylor_matches_captum_layer_gradient_x_activation():
+    from captum.attr import LayerGradientXActivation
+    model = trained()
+    loader = small_loader(120, 40)
+    prof = neuslice.profile(model, loader, K, metrics=("taylor",), progress=False)
+    scores = prof.score("taylor")
+    for e in prof.layers:
+        tap = dict(model.named_modules())[e["tap"]]
+        want = _captum_per_class(LayerGradientXActivation(model, tap).attribute, model, loader, tap)
+        torch.testing.assert_close(scores[e["name"]], want, **F32)
+
+
+def test_deeplift_matches_captum_layer_deeplift():
+    from captum.attr import LayerDeepLift
+    model = relu_cnn()
+    loader = small_loader(120, 40)
+    prof = neuslice.profile(model, loader, K, metrics=("deeplift",), progress=False)
+    assert prof.deeplift == "rescale"
+    scores = prof.score("deeplift")
+    mods = dict(model.named_modules())
+    for e in prof.layers:
+        tap = mods[e["tap"]]
+        want = _captum_per_class(LayerDeepLift(model, tap).attribute, model, loader, tap,
+                                 baselines=torch.zeros(1, 1, 8, 8))
+        torch.testing.assert_close(scores[e["name"]], want, **F32)
+    # the Rescale multipliers really differ from the gradient on this model
+    taylor = neuslice.profile(model, loader, K, metrics=("taylor",), progress=False).score("taylor")
+    assert not torch.allclose(scores["features.3"], taylor["features.3"], rtol=1e-3)
+
+
+def _hooks_of(model):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules())
+
+
+def test_model_state_unchanged():
+    model = trained()
+    model.train()
+    model.features[1].eval()                       # mixed modes must come back as they were
+    model.features[2].inplace = True
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    modes = [m.training for m in model.modules()]
+    neuslice.profile(model, small_loader(60, 30), K, progress=False)
+    assert [m.training for m in model.modules()] == modes
+    assert model.features[2].inplace is True
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert all(torch.equal(p.grad, torch.full_like(p, 0.5)) for p in model.parameters())
+    assert _hooks_of(model) == 0
+
+
+def test_hooks_removed_after_an_exception():
+    model = trained()
+
+    def data():
+        yield from small_loader(60, 30)
+        raise RuntimeError("loader broke")
+
+    with pytest.raises(RuntimeError, match="loader broke"):
+        neuslice.profile(model, data(), K, progress=False)
+    assert _hooks_of(model) == 0
+    x, y = next(iter(small_loader(60, 30)))
+    bad = [(x, y), (x, y.clone().fill_(10))]
+    with pytest.raises(ValueError, match=r"neuslice.profile: labels must lie in \[0, 10\).*got label 10"):
+        neuslice.profile(model, bad, K, progress=False)
+    assert _hooks_of(model) == 0 and not model.training
+
+
+def test_same_seed_same_profile_and_slices():
+    a = neuslice.profile(trained(), small_loader(), K, progress=False)
+    b = neuslice.profile(trained(), small_loader(), K, progress=False)
+    for layer in a.layer_names:
+        for s in STATS:
+            assert torch.equal(a.stats[layer][s], b.stats[layer][s])
+    sa, sb = (neuslice.semantic_slice(p, "ens", 0.95) for p in (a, b))
+    assert all(torch.equal(sa.critical_sets[n], sb.critical_sets[n]) for n in sa.layer_names)
+
+
+def test_forward_only_without_gradient_metrics():
+    class NoBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            raise AssertionError("a backward pass ran")
+
+    model = trained()
+    grad_modes = []
+    model.features[0].register_forward_pre_hook(lambda m, a: grad_modes.append(torch.is_grad_enabled()))
+    model.head.register_forward_hook(lambda m, a, o: NoBackward.apply(o))
+    prof = neuslice.profile(model, small_loader(60, 30), K, metrics=("avg", "var"), progress=False)
+    assert grad_modes == [False, False]
+    assert all(float(prof.stats[n]["taylor_sum"].abs().sum()) == 0 for n in prof.layer_names)
+    with pytest.raises(ValueError, match="needs the taylor statistics"):
+        prof.score("taylor")
+
+
+def test_all_accumulation_goes_through_the_op(monkeypatch):
+    calls = []
+    real = neuslice.ops.accumulate_
+    monkeypatch.setattr(neuslice.ops, "accumulate_", lambda *a: (calls.append(a[0].shape), real(*a))[1])
+    neuslice.profile(trained(), small_loader(60, 30), K, progress=False)
+    assert len(calls) == 2 * 2 * 2      # 2 batches × 2 layers × (gradient call + Rescale multiplier call)
+    calls.clear()
+    neuslice.profile(trained(), small_loader(60, 30), K, metrics=("avg", "taylor"), progress=False)
+    assert len(calls) == 2 * 2
+
+
+class _TwoLayer(nn.Module):
+    """Linear-ReLU ×2 + head, with knobs: one shared ReLU module, functional ReLU, or untraceable forward."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.fc1, self.act = nn.Linear(64, 32), nn.ReLU()          # registered in the order they run
+        self.fc2, self.act2 = nn.Linear(32, 16), nn.ReLU()
+        self.head = nn.Linear(16, K)
+
+    def forward(self, x):
+        x = x.flatten(1)
+        if self.kind == "functional":
+            return self.head(F.relu(self.fc2(F.relu(self.fc1(x)))))
+        if self.kind == "shared":
+            return self.head(self.act(self.fc2(self.act(self.fc1(x)))))
+        if self.kind == "untraceable" and bool(x.sum() > -1e9):      # data-dependent: fx cannot trace it
+            return self.head(self.act2(self.fc2(self.act(self.fc1(x)))))
+        return self.head(self.act2(self.fc2(self.act(self.fc1(x)))))
+
+
+def _twin(kind):
+    torch.manual_seed(1)
+    base = _TwoLayer("plain")
+    m = _TwoLayer(kind)
+    m.load_state_dict(base.state_dict())
+    return base.eval(), m.eval()
+
+
+@pytest.mark.parametrize("kind", ["shared", "untraceable"])
+def test_taps_found_for_shared_modules_and_by_module_order(kind):
+    base, model = _twin(kind)
+    loader = small_loader(60, 30)
+    want = neuslice.profile(base, loader, K, progress=False)
+    got = neuslice.profile(model, loader, K, progress=False)
+    assert [e["tap"] for e in got.layers] == (["act", "act"] if kind == "shared" else ["act", "act2"])
+    assert {e["tap_source"] for e in got.layers} == {"graph" if kind == "shared" else "module order"}
+    stats_close(got.stats, want.stats, rtol=0, atol=0)
+
+
+def test_functional_nonlinearity_taps_the_layer_and_warns_for_deeplift():
+    _, model = _twin("functional")
+    with pytest.warns(UserWarning, match=r"gradient × Δ.*\['fc1', 'fc2'\]"):
+        prof = neuslice.profile(model, small_loader(60, 30), K, progress=False)
+    assert [e["tap"] for e in prof.layers] == ["fc1", "fc2"]
+    assert [e["tap_source"] for e in prof.layers] == ["layer", "layer"]
+    assert prof.deeplift == "gradient" and [e["deeplift"] for e in prof.layers] == ["gradient"] * 2
+    lay = neuslice.profile(_twin("plain")[0], small_loader(60, 30), K, tap="layer", metrics=("taylor",),
+                           progress=False)
+    assert [e["tap"] for e in lay.layers] == ["fc1", "fc2"]
+    # for a ReLU, z·∂f/∂z = a·∂f/∂a: taylor is the same at either tap
+    stats_close(lay.stats, neuslice.profile(_twin("plain")[0], small_loader(60, 30), K, metrics=("taylor",),
+                                            progress=False).stats, keys=["taylor_sum"], rtol=1e-5, atol=1e-7)
+
+
+def test_layer_selection_by_name_type_and_predicate():
+    model = trained()
+    loader = small_loader(40, 40)
+    by_name = neuslice.profile(model, loader, K, layers=["features.4"], metrics=("avg",), progress=False)
+    assert by_name.layer_names == ["features.4"]
+    by_type = neuslice.profile(model, loader, K, layers=nn.Linear, metrics=("avg",), progress=False)
+    assert by_type.layer_names == ["head"]          # chosen explicitly, the head is allowed
+    by_pred = neuslice.profile(model, loader, K, layers=lambda n, m: m.out_channels == 16 if
+                               isinstance(m, nn.Conv2d) else False, metrics=("avg",), progress=False)
+    assert by_pred.layer_names == ["features.0"]
+
+
+class _TokenNet(nn.Module):
+    """Embedding → FFN (Linear-GELU-Linear) → head, channels-last [B, T, ·]; per-token or pooled logits."""
+
+    def __init__(self, pooled: bool):
+        super().__init__()
+        torch.manual_seed(2)
+        self.pooled = pooled
+        self.emb = nn.Embedding(20, 8)
+        self.ffn1, self.act, self.ffn2 = nn.Linear(8, 12), nn.GELU(), nn.Linear(12, 8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, tok):
+        h = self.ffn2(self.act(self.ffn1(self.emb(tok))))
+        return self.head(h.mean(1) if self.pooled else h)
+
+
+def _token_data(per_token: bool):
+    g = torch.Generator().manual_seed(3)
+    tok = torch.randint(0, 20, (12, 5), generator=g)
+    y = tok % 4 if per_token else tok[:, 0] % 4
+    return [(tok[:6], y[:6]), (tok[6:], y[6:])]
+
+
+@pytest.mark.parametrize("per_token", [True, False])
+def test_channels_last_ffn_neurons_per_token_and_per_sequence_labels(per_token):
+    model = _TokenNet(pooled=not per_token).eval()
+    data = _token_data(per_token)
+    prof = neuslice.profile(model, data, 4, metrics=("avg", "var", "taylor"), progress=False)
+    assert prof.layer_names == ["ffn1", "ffn2"] and [e["tap"] for e in prof.layers] == ["act", "ffn2"]
+    mods = dict(model.named_modules())
+    for layer, tap in (("ffn1", "act"), ("ffn2", "ffn2")):
+        st = {s: torch.zeros((4,) if s == "count" else (4, mods[layer].out_features), dtype=torch.float64)
+              for s in STATS}
+        for tok, y in data:
+            got = []
+            h = mods[tap].register_forward_hook(lambda m, a, o: got.append(o))
+            out = model(tok)
+            h.remove()
+            a = got[0]                                                       # [B, T, N]
+            g = torch.autograd.grad(out.gather(-1, y.unsqueeze(-1)).sum(), a)[0]
+            a, g = a.detach().double(), g.double()
+            if per_token:
+                a, g, yy = a.reshape(-1, 1, a.shape[-1]), g.reshape(-1, 1, g.shape[-1]), y.reshape(-1)
+            else:
+                yy = y
+            st["count"].index_add_(0, yy, torch.ones(len(yy), dtype=torch.float64))
+            st["act_sum"].index_add_(0, yy, a.mean(1))
+            st["act_sq"].index_add_(0, yy, a.mean(1) ** 2)
+            st["taylor_sum"].index_add_(0, yy, (a * g).sum(1).abs())
+        stats_close({layer: prof.stats[layer]}, {layer: st}, keys=["count", "act_sum", "act_sq", "taylor_sum"])
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: each error names the function, says what was expected and what came, changes nothing
+
+def test_per_token_labels_need_a_channels_last_layer():
+    x, y = next(iter(small_loader(8, 8)))
+    with pytest.raises(ValueError, match=r"neuslice.profile: (per-token labels|the model output)"):
+        neuslice.profile(trained(), [(x, y.view(2, 4).repeat(4, 1)[:8, :4])], K, metrics=("avg",), progress=False)
+
+
+def test_layer_output_not_batch_first_is_an_error():
+    class SeqFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.head = nn.Linear(8, 6), nn.Linear(6, K)
+
+        def forward(self, x):                         # x [B, 8, 8] → fc sees [T=8, B, 8]
+            return self.head(self.fc(x.squeeze(1).transpose(0, 1)).mean(0))
+
+    x, y = next(iter(small_loader(5, 5)))
+    with pytest.raises(ValueError, match=r"neuslice.profile: layer 'fc' .*gave output \[8, 5, 6\]; "
+                                         r"expected \[B, \.\.\., N\] = \[5, \.\.\., 6\]"):
+        neuslice.profile(SeqFirst(), [(x, y)], K, metrics=("avg",), progress=False)
+
+
+def test_model_without_sliceable_layer_and_unknown_layer_names():
+    head_only = nn.Sequential(nn.Flatten(), nn.Linear(64, K))
+    with pytest.raises(ValueError, match=r"neuslice.profile: no sliceable layer: expected at least one Conv1d/2d/3d "
+                                         r"or Linear module \(other than the head \['1'\]\)"):
+        neuslice.profile(head_only, small_loader(10, 10), K, progress=False)
+    with pytest.raises(ValueError, match=r"neuslice.profile: unknown layer name\(s\) \['nope'\]; expected .*"
+                                         r"'features.0'"):
+        neuslice.profile(trained(), small_loader(10, 10), K, layers=["nope"], progress=False)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(metrics=("avgg",)), r"metrics must be a non-empty subset of \('avg', 'var', 'taylor', 'deeplift', "
+                              r"'ens'\), got \('avgg',\)"),
+    (dict(target="prob"), r"target must be 'logit' or 'loss', got 'prob'"),
+    (dict(tap="before"), r"tap must be 'auto' or 'layer', got 'before'"),
+    (dict(baseline=torch.zeros(3, 3)), r"baseline must be \[1, 8, 8\] or \[1, 1, 8, 8\]"),
+])
+def test_bad_arguments(kw, match):
+    model = trained()
+    with pytest.raises(ValueError, match="neuslice.profile: " + match):
+        neuslice.profile(model, small_loader(10, 10), K, progress=False, **kw)
+    assert _hooks_of(model) == 0
+
+
+def test_non_finite_batch_names_the_layer():
+    model = trained()
+    x, y = next(iter(small_loader(10, 10)))
+    x = x.clone()
+    x[3, 0, 2, 2] = float("nan")
+    with pytest.raises(neuslice.NonFiniteError, match=r"neuslice.profile: layer 'features.0' \(tapped at "
+                                                      r"'features.2'\).*non-finite.*no statistic changed"):
+        neuslice.profile(model, [(x, y)], K, progress=False)
+    with pytest.raises(ValueError, match=r"data must yield \(inputs, labels\) pairs, got tuple of length 3"):
+        neuslice.profile(model, [(x, y, y)], K, progress=False)
+    with pytest.raises(TypeError, match=r"labels must be an integer tensor \(class indices\), got torch.float32"):
+        neuslice.profile(model, [(x, y.float())], K, progress=False)

@@ -1,0 +1,160 @@
+"""neuslice.Profiler inside a training loop: same statistics as profile(target="loss"), gradients untouched."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import neuslice
+import neuslice.models as M
+from slicing_fixtures import F32, loaders, small_loader, stats_close, trained
+
+K = 10
+
+
+def _hooks_of(model):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_profiler_equals_offline_profile_with_loss_target():
+    model = trained()                                  # eval mode, no optimizer step: weights stay fixed
+    loader = small_loader(90, 30)
+    with neuslice.Profiler(model, K, metrics=("avg", "var", "taylor", "deeplift")) as prof:
+        for x, y in loader:
+            with prof.batch(y):
+                F.cross_entropy(model(x), y, reduction="sum").backward()
+    got = prof.profile()
+    assert got.target == "loss" and got.deeplift == "gradient" and got.num_batches == 3
+    want = neuslice.profile(model, loader, K, metrics=("avg", "var", "taylor"), target="loss", progress=False)
+    stats_close(got.stats, want.stats, keys=["count", "act_sum", "act_sq", "taylor_sum"])
+    # gradient × Δ with a zero reference and no baseline: deeplift is taylor
+    stats_close(got.stats, {n: {"deeplift_sum": s["taylor_sum"]} for n, s in got.stats.items()},
+                keys=["deeplift_sum"], rtol=0, atol=0)
+    assert _hooks_of(model) == 0
+
+
+def _train(with_profiler: bool, steps: int = 6):
+    torch.manual_seed(0)
+    model = M.build("digits_cnn", seed=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    prof = neuslice.Profiler(model, K) if with_profiler else None
+    grads = []
+    for i, (x, y) in zip(range(steps), loaders()[0]):
+        opt.zero_grad()
+        if prof is not None:
+            with prof.batch(y):
+                F.cross_entropy(model(x), y).backward()
+        else:
+            F.cross_entropy(model(x), y).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+        opt.step()
+    if prof is not None:
+        prof.close()
+    return model, grads, prof
+
+
+def test_profiler_never_alters_training():
+    m0, g0, _ = _train(False)
+    m1, g1, prof = _train(True)
+    for a, b in zip(g0, g1):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    for (k, v), w in zip(m0.state_dict().items(), m1.state_dict().values()):
+        assert torch.equal(v, w), k
+    p = prof.profile()
+    assert p.num_batches == 6 and float(p.counts.sum()) == 6 * 64
+
+
+def test_only_batch_blocks_are_profiled_and_misuse_is_reported():
+    model = trained()
+    x, y = next(iter(small_loader(20, 20)))
+    prof = neuslice.Profiler(model, K)
+    F.cross_entropy(model(x), y).backward()            # outside a block: ignored
+    assert prof.num_batches == 0
+    with pytest.raises(neuslice.NeusliceError, match=r"Profiler.batch: no gradient reached layer 'features.0'.*"
+                                                     r"call loss.backward\(\) inside the block"):
+        with prof.batch(y):
+            model(x)
+    with pytest.raises(neuslice.NeusliceError, match=r"layer 'features.0' was not tapped"):
+        with prof.batch(y):
+            pass
+    with pytest.raises(ValueError, match=r"neuslice.Profiler.batch: labels must lie in \[0, 10\).*got label -1"):
+        prof.batch(y - 1)
+    with pytest.raises(ValueError, match=r"Profiler.batch: layer 'features.0' .*expected \[B, N, \.\.\.\] = \[7,"):
+        with prof.batch(y[:7]):
+            F.cross_entropy(model(x), y).backward()
+    with prof.batch(y):
+        with pytest.raises(RuntimeError, match="batches do not nest"):
+            prof.batch(y)
+        F.cross_entropy(model(x), y).backward()
+    assert prof.num_batches == 1
+    prof.close()
+    assert _hooks_of(model) == 0
+    with pytest.raises(RuntimeError, match="the profiler is closed"):
+        prof.batch(y)
+
+
+def test_non_finite_batch_changes_nothing():
+    model = trained()
+    x, y = next(iter(small_loader(20, 20)))
+    prof = neuslice.Profiler(model, K)
+    with prof.batch(y):
+        F.cross_entropy(model(x), y).backward()
+    before = {n: {s: v.clone() for s, v in st.items()} for n, st in prof.totals.items()}
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float("inf")
+    with pytest.raises(neuslice.NonFiniteError, match=r"layer 'features.0' \(tapped at 'features.2'\)"):
+        with prof.batch(y):
+            F.cross_entropy(model(bad), y).backward()
+    stats_close(prof.totals, before, rtol=0, atol=0)
+    assert prof.num_batches == 1
+    skip = neuslice.Profiler(model, K, on_nonfinite="skip")
+    with pytest.warns(UserWarning, match="skipped; 1 batch"):
+        with skip.batch(y):
+            F.cross_entropy(model(bad), y).backward()
+    assert skip.skipped == 1 and skip.num_batches == 0
+    prof.close()
+    skip.close()
+
+
+def test_deeplift_with_a_baseline_is_gradient_times_delta():
+    model = trained()
+    loader = small_loader(60, 30)
+    base = torch.zeros(1, 1, 8, 8)
+    with neuslice.Profiler(model, K, metrics=("taylor", "deeplift"), baseline=base) as prof:
+        for x, y in loader:
+            with prof.batch(y):
+                F.cross_entropy(model(x), y, reduction="sum").backward()
+    got = prof.profile().stats
+    mods = dict(model.named_modules())
+    for layer, tap in (("features.0", "features.2"), ("features.4", "features.6")):
+        seen = []
+        h = mods[tap].register_forward_hook(lambda m, a, o: seen.append(o))
+        with torch.no_grad():
+            model(base)
+        r = seen.pop()[0].double()
+        want = torch.zeros(K, r.shape[0], dtype=torch.float64)
+        for x, y in loader:
+            out = model(x)
+            a = seen.pop()
+            g = torch.autograd.grad(F.cross_entropy(out, y, reduction="sum"), a)[0].double()
+            want.index_add_(0, y, ((a.detach().double() - r) * g).sum((2, 3)).abs())
+        h.remove()
+        torch.testing.assert_close(got[layer]["deeplift_sum"], want, **F32)
+        assert not torch.allclose(got[layer]["deeplift_sum"], got[layer]["taylor_sum"])
+    with pytest.raises(ValueError, match=r"neuslice.Profiler: baseline must be one input as a batch of one, "
+                                         r"\[1, \.\.\.\], got \[8, 8\]"):
+        neuslice.Profiler(model, K, metrics=("deeplift",), baseline=torch.zeros(8, 8))
+
+
+def test_per_token_labels_in_a_training_loop():
+    from test_profile import _TokenNet, _token_data
+    model = _TokenNet(pooled=False).eval()
+    data = _token_data(per_token=True)
+    with neuslice.Profiler(model, 4) as prof:
+        for tok, y in data:
+            with prof.batch(y):
+                out = model(tok)
+                F.cross_entropy(out.reshape(-1, 4), y.reshape(-1), reduction="sum").backward()
+    want = neuslice.profile(model, data, 4, metrics=("avg", "var", "taylor"), target="loss", progress=False)
+    assert float(prof.profile().counts.sum()) == 12 * 5
+    stats_close(prof.profile().stats, want.stats, keys=["count", "act_sum", "act_sq", "taylor_sum"])
