@@ -44,9 +44,10 @@ import torch
 import triton
 import triton.language as tl
 
+from neuslice._errors import STATUS_NONFINITE_G, STATUS_NONFINITE_X
+
 __all__ = ["accumulate", "default_config", "STATUS_NONFINITE_X", "STATUS_NONFINITE_G"]
 
-STATUS_NONFINITE_X, STATUS_NONFINITE_G = 1, 2
 _F32_MAX = tl.constexpr(3.4028234663852886e38)  # largest finite float32
 
 

@@ -29,7 +29,7 @@ from typing import Optional
 
 import torch
 
-from neuslice._errors import NonFiniteError
+from neuslice._errors import raise_for_status
 
 try:
     from triton.runtime.interpreter import InterpretedFunction
@@ -95,13 +95,7 @@ def accumulate_(x, grad, ref, labels, channels_last, count, act_sum, act_sq, tay
         status = _acc.accumulate(x, grad, ref, labels, channels_last, count, act_sum, act_sq, taylor_sum,
                                  deeplift_sum, interpret=INTERPRETED)
     code = 0 if status is None else int(status.item())
-    if code & _acc.STATUS_NONFINITE_X:
-        raise NonFiniteError("neuslice.accumulate_: non-finite value in x; no statistic was changed")
-    if code & _acc.STATUS_NONFINITE_G:
-        raise NonFiniteError("neuslice.accumulate_: non-finite value in grad (or in x*grad); "
-                             "no statistic was changed")
-    if code:
-        raise RuntimeError(f"neuslice.accumulate_: triton kernel failed with status {code}")
+    raise_for_status("accumulate_", code, "triton", num_classes=count.shape[0])
 
 
 def select(scores, theta):

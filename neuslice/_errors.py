@@ -11,3 +11,22 @@ class NonFiniteError(NeusliceError, ValueError):
 
 class BackendError(NeusliceError, RuntimeError):
     """A forced backend cannot run this call; the message lists every backend and why."""
+
+
+# Kernel status bits, as csrc/include/neuslice/common.h defines them (the Triton kernels use the same).
+STATUS_NONFINITE_X, STATUS_NONFINITE_G, STATUS_BAD_LABEL, STATUS_BAD_SCORE = 1, 2, 4, 8
+
+
+def raise_for_status(op: str, status: int, backend: str, *, num_classes: int = 0) -> None:
+    """Turn a kernel's status word into the op's error (nothing was changed when it is nonzero)."""
+    if status == 0:
+        return
+    if status & STATUS_BAD_LABEL:
+        raise ValueError(f"neuslice.{op}: labels must lie in [0, {num_classes}); no statistic was changed")
+    if status & STATUS_NONFINITE_X:
+        raise NonFiniteError(f"neuslice.{op}: non-finite value in x; no statistic was changed")
+    if status & STATUS_NONFINITE_G:
+        raise NonFiniteError(f"neuslice.{op}: non-finite value in grad (or in x*grad); no statistic was changed")
+    if status & STATUS_BAD_SCORE:
+        raise ValueError(f"neuslice.{op}: scores must be finite and non-negative")
+    raise RuntimeError(f"neuslice.{op}: {backend} kernel failed with status {status}")

@@ -12,13 +12,12 @@ from typing import Optional
 import torch  # noqa: F401  (before _C: torch's libgomp then serves the kernels too)
 
 from . import _C
-from ._errors import NonFiniteError
+from ._errors import raise_for_status
 from .reference import topk_count
 
 __all__ = ["refuse", "accumulate_", "select", "select_topk", "masked_sgd_", "masked_adamw_", "DTYPE_CODES"]
 
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
-_STATUS_NONFINITE_X, _STATUS_NONFINITE_G, _STATUS_BAD_LABEL, _STATUS_BAD_SCORE = 1, 2, 4, 8
 
 
 def _ptr(t: Optional[torch.Tensor]) -> int:
@@ -75,51 +74,30 @@ def accumulate_(x, grad, ref, labels, channels_last, count, act_sum, act_sq, tay
         _ptr(x), _ptr(grad), _ptr(ref), _ptr(labels), DTYPE_CODES[x.dtype], b, n, s, count.shape[0],
         bool(channels_last), per_token, xs, gs, rs, ls, tuple(_ptr(t) for t in stats),
         torch.get_num_threads())
-    _raise_accumulate(status, count.shape[0])
+    raise_for_status("accumulate_", status, "cpu", num_classes=count.shape[0])
 
 
-def _raise_accumulate(status: int, k: int) -> None:
-    if status == 0:
-        return
-    if status & _STATUS_BAD_LABEL:
-        raise ValueError(f"neuslice.accumulate_: labels must lie in [0, {k}); no statistic was changed")
-    if status & _STATUS_NONFINITE_X:
-        raise NonFiniteError("neuslice.accumulate_: non-finite value in x; no statistic was changed")
-    if status & _STATUS_NONFINITE_G:
-        raise NonFiniteError("neuslice.accumulate_: non-finite value in grad (or in x*grad); "
-                             "no statistic was changed")
-    raise RuntimeError(f"neuslice.accumulate_: cpu kernel failed with status {status}")
-
-
-def _scores_for_kernel(scores: torch.Tensor) -> torch.Tensor:
+def scores_for_kernel(scores: torch.Tensor) -> torch.Tensor:
     # f16/bf16 scores are upcast exactly to float32 (a [R, N] copy, small beside the activations).
     return scores if scores.dtype in (torch.float32, torch.float64) else scores.float()
 
 
-def _raise_select(op: str, status: int) -> None:
-    if status == 0:
-        return
-    if status & _STATUS_BAD_SCORE:
-        raise ValueError(f"neuslice.{op}: scores must be finite and non-negative")
-    raise RuntimeError(f"neuslice.{op}: cpu kernel failed with status {status}")
-
-
 def select(scores, theta):
-    s = _scores_for_kernel(scores)
+    s = scores_for_kernel(scores)
     out = torch.empty(s.shape, dtype=torch.bool)
     status = _C.select_cumulative_cpu(_ptr(s), DTYPE_CODES[s.dtype], s.shape[0], s.shape[1], s.stride(0),
                                       s.stride(1), _ptr(out), float(theta), torch.get_num_threads())
-    _raise_select("select", status)
+    raise_for_status("select", status, "cpu")
     return out
 
 
 def select_topk(scores, ratio):
-    s = _scores_for_kernel(scores)
+    s = scores_for_kernel(scores)
     out = torch.empty(s.shape, dtype=torch.bool)
     k = topk_count(ratio, s.shape[1])
     status = _C.select_topk_cpu(_ptr(s), DTYPE_CODES[s.dtype], s.shape[0], s.shape[1], s.stride(0),
                                 s.stride(1), _ptr(out), k, torch.get_num_threads())
-    _raise_select("select_topk", status)
+    raise_for_status("select_topk", status, "cpu")
     return out
 
 
@@ -134,8 +112,7 @@ def masked_sgd_(param, grad, momentum_buf, mask, lr, momentum, weight_decay):
     rows, cols, per_row = _param_view(param, mask)
     status = _C.masked_sgd_cpu(_ptr(param), _ptr(grad), _ptr(mask), DTYPE_CODES[param.dtype], rows, cols, per_row,
                                _ptr(momentum_buf), lr, momentum, weight_decay, torch.get_num_threads())
-    if status:
-        raise RuntimeError(f"neuslice.masked_sgd_: cpu kernel failed with status {status}")
+    raise_for_status("masked_sgd_", status, "cpu")
 
 
 def masked_adamw_(param, grad, exp_avg, exp_avg_sq, mask, lr, beta1, beta2, eps, weight_decay, step):
@@ -143,5 +120,4 @@ def masked_adamw_(param, grad, exp_avg, exp_avg_sq, mask, lr, beta1, beta2, eps,
     status = _C.masked_adamw_cpu(_ptr(param), _ptr(grad), _ptr(mask), DTYPE_CODES[param.dtype], rows, cols,
                                  per_row, _ptr(exp_avg), _ptr(exp_avg_sq), lr, beta1, beta2, eps, weight_decay,
                                  int(step), torch.get_num_threads())
-    if status:
-        raise RuntimeError(f"neuslice.masked_adamw_: cpu kernel failed with status {status}")
+    raise_for_status("masked_adamw_", status, "cpu")

@@ -16,13 +16,12 @@ from typing import Optional, Tuple
 import torch
 
 from . import _C
-from ._errors import NonFiniteError
+from ._errors import raise_for_status
+from ._native import DTYPE_CODES, scores_for_kernel
 from .reference import topk_count
 
 __all__ = ["refuse", "accumulate_", "select", "select_topk", "scratch_bytes", "DTYPE_CODES"]
 
-DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
-_STATUS_NONFINITE_X, _STATUS_NONFINITE_G, _STATUS_BAD_LABEL, _STATUS_BAD_SCORE = 1, 2, 4, 8
 _SCRATCH_OFFSET = 256  # the kernels' scratch starts here in the per-call buffer; the status is at 0
 _INT32_MAX = 2**31 - 1
 _OPS = ("accumulate_", "select", "select_topk")
@@ -141,29 +140,11 @@ def accumulate_(x, grad, ref, labels, channels_last, count, act_sum, act_sq, tay
         rc = _C.accumulate_cuda(*args, base + _SCRATCH_OFFSET, nbytes, base, stream, dev.index)
         _check_launch("accumulate_", rc, "no statistic was changed")
         status = int(buf[:4].view(torch.int32).item())
-    _raise_accumulate(status, count.shape[0])
-
-
-def _raise_accumulate(status: int, k: int) -> None:
-    if status == 0:
-        return
-    if status & _STATUS_BAD_LABEL:
-        raise ValueError(f"neuslice.accumulate_: labels must lie in [0, {k}); no statistic was changed")
-    if status & _STATUS_NONFINITE_X:
-        raise NonFiniteError("neuslice.accumulate_: non-finite value in x; no statistic was changed")
-    if status & _STATUS_NONFINITE_G:
-        raise NonFiniteError("neuslice.accumulate_: non-finite value in grad (or in x*grad); "
-                             "no statistic was changed")
-    raise RuntimeError(f"neuslice.accumulate_: cuda kernel failed with status {status}")
-
-
-def _scores_for_kernel(scores: torch.Tensor) -> torch.Tensor:
-    # f16/bf16 scores are upcast exactly to float32 (a [R, N] copy, small beside the activations).
-    return scores if scores.dtype in (torch.float32, torch.float64) else scores.float()
+    raise_for_status("accumulate_", status, "cuda", num_classes=count.shape[0])
 
 
 def _select(op: str, scores: torch.Tensor, theta: float, k: int) -> torch.Tensor:
-    s = _scores_for_kernel(scores)
+    s = scores_for_kernel(scores)
     dev = s.device
     with torch.cuda.device(dev):
         stream = torch.cuda.current_stream(dev).cuda_stream
@@ -176,10 +157,7 @@ def _select(op: str, scores: torch.Tensor, theta: float, k: int) -> torch.Tensor
             rc = _C.select_topk_cuda(*args, int(k), _ptr(status), stream, dev.index)
         _check_launch(op, rc, "no selection was made")
         st = int(status.item())
-    if st & _STATUS_BAD_SCORE:
-        raise ValueError(f"neuslice.{op}: scores must be finite and non-negative")
-    if st:
-        raise RuntimeError(f"neuslice.{op}: cuda kernel failed with status {st}")
+    raise_for_status(op, st, "cuda")
     return out
 
 
