@@ -104,6 +104,8 @@ class Table:
             comp, ref = self._baseline(r, "composite"), self._baseline(r, "reference")
             pct = "" if r.gbs is None else f"{100 * r.gbs / copy_bandwidth(r.threads):.0f}%"
             sp = "" if comp is None or r.impl == "composite" else f"{comp.ms / r.ms:.1f}x"
+            if r.impl == "read-bound" and comp is not None:
+                sp += " (ceiling)"
             sr = "" if ref is None or r.impl == "reference" else f"{ref.ms / r.ms:.1f}x"
             gbs = "" if r.gbs is None else f"{r.gbs:.1f}"
             lines.append(f"| {r.op} | {r.case} | {r.impl} | {r.threads} | {r.ms:.2f} | {gbs} | {pct} | {sp} | {sr} |")

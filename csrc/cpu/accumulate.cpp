@@ -201,7 +201,9 @@ template <typename T, bool HasG, bool HasR, bool Unit>
 void rows_by_class(const AccumulateArgs& a, const int32_t* lab, const std::vector<int64_t>& order,
                    Scratch<typename Elem<T>::acc>& sc, int64_t n0, int64_t n1) {
   using Acc = typename Elem<T>::acc;
-  constexpr int64_t kBlock = 1024;  // 4 accumulators of 1024 floats: 16 KiB, in L1
+  // Column blocks of 4096 (4 accumulators: 64 KiB, L2): measured on linear B=1024 N=4096, 1 thread,
+  // median of 20: 2.7 ms against 3.3 ms for 1024-wide blocks (which re-walk every row 4 times).
+  constexpr int64_t kBlock = 4096;
   const int64_t S = a.per_token ? a.S : 1, nrows = static_cast<int64_t>(order.size());
   std::vector<Acc> buf(4 * kBlock);
   Acc *a0 = buf.data(), *a1 = a0 + kBlock, *a2 = a1 + kBlock, *a3 = a2 + kBlock;
