@@ -17,6 +17,8 @@ from ._errors import BackendError, NeusliceError, NonFiniteError
 from ._info import backend_info
 from ._io import FileFormatError, SignatureError
 from ._profiler import Profiler
+from . import maintain
+from .maintain import RestructuredModel, TaskAwareModel, compress, finetune, incremental, readapt, restructure
 from .metrics import METRICS
 from .profile import profile
 from .slices import Profile, Slices
@@ -25,4 +27,5 @@ from .slicing import category_slice, global_slice, semantic_slice
 __version__ = "0.1.0"
 __all__ = ["ops", "backend_info", "NeusliceError", "NonFiniteError", "BackendError", "FileFormatError",
            "SignatureError", "profile", "Profiler", "Profile", "Slices", "METRICS", "global_slice",
-           "category_slice", "semantic_slice", "__version__"]
+           "category_slice", "semantic_slice", "maintain", "restructure", "finetune", "compress", "readapt",
+           "incremental", "RestructuredModel", "TaskAwareModel", "__version__"]

@@ -1,0 +1,258 @@
+"""Pieces the maintenance operators share: argument checks, label checks, the masked training loop
+(every optimizer step goes through ``neuslice.ops.masked_sgd_`` / ``masked_adamw_``), norm-statistics
+guards and accuracy.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import ops
+from .._graph import NORMS, LayerInfo, Plan, discover
+from .._io import check_model
+from ..profile import call_model
+from ..slices import Slices
+
+__all__ = ["check_module", "check_slices", "plan_of", "head_module", "check_labels", "fit_masked", "NormGuard",
+           "param_count", "evaluate", "check_positive", "check_training", "chain_norms", "rebind",
+           "restricted_predict"]
+
+
+def check_module(fn: str, model) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{fn}: model must be a torch.nn.Module, got {type(model).__name__}")
+
+
+def check_slices(fn: str, slices, model: nn.Module) -> None:
+    """``slices`` must be a :class:`Slices` made for ``model`` (SignatureError naming the layer otherwise)."""
+    if not isinstance(slices, Slices):
+        raise TypeError(f"{fn}: slices must be a neuslice.Slices, got {type(slices).__name__}")
+    check_model(fn, slices.layers, model)
+
+
+def check_positive(fn: str, name: str, value, *, integer: bool = False, zero: bool = False) -> None:
+    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+    ok = ok and not isinstance(value, bool) and math.isfinite(value) and (value >= 0 if zero else value > 0)
+    if not ok:
+        kind = "an int" if integer else "a finite number"
+        raise ValueError(f"{fn}: {name} must be {kind} {'>= 0' if zero else '> 0'}, got {value!r}")
+
+
+def check_training(fn: str, epochs, lr, optimizer) -> None:
+    check_positive(fn, "epochs", epochs, integer=True)
+    check_positive(fn, "lr", lr)
+    if optimizer not in ("sgd", "adamw"):
+        raise ValueError(f"{fn}: optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
+
+
+def rebind(plan: Plan, module: nn.Module) -> List[LayerInfo]:
+    """Copies of ``plan.layers`` whose ``module`` is the same-named module of ``module`` (a deep copy)."""
+    mods = dict(module.named_modules())
+    infos = [copy.copy(i) for i in plan.layers]
+    for info in infos:
+        info.module = mods[info.name]
+    return infos
+
+
+def plan_of(fn: str, slices: Slices, model: nn.Module) -> Plan:
+    """The sliced layers of ``model`` named by ``slices``, with chains and consumers (see ``_graph``)."""
+    return discover(model, slices.layer_names, fn=fn)
+
+
+def head_module(fn: str, plan: Plan, model: nn.Module, num_classes: int) -> Tuple[str, nn.Linear]:
+    """The classifier head: the one Linear whose output is the model's output, with ``num_classes`` rows."""
+    modules = dict(model.named_modules())
+    heads = [h for h in plan.heads if isinstance(modules[h], nn.Linear)]
+    if len(heads) != 1:
+        raise ValueError(f"{fn}: expected one Linear classifier head producing the logits, found {heads or 'none'} "
+                         f"(trace: {plan.trace_error or 'ok'})")
+    head = modules[heads[0]]
+    if head.out_features != num_classes:
+        raise ValueError(f"{fn}: the head {heads[0]!r} has {head.out_features} outputs but the slices have "
+                         f"{num_classes} classes")
+    return heads[0], head
+
+
+def chain_norms(plan: Plan, model: nn.Module) -> Dict[str, Tuple[str, nn.Module]]:
+    """``{norm module name: (sliced layer name, module)}`` for the BatchNorms in the sliced layers' chains."""
+    modules = dict(model.named_modules())
+    out = {}
+    for info in plan.layers:
+        for name in info.chain[1:]:
+            m = modules[name]
+            if isinstance(m, NORMS) and m.num_features == info.n:
+                out[name] = (info.name, m)
+    return out
+
+
+def check_labels(fn: str, data: Iterable, allowed: Optional[Sequence[int]], what: str) -> List[int]:
+    """Iterate ``data`` once: it must yield ``(inputs, labels int [B])`` with every label in ``allowed``
+    (None: any label >= 0). Returns the sorted labels present."""
+    allowed_t = None if allowed is None else torch.as_tensor(sorted(set(int(a) for a in allowed)), dtype=torch.int64)
+    seen, n = set(), 0
+    for batch in data:
+        if not (isinstance(batch, (list, tuple)) and len(batch) == 2 and isinstance(batch[1], Tensor)):
+            raise ValueError(f"{fn}: {what} must yield (inputs, labels) pairs with labels an int64 tensor [B], "
+                             f"got {type(batch).__name__}")
+        y = batch[1]
+        if y.dtype.is_floating_point or y.dtype == torch.bool or y.dim() != 1:
+            raise ValueError(f"{fn}: {what} labels must be an integer tensor [B], got {y.dtype} {list(y.shape)}")
+        bad = (y.long().cpu() < 0) if allowed_t is None else ~torch.isin(y.long().cpu(), allowed_t)
+        if bool(bad.any()):
+            raise ValueError(f"{fn}: {what} has label {int(y[bad][0])}, outside the declared classes "
+                             f"{'>= 0' if allowed_t is None else allowed_t.tolist()}")
+        seen |= set(y.tolist())
+        n += y.numel()
+    if n == 0:
+        raise ValueError(f"{fn}: {what} yielded no sample")
+    return sorted(seen)
+
+
+def param_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+class NormGuard:
+    """During training, frozen BatchNorm channels compute as in eval mode and keep their running statistics
+    bit-identical.
+
+    ``frozen``: ``{norm module: bool [C]}`` (True = frozen channel; a norm not named is all frozen). A norm
+    whose channels are all frozen runs in eval mode. A mixed one trains; a forward hook replaces its frozen
+    channels' output by the eval-mode normalisation with their (unchanged) running statistics, so what the
+    trainable parts learn from sees the frozen channels as inference will; :meth:`restore` copies the frozen
+    channels' ``running_mean``/``running_var`` and ``num_batches_tracked`` back after each step.
+    """
+
+    def __init__(self, model: nn.Module, frozen: Dict[nn.Module, Tensor]):
+        self.saved = []
+        self._handles = []
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+                f = frozen.get(m, torch.ones(m.num_features, dtype=torch.bool)).to(m.running_mean.device)
+                bufs = {k: getattr(m, k).detach().clone() for k in ("running_mean", "running_var", "num_batches_tracked")
+                        if getattr(m, k, None) is not None}
+                self.saved.append((m, f, bufs))
+
+    def train_mode(self) -> None:
+        for m, f, bufs in self.saved:
+            if bool(f.all()):
+                m.eval()
+            elif bool(f.any()):
+                self._handles.append(m.register_forward_hook(self._hook(f, bufs)))
+
+    @staticmethod
+    def _hook(frozen: Tensor, bufs: Dict[str, Tensor]):
+        def hook(m, args, out):
+            if not m.training:
+                return None
+            ev = F.batch_norm(args[0], bufs["running_mean"], bufs["running_var"], m.weight, m.bias, False, 0.0, m.eps)
+            return torch.where(frozen.view(1, -1, *([1] * (out.dim() - 2))), ev, out)
+        return hook
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for m, f, bufs in self.saved:
+            for k, v in bufs.items():
+                b = getattr(m, k)
+                b.copy_(v if k == "num_batches_tracked" else torch.where(f, v, b))
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+def _step(opt: str, p: Tensor, mask: Tensor, state: dict, lr: float, momentum: float, weight_decay: float,
+          step: int) -> None:
+    g = p.grad
+    if opt == "sgd":
+        buf = state.setdefault("buf", torch.zeros_like(p))
+        ops.masked_sgd_(p.data, g, buf, mask, lr, momentum, weight_decay)
+    else:
+        ea = state.setdefault("exp_avg", torch.zeros_like(p))
+        eas = state.setdefault("exp_avg_sq", torch.zeros_like(p))
+        ops.masked_adamw_(p.data, g, ea, eas, mask, lr, 0.9, 0.999, 1e-8, weight_decay, step)
+
+
+def fit_masked(model: nn.Module, data: Iterable, masks: Dict[str, Optional[Tensor]], *, epochs: int, lr: float,
+               optimizer: str = "adamw", momentum: float = 0.9, weight_decay: float = 0.0,
+               loss_fn: Callable[[nn.Module, object, Tensor], Tensor] = None,
+               frozen_norms: Optional[Dict[nn.Module, Tensor]] = None, seed: int = 0) -> int:
+    """Train ``model`` in place; returns the number of optimizer steps.
+
+    ``masks``: ``{parameter name: bool mask}`` with the mask ``[param.shape[0]]`` (per neuron),
+    ``param.shape`` (per weight) or None (all trainable). Parameters not named are frozen: no step at all.
+    Every step is ``ops.masked_sgd_`` or ``ops.masked_adamw_``, so frozen entries and their optimizer
+    state never move. ``loss_fn(model, inputs, labels)`` gives the scalar loss (cross-entropy by default).
+    ``frozen_norms``: see :class:`NormGuard`; None freezes nothing.
+    """
+    params = dict(model.named_parameters())
+    full = {n: (torch.ones(params[n].shape[0], dtype=torch.bool, device=params[n].device) if m is None
+                else m.to(params[n].device)) for n, m in masks.items()}
+    train = {n: m for n, m in full.items() if bool(m.any())}
+    flags = {n: p.requires_grad for n, p in params.items()}
+    guard = NormGuard(model, frozen_norms) if frozen_norms is not None else None
+    loss_fn = loss_fn or (lambda mod, x, y: F.cross_entropy(call_model(mod, x), y))
+    states: Dict[str, dict] = {n: {} for n in train}
+    steps = 0
+    try:
+        for n, p in params.items():
+            p.requires_grad_(n in train)
+        model.train()
+        if guard is not None:
+            guard.train_mode()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for _ in range(epochs):
+                for x, y in data:
+                    for p in params.values():
+                        p.grad = None
+                    loss_fn(model, x, y).backward()
+                    steps += 1
+                    for n, m in train.items():
+                        if params[n].grad is not None:
+                            _step(optimizer, params[n], m, states[n], lr, momentum, weight_decay, steps)
+                    if guard is not None:
+                        guard.restore()
+    finally:
+        if guard is not None:
+            guard.remove()
+        for n, p in params.items():
+            p.requires_grad_(flags[n])
+            p.grad = None
+        model.eval()
+    return steps
+
+
+@torch.no_grad()
+def evaluate(predict: Callable[[object], Tensor], data: Iterable, classes: Optional[Sequence[int]] = None) -> float:
+    """Top-1 accuracy of ``predict(inputs) -> int64 [B]`` class ids over ``data`` (only samples whose label is
+    in ``classes`` when given). Raises when no sample counts."""
+    correct = total = 0
+    keep_cls = None if classes is None else torch.as_tensor(sorted(set(int(c) for c in classes)))
+    for x, y in data:
+        pred = predict(x).cpu()
+        if keep_cls is not None:
+            keep = torch.isin(y, keep_cls)
+            pred, y = pred[keep], y[keep]
+        correct += int((pred == y).sum())
+        total += int(y.numel())
+    if total == 0:
+        raise ValueError("neuslice.maintain.evaluate: no sample to score" +
+                         ("" if classes is None else f" with a label in {sorted(set(classes))}"))
+    return correct / total
+
+
+def restricted_predict(model: nn.Module, classes: Sequence[int]) -> Callable[[object], Tensor]:
+    """``x -> class id``: argmax of ``model(x)`` over the logits of ``classes`` only (int64 ``[B]``)."""
+    cls = torch.as_tensor(sorted(set(int(c) for c in classes)))
+
+    def predict(x):
+        out = model(x)
+        return cls.to(out.device)[out[..., cls.to(out.device)].argmax(-1)]
+    return predict

@@ -1,0 +1,136 @@
+"""Physical removal of neurons through Torch-Pruning's dependency graph.
+
+We decide which neurons go (the slice); Torch-Pruning finds what is coupled to them and cuts it.
+Before cutting, each dependency group is checked against what mask mode computes: a group may only
+reach modules whose per-channel computation maps a zeroed channel to "absent" (Conv/Linear reading
+it, BatchNorm of the layer's own chain, elementwise ops, concat, reshape/flatten, PReLU). A group
+that reaches a LayerNorm, GroupNorm, InstanceNorm, attention, embedding, LSTM, bare parameter or a
+Conv/Linear that is not sliced would make the physical model compute something else: that is an error
+naming the layer and the module, suggesting to exclude the layer. After cutting, the physical model's
+logits are compared with mask mode on the example inputs as a final check.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Dict, List, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .._graph import Plan
+from ..profile import call_model
+
+__all__ = ["physical"]
+
+_TOL = dict(rtol=1e-3, atol=1e-4)   # structural check: a wrong removal moves logits by O(1), rounding by ~1e-6
+
+
+def _tp():
+    try:
+        import torch_pruning as tp
+    except ImportError as e:  # pragma: no cover - a declared runtime dependency
+        raise ImportError("neuslice.restructure: physical mode needs torch-pruning "
+                          "(pip install torch-pruning==1.6.1)") from e
+    return tp
+
+
+_REFUSED = {
+    "LN": "normalises across channels (a zeroed channel still counts in its mean and variance)",
+    "GN": "normalises across channels (a zeroed channel still counts in its group statistics)",
+    "IN": "maps a zeroed channel to its bias, not to zero",
+    "MHA": "mixes channels across attention heads",
+    "EMBED": "is an embedding table added to the channels",
+    "LSTM": "is a recurrent layer the dependency graph cannot cut safely",
+    "PARAMETER": "is a bare nn.Parameter applied to the channels",
+    "CUSTOMIZED": "is a custom module the dependency graph cannot cut",
+}
+
+
+def _refuse(fn: str, layer: str, what: str, reason: str) -> None:
+    raise ValueError(f"{fn}: cannot remove the neurons of layer {layer!r} physically: they reach {what}, which "
+                     f"{reason}. Exclude {layer!r} from the sliced layers (neuslice.profile(..., layers=...)) "
+                     "or use mode='mask'")
+
+
+def _build(fn: str, tp, module: nn.Module, example_inputs):
+    try:
+        with torch.enable_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return tp.DependencyGraph().build_dependency(module, example_inputs=example_inputs, verbose=False)
+    except Exception as e:
+        raise ValueError(f"{fn}: Torch-Pruning could not build the model's dependency graph "
+                         f"({type(e).__name__}: {e}); use mode='mask'") from None
+
+
+def _check_group(fn, tp, group, root: str, removed: Dict[str, List[int]], names, own_norms) -> List[str]:
+    """Raise if the group would make physical differ from mask mode; returns the sliced layers it cuts."""
+    T = tp.ops.OPTYPE
+    dg = group._DG
+    cut = []
+    layers_first = sorted(group, key=lambda item: item[0].target.type not in (T.CONV, T.LINEAR, T.DEPTHWISE_CONV))
+    for dep, idxs in layers_first:
+        node, mod = dep.target, dep.target.module
+        kind = node.type.name
+        name = names.get(mod, kind.lower())
+        plain = sorted(int(i) for i in tp._helpers.to_plain_idxs(idxs))
+        if kind in _REFUSED:
+            _refuse(fn, root, f"{type(mod).__name__} {name!r}", _REFUSED[kind])
+        if node.type in (T.CONV, T.LINEAR, T.DEPTHWISE_CONV) and dg.is_out_channel_pruning_fn(dep.handler):
+            if name not in removed:
+                _refuse(fn, root, f"{type(mod).__name__} {name!r} (its output channels are coupled to them)",
+                        "is not among the sliced layers, so mask mode would keep those channels")
+            if plain != removed[name]:
+                _refuse(fn, root, f"{name!r}, whose channels are coupled to them but whose slice differs",
+                        "needs the same slice (profile the model so the coupling is recorded)")
+            cut.append(name)
+        if node.type == T.BN and name not in own_norms:
+            _refuse(fn, root, f"BatchNorm {name!r} outside its layer's chain",
+                    "maps a zeroed channel to a non-zero value")
+    return cut
+
+
+def _prune_layers(fn, tp, dg, module, plan: Plan, keep: Dict[str, Tensor]) -> None:
+    mods = dict(module.named_modules())
+    names = {m: n for n, m in mods.items()}
+    removed = {i.name: torch.nonzero(~keep[i.name].cpu()).flatten().tolist() for i in plan.layers}
+    own_norms = {n for i in plan.layers for n in i.chain[1:]}
+    done = set()
+    for info in plan.layers:
+        if info.name in done or not removed[info.name]:
+            continue
+        layer = mods[info.name]
+        if layer not in dg.module2node:
+            _refuse(fn, info.name, "no node of the traced graph", "the dependency graph cannot see")
+        prune_fn = tp.prune_linear_out_channels if isinstance(layer, nn.Linear) else tp.prune_conv_out_channels
+        group = dg.get_pruning_group(layer, prune_fn, idxs=removed[info.name])
+        done.update(_check_group(fn, tp, group, info.name, removed, names, own_norms))
+        group.prune()
+
+
+def _cut_head(tp, dg, module, head_name: str, classes: Sequence[int]) -> None:
+    head = dict(module.named_modules())[head_name]
+    drop = [k for k in range(head.out_features) if k not in set(classes)]
+    if drop:
+        dg.get_pruning_group(head, tp.prune_linear_out_channels, idxs=drop).prune()
+    # classes are sorted (Slices.class_indices), and the kept rows stay in order: output i is classes[i]
+
+
+def physical(fn: str, model: nn.Module, plan: Plan, keep: Dict[str, Tensor], classes: Sequence[int],
+             example_inputs, masked: nn.Module) -> nn.Module:
+    """A pruned deep copy of ``model`` keeping the neurons ``keep`` (``{layer: bool [N]}``) and the head rows
+    ``classes`` (sorted); checked against ``masked`` (the mask-mode model) on ``example_inputs``."""
+    tp = _tp()
+    module = copy.deepcopy(model).eval()
+    dg = _build(fn, tp, module, example_inputs)
+    _prune_layers(fn, tp, dg, module, plan, keep)
+    _cut_head(tp, dg, module, plan.heads[0], classes)
+    module.eval()
+    with torch.no_grad():
+        got, want = call_model(module, example_inputs), call_model(masked, example_inputs)
+    if got.shape != want.shape or not torch.allclose(got, want, **_TOL):
+        diff = (got - want).abs().max().item() if got.shape == want.shape else f"shape {list(got.shape)}"
+        raise ValueError(f"{fn}: the physically restructured model disagrees with mask mode on example_inputs "
+                         f"(max difference {diff}); a layer's coupling is not what the dependency graph assumed. "
+                         f"Exclude the layers feeding non-channelwise operations from the slices, or use mode='mask'")
+    return module

@@ -1,0 +1,279 @@
+"""Incremental development: learn new classes in non-critical neurons (SPEC §6).
+
+Frozen: the critical neurons of every old class (task A). Free: every other neuron of the sliced
+layers. Training on task B changes a weight ``W[out, in]`` only where ``out`` or ``in`` is a free neuron
+(per-weight masks through ``ops.masked_adamw_`` / ``masked_sgd_``), plus the head rows of the new
+classes; frozen BatchNorm channels keep their running statistics bit-identical.
+
+Inference is task-aware (:class:`TaskAwareModel`): ``task=A`` zeroes every free neuron and restricts
+the logits to A; ``task=B`` uses every neuron and restricts the logits to B; ``task=None`` uses every
+neuron and all logits. Since under ``task=A`` every changed weight multiplies a zero or feeds a zeroed
+neuron, task-A predictions are bit-identical before and after learning B.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from .._graph import LAYER_TYPES, LayerInfo
+from .._hooks import ChainHooks
+from ..profile import call_model
+from ..slices import Slices
+from . import _common as C
+
+__all__ = ["TaskAwareModel", "IncrementalReport", "incremental", "free_weight_masks", "task_loss"]
+
+
+class TaskAwareModel(nn.Module):
+    """``forward(x, task=None)``: logits ``[B, |classes of task|]`` (output ``i`` is class
+    ``tasks[task][i]``), or all ``[B, K]`` logits with every neuron for ``task=None``.
+
+    Attributes: module (the network), tasks ``{name: sorted class ids}``, masked_task (the task whose free
+    neurons are zeroed), class_names.
+    """
+
+    def __init__(self, module: nn.Module, infos: List[LayerInfo], keep: Dict[str, Tensor],
+                 tasks: Dict[str, List[int]], masked_task: str, class_names: Sequence[str]):
+        super().__init__()
+        self.module = module
+        self.tasks = {k: list(v) for k, v in tasks.items()}
+        self.masked_task = masked_task
+        self.class_names = list(class_names)
+        self._infos = infos
+        for i, info in enumerate(infos):
+            self.register_buffer(f"_keep{i}", keep[info.name].clone())
+
+    def _zero(self, i: int, t: Tensor) -> Tensor:
+        m = getattr(self, f"_keep{i}").to(t.dtype)
+        if isinstance(self._infos[i].module, nn.Linear):
+            return t * m
+        return t * m.view(1, -1, *([1] * (t.dim() - 2)))
+
+    def _classes(self, task) -> Tensor:
+        if task not in self.tasks:
+            raise ValueError(f"neuslice.TaskAwareModel: unknown task {task!r}; expected one of "
+                             f"{list(self.tasks)} or None")
+        return torch.as_tensor(self.tasks[task], dtype=torch.int64)
+
+    def forward(self, x, task=None) -> Tensor:
+        if task is None:
+            return call_model(self.module, x)
+        cls = self._classes(task)
+        if task != self.masked_task:
+            out = call_model(self.module, x)
+        else:
+            hooks = ChainHooks(self.module, self._infos, self._zero, point="end")
+            try:
+                out = call_model(self.module, x)
+            finally:
+                hooks.remove()
+        return out[..., cls.to(out.device)]
+
+    @torch.no_grad()
+    def predict(self, x, task=None) -> Tensor:
+        """Class ids int64 ``[B]`` of the argmax under ``task``."""
+        out = self.forward(x, task=task)
+        idx = out.argmax(-1)
+        return idx if task is None else self._classes(task).to(idx.device)[idx]
+
+
+@dataclass
+class IncrementalReport:
+    """Numbers of one :func:`incremental` run; accuracies are fractions (None where no data was given)."""
+    old_classes: List[int]
+    new_classes: List[int]
+    theta: float
+    free_fraction: float
+    trainable_params: int
+    total_params: int
+    steps: int
+    replayed: int
+    task_a_acc_before: Optional[float]
+    task_a_acc_after: Optional[float]
+    task_b_acc_before: Optional[float]
+    task_b_acc_after: Optional[float]
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _in_mask(consumer: nn.Module, free: Tensor, cols: int) -> Optional[Tensor]:
+    """Weight-shaped bool mask of ``consumer``'s entries that read a free neuron (None if it reads elsewhere)."""
+    w = consumer.weight
+    if isinstance(consumer, nn.Linear):
+        v = free.repeat_interleave(cols)
+        return v.view(1, -1).expand(w.shape).clone() if v.numel() == w.shape[1] else None
+    if free.numel() != consumer.in_channels:
+        return None
+    m = torch.zeros(w.shape, dtype=torch.bool)
+    in_per, out_per = consumer.in_channels // consumer.groups, consumer.out_channels // consumer.groups
+    for g in range(consumer.groups):
+        sel = free[g * in_per:(g + 1) * in_per].view(1, -1, *([1] * (w.dim() - 2)))
+        m[g * out_per:(g + 1) * out_per] |= sel
+    return m
+
+
+def free_weight_masks(fn: str, model: nn.Module, slices: Slices, old: List[int], new: List[int]
+                      ) -> Tuple[Dict[str, Tensor], Dict[nn.Module, Tensor], Dict[str, Tensor]]:
+    """The SPEC §6 weight-level rule: ``({param name: bool mask, param.shape}, {chain norm: frozen [C]},
+    {layer: frozen neurons [N]})`` for training new classes ``new`` with the critical neurons of ``old`` frozen."""
+    plan = C.plan_of(fn, slices, model)
+    head_name, head = C.head_module(fn, plan, model, slices.num_classes)
+    frozen = {n: m.cpu() for n, m in slices.mask(old).items()}
+    modules = dict(model.named_modules())
+    out_free = {i.name: ~frozen[i.name] for i in plan.layers}
+    rows = torch.zeros(head.out_features, dtype=torch.bool)
+    rows[new] = True
+    out_free[head_name] = rows
+    in_free: Dict[str, Tensor] = {}
+    for info in plan.layers:
+        for cname, cols in info.consumers:
+            m = _in_mask(modules[cname], ~frozen[info.name], cols)
+            if m is not None:
+                in_free[cname] = in_free[cname] | m if cname in in_free else m
+    masks: Dict[str, Tensor] = {}
+    for name, mod in modules.items():
+        if not isinstance(mod, LAYER_TYPES) or (name not in out_free and name not in in_free):
+            continue
+        w = mod.weight
+        mask = torch.zeros(w.shape, dtype=torch.bool)
+        if name in out_free:
+            mask |= out_free[name].view(-1, *([1] * (w.dim() - 1)))
+            if mod.bias is not None:
+                masks[f"{name}.bias"] = out_free[name].clone()
+        if name in in_free:
+            mask |= in_free[name]
+        masks[f"{name}.weight"] = mask
+    frozen_norms = {}
+    for nname, (layer, norm) in C.chain_norms(plan, model).items():
+        for pname, _ in norm.named_parameters(recurse=False):
+            masks[f"{nname}.{pname}"] = out_free[layer].clone()
+        frozen_norms[norm] = frozen[layer]
+    return masks, frozen_norms, frozen
+
+
+def _tensors(fn: str, data, what: str) -> Tuple[Tensor, Tensor]:
+    xs, ys = [], []
+    for x, y in data:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{fn}: with replay, {what} inputs must be tensors, got {type(x).__name__}")
+        xs.append(x)
+        ys.append(y.long())
+    return torch.cat(xs), torch.cat(ys)
+
+
+def _training_data(fn, data_b, replay, replay_data, seed: int):
+    """``data_b`` itself, or its samples plus a ``replay`` fraction of ``replay_data``, reshuffled in batches
+    of data_b's first batch size; returns (data, number of replayed samples)."""
+    if replay is None:
+        return data_b, 0
+    xb, yb = _tensors(fn, data_b, "data_b")
+    xa, ya = _tensors(fn, replay_data, "replay_data")
+    g = torch.Generator().manual_seed(seed)
+    n = max(1, round(float(replay) * len(ya)))
+    pick = torch.randperm(len(ya), generator=g)[:n]
+    bs = next(iter(data_b))[1].shape[0]
+    ds = TensorDataset(torch.cat([xb, xa[pick]]), torch.cat([yb, ya[pick]]))
+    return DataLoader(ds, batch_size=bs, shuffle=True, generator=torch.Generator().manual_seed(seed)), n
+
+
+def _check_tasks(fn, slices, head_k, old_classes, new_classes, replay, replay_data):
+    old = [int(i) for i in torch.nonzero(slices.sliced).flatten()] if old_classes is None else \
+        slices.class_indices(fn, old_classes)
+    new = [new_classes] if isinstance(new_classes, int) else list(new_classes or [])
+    if not new:
+        raise ValueError(f"{fn}: new_classes must name at least one class, got none")
+    if any(isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < head_k for c in new):
+        raise ValueError(f"{fn}: new_classes must be ints in [0, {head_k}) (the head's outputs), got {new}")
+    overlap = sorted(set(new) & set(old))
+    if overlap:
+        raise ValueError(f"{fn}: new_classes {sorted(set(new))} overlap the old classes {old} in {overlap}; "
+                         "new classes must be ones the slices did not slice")
+    if replay is not None:
+        if isinstance(replay, bool) or not isinstance(replay, (int, float)) or not 0.0 < replay <= 1.0:
+            raise ValueError(f"{fn}: replay must be a fraction in (0, 1] of replay_data, got {replay!r}")
+        if replay_data is None:
+            raise ValueError(f"{fn}: replay={replay} needs replay_data (old-task samples), got None")
+    return old, sorted(set(new))
+
+
+def _task_acc(model, data, classes, task=None) -> Optional[float]:
+    if data is None:
+        return None
+    if task is not None:
+        return C.evaluate(lambda x: model.predict(x, task=task), data, classes)
+    return C.evaluate(C.restricted_predict(model, classes), data, classes)
+
+
+def task_loss(num_classes: int, tasks: Sequence[Sequence[int]], objective: str = "task"):
+    """``loss(model, inputs, labels [B]) -> scalar``, every neuron active. ``objective="task"``: each sample's
+    cross-entropy over the logits of its own task (matching ``model(x, task=...)``); ``"joint"``: over the
+    logits of all the tasks' classes together (plain fine-tuning of a classifier over old and new classes)."""
+    task_of = torch.full((num_classes,), -1, dtype=torch.int64)
+    for t, classes in enumerate(tasks):
+        task_of[list(classes)] = 0 if objective == "joint" else t
+
+    def loss(mod, x, y):
+        logits = call_model(mod, x)
+        t = task_of.to(y.device)
+        same = t[y].unsqueeze(1) == t.unsqueeze(0)
+        return F.cross_entropy(logits.masked_fill(~same, float("-inf")), y)
+    return loss
+
+
+def incremental(model: nn.Module, slices: Slices, data_b, *, new_classes, replay: Optional[float] = None,
+                replay_data=None, epochs: int = 1, lr: float = 1e-3, optimizer: str = "adamw",
+                weight_decay: float = 0.0, momentum: float = 0.9, objective: str = "task", old_classes=None,
+                eval_a=None, eval_b=None, task_names: Tuple[str, str] = ("A", "B"),
+                seed: int = 0) -> Tuple[TaskAwareModel, IncrementalReport]:
+    """Learn ``new_classes`` (task B) in the non-critical neurons of ``model`` (SPEC §6).
+
+    Args:
+        model: trained on the old classes (task A; default: the classes the slices sliced); never modified.
+            Its head must already have a row for every new class. slices: its semantic slices.
+        data_b: ``(inputs, labels int64 [B])`` batches, every label in ``new_classes``.
+        replay: fraction in (0, 1] of ``replay_data`` (old-class samples) mixed into training; None: none.
+        epochs, lr, optimizer (``"adamw"``/``"sgd"``), weight_decay, momentum: the training, whose loss is
+            :func:`task_loss` with ``objective`` (``"task"``: each sample's cross-entropy over its own task's
+            logits; ``"joint"``: over the logits of old and new classes together), every neuron active.
+        eval_a, eval_b: test data of task A / task B, scored before and after (task-aware).
+        task_names: the names of the old and the new task in ``model(x, task=...)``.
+
+    Returns:
+        ``(TaskAwareModel, IncrementalReport)``.
+    """
+    fn = "neuslice.incremental"
+    C.check_module(fn, model)
+    C.check_slices(fn, slices, model)
+    C.check_training(fn, epochs, lr, optimizer)
+    if objective not in ("task", "joint"):
+        raise ValueError(f"{fn}: objective must be 'task' or 'joint', got {objective!r}")
+    if len(task_names) != 2 or len(set(task_names)) != 2 or not all(isinstance(t, str) for t in task_names):
+        raise ValueError(f"{fn}: task_names must be two distinct strings, got {task_names!r}")
+    plan = C.plan_of(fn, slices, model)
+    _, head = C.head_module(fn, plan, model, slices.num_classes)
+    old, new = _check_tasks(fn, slices, head.out_features, old_classes, new_classes, replay, replay_data)
+    C.check_labels(fn, data_b, new, "data_b")
+    if replay is not None:
+        C.check_labels(fn, replay_data, old, "replay_data")
+    net = copy.deepcopy(model).eval()
+    masks, frozen_norms, frozen = free_weight_masks(fn, net, slices, old, new)
+    a, b = task_names
+    out = TaskAwareModel(net, C.rebind(plan, net), frozen, {a: old, b: new}, a, slices.class_names).eval()
+    acc_a0, acc_b0 = _task_acc(model, eval_a, old), _task_acc(model, eval_b, new)
+    loss = task_loss(head.out_features, [old, new], objective)
+    train, replayed = _training_data(fn, data_b, replay, replay_data, seed)
+    steps = C.fit_masked(net, train, masks, epochs=epochs, lr=lr, optimizer=optimizer, momentum=momentum,
+                         weight_decay=weight_decay, loss_fn=loss, frozen_norms=frozen_norms, seed=seed)
+    ntrain = sum(int(m.sum()) for m in masks.values())
+    nfree = sum(int((~f).sum()) for f in frozen.values())
+    report = IncrementalReport(old, new, slices.value, nfree / sum(f.numel() for f in frozen.values()), ntrain,
+                               C.param_count(model), steps, replayed, acc_a0, _task_acc(out, eval_a, old, a),
+                               acc_b0, _task_acc(out, eval_b, new, b))
+    return out, report

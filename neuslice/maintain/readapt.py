@@ -1,0 +1,122 @@
+"""Re-adapt: fit new samples by critical-neuron tuning (SPEC §6).
+
+Trainable: the critical neurons of the classes of the new samples (or the classes given), with their
+incoming weights (whole weight rows), bias and BatchNorm entries, and the head rows of those classes.
+Everything else is frozen: every step goes through ``ops.masked_adamw_`` / ``ops.masked_sgd_`` with
+per-neuron masks, so frozen values and their optimizer state never move (no momentum, no weight
+decay on them), and the running statistics of frozen BatchNorm channels are restored after each step
+(norms with no trainable channel run in eval mode).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from ..profile import call_model
+from ..slices import Slices
+from . import _common as C
+
+__all__ = ["ReadaptReport", "readapt", "critical_masks"]
+
+
+@dataclass
+class ReadaptReport:
+    """Numbers of one :func:`readapt` run. Accuracies are fractions in [0, 1] (None: no data given)."""
+    classes: List[int]
+    trainable_params: int
+    total_params: int
+    trainable_fraction: float
+    steps: int
+    new_acc_before: float
+    new_acc_after: float
+    orig_acc_before: Optional[float]
+    orig_acc_after: Optional[float]
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def critical_masks(fn: str, model: nn.Module, slices: Slices, classes: List[int]
+                   ) -> Tuple[Dict[str, Tensor], Dict[nn.Module, Tensor]]:
+    """Per-neuron trainable masks ``{param name: bool [param.shape[0]]}`` for critical-neuron tuning of
+    ``classes`` and the frozen-channel masks of the chain BatchNorms ``{norm: bool [C]}``."""
+    plan = C.plan_of(fn, slices, model)
+    head_name, head = C.head_module(fn, plan, model, slices.num_classes)
+    keep = slices.mask(classes)
+    modules = dict(model.named_modules())
+    masks: Dict[str, Tensor] = {}
+    frozen_norms: Dict[nn.Module, Tensor] = {}
+
+    def add(mod_name: str, m: Tensor) -> None:
+        for pname, p in modules[mod_name].named_parameters(recurse=False):
+            if p.dim() >= 1 and p.shape[0] == m.shape[0]:
+                masks[f"{mod_name}.{pname}" if mod_name else pname] = m.to(p.device)
+
+    for info in plan.layers:
+        add(info.name, keep[info.name].cpu())
+    for nname, (layer, norm) in C.chain_norms(plan, model).items():
+        add(nname, keep[layer].cpu())
+        frozen_norms[norm] = ~keep[layer].cpu()
+    rows = torch.zeros(head.out_features, dtype=torch.bool)
+    rows[classes] = True
+    add(head_name, rows)
+    return masks, frozen_norms
+
+
+def _trainable(model: nn.Module, masks: Dict[str, Tensor]) -> int:
+    params = dict(model.named_parameters())
+    total = 0
+    for n, m in masks.items():
+        p = params[n]
+        total += int(m.sum()) * (p.numel() // p.shape[0]) if m.dim() == 1 and p.dim() >= 1 else int(m.sum())
+    return total
+
+
+def _acc(model: nn.Module, data) -> Optional[float]:
+    if data is None:
+        return None
+    return C.evaluate(lambda x: call_model(model, x).argmax(-1), data)
+
+
+def readapt(model: nn.Module, slices: Slices, data, *, classes=None, epochs: int = 1, lr: float = 1e-3,
+            optimizer: str = "adamw", weight_decay: float = 0.0, momentum: float = 0.9, eval_data=None,
+            new_eval_data=None, seed: int = 0) -> Tuple[nn.Module, ReadaptReport]:
+    """Critical-neuron tuning of ``model`` on new samples (SPEC §6).
+
+    Args:
+        model: a classifier (logits ``[B, K]``) the slices were made for; never modified.
+        slices: its :class:`~neuslice.Slices`. data: the new samples, ``(inputs, labels int64 [B])`` batches.
+        classes: the classes whose critical neurons train (default: those present in ``data``); every label
+            of ``data`` must be one of them.
+        epochs, lr, optimizer (``"adamw"`` or ``"sgd"``), weight_decay, momentum (sgd): the training.
+        eval_data: held-out original data, scored before and after. new_eval_data: scores the "new samples"
+            accuracy (default: ``data`` itself).
+
+    Returns:
+        ``(new_model, ReadaptReport)``; the new model is a copy in eval mode.
+    """
+    fn = "neuslice.readapt"
+    C.check_module(fn, model)
+    C.check_slices(fn, slices, model)
+    C.check_training(fn, epochs, lr, optimizer)
+    if classes is None:
+        present = C.check_labels(fn, data, range(slices.num_classes), "data")
+        idx = slices.class_indices(fn, present)
+    else:
+        idx = slices.class_indices(fn, classes)
+        C.check_labels(fn, data, idx, "data")
+    new = copy.deepcopy(model).eval()
+    masks, frozen_norms = critical_masks(fn, new, slices, idx)
+    new_data = data if new_eval_data is None else new_eval_data
+    before_new, before_orig = _acc(new, new_data), _acc(new, eval_data)
+    steps = C.fit_masked(new, data, masks, epochs=epochs, lr=lr, optimizer=optimizer, momentum=momentum,
+                         weight_decay=weight_decay, frozen_norms=frozen_norms, seed=seed)
+    total = C.param_count(model)
+    ntrain = _trainable(model, masks)
+    return new, ReadaptReport(idx, ntrain, total, ntrain / total, steps, before_new, _acc(new, new_data),
+                              before_orig, _acc(new, eval_data))
+

@@ -1,0 +1,165 @@
+"""Restructure: keep the classes T (critical-neuron preservation, SPEC §6).
+
+``mask`` mode hooks a copy of the model so every neuron outside the slice of T is zeroed at the end of
+its layer → norm → activation chain, and restricts the logits to T. ``physical`` mode builds a smaller
+module: our code decides which neurons go (the slice), Torch-Pruning's dependency graph removes them with
+everything coupled to them (the next layers' reading weights, BatchNorm entries, residual adds,
+depthwise convolutions, flatten into Linear), and the head keeps only the rows of T. Output ``i`` of the
+result is class ``T[i]``; the result carries that class map. The input model is never modified.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .._graph import LayerInfo, Plan
+from .._hooks import ChainHooks
+from ..profile import call_model
+from ..slices import Slices
+from . import _common as C
+
+__all__ = ["RestructuredModel", "restructure", "finetune"]
+
+
+
+class RestructuredModel(nn.Module):
+    """A classifier serving the classes T of a larger model: ``forward(x) -> logits [B, |T|]`` (float32),
+    output ``i`` is original class ``class_map[i]``.
+
+    Attributes:
+        module: the (copied) network. mode: ``"mask"`` or ``"physical"``.
+        class_map: int64 ``[|T|]`` buffer, the original class id of each output. class_names: T's names.
+        original_params: parameter count of the model it came from (the compression reference).
+        kept: ``{layer: neurons kept}`` per sliced layer.
+    """
+
+    def __init__(self, module: nn.Module, classes: Sequence[int], class_names: Sequence[str], *, mode: str,
+                 original_params: int, kept: Dict[str, int], infos: Optional[List[LayerInfo]] = None,
+                 masks: Optional[Dict[str, Tensor]] = None):
+        super().__init__()
+        self.module = module
+        self.mode = mode
+        self.register_buffer("class_map", torch.as_tensor(list(classes), dtype=torch.int64))
+        self.class_names = list(class_names)
+        self.original_params = int(original_params)
+        self.kept = dict(kept)
+        self._infos = infos or []
+        for i, info in enumerate(self._infos):
+            self.register_buffer(f"_mask{i}", masks[info.name].clone())
+
+    @property
+    def num_params(self) -> int:
+        return C.param_count(self.module)
+
+    @property
+    def compression_rate(self) -> float:
+        """Fraction of the original model's parameters physically removed (0 in mask mode)."""
+        return 1.0 - self.num_params / self.original_params if self.original_params else 0.0
+
+    def _zero(self, i: int, t: Tensor) -> Tensor:
+        m = getattr(self, f"_mask{i}").to(t.dtype)
+        if isinstance(self._infos[i].module, nn.Linear):
+            return t * m
+        return t * m.view(1, -1, *([1] * (t.dim() - 2)))
+
+    def forward(self, *args, **kwargs) -> Tensor:
+        if self.mode == "physical":
+            return self.module(*args, **kwargs)
+        hooks = ChainHooks(self.module, self._infos, self._zero, point="end")
+        try:
+            out = self.module(*args, **kwargs)
+        finally:
+            hooks.remove()
+        return out[..., self.class_map]
+
+    @torch.no_grad()
+    def predict(self, x) -> Tensor:
+        """Original class ids of the argmax outputs: int64 ``[B]``."""
+        return self.class_map[call_model(self, x).argmax(-1)]
+
+    def targets(self, labels: Tensor) -> Tensor:
+        """Original class ids ``[B]`` → output indices ``[B]`` int64; a label outside T is an error."""
+        eq = labels.reshape(-1, 1).to(self.class_map.device) == self.class_map.view(1, -1)
+        if not bool(eq.any(1).all()):
+            bad = labels.reshape(-1)[~eq.any(1).to(labels.device)][0]
+            raise ValueError(f"neuslice.RestructuredModel.targets: label {int(bad)} is not one of the kept classes "
+                             f"{self.class_map.tolist()}")
+        return eq.long().argmax(1).view(labels.shape).to(labels.device)
+
+    def extra_repr(self) -> str:
+        return (f"mode={self.mode!r}, classes={self.class_map.tolist()}, params={self.num_params} "
+                f"(of {self.original_params})")
+
+
+def _kept(plan: Plan, keep: Dict[str, Tensor]) -> Dict[str, int]:
+    return {i.name: int(keep[i.name].sum()) for i in plan.layers}
+
+
+def _mask_model(fn, model, slices, idx, keep, plan) -> RestructuredModel:
+    module = copy.deepcopy(model)
+    infos = C.rebind(plan, module)
+    return RestructuredModel(module, idx, [slices.class_names[k] for k in idx], mode="mask",
+                             original_params=C.param_count(model), kept=_kept(plan, keep), infos=infos,
+                             masks={i.name: keep[i.name].cpu() for i in plan.layers})
+
+
+def restructure(model: nn.Module, slices: Slices, classes, *, mode: str = "physical",
+                example_inputs=None) -> RestructuredModel:
+    """A model serving only ``classes`` (SPEC §6, critical-neuron preservation).
+
+    Args:
+        model: the classifier the slices were made for (logits ``[B, K]``); never modified.
+        slices: its :class:`~neuslice.Slices`. classes: class indices or names (T), at least one.
+        mode: ``"mask"`` (hooks zero the neurons outside the slice; logits restricted to T) or ``"physical"``
+            (a smaller module built with Torch-Pruning's dependency graph).
+        example_inputs: one input batch (tensor, tuple or dict), needed by ``physical`` mode to trace.
+
+    Returns:
+        a :class:`RestructuredModel` in eval mode: ``forward(x) -> [B, |T|]``, ``predict(x) -> class ids``.
+    """
+    fn = "neuslice.restructure"
+    C.check_module(fn, model)
+    if mode not in ("mask", "physical"):
+        raise ValueError(f"{fn}: mode must be 'mask' or 'physical', got {mode!r}")
+    C.check_slices(fn, slices, model)
+    idx = slices.class_indices(fn, classes)
+    plan = C.plan_of(fn, slices, model)
+    C.head_module(fn, plan, model, slices.num_classes)
+    keep = slices.mask(idx)
+    masked = _mask_model(fn, model, slices, idx, keep, plan).eval()
+    if mode == "mask":
+        return masked
+    if example_inputs is None:
+        raise ValueError(f"{fn}: physical mode needs example_inputs (one input batch, e.g. x[:2]) to trace the "
+                         "model's dependency graph; got None")
+    from . import _prune
+    module = _prune.physical(fn, model, plan, keep, idx, example_inputs, masked)
+    out = RestructuredModel(module, idx, masked.class_names, mode="physical", original_params=C.param_count(model),
+                            kept=_kept(plan, keep))
+    return out.eval()
+
+
+def _loss(model: RestructuredModel, x, y: Tensor) -> Tensor:
+    return F.cross_entropy(call_model(model, x), model.targets(y))
+
+
+def finetune(model: RestructuredModel, data, *, epochs: int = 1, lr: float = 1e-3, optimizer: str = "adamw",
+             momentum: float = 0.9, weight_decay: float = 0.0, seed: int = 0) -> RestructuredModel:
+    """A fine-tuned copy of a restructured model, trained on ``data`` (``(inputs, labels [B])`` with labels the
+    original class ids, all among the kept classes) with cross-entropy over its outputs. Every parameter
+    trains (through ``ops.masked_sgd_``/``masked_adamw_`` with full masks); ``model`` is not modified."""
+    fn = "neuslice.finetune"
+    if not isinstance(model, RestructuredModel):
+        raise TypeError(f"{fn}: model must be a RestructuredModel (from neuslice.restructure), "
+                        f"got {type(model).__name__}")
+    C.check_training(fn, epochs, lr, optimizer)
+    C.check_labels(fn, data, model.class_map.tolist(), "data")
+    out = copy.deepcopy(model)
+    masks = {n: None for n, _ in out.named_parameters()}
+    C.fit_masked(out, data, masks, epochs=epochs, lr=lr, optimizer=optimizer, momentum=momentum,
+                 weight_decay=weight_decay, loss_fn=_loss, seed=seed)
+    return out.eval()

@@ -1,0 +1,118 @@
+"""readapt: critical-neuron tuning (SPEC §6 'Re-adapt')."""
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+import neuslice
+import neuslice.ops
+from neuslice.maintain import readapt
+from neuslice.maintain.readapt import critical_masks
+
+from maintain_fixtures import one_thread  # noqa: F401  (autouse)
+from maintain_fixtures import assert_unchanged, loader, slices, snapshot, tensors, trained
+
+
+def shifted(split: str, classes, n: int = 0, batch_size: int = 32) -> DataLoader:
+    """Digits shifted one pixel right and down, plus fixed Gaussian noise (σ = 0.1)."""
+    x, y = tensors(split, tuple(classes), n)
+    g = torch.Generator().manual_seed(1)
+    x = torch.roll(x, shifts=(1, 1), dims=(2, 3)) + 0.1 * torch.randn(x.shape, generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size)
+
+
+def _check_frozen(model, new, masks, frozen_norms):
+    """Every entry outside ``masks`` (and every frozen BN running statistic) is bit-identical."""
+    params = dict(new.named_parameters())
+    for name, p in model.named_parameters():
+        m = masks.get(name)
+        if m is None:
+            assert torch.equal(params[name], p), f"{name} is frozen but changed"
+            continue
+        m = m.view(-1, *([1] * (p.dim() - 1))).expand(p.shape) if m.shape != p.shape else m
+        assert torch.equal(params[name][~m], p[~m]), f"frozen entries of {name} changed"
+    new_mods = dict(new.named_modules())
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            f = frozen_norms.get(mod, torch.ones(mod.num_features, dtype=torch.bool))
+            for buf in ("running_mean", "running_var"):
+                assert torch.equal(getattr(new_mods[name], buf)[f], getattr(mod, buf)[f]), f"{name}.{buf}"
+            assert torch.equal(new_mods[name].num_batches_tracked, mod.num_batches_tracked)
+
+
+@pytest.mark.parametrize("arch,optimizer", [("digits_cnn", "adamw"), ("digits_resnet", "sgd")])
+def test_only_critical_neurons_of_the_new_classes_train(arch, optimizer):
+    model = trained(arch)
+    s = slices(arch)
+    before = snapshot(model)
+    data = shifted("train", (1, 3, 8), n=300)
+    new, rep = readapt(model, s, data, epochs=2, lr=5e-3, optimizer=optimizer, weight_decay=0.01,
+                       eval_data=loader("test", n=200), new_eval_data=shifted("test", (1, 3, 8)))
+    assert_unchanged(model, before)
+    assert rep.classes == [1, 3, 8] and rep.steps == 2 * len(data)
+    masks, frozen_norms = critical_masks("t", model, s, [1, 3, 8])
+    _check_frozen(model, new, masks, frozen_norms)
+    changed = sum(int((a != b).sum()) for a, b in zip(model.parameters(), new.parameters()))
+    assert 0 < changed <= rep.trainable_params
+    total = sum(p.numel() for p in model.parameters())
+    assert rep.total_params == total and rep.trainable_fraction == pytest.approx(rep.trainable_params / total)
+    assert 0 < rep.trainable_fraction < 1
+    assert rep.new_acc_after > rep.new_acc_before
+    assert 0 <= rep.orig_acc_after <= 1 and 0 <= rep.orig_acc_before <= 1
+    head = model.head.weight
+    assert torch.equal(new.head.weight[[0, 2, 4, 5, 6, 7, 9]], head[[0, 2, 4, 5, 6, 7, 9]])
+
+
+def test_trainable_fraction_counts_rows_of_the_slice():
+    model = trained("digits_mlp")
+    s = slices("digits_mlp")
+    new, rep = readapt(model, s, shifted("train", (4,), n=40), classes=[4], epochs=1, lr=1e-3)
+    keep = s.mask([4])
+    n0, n1 = int(keep["body.1"].sum()), int(keep["body.3"].sum())
+    want = n0 * (64 + 1) + n1 * (32 + 1) + (16 + 1)          # rows + biases of the slice, head row of class 4
+    assert rep.trainable_params == want and rep.orig_acc_before is None and rep.new_acc_before is not None
+
+
+def test_every_step_goes_through_the_masked_ops(monkeypatch):
+    calls = {"adamw": 0, "sgd": 0}
+    real_adamw, real_sgd = neuslice.ops.masked_adamw_, neuslice.ops.masked_sgd_
+
+    def adamw(*a, **k):
+        calls["adamw"] += 1
+        return real_adamw(*a, **k)
+
+    def sgd(*a, **k):
+        calls["sgd"] += 1
+        return real_sgd(*a, **k)
+    monkeypatch.setattr(neuslice.ops, "masked_adamw_", adamw)
+    monkeypatch.setattr(neuslice.ops, "masked_sgd_", sgd)
+    monkeypatch.setattr(torch.optim.Optimizer, "step", lambda *a, **k: pytest.fail("torch.optim used"))
+    model, s = trained("digits_cnn"), slices("digits_cnn")
+    data = shifted("train", (0,), n=64)
+    readapt(model, s, data, epochs=1, lr=1e-3)
+    assert calls["adamw"] > 0 and calls["sgd"] == 0
+    readapt(model, s, data, epochs=1, lr=1e-3, optimizer="sgd")
+    assert calls["sgd"] > 0
+
+
+def test_errors_name_the_function_and_change_nothing():
+    model = trained("digits_cnn")
+    s = slices("digits_cnn")
+    before = snapshot(model)
+    data = shifted("train", (1, 3), n=40)
+    with pytest.raises(ValueError, match=r"neuslice.readapt: data has label 3, outside the declared classes \[1\]"):
+        readapt(model, s, data, classes=[1])
+    with pytest.raises(ValueError, match=r"neuslice.readapt: class 11 is outside \[0, 10\)"):
+        readapt(model, s, data, classes=[1, 11])
+    with pytest.raises(ValueError, match="neuslice.readapt: expected at least one class, got none"):
+        readapt(model, s, data, classes=[])
+    with pytest.raises(ValueError, match="neuslice.readapt: optimizer must be 'sgd' or 'adamw', got 'adam'"):
+        readapt(model, s, data, optimizer="adam")
+    with pytest.raises(ValueError, match="neuslice.readapt: epochs must be an int > 0, got 0"):
+        readapt(model, s, data, epochs=0)
+    with pytest.raises(neuslice.SignatureError, match="neuslice.readapt: the file was made for another model"):
+        readapt(trained("digits_mlp"), s, data)
+    with pytest.raises(ValueError, match=r"neuslice.readapt: class 7 \('7'\) has no critical set"):
+        readapt(model, slices("digits_cnn", classes=(0, 1, 2, 3, 4)), shifted("train", (1, 7), n=40))
+    with pytest.raises(ValueError, match="neuslice.readapt: data yielded no sample"):
+        readapt(model, s, [])
+    assert_unchanged(model, before)
