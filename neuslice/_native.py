@@ -47,7 +47,8 @@ def refuse(op: str, args: tuple) -> Optional[str]:
     return None
 
 
-def _strides_bns(t: torch.Tensor, channels_last: bool):
+def strides_bns(t: torch.Tensor, channels_last: bool):
+    """Element strides of an activation by logical axis (b, n, s), whatever its layout ([B, N] means S = 1)."""
     if t.dim() == 2:
         return (t.stride(0), t.stride(1), 0)
     if channels_last:
@@ -62,8 +63,8 @@ def accumulate_(x, grad, ref, labels, channels_last, count, act_sum, act_sq, tay
     else:
         n, s = (x.shape[2], x.shape[1]) if channels_last else (x.shape[1], x.shape[2])
     per_token = labels.dim() == 2
-    xs = _strides_bns(x, channels_last)
-    gs = _strides_bns(grad, channels_last) if grad is not None else (0, 0, 0)
+    xs = strides_bns(x, channels_last)
+    gs = strides_bns(grad, channels_last) if grad is not None else (0, 0, 0)
     if ref is None:
         rs = (0, 0)
     else:

@@ -17,7 +17,7 @@ import torch
 
 from . import _C
 from ._errors import raise_for_status
-from ._native import DTYPE_CODES, scores_for_kernel
+from ._native import DTYPE_CODES, scores_for_kernel, strides_bns
 from .reference import topk_count
 
 __all__ = ["refuse", "accumulate_", "select", "select_topk", "scratch_bytes", "DTYPE_CODES"]
@@ -77,14 +77,6 @@ def refuse(op: str, args: tuple) -> Optional[str]:
     return None
 
 
-def _strides_bns(t: torch.Tensor, channels_last: bool):
-    if t.dim() == 2:
-        return (t.stride(0), t.stride(1), 0)
-    if channels_last:
-        return (t.stride(0), t.stride(2), t.stride(1))
-    return (t.stride(0), t.stride(1), t.stride(2))
-
-
 def _ref_for_kernel(ref: Optional[torch.Tensor], channels_last: bool, s: int):
     """ref and its (n, s) strides. Channels-last kernels walk n: a [N, S] ref is laid out n-fastest
     (a copy of N*S elements, the size of one sample's x) so its loads coalesce like x's."""
@@ -103,8 +95,8 @@ def _kernel_args(x, grad, ref, labels, channels_last, stats):
     b, n, s = _bns(x, channels_last)
     per_token = labels.dim() == 2
     r, rs = _ref_for_kernel(ref, channels_last, s)
-    xs = _strides_bns(x, channels_last)
-    gs = _strides_bns(grad, channels_last) if grad is not None else (0, 0, 0)
+    xs = strides_bns(x, channels_last)
+    gs = strides_bns(grad, channels_last) if grad is not None else (0, 0, 0)
     ls = (labels.stride(0), labels.stride(1) if per_token else 0)
     args = (_ptr(x), _ptr(grad), _ptr(r), _ptr(labels), DTYPE_CODES[x.dtype], b, n, s, stats[0].shape[0],
             bool(channels_last), per_token, xs, gs, rs, ls, tuple(_ptr(t) for t in stats))

@@ -23,7 +23,27 @@ STATS = ("count", "act_sum", "act_sq", "taylor_sum", "deeplift_sum")
 _COMPAT = ("num_classes", "metrics", "target", "deeplift")
 
 
-class Profile:
+class _LayerSet:
+    """What a Profile and a Slices share: per-layer entries (``layers``) and ``class_names``."""
+
+    layers: List[dict]
+    class_names: List[str]
+
+    @property
+    def layer_names(self) -> List[str]:
+        return [e["name"] for e in self.layers]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def signature(self) -> str:
+        """Hash of the sliced layers' names and shapes (SPEC §5)."""
+        return _io.signature(self.layers)
+
+
+class Profile(_LayerSet):
     """Per-class neuron statistics of a model's sliced layers (SPEC §2).
 
     Attributes:
@@ -52,21 +72,9 @@ class Profile:
 
     # -- views -----------------------------------------------------------------------------
     @property
-    def layer_names(self) -> List[str]:
-        return [e["name"] for e in self.layers]
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    @property
     def counts(self) -> Tensor:
         """Samples (or tokens) per class, float64 ``[K]`` (of the first layer; every layer sees the same)."""
         return self.stats[self.layers[0]["name"]]["count"]
-
-    @property
-    def signature(self) -> str:
-        return _io.signature(self.layers)
 
     def score(self, metric: str) -> Dict[str, Tensor]:
         """Per-class scores ``{layer: float64 [K, N]}`` (SPEC §3); NaN rows for classes without samples."""
@@ -174,7 +182,7 @@ class Profile:
 ClassSpec = Union[int, str, Iterable[Union[int, str]]]
 
 
-class Slices:
+class Slices(_LayerSet):
     """Critical neuron sets of a slicing run (SPEC §4).
 
     Attributes:
@@ -198,18 +206,6 @@ class Slices:
         self.mode, self.metric, self.value = mode, metric, float(value)
         self.share, self.tau, self.min_keep = float(share), float(tau), int(min_keep)
         self.coupled = [list(g) for g in coupled]
-
-    @property
-    def layer_names(self) -> List[str]:
-        return [e["name"] for e in self.layers]
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    @property
-    def signature(self) -> str:
-        return _io.signature(self.layers)
 
     def __repr__(self) -> str:
         what = "ratio" if self.mode != "semantic" else "theta"
