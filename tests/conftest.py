@@ -36,3 +36,15 @@ def force_backend(monkeypatch):
     def force(name: str):
         monkeypatch.setenv("NEUSLICE_BACKEND", name)
     return force
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny-model tests: two OpenMP threads on this shared 2-core box
+    stall at every barrier when the other core is busy (measured: 3 ms vs 200 ms per training step;
+    the demo took 95 s instead of 8.5 s). Restored afterwards. Opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

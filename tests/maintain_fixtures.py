@@ -4,7 +4,6 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Dict, Sequence, Tuple
 
-import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -18,15 +17,6 @@ SMALL = {"digits_cnn": dict(channels=(8, 16)), "digits_mlp": dict(hidden=(32, 16
          "digits_resnet": dict(stem=8, stages=((8, 1), (16, 2))), "digits_separable": dict(stem=8, channels=(16, 16)),
          "digits_transformer": dict(dim=16, heads=2, ffn=32, depth=1)}
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; two OpenMP threads on this shared 2-core box stall at every
-    barrier when a core is taken (measured: 3 ms vs 200 ms per training step). Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def ffn_layers(name: str, module: nn.Module) -> bool:

@@ -25,14 +25,7 @@ TEN = ",".join(str(k) for k in range(10))
 COMMANDS = ["profile", "merge", "slice", "restructure", "readapt", "incremental", "predict", "report", "demo", "info"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one torch thread (the demo measured 95 s with default threads on this loaded 2-core box,
-    8.5 s with one)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_json(argv, capsys):

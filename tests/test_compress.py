@@ -8,8 +8,9 @@ import neuslice.ops
 from neuslice.maintain import METHODS, compress, restructure
 from neuslice.maintain.compress import _lamp, allocate
 
-from maintain_fixtures import one_thread  # noqa: F401  (autouse)
 from maintain_fixtures import assert_unchanged, loader, slices, snapshot, tensors, trained
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 KEEP = [2, 7]
 

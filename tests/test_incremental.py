@@ -7,8 +7,9 @@ import neuslice
 from neuslice.maintain import TaskAwareModel, incremental
 from neuslice.maintain.incremental import free_weight_masks
 
-from maintain_fixtures import one_thread  # noqa: F401  (autouse)
 from maintain_fixtures import assert_unchanged, loader, slices, snapshot, tensors, trained
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 A, B = (0, 1, 2, 3, 4), (5, 6, 7, 8, 9)
 

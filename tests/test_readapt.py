@@ -8,8 +8,9 @@ import neuslice.ops
 from neuslice.maintain import readapt
 from neuslice.maintain.readapt import critical_masks
 
-from maintain_fixtures import one_thread  # noqa: F401  (autouse)
 from maintain_fixtures import assert_unchanged, loader, slices, snapshot, tensors, trained
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def shifted(split: str, classes, n: int = 0, batch_size: int = 32) -> DataLoader:

@@ -9,8 +9,9 @@ import neuslice
 from neuslice.maintain import RestructuredModel, finetune, restructure
 from neuslice.models import accuracy
 
-from maintain_fixtures import one_thread  # noqa: F401  (autouse)
 from maintain_fixtures import ARCHS, assert_unchanged, ffn_layers, loader, slices, snapshot, tensors, trained
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 KEEP = [2, 7]
 
