@@ -84,6 +84,42 @@ def test_accumulate_thread_counts_agree(force_backend, threads, shape, cl, pt):
         assert_close(a, b, ACCUMULATE, torch.float32)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("with_g,with_r", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("shape,cl,pt", [((256, 33, 1), False, False), ((128, 20, 5), False, False),
+                                         ((128, 20, 5), True, False), ((32, 33, 8), True, True)])
+def test_accumulate_per_thread_scratch_with_classes_one_thread_never_sees(
+        force_backend, threads, with_g, with_r, shape, cl, pt):
+    # Batches large against few classes take the per-thread private scratch schedule. That scratch
+    # is not zeroed up front: each class's first rows are written, not added, and a class absent
+    # from a thread's half of the batch must still contribute zeros. Labels here put classes 0 and
+    # 1 only in the first half of the batch and class 3 only in the second; 2 and 4 never occur,
+    # and the statistics start non-zero so an overwrite instead of an add would show.
+    b = shape[0]
+    half = torch.tensor([0, 1]).repeat(b // 4)
+    second = torch.full((b // 2,), 3)
+    labels = torch.cat([half, second])
+    n, s = shape[1], shape[2]
+    if pt:
+        labels = labels[:, None].expand(b, s).contiguous()
+    x = make_x(shape, cl, torch.float32)
+    g = make_x(shape, cl, torch.float32, seed=7) if with_g else None
+    r = torch.randn(n, s) if with_r else None
+    got = [t + 0.5 for t in new_stats(n)]
+    want = [t.clone() for t in got]
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        force_backend("cpu")
+        ops.accumulate_(x, g, r, labels, cl, *got)
+    finally:
+        torch.set_num_threads(prev)
+    reference.accumulate_(x, g, r, labels, cl, *want)
+    for a, w in zip(got, want):
+        assert_close(a, w, ACCUMULATE, torch.float32)
+    assert torch.equal(got[0][[2, 4]], torch.full((2,), 0.5))  # classes never seen: untouched
+
+
 def test_accumulate_many_classes_uses_neuron_tiles(force_backend):
     # Per-token labels over many classes make private per-thread scratch too large: the kernel
     # switches to neuron tiles of one shared scratch. Same results either way.
