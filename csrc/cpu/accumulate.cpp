@@ -89,16 +89,16 @@ inline void add_positions(const T* const* xp, const T* const* gp, const T* const
   }
 }
 
-// Sums over R rows that are samples of one class: a0 += v, a1 += v^2, a2 += |v*w|, a3 += |(v-r)*w|
-// (with First, = instead of +=: the scratch is not zeroed beforehand).
+// Sums over R rows that are samples of one class, columns [j0, j1): a0 += v, a1 += v^2,
+// a2 += |v*w|, a3 += |(v-r)*w| (with First, = instead of +=: the scratch is not zeroed beforehand).
 template <typename T, bool HasG, bool HasR, bool Unit, int R, bool First>
-inline void add_samples(const T* const* xp, const T* const* gp, const T* const* rp, int64_t tn,
+inline void add_samples(const T* const* xp, const T* const* gp, const T* const* rp, int64_t j0, int64_t j1,
                         int64_t xn, int64_t gn, int64_t rn, typename Elem<T>::acc* __restrict__ a0,
                         typename Elem<T>::acc* __restrict__ a1, typename Elem<T>::acc* __restrict__ a2,
                         typename Elem<T>::acc* __restrict__ a3) {
   using Acc = typename Elem<T>::acc;
 #pragma omp simd
-  for (int64_t j = 0; j < tn; ++j) {
+  for (int64_t j = j0; j < j1; ++j) {
     Acc s0 = 0, s1 = 0, s2 = 0, s3 = 0;
     for (int k = 0; k < R; ++k) {
       const Acc v = Elem<T>::load(xp[k], j * (Unit ? 1 : xn));
@@ -221,6 +221,14 @@ void sample_cl(const AccumulateArgs& a, int64_t b, int64_t c, Scratch<typename E
   }
 }
 
+// Columns [j0, j1) of `n` unit-stride rows requested into L2 (prefetcht1), one request per line.
+template <typename T>
+inline void prefetch_rows(const T* const* p, int n, int64_t j0, int64_t j1) {
+  constexpr int64_t kLine = 64 / sizeof(T) > 0 ? 64 / sizeof(T) : 1;
+  for (int k = 0; k < n; ++k)
+    for (int64_t j = j0; j < j1; j += kLine) __builtin_prefetch(p[k] + j, 0, 2);
+}
+
 // Rows as samples (S == 1, or tokens under per-token labels), neurons [n0, n1). `order` lists the
 // rows sorted by class (one run per class); each run is summed kRows rows at a time straight into
 // its class's scratch rows, the first group written, not added, so the scratch needs no zeroing
@@ -236,9 +244,25 @@ void rows_by_class(const AccumulateArgs& a, const int32_t* lab, const std::vecto
   constexpr int64_t kBlock = 4096;
   const int64_t S = a.per_token ? a.S : 1, nrows = static_cast<int64_t>(order.size());
   std::vector<char> seen(static_cast<size_t>(sc.kb), 0);
+  // While a group of rows is summed, the next group in `order` (the next rows of this class, or
+  // the first of the next class) is requested into L2 column chunk by column chunk, so its DRAM
+  // reads overlap this group's arithmetic. The hardware prefetcher alone does not run ahead of
+  // 8 streams that jump rows every group. Linear B=1024 N=4096, 1 thread, cold cache, median of
+  // 41, interleaved in one process: 2.08-2.20 -> 1.98-2.04 ms (x.sum() + g.sum(): 1.50-1.57 ms).
+  constexpr int64_t kChunk = 64;
   const T* xp[kRows];
   const T* gp[kRows];
   const T* rp[kRows];
+  const T* nx[kRows];
+  const T* ng[kRows];
+  auto row_ptrs = [&](int64_t at, int rows, int64_t m0, const T** px, const T** pg, const T** pr) {
+    for (int k = 0; k < rows; ++k) {
+      const int64_t b = order[at + k] / S, s = order[at + k] % S;
+      px[k] = static_cast<const T*>(a.x) + b * a.x_sb + s * a.x_ss + m0 * a.x_sn;
+      if (pg != nullptr) pg[k] = HasG ? static_cast<const T*>(a.g) + b * a.g_sb + s * a.g_ss + m0 * a.g_sn : nullptr;
+      if (pr != nullptr) pr[k] = HasR ? static_cast<const T*>(a.r) + s * a.r_ss + m0 * a.r_sn : nullptr;
+    }
+  };
   for (int64_t i = 0; i < nrows;) {
     const int64_t c = lab[order[i]];
     int64_t end = i;
@@ -250,27 +274,25 @@ void rows_by_class(const AccumulateArgs& a, const int32_t* lab, const std::vecto
       for (int p = 0; p < sc.np; ++p) acc[p] = sc.plane(p, c) + m0;
       for (int64_t r = i; r < end;) {
         const int rows = end - r >= kRows ? kRows : 1;
-        for (int k = 0; k < rows; ++k) {
-          const int64_t b = order[r + k] / S, s = order[r + k] % S;
-          xp[k] = static_cast<const T*>(a.x) + b * a.x_sb + s * a.x_ss + m0 * a.x_sn;
-          gp[k] = HasG ? static_cast<const T*>(a.g) + b * a.g_sb + s * a.g_ss + m0 * a.g_sn : nullptr;
-          rp[k] = HasR ? static_cast<const T*>(a.r) + s * a.r_ss + m0 * a.r_sn : nullptr;
-        }
+        row_ptrs(r, rows, m0, xp, gp, rp);
+        const int next = Unit ? static_cast<int>(std::min<int64_t>(kRows, nrows - (r + rows))) : 0;
+        if (next > 0) row_ptrs(r + rows, next, m0, nx, HasG ? ng : nullptr, nullptr);
         const bool first = r == i;
-        if (rows == kRows) {
-          if (first)
-            add_samples<T, HasG, HasR, Unit, kRows, true>(xp, gp, rp, tn, a.x_sn, a.g_sn, a.r_sn, acc[0],
-                                                          acc[1], acc[2], acc[3]);
-          else
-            add_samples<T, HasG, HasR, Unit, kRows, false>(xp, gp, rp, tn, a.x_sn, a.g_sn, a.r_sn, acc[0],
-                                                           acc[1], acc[2], acc[3]);
-        } else {
-          if (first)
-            add_samples<T, HasG, HasR, Unit, 1, true>(xp, gp, rp, tn, a.x_sn, a.g_sn, a.r_sn, acc[0], acc[1],
-                                                      acc[2], acc[3]);
-          else
-            add_samples<T, HasG, HasR, Unit, 1, false>(xp, gp, rp, tn, a.x_sn, a.g_sn, a.r_sn, acc[0], acc[1],
-                                                       acc[2], acc[3]);
+        for (int64_t j0 = 0; j0 < tn; j0 += kChunk) {
+          const int64_t j1 = std::min(tn, j0 + kChunk);
+          if (next > 0) {
+            prefetch_rows(nx, next, j0, j1);
+            if constexpr (HasG) prefetch_rows(ng, next, j0, j1);
+          }
+#define NEUSLICE_ADD(R_, FIRST_)                                                                     \
+  add_samples<T, HasG, HasR, Unit, R_, FIRST_>(xp, gp, rp, j0, j1, a.x_sn, a.g_sn, a.r_sn, acc[0], acc[1], \
+                                              acc[2], acc[3])
+          if (rows == kRows) {
+            if (first) NEUSLICE_ADD(kRows, true); else NEUSLICE_ADD(kRows, false);
+          } else {
+            if (first) NEUSLICE_ADD(1, true); else NEUSLICE_ADD(1, false);
+          }
+#undef NEUSLICE_ADD
         }
         r += rows;
       }
