@@ -66,6 +66,88 @@ def test_schemas_are_the_contract():
     assert "int step) -> ()" in schemas["masked_adamw_"]
 
 
+# ------------------------------------------------------------------ the eager front door
+# In plain eager calls ops.<name> runs the op's kernel without the dispatcher (three Python-level
+# kernels, ~60 us a call); anywhere the dispatcher could matter it must still go through the op.
+
+_MUTATED = {"accumulate_": (5, 6, 7, 8, 9), "select": (), "select_topk": (),
+            "masked_sgd_": (0, 2), "masked_adamw_": (0, 2, 3)}
+
+
+@pytest.fixture
+def op_calls(monkeypatch):
+    """Counts calls that go through a registered custom op (CustomOpDef.__call__)."""
+    calls = []
+    cls = type(ops.accumulate_.op)
+    orig = cls.__call__
+
+    def counting(self, *args, **kwargs):
+        calls.append(self._qualname if hasattr(self, "_qualname") else str(self))
+        return orig(self, *args, **kwargs)
+    monkeypatch.setattr(cls, "__call__", counting)
+    return calls
+
+
+@pytest.mark.parametrize("op", list(OP_ARGS))
+def test_front_door_matches_the_op_and_bumps_versions(op, op_calls):
+    torch.manual_seed(0)
+    a = OP_ARGS[op]()
+    b = [t.clone() if isinstance(t, torch.Tensor) else t for t in a]
+    before = [a[i]._version for i in _MUTATED[op]]
+    out_a = getattr(ops, op)(*a)                       # front door
+    assert op_calls == []                              # ... without the dispatcher
+    out_b = getattr(torch.ops.neuslice, op)(*b)        # the registered op
+    if out_a is not None:
+        assert torch.equal(out_a, out_b)
+    for x, y in zip(a, b):
+        if isinstance(x, torch.Tensor):
+            assert torch.equal(x, y)
+    assert [a[i]._version for i in _MUTATED[op]] == [v + 1 for v in before]
+
+
+def test_front_door_keyword_arguments(op_calls):
+    a = _acc_args()
+    b = [t.clone() if isinstance(t, torch.Tensor) else t for t in a]
+    names = ("x", "grad", "ref", "labels", "channels_last", "count", "act_sum", "act_sq", "taylor_sum",
+             "deeplift_sum")
+    ops.accumulate_(a[0], a[1], **dict(zip(names[2:], a[2:])))
+    ops.accumulate_(*b)
+    assert op_calls == [] and all(torch.equal(x, y) for x, y in zip(a[5:], b[5:]))
+
+
+def test_front_door_hands_modes_profiler_and_grad_to_the_op(op_calls):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Log(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Log():
+        ops.accumulate_(*_acc_args())
+    assert len(op_calls) == 1 and any("neuslice.accumulate_" in f for f in seen)
+
+    with torch.profiler.profile() as prof:
+        ops.select(torch.rand(3, 5), 0.5)
+    assert len(op_calls) == 2 and any(e.name == "neuslice::select" for e in prof.events())
+
+    a = _acc_args()
+    a[6].requires_grad_()   # a mutated argument that requires grad: the op decides, as before
+    ops.accumulate_(*a)
+    assert len(op_calls) == 3
+
+
+def test_front_door_fake_tensors_use_the_fake_kernel():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        scores = mode.from_tensor(torch.rand(4, 9))
+        out = ops.select(scores, 0.5)
+    assert out.shape == (4, 9) and out.dtype == torch.bool
+
+
 def _compiled_matches_eager(fn, make_args):
     eager_args, compiled_args = make_args(), make_args()
     torch._dynamo.reset()
