@@ -248,7 +248,8 @@ def plot(pairs, comp, rea, inc) -> Path:
     a.scatter([r["removed"] for r in pairs], [100 * (r["acc_sliced_ft1"] - r["acc_original"]) for r in pairs], s=14)
     a.axhline(-1, color="r", lw=0.8, ls="--")
     a.axvline(0.5, color="r", lw=0.8, ls="--")
-    a.set(xlabel="fraction of parameters removed", ylabel="accuracy change after 1-epoch FT (points)",
+    a.set(xlabel="fraction of parameters removed",
+          ylabel="acc. after 1-epoch FT minus original restricted to kept classes (points)",
           title="restructure: kept classes vs original")
     a = ax[0, 1]
     labels = sorted({(r["classes"], r["method"]) for r in comp})
@@ -283,16 +284,25 @@ def _bars(a, rows, keys, title):
 def verdicts(pairs, inc) -> List[str]:
     two = [r for r in pairs if r["classes"].count("-") == 1]
     worst = min(two, key=lambda r: r["removed"])
-    drop = max(two, key=lambda r: r["acc_original"] - r["acc_sliced_ft1"])
+
+    def within(r, base):
+        return r[base] - r["acc_sliced_ft1"] <= 0.01 + 1e-9
+
+    def drop(base):
+        d = max(two, key=lambda r: r[base] - r["acc_sliced_ft1"])
+        return f"largest drop {100 * (d[base] - d['acc_sliced_ft1']):.2f} points, pair {d['classes']}"
+
     by = {r["method"]: r for r in inc if r["objective"] == "joint"}
     ours, naive, orig = by["ours"], by["naive fine-tuning"], by["original (task A only)"]
     return [
         f"any 2 of 10 classes removes >= half of the parameters: {worst['removed'] >= 0.5} "
         f"(minimum {worst['removed']:.3f}, pair {worst['classes']}, over {len(two)} pairs)",
-        f"after a 1-epoch fine-tune, accuracy within 1 point of the original's on every pair: "
-        f"{all(r['acc_original'] - r['acc_sliced_ft1'] <= 0.01 + 1e-9 for r in two)} (largest drop "
-        f"{100 * (drop['acc_original'] - drop['acc_sliced_ft1']):.2f} points, pair {drop['classes']}; "
-        f"pairs within 1 point: {sum(r['acc_original'] - r['acc_sliced_ft1'] <= 0.01 + 1e-9 for r in two)}/{len(two)})",
+        f"after a 1-epoch fine-tune, accuracy on the kept classes within 1 point of the original "
+        f"model's (its 10-class predictions on those classes' test samples) on every pair: "
+        f"{all(within(r, 'acc_original_10way') for r in two)} "
+        f"({sum(within(r, 'acc_original_10way') for r in two)}/{len(two)}; {drop('acc_original_10way')})",
+        f"  against the stricter baseline, the original restricted to the kept classes' logits: "
+        f"{sum(within(r, 'acc_original') for r in two)}/{len(two)} within 1 point ({drop('acc_original')})",
         f"incremental, ours keeps task A within 2 points of the original: {orig['task_a'] - ours['task_a'] <= 0.02} "
         f"({100 * orig['task_a']:.1f} -> {100 * ours['task_a']:.1f})",
         f"ours reaches >= 90% of naive fine-tuning's task-B accuracy: {ours['task_b'] >= 0.9 * naive['task_b']} "
