@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from neuslice import _dispatch, ops, reference
+from neuslice import NonFiniteError, _dispatch, ops, reference
 from op_cases import K, acc_cases, acc_id, make_labels, make_x, new_stats
 from tolerances import ACCUMULATE, MASKED_UPDATE, assert_close
 
@@ -118,6 +118,33 @@ def test_accumulate_per_thread_scratch_with_classes_one_thread_never_sees(
     for a, w in zip(got, want):
         assert_close(a, w, ACCUMULATE, torch.float32)
     assert torch.equal(got[0][[2, 4]], torch.full((2,), 0.5))  # classes never seen: untouched
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("where", ["x", "grad", "ref", "x overflow"])
+@pytest.mark.parametrize("row", [0, 97, 255])
+@pytest.mark.parametrize("pt", [False, True])
+def test_accumulate_per_thread_scratch_rejects_non_finite(force_backend, threads, where, row, pt):
+    # On one thread the rows schedule decides finiteness from the values it stores (no scan of the
+    # scratch); on two, a scan after the reduction does. Either way: the error, and nothing changed.
+    b, n, s = (64, 40, 4) if pt else (256, 40, 1)
+    x = torch.randn(b, s, n) if pt else torch.randn(b, n)
+    g, r = torch.randn_like(x), torch.randn(n, s) if pt else torch.randn(n)
+    labels = torch.randint(0, 3, (b, s) if pt else (b,), generator=torch.Generator().manual_seed(3))
+    target = {"x": x, "grad": g, "ref": r, "x overflow": x}[where]
+    value = 3e38 if where == "x overflow" else float("nan")   # (3e38)^2 overflows act_sq
+    target.view(-1)[(row * target.numel()) // 256] = value   # row 0, 97 or 255 of 256
+    stats = [t.uniform_() for t in new_stats(n)]
+    before = [t.clone() for t in stats]
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        force_backend("cpu")
+        with pytest.raises(NonFiniteError, match="non-finite value in " + ("grad" if where in ("grad", "ref") else "x")):
+            ops.accumulate_(x, g, r, labels, pt, *stats)
+    finally:
+        torch.set_num_threads(prev)
+    assert all(torch.equal(a, w) for a, w in zip(stats, before))
 
 
 def test_accumulate_many_classes_uses_neuron_tiles(force_backend):

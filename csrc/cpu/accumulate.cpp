@@ -10,9 +10,10 @@
 //    rows x[b, s, :] are summed 4 at a time into per-sample accumulators. One position per sample
 //    (S == 1, or per-token labels): rows sorted by class, summed 4 at a time per class run.
 //  - Non-finite input: a non-finite term makes its scratch sum non-finite (inf and NaN propagate
-//    through addition), so one scan of the scratch after the pass finds it, with no per-element
-//    test in the hot loop. Only then is the scratch added into the statistics: a rejected batch
-//    changes nothing.
+//    through addition), so there is no per-element test of the input. The rows schedule folds a
+//    probe of every value it stores into registers (on one thread that decides); otherwise one
+//    scan of the (reduced) scratch after the pass does. Only then is the scratch added into the
+//    statistics: a rejected batch changes nothing.
 // Scratch is Kb*N*(2 to 4) values per scratch: independent of B and S, never the size of x.
 #include <omp.h>
 
@@ -91,13 +92,18 @@ inline void add_positions(const T* const* xp, const T* const* gp, const T* const
 
 // Sums over R rows that are samples of one class, columns [j0, j1): a0 += v, a1 += v^2,
 // a2 += |v*w|, a3 += |(v-r)*w| (with First, = instead of +=: the scratch is not zeroed beforehand).
+// Returns in qx / qg a probe of the values stored: NaN iff one of a0, a1 (qx) or a2, a3 (qg) is
+// inf or NaN. A non-finite partial sum stays non-finite in every later sum, so the probes of all
+// groups decide the final values' finiteness without a scan of the scratch.
 template <typename T, bool HasG, bool HasR, bool Unit, int R, bool First>
 inline void add_samples(const T* const* xp, const T* const* gp, const T* const* rp, int64_t j0, int64_t j1,
                         int64_t xn, int64_t gn, int64_t rn, typename Elem<T>::acc* __restrict__ a0,
                         typename Elem<T>::acc* __restrict__ a1, typename Elem<T>::acc* __restrict__ a2,
-                        typename Elem<T>::acc* __restrict__ a3) {
+                        typename Elem<T>::acc* __restrict__ a3, typename Elem<T>::acc& qx,
+                        typename Elem<T>::acc& qg) {
   using Acc = typename Elem<T>::acc;
-#pragma omp simd
+  Acc px = 0, pg = 0;
+#pragma omp simd reduction(+ : px, pg)
   for (int64_t j = j0; j < j1; ++j) {
     Acc s0 = 0, s1 = 0, s2 = 0, s3 = 0;
     for (int k = 0; k < R; ++k) {
@@ -110,18 +116,26 @@ inline void add_samples(const T* const* xp, const T* const* gp, const T* const* 
         if constexpr (HasR) s3 += std::abs((v - Elem<T>::load(rp[k], j * rn)) * w);
       }
     }
-    if constexpr (First) {
-      a0[j] = s0;
-      a1[j] = s1;
-      if constexpr (HasG) a2[j] = s2;
-      if constexpr (HasR) a3[j] = s3;
-    } else {
-      a0[j] += s0;
-      a1[j] += s1;
-      if constexpr (HasG) a2[j] += s2;
-      if constexpr (HasR) a3[j] += s3;
+    if constexpr (!First) {
+      s0 += a0[j];
+      s1 += a1[j];
+      if constexpr (HasG) s2 += a2[j];
+      if constexpr (HasR) s3 += a3[j];
+    }
+    a0[j] = s0;
+    a1[j] = s1;
+    px += s0 * Acc(0) + s1 * Acc(0);
+    if constexpr (HasG) {
+      a2[j] = s2;
+      pg += s2 * Acc(0);
+    }
+    if constexpr (HasR) {
+      a3[j] = s3;
+      pg += s3 * Acc(0);
     }
   }
+  qx += px;
+  qg += pg;
 }
 
 // Sample b, channels-first with S > 1, neurons [n0, n1): reduce each (b, n) S-run.
@@ -236,7 +250,7 @@ inline void prefetch_rows(const T* const* p, int n, int64_t j0, int64_t j1) {
 // hot cache, B = 10 / 10 classes: a zeroed per-run buffer copied into the scratch cost about 7 us
 // per class on top of the pass (the pass itself: 13 us for one row).
 template <typename T, bool HasG, bool HasR, bool Unit>
-void rows_by_class(const AccumulateArgs& a, const int32_t* lab, const std::vector<int64_t>& order,
+int rows_by_class(const AccumulateArgs& a, const int32_t* lab, const std::vector<int64_t>& order,
                    Scratch<typename Elem<T>::acc>& sc, int64_t n0, int64_t n1) {
   using Acc = typename Elem<T>::acc;
   // Column blocks of 4096 (4 accumulators: 64 KiB, L2): measured on linear B=1024 N=4096, 1 thread,
@@ -250,6 +264,7 @@ void rows_by_class(const AccumulateArgs& a, const int32_t* lab, const std::vecto
   // 8 streams that jump rows every group. Linear B=1024 N=4096, 1 thread, cold cache, median of
   // 41, interleaved in one process: 2.08-2.20 -> 1.98-2.04 ms (x.sum() + g.sum(): 1.50-1.57 ms).
   constexpr int64_t kChunk = 64;
+  Acc qx = 0, qg = 0;
   const T* xp[kRows];
   const T* gp[kRows];
   const T* rp[kRows];
@@ -286,7 +301,7 @@ void rows_by_class(const AccumulateArgs& a, const int32_t* lab, const std::vecto
           }
 #define NEUSLICE_ADD(R_, FIRST_)                                                                     \
   add_samples<T, HasG, HasR, Unit, R_, FIRST_>(xp, gp, rp, j0, j1, a.x_sn, a.g_sn, a.r_sn, acc[0], acc[1], \
-                                              acc[2], acc[3])
+                                              acc[2], acc[3], qx, qg)
           if (rows == kRows) {
             if (first) NEUSLICE_ADD(kRows, true); else NEUSLICE_ADD(kRows, false);
           } else {
@@ -301,15 +316,17 @@ void rows_by_class(const AccumulateArgs& a, const int32_t* lab, const std::vecto
   }
   for (int64_t c = 0; c < sc.kb; ++c)
     if (!seen[c]) sc.zero(c, n0, n1);
+  return (qx == Acc(0) ? 0 : kNonFiniteX) | (qg == Acc(0) ? 0 : kNonFiniteGrad);
 }
 
 // Channels-last accumulators cover at most this many neurons (3 arrays of 4096 floats: 48 KiB, in
 // L2; measured faster than 512-2048 blocks on the transformer shape, which re-walk the rows).
 constexpr int64_t kClBlock = 4096;
 
-// All samples' terms for neurons [n0, n1) into `sc`, samples (rows) [r0, r1).
+// All samples' terms for neurons [n0, n1) into `sc`, samples (rows) [r0, r1). Returns the
+// non-finite flags of the scratch when the schedule knows them (rows), -1 when a scan must tell.
 template <typename T, bool HasG, bool HasR, bool Unit>
-void run_range(const AccumulateArgs& a, const int32_t* lab, Scratch<typename Elem<T>::acc>& sc,
+int run_range(const AccumulateArgs& a, const int32_t* lab, Scratch<typename Elem<T>::acc>& sc,
                int64_t r0, int64_t r1, int64_t n0, int64_t n1) {
   using Acc = typename Elem<T>::acc;
   const bool rows = a.per_token || a.S == 1;  // one position per sample
@@ -319,7 +336,7 @@ void run_range(const AccumulateArgs& a, const int32_t* lab, Scratch<typename Ele
     for (int64_t i = r0; i < r1; ++i) start[lab[i] + 1] += 1;
     for (int64_t c = 0; c < sc.kb; ++c) start[c + 1] += start[c];
     for (int64_t i = r0; i < r1; ++i) order[start[lab[i]]++] = i;
-    rows_by_class<T, HasG, HasR, Unit>(a, lab, order, sc, n0, n1);
+    return rows_by_class<T, HasG, HasR, Unit>(a, lab, order, sc, n0, n1);
   } else if (a.channels_last) {
     for (int64_t c = 0; c < sc.kb; ++c) sc.zero(c, n0, n1);
     std::vector<Acc> buf(static_cast<size_t>(3 * std::min(kClBlock, n1 - n0)));
@@ -330,6 +347,7 @@ void run_range(const AccumulateArgs& a, const int32_t* lab, Scratch<typename Ele
     for (int64_t c = 0; c < sc.kb; ++c) sc.zero(c, n0, n1);
     for (int64_t b = r0; b < r1; ++b) sample_cf<T, HasG, HasR, Unit>(a, b, lab[b], sc, n0, n1);
   }
+  return -1;
 }
 
 // Non-finite test of scratch columns [n0, n1): 1 for statistics of x, 2 for those of g.
@@ -390,12 +408,17 @@ int run(const AccumulateArgs& a, const std::vector<int32_t>& lab, int64_t kb, in
   if (by_sample) {
     scs.reserve(nthreads);
     for (int t = 0; t < nthreads; ++t) scs.emplace_back(planes(HasG, HasR), kb, a.N);
+    if (nthreads == 1) {  // one scratch, nothing to reduce: the pass's own flags when it has them
+      const int flags = run_range<T, HasG, HasR, Unit>(a, lab.data(), scs[0], 0, nrows, 0, a.N);
+      return flags >= 0 ? flags : scan(scs[0], 0, a.N, planes(HasG, HasR));
+    }
 #pragma omp parallel num_threads(nthreads)
     {
       const int t = omp_get_thread_num(), nt = omp_get_num_threads();
       const int64_t r0 = nrows * t / nt, r1 = nrows * (t + 1) / nt;
       run_range<T, HasG, HasR, Unit>(a, lab.data(), scs[t], r0, r1, 0, a.N);
     }
+    // The sums of several scratches are scanned after the reduction (it can overflow too).
     return reduce_and_scan(scs, planes(HasG, HasR), nthreads);
   }
   scs.emplace_back(planes(HasG, HasR), kb, a.N);
@@ -454,16 +477,26 @@ int accumulate_typed(const AccumulateArgs& a, int nthreads) {
   // Commit: only now is anything written to the statistics.
   Acc* out[4] = {static_cast<Acc*>(a.act_sum), static_cast<Acc*>(a.act_sq),
                  static_cast<Acc*>(a.taylor_sum), static_cast<Acc*>(a.deeplift_sum)};
-  const int np = has_g ? 4 : 2;
   Scratch<Acc>& sc = scs[0];
   const int64_t N = a.N;
+  // Without a reference deeplift equals taylor: scratch plane 2 goes into both, read once.
+  const bool twice = has_g && !has_r;
 #pragma omp parallel for num_threads(nthreads) schedule(static) collapse(2)
-  for (int p = 0; p < np; ++p) {
+  for (int p = 0; p < sc.np; ++p) {
     for (int64_t c = 0; c < kb; ++c) {
       Acc* dst = out[p] + classes[c] * N;
-      const Acc* src = sc.plane(p == 3 && !has_r ? 2 : p, c);
+      const Acc* src = sc.plane(p, c);
+      if (twice && p == 2) {
+        Acc* dst2 = out[3] + classes[c] * N;
 #pragma omp simd
-      for (int64_t n = 0; n < N; ++n) dst[n] += src[n];
+        for (int64_t n = 0; n < N; ++n) {
+          dst[n] += src[n];
+          dst2[n] += src[n];
+        }
+      } else {
+#pragma omp simd
+        for (int64_t n = 0; n < N; ++n) dst[n] += src[n];
+      }
     }
   }
   Acc* cnt = static_cast<Acc*>(a.count);
