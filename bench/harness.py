@@ -5,7 +5,11 @@ Conventions (printed with every table):
   kernel's inputs come from DRAM as they would for real activations.
 - GB/s of a kernel = bytes that must be read once (its inputs) / median time.
 - Copy bandwidth = (bytes read + bytes written) / median time of ``dst.copy_(src)`` over 256 MiB,
-  measured in the same run at the same thread count (the STREAM "copy" convention).
+  measured in the same run at the same thread count (the STREAM "copy" convention). Each row's
+  "% of copy" is against a copy measured right after that row's case (``copy_bandwidth_now``):
+  this dev VM's memory bandwidth drifts by up to a third within a minute (measured: the same
+  read-only pass at 26.7 and 17.8 GB/s in two runs a minute apart), so one figure from the
+  start of a session misstates rows timed later. The per-row copies are printed beside each row.
 """
 from __future__ import annotations
 
@@ -62,6 +66,25 @@ def copy_bandwidth(threads: int) -> float:
     return _COPY[threads]
 
 
+def copy_bandwidth_now(threads: int, reps: int = 5) -> float:
+    """A fresh STREAM-copy measurement (not cached): the normaliser for the case just timed."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        global _COPY_BUF
+        if _COPY_BUF is None:
+            src = torch.ones(256 * 2**20 // 4, dtype=torch.float32)
+            _COPY_BUF = (src, torch.empty_like(src))
+        src, dst = _COPY_BUF
+        t = median_seconds(lambda: dst.copy_(src), reps=reps, flush=False)
+        return 2 * src.numel() * 4 / t / 1e9
+    finally:
+        torch.set_num_threads(prev)
+
+
+_COPY_BUF = None
+
+
 @dataclass
 class Row:
     op: str
@@ -71,6 +94,7 @@ class Row:
     ms: float
     gbs: Optional[float] = None
     extra: Dict[str, float] = field(default_factory=dict)
+    copy_gbs: Optional[float] = None  # copy bandwidth measured right after this row's case
 
 
 class Table:
@@ -81,8 +105,9 @@ class Table:
 
     def add(self, op: str, case: str, impl: str, threads: int, seconds: float, nbytes: Optional[int] = None,
             **extra: float) -> Row:
+        """A row; rows with ``nbytes`` get a copy bandwidth measured now, right after their case."""
         row = Row(op, case, impl, threads, seconds * 1e3, None if nbytes is None else nbytes / seconds / 1e9,
-                  dict(extra))
+                  dict(extra), None if nbytes is None else copy_bandwidth_now(threads))
         self.rows.append(row)
         return row
 
@@ -95,22 +120,29 @@ class Table:
     def markdown(self) -> str:
         lines = [
             f"machine: {platform.machine()} {platform.processor() or ''}, torch {torch.__version__}; "
-            "GB/s = bytes read once / median time (cold cache); copy = STREAM copy (read+write)/time.",
+            "GB/s = bytes read once / median time (cold cache); copy = STREAM copy (read+write)/time, "
+            "measured right after each row's case.",
             "",
-            "| op | case | impl | threads | median ms | GB/s | % of copy | speedup vs composite | vs reference |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| op | case | impl | threads | median ms | GB/s | copy GB/s | % of copy | speedup vs composite | vs reference |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in self.rows:
             comp, ref = self._baseline(r, "composite"), self._baseline(r, "reference")
-            pct = "" if r.gbs is None else f"{100 * r.gbs / copy_bandwidth(r.threads):.0f}%"
+            copy = r.copy_gbs if r.copy_gbs is not None else (None if r.gbs is None else copy_bandwidth(r.threads))
+            pct = "" if r.gbs is None else f"{100 * r.gbs / copy:.0f}%"
             sp = "" if comp is None or r.impl == "composite" else f"{comp.ms / r.ms:.1f}x"
             if r.impl == "read-bound" and comp is not None:
                 sp += " (ceiling)"
             sr = "" if ref is None or r.impl == "reference" else f"{ref.ms / r.ms:.1f}x"
             gbs = "" if r.gbs is None else f"{r.gbs:.1f}"
-            lines.append(f"| {r.op} | {r.case} | {r.impl} | {r.threads} | {r.ms:.2f} | {gbs} | {pct} | {sp} | {sr} |")
+            cp = "" if copy is None else f"{copy:.1f}"
+            lines.append(f"| {r.op} | {r.case} | {r.impl} | {r.threads} | {r.ms:.2f} | {gbs} | {cp} | {pct} | {sp} | {sr} |")
         copies = ", ".join(f"{t} thread(s): {bw:.1f} GB/s" for t, bw in sorted(_COPY.items()))
-        lines += ["", f"copy bandwidth measured in this run: {copies}"]
+        spread = []
+        for t in sorted({r.threads for r in self.rows if r.copy_gbs is not None}):
+            cs = [r.copy_gbs for r in self.rows if r.threads == t and r.copy_gbs is not None]
+            spread.append(f"{t} thread(s): {min(cs):.1f}-{max(cs):.1f} GB/s")
+        lines += ["", f"copy bandwidth at the start of this run: {copies}; next to the rows: {', '.join(spread)}"]
         return "\n".join(lines)
 
     def save(self, name: str) -> Path:
