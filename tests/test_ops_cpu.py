@@ -87,7 +87,8 @@ def test_accumulate_thread_counts_agree(force_backend, threads, shape, cl, pt):
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("with_g,with_r", [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("shape,cl,pt", [((256, 33, 1), False, False), ((128, 20, 5), False, False),
-                                         ((128, 20, 5), True, False), ((32, 33, 8), True, True)])
+                                         ((128, 20, 5), True, False), ((32, 33, 8), True, True),
+                                         ((64, 4100, 1), False, False)])  # > one 4096-column block
 def test_accumulate_per_thread_scratch_with_classes_one_thread_never_sees(
         force_backend, threads, with_g, with_r, shape, cl, pt):
     # Batches large against few classes take the per-thread private scratch schedule. That scratch
