@@ -50,15 +50,21 @@ def _check_same(op: str, name: str, t: Tensor, like: Tensor, like_name: str, sha
         _fail(op, f"{name} must have shape {list(want)}, got {_shape(t)}")
 
 
+# Private torch hooks the front door needs; where a torch build lacks one, every call takes the op.
+_DISPATCH_MODES = getattr(torch._C, "_len_torch_dispatch_stack", None)
+_FUNCTORCH_ACTIVE = getattr(torch._C, "_are_functorch_transforms_active", None)
+
+
 def _direct(args, mutated) -> bool:
     """True when running an op's kernel directly is indistinguishable from the dispatcher's call:
     eager, plain tensors, no torch function/dispatch mode or functorch transform, no tracing or
     profiler, and no mutated tensor that requires grad."""
+    if _DISPATCH_MODES is None or _FUNCTORCH_ACTIVE is None:
+        return False
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.autograd._profiler_enabled():
         return False  # (under torch.profiler the op's name shows in the trace)
     tensors = [a for a in args if isinstance(a, Tensor)]
-    if (torch.overrides.has_torch_function(tensors) or torch._C._len_torch_dispatch_stack()
-            or torch._C._are_functorch_transforms_active()):
+    if torch.overrides.has_torch_function(tensors) or _DISPATCH_MODES() or _FUNCTORCH_ACTIVE():
         return False
     if any(type(t) is not Tensor for t in tensors):
         return False
