@@ -54,6 +54,26 @@ def test_task_a_is_bit_identical_and_frozen_weights_do_not_move(arch):
     assert 0 < rep.free_fraction < 1 and rep.steps == 2 * 7
 
 
+def test_warns_when_no_free_neuron_feeds_the_head_under_the_joint_objective():
+    # The configuration that collapsed task B to chance on digits: free neurons early, none in the layer
+    # that feeds the head. Built here by marking every neuron of the last conv critical.
+    import copy
+    import warnings
+    model = trained("digits_cnn", classes=A)
+    s = copy.deepcopy(slices("digits_cnn", classes=A, theta=0.7))
+    s.critical_sets["features.4"][:] = True
+    data = loader("train", B, n=64, batch_size=32)
+    with pytest.warns(UserWarning, match=r"no free neuron in 'features.4' \(the layer\(s\) feeding the head 'head'\)"):
+        _, rep = incremental(model, s, data, new_classes=B, epochs=1, lr=1e-2, objective="joint")
+    assert rep.free_by_layer["features.4"] == 0 and rep.free_by_layer["features.0"] > 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")      # the task objective, or free neurons feeding the head: no warning
+        incremental(model, s, data, new_classes=B, epochs=1, lr=1e-2, objective="task")
+        _, rep = incremental(model, slices("digits_cnn", classes=A, theta=0.7), data, new_classes=B, epochs=1,
+                             lr=1e-2, objective="joint")
+    assert rep.free_by_layer["features.4"] > 0
+
+
 def test_weight_rule_out_or_in_free():
     """Independent check of the rule on the CNN: conv W[o, i] and head W[k, c·S + s] masks."""
     model = trained("digits_cnn", classes=A)

@@ -13,6 +13,7 @@ neuron, task-A predictions are bit-identical before and after learning B.
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -98,9 +99,26 @@ class IncrementalReport:
     task_a_acc_after: Optional[float]
     task_b_acc_before: Optional[float]
     task_b_acc_after: Optional[float]
+    free_by_layer: Dict[str, int]   # free (trainable) neurons per sliced layer
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def _warn_no_free_head_input(fn: str, plan, head_name: str, free: Dict[str, int], objective: str) -> None:
+    """Warns when, under the joint objective, the sliced layers that feed the head have no free neuron while
+    earlier layers do. The new classes can then reach the head only through frozen neurons, and training
+    pushes the old classes' logits down by driving the early free neurons' fan-out into those frozen neurons:
+    measured on digits (bench/eval_maintenance.py --seed 1, Θ = 0.7: 2 free neurons in the first conv, none
+    in the last) task-B accuracy fell to chance (20%), against 96% with no free neuron at all and 99% at
+    Θ = 0.6 (5 free in the last conv)."""
+    feeding = [i.name for i in plan.layers if any(c == head_name for c, _ in i.consumers)]
+    if objective != "joint" or not feeding or any(free[n] for n in feeding) or not any(free.values()):
+        return
+    warnings.warn(f"{fn}: no free neuron in {', '.join(repr(n) for n in feeding)} (the layer(s) feeding the head "
+                  f"{head_name!r}) at this theta, while {sum(free.values())} earlier neuron(s) are free; with "
+                  "objective='joint' the new classes can then collapse to chance (measured on digits). Use a "
+                  "lower theta, or objective='task'.", UserWarning, stacklevel=3)
 
 
 def _in_mask(consumer: nn.Module, free: Tensor, cols: int) -> Optional[Tensor]:
@@ -257,13 +275,15 @@ def incremental(model: nn.Module, slices: Slices, data_b, *, new_classes, replay
     if len(task_names) != 2 or len(set(task_names)) != 2 or not all(isinstance(t, str) for t in task_names):
         raise ValueError(f"{fn}: task_names must be two distinct strings, got {task_names!r}")
     plan = C.plan_of(fn, slices, model)
-    _, head = C.head_module(fn, plan, model, slices.num_classes)
+    head_name, head = C.head_module(fn, plan, model, slices.num_classes)
     old, new = _check_tasks(fn, slices, head.out_features, old_classes, new_classes, replay, replay_data)
     C.check_labels(fn, data_b, new, "data_b")
     if replay is not None:
         C.check_labels(fn, replay_data, old, "replay_data")
     net = copy.deepcopy(model).eval()
     masks, frozen_norms, frozen = free_weight_masks(fn, net, slices, old, new)
+    free_by_layer = {name: int((~f).sum()) for name, f in frozen.items()}
+    _warn_no_free_head_input(fn, plan, head_name, free_by_layer, objective)
     a, b = task_names
     out = TaskAwareModel(net, C.rebind(plan, net), frozen, {a: old, b: new}, a, slices.class_names).eval()
     acc_a0, acc_b0 = _task_acc(model, eval_a, old), _task_acc(model, eval_b, new)
@@ -275,5 +295,5 @@ def incremental(model: nn.Module, slices: Slices, data_b, *, new_classes, replay
     nfree = sum(int((~f).sum()) for f in frozen.values())
     report = IncrementalReport(old, new, slices.value, nfree / sum(f.numel() for f in frozen.values()), ntrain,
                                C.param_count(model), steps, replayed, acc_a0, _task_acc(out, eval_a, old, a),
-                               acc_b0, _task_acc(out, eval_b, new, b))
+                               acc_b0, _task_acc(out, eval_b, new, b), free_by_layer)
     return out, report
