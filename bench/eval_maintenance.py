@@ -341,6 +341,7 @@ def main(argv=None) -> None:
     ap.add_argument("--epochs-inc", type=int, default=10)
     ap.add_argument("--lr-inc", type=float, default=0.05)
     ap.add_argument("--opt-inc", choices=("sgd", "adamw"), default="sgd")
+    ap.add_argument("--keep-theta-inc", action="store_true", help="use --theta-inc as given, never lowered")
     ap.add_argument("--seed", type=int, default=0, help="seed of the base models (initialisation, batch order)")
     args = ap.parse_args(argv)
     global OPT_INC, SEED
@@ -350,7 +351,8 @@ def main(argv=None) -> None:
     pairs = exp_restructure(args.theta, args.quick)
     comp = exp_compress(args.theta, [[2, 7], list(FIVE)])
     rea = exp_readapt((0.3, 0.5, args.theta))
-    args.theta_inc = theta_for_incremental(args.theta_inc)
+    if not args.keep_theta_inc:
+        args.theta_inc = theta_for_incremental(args.theta_inc)
     inc = [r for obj in ("joint", "task") for r in exp_incremental(args.theta_inc, args.epochs_inc, args.lr_inc, obj)]
     th = exp_theta((0.5, 0.6, 0.7, 0.8, 0.9), args.epochs_inc, args.lr_inc, "joint")
     for name, rows in (("restructure", pairs), ("compress", comp), ("readapt", rea), ("incremental", inc),
