@@ -216,17 +216,22 @@ def _int_scores(rows):
     return torch.tensor(rows, dtype=torch.float32)
 
 
+def _forced_select(op, backend, scores, value):
+    """ops.<op>(scores, value) with ``backend`` forced (hypothesis tests cannot take the fixture)."""
+    os.environ["NEUSLICE_BACKEND"] = backend
+    try:
+        return getattr(ops, op)(scores, value)
+    finally:
+        del os.environ["NEUSLICE_BACKEND"]
+
+
 @settings(max_examples=60, deadline=None)
 @given(rows=st.lists(st.lists(st.integers(0, 1000), min_size=1, max_size=40), min_size=1, max_size=4)
        .filter(lambda rs: len({len(r) for r in rs}) == 1),
        theta=st.floats(0.001, 1.0), backend=st.sampled_from(CPU_BACKENDS))
 def test_select_reaches_theta_minimally(rows, theta, backend):
     s = _int_scores(rows)
-    os.environ["NEUSLICE_BACKEND"] = backend
-    try:
-        mask = ops.select(s, theta)
-    finally:
-        del os.environ["NEUSLICE_BACKEND"]
+    mask = _forced_select("select", backend, s, theta)
     for row, keep in zip(s.double(), mask):
         total = float(row.sum())
         if total == 0:
@@ -248,11 +253,7 @@ def test_select_reaches_theta_minimally(rows, theta, backend):
        ratio=st.floats(0.001, 1.0), backend=st.sampled_from(CPU_BACKENDS))
 def test_select_topk_counts_and_order(rows, ratio, backend):
     s = _int_scores(rows)
-    os.environ["NEUSLICE_BACKEND"] = backend
-    try:
-        mask = ops.select_topk(s, ratio)
-    finally:
-        del os.environ["NEUSLICE_BACKEND"]
+    mask = _forced_select("select_topk", backend, s, ratio)
     k = reference.topk_count(ratio, s.shape[1])
     for row, keep in zip(s, mask):
         assert int(keep.sum()) == k

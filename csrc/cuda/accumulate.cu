@@ -89,33 +89,15 @@ __device__ __forceinline__ void cols_sums(const Params& p, int64_t b, int64_t s0
   const bool vx = full && p.vec, vr = full && p.rvec;
   for (int64_t s = s0; s < s1; ++s) {
     Acc xv[V], gv[V], rv[V];
-    const int64_t xo = b * p.x_sb + s * p.x_ss + n0 * p.x_sn;
-    if (vx) {
-      ldv(x + xo, xv);
-    } else {
-#pragma unroll
-      for (int v = 0; v < V; ++v) xv[v] = n0 + v < p.N ? E<T>::ld(x, xo + v * p.x_sn) : Acc(0);
-    }
+    ld_cols(x, b * p.x_sb + s * p.x_ss + n0 * p.x_sn, p.x_sn, vx, n0, p.N, xv);
 #pragma unroll
     for (int v = 0; v < V; ++v) sx[v] += xv[v];
     if (HasG) {
-      const int64_t go = b * p.g_sb + s * p.g_ss + n0 * p.g_sn;
-      if (vx) {
-        ldv(g + go, gv);
-      } else {
-#pragma unroll
-        for (int v = 0; v < V; ++v) gv[v] = n0 + v < p.N ? E<T>::ld(g, go + v * p.g_sn) : Acc(0);
-      }
+      ld_cols(g, b * p.g_sb + s * p.g_ss + n0 * p.g_sn, p.g_sn, vx, n0, p.N, gv);
 #pragma unroll
       for (int v = 0; v < V; ++v) sg[v] += xv[v] * gv[v];
       if (p.has_r) {
-        const int64_t ro = s * p.r_ss + n0 * p.r_sn;
-        if (vr) {
-          ldv(r + ro, rv);
-        } else {
-#pragma unroll
-          for (int v = 0; v < V; ++v) rv[v] = n0 + v < p.N ? E<T>::ld(r, ro + v * p.r_sn) : Acc(0);
-        }
+        ld_cols(r, s * p.r_ss + n0 * p.r_sn, p.r_sn, vr, n0, p.N, rv);
 #pragma unroll
         for (int v = 0; v < V; ++v) sd[v] += (xv[v] - rv[v]) * gv[v];
       }

@@ -85,6 +85,19 @@ __device__ __forceinline__ void ldv(const T* p, typename E<T>::Acc* o) {
   E<T>::unpack(__ldg(reinterpret_cast<const uint4*>(p)), o);
 }
 
+// The V consecutive neurons n0 .. n0+V-1 of one row, starting at element `off` with neuron stride
+// `sn`: one 16-byte load when `vec`, else element by element with zeros past N.
+template <typename T>
+__device__ __forceinline__ void ld_cols(const T* p, int64_t off, int64_t sn, bool vec, int64_t n0, int64_t N,
+                                        typename E<T>::Acc* o) {
+  if (vec) {
+    ldv(p + off, o);
+    return;
+  }
+#pragma unroll
+  for (int v = 0; v < E<T>::V; ++v) o[v] = n0 + v < N ? E<T>::ld(p, off + v * sn) : typename E<T>::Acc(0);
+}
+
 // Everything a kernel needs, passed by value.
 struct Params {
   const void* x; const void* g; const void* r; const int64_t* labels;

@@ -22,6 +22,21 @@ constexpr unsigned kFullMask = 0xffffffffu;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Inclusive prefix sum over the warp, in lane order; `exl` receives the exclusive value (the
+// inclusive one shifted up a lane, 0 in lane 0: never formed by subtraction).
+template <typename TV>
+__device__ __forceinline__ TV warp_inclusive_scan(TV v, int lane, TV& exl) {
+  TV inc = v;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const TV t = __shfl_up_sync(kFullMask, inc, o);
+    if (lane >= o) inc += t;
+  }
+  exl = __shfl_up_sync(kFullMask, inc, 1);
+  if (lane == 0) exl = TV(0);
+  return inc;
+}
+
 // Exclusive prefix sum over the block (blockDim.x a multiple of 32, at most 1024), in thread
 // order. `s_warp` is shared scratch of 33 values; `total` receives the block's sum. Every thread
 // of the block must call it (it synchronises). Exclusive values are formed by shifting inclusive
@@ -30,26 +45,13 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 template <typename TV>
 __device__ __forceinline__ TV block_exclusive_scan(TV v, TV* s_warp, TV& total) {
   const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
-  TV inc = v;
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const TV t = __shfl_up_sync(kFullMask, inc, o);
-    if (lane >= o) inc += t;
-  }
-  TV exl = __shfl_up_sync(kFullMask, inc, 1);
-  if (lane == 0) exl = TV(0);
+  TV exl;
+  const TV inc = warp_inclusive_scan(v, lane, exl);
   if (lane == 31) s_warp[wid] = inc;
   __syncthreads();
   if (wid == 0) {
-    const TV w = lane < nw ? s_warp[lane] : TV(0);
-    TV wi = w;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const TV t = __shfl_up_sync(kFullMask, wi, o);
-      if (lane >= o) wi += t;
-    }
-    TV ex = __shfl_up_sync(kFullMask, wi, 1);
-    if (lane == 0) ex = TV(0);
+    TV ex;
+    const TV wi = warp_inclusive_scan(lane < nw ? s_warp[lane] : TV(0), lane, ex);
     const TV tot = __shfl_sync(kFullMask, wi, 31);
     s_warp[lane] = ex;
     if (lane == 0) s_warp[32] = tot;
