@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from harness import TABLE, copy_bandwidth, flush_cache
+from harness import TABLE, flush_cache
 from neuslice import ops, reference
 
 K = 10
@@ -72,7 +72,6 @@ def bench_accumulate(benchmark, threads, case, impl):
     t = _bench(benchmark, fn)
     if t is not None:
         TABLE.add("accumulate (taylor+act)", case, impl, threads, t, 2 * x.numel() * 4 + labels.numel() * 8)
-        copy_bandwidth(threads)
 
 
 def _composite_select(scores, theta):
@@ -103,7 +102,6 @@ def bench_select(benchmark, threads, op, impl):
     t = _bench(benchmark, fn)
     if t is not None:
         TABLE.add(op, "R=1000 N=4096", impl, threads, t, scores.numel() * 4)
-        copy_bandwidth(threads)
 
 
 def _adamw_setup(n=4096):
@@ -143,4 +141,3 @@ def bench_masked_adamw(benchmark, threads, impl):
         # Bytes that must be read: param, grad and both states of the trainable rows only.
         TABLE.add("masked_adamw", "4096x4096, 50% rows", impl, threads, t,
                   int(4 * p.numel() * 4 * mask.float().mean()))
-        copy_bandwidth(threads)

@@ -236,8 +236,7 @@ def theta_for_incremental(theta: float) -> float:
         plan = C.plan_of("eval", s, model)
         head_name, _ = C.head_module("eval", plan, model, s.num_classes)
         frozen = s.mask(list(A))
-        feeding = [i.name for i in plan.layers if any(c == head_name for c, _ in i.consumers)]
-        if any(bool((~frozen[n]).any()) for n in feeding) or theta <= 0.5 + 1e-9:
+        if any(bool((~frozen[n]).any()) for n in C.head_inputs(plan, head_name)) or theta <= 0.5 + 1e-9:
             return theta
         theta = round(theta - 0.1, 10)
 

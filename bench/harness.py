@@ -49,29 +49,16 @@ def median_seconds(fn: Callable[[], object], *, reps: int = 15, flush: bool = Tr
 
 
 _COPY: Dict[int, float] = {}
-
-
-def copy_bandwidth(threads: int) -> float:
-    """STREAM-copy bandwidth in GB/s ((read + write bytes) / median time) at ``threads`` threads."""
-    if threads not in _COPY:
-        prev = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            src = torch.ones(256 * 2**20 // 4, dtype=torch.float32)
-            dst = torch.empty_like(src)
-            t = median_seconds(lambda: dst.copy_(src), reps=9, flush=False)
-            _COPY[threads] = 2 * src.numel() * 4 / t / 1e9
-        finally:
-            torch.set_num_threads(prev)
-    return _COPY[threads]
+_COPY_BUF = None   # (src, dst), 256 MiB each, allocated once
 
 
 def copy_bandwidth_now(threads: int, reps: int = 5) -> float:
-    """A fresh STREAM-copy measurement (not cached): the normaliser for the case just timed."""
+    """A fresh STREAM-copy measurement in GB/s ((read + write bytes) / median time of ``dst.copy_(src)``)
+    at ``threads`` threads: the normaliser for the case just timed."""
+    global _COPY_BUF
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        global _COPY_BUF
         if _COPY_BUF is None:
             src = torch.ones(256 * 2**20 // 4, dtype=torch.float32)
             _COPY_BUF = (src, torch.empty_like(src))
@@ -82,7 +69,11 @@ def copy_bandwidth_now(threads: int, reps: int = 5) -> float:
         torch.set_num_threads(prev)
 
 
-_COPY_BUF = None
+def copy_bandwidth(threads: int) -> float:
+    """The session's first STREAM-copy measurement at ``threads`` threads (cached)."""
+    if threads not in _COPY:
+        _COPY[threads] = copy_bandwidth_now(threads, reps=9)
+    return _COPY[threads]
 
 
 @dataclass

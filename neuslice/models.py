@@ -11,7 +11,7 @@ from typing import Callable, Dict, Iterable, Optional, Sequence
 import torch
 from torch import nn
 
-__all__ = ["ConvNet", "MLP", "MODELS", "build", "fit", "accuracy"]
+__all__ = ["ConvNet", "MLP", "MODELS", "build", "fit", "accuracy", "score", "restricted_predict"]
 
 
 class ConvNet(nn.Module):
@@ -101,28 +101,43 @@ def fit(model: nn.Module, loader: Iterable, *, epochs: int = 5, lr: float = 0.05
 
 
 @torch.no_grad()
+def score(predict: Callable[[object], torch.Tensor], data: Iterable, classes: Optional[Sequence[int]] = None,
+          *, who: str = "neuslice.models.score") -> float:
+    """Top-1 accuracy of ``predict(inputs) -> int64 [B]`` class ids over ``data`` (only samples whose label is
+    in ``classes`` when given). Raises, naming ``who``, when no sample counts."""
+    correct = total = 0
+    keep_cls = None if classes is None else torch.as_tensor(sorted(set(int(c) for c in classes)))
+    for x, y in data:
+        pred = predict(x).cpu()
+        if keep_cls is not None:
+            keep = torch.isin(y, keep_cls)
+            pred, y = pred[keep], y[keep]
+        correct += int((pred == y).sum())
+        total += int(y.numel())
+    if total == 0:
+        raise ValueError(f"{who}: no sample in the loader" +
+                         ("" if classes is None else f" has a label in {sorted(set(classes))}"))
+    return correct / total
+
+
+def restricted_predict(model: nn.Module, classes: Sequence[int]) -> Callable[[object], torch.Tensor]:
+    """``x -> class id``: argmax of ``model(x)`` over the logits of ``classes`` only (int64 ``[B]``)."""
+    cls = torch.as_tensor(sorted(set(int(c) for c in classes)))
+
+    def predict(x):
+        out = model(x)
+        return cls.to(out.device)[out[..., cls.to(out.device)].argmax(-1)]
+    return predict
+
+
 def accuracy(model: nn.Module, loader: Iterable, classes: Optional[Sequence[int]] = None) -> float:
     """Top-1 accuracy of ``model`` (left in its mode) over ``loader``.
 
     With ``classes``, only samples labelled in ``classes`` count and the prediction is the argmax over
     those classes' logits (the model serves exactly that class set).
     """
-    correct = total = 0
-    cls = None if classes is None else torch.as_tensor(sorted(set(int(c) for c in classes)))
-    for x, y in loader:
-        logits = model(x)
-        if cls is not None:
-            keep = torch.isin(y, cls)
-            logits, y = logits[keep][:, cls], y[keep]
-            pred = cls[logits.argmax(1)] if y.numel() else y
-        else:
-            pred = logits.argmax(1)
-        correct += int((pred == y).sum())
-        total += int(y.numel())
-    if total == 0:
-        raise ValueError("neuslice.models.accuracy: no sample in the loader" +
-                         ("" if classes is None else f" has a label in {sorted(set(classes))}"))
-    return correct / total
+    predict = (lambda x: model(x).argmax(-1)) if classes is None else restricted_predict(model, classes)
+    return score(predict, loader, classes, who="neuslice.models.accuracy")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,11 +15,12 @@ from torch import Tensor, nn
 from .. import ops
 from .._graph import NORMS, LayerInfo, Plan, discover
 from .._io import check_model
+from ..models import restricted_predict, score
 from ..profile import call_model
 from ..slices import Slices
 
 __all__ = ["check_module", "check_slices", "plan_of", "head_module", "check_labels", "fit_masked", "NormGuard",
-           "param_count", "evaluate", "check_positive", "check_training", "chain_norms", "rebind",
+           "param_count", "evaluate", "head_inputs", "check_positive", "check_training", "chain_norms", "rebind",
            "restricted_predict"]
 
 
@@ -76,6 +77,11 @@ def head_module(fn: str, plan: Plan, model: nn.Module, num_classes: int) -> Tupl
         raise ValueError(f"{fn}: the head {heads[0]!r} has {head.out_features} outputs but the slices have "
                          f"{num_classes} classes")
     return heads[0], head
+
+
+def head_inputs(plan: Plan, head_name: str) -> List[str]:
+    """The sliced layers that feed the head ``head_name`` directly."""
+    return [i.name for i in plan.layers if any(c == head_name for c, _ in i.consumers)]
 
 
 def chain_norms(plan: Plan, model: nn.Module) -> Dict[str, Tuple[str, nn.Module]]:
@@ -229,30 +235,7 @@ def fit_masked(model: nn.Module, data: Iterable, masks: Dict[str, Optional[Tenso
     return steps
 
 
-@torch.no_grad()
 def evaluate(predict: Callable[[object], Tensor], data: Iterable, classes: Optional[Sequence[int]] = None) -> float:
     """Top-1 accuracy of ``predict(inputs) -> int64 [B]`` class ids over ``data`` (only samples whose label is
     in ``classes`` when given). Raises when no sample counts."""
-    correct = total = 0
-    keep_cls = None if classes is None else torch.as_tensor(sorted(set(int(c) for c in classes)))
-    for x, y in data:
-        pred = predict(x).cpu()
-        if keep_cls is not None:
-            keep = torch.isin(y, keep_cls)
-            pred, y = pred[keep], y[keep]
-        correct += int((pred == y).sum())
-        total += int(y.numel())
-    if total == 0:
-        raise ValueError("neuslice.maintain.evaluate: no sample to score" +
-                         ("" if classes is None else f" with a label in {sorted(set(classes))}"))
-    return correct / total
-
-
-def restricted_predict(model: nn.Module, classes: Sequence[int]) -> Callable[[object], Tensor]:
-    """``x -> class id``: argmax of ``model(x)`` over the logits of ``classes`` only (int64 ``[B]``)."""
-    cls = torch.as_tensor(sorted(set(int(c) for c in classes)))
-
-    def predict(x):
-        out = model(x)
-        return cls.to(out.device)[out[..., cls.to(out.device)].argmax(-1)]
-    return predict
+    return score(predict, data, classes, who="neuslice.maintain.evaluate")

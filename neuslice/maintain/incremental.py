@@ -112,7 +112,7 @@ def _warn_no_free_head_input(fn: str, plan, head_name: str, free: Dict[str, int]
     measured on digits (bench/eval_maintenance.py --seed 1, Θ = 0.7: 2 free neurons in the first conv, none
     in the last) task-B accuracy fell to chance (20%), against 96% with no free neuron at all and 99% at
     Θ = 0.6 (5 free in the last conv)."""
-    feeding = [i.name for i in plan.layers if any(c == head_name for c, _ in i.consumers)]
+    feeding = C.head_inputs(plan, head_name)
     if objective != "joint" or not feeding or any(free[n] for n in feeding) or not any(free.values()):
         return
     warnings.warn(f"{fn}: no free neuron in {', '.join(repr(n) for n in feeding)} (the layer(s) feeding the head "
