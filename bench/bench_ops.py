@@ -74,6 +74,31 @@ def bench_accumulate(benchmark, threads, case, impl):
         TABLE.add("accumulate (taylor+act)", case, impl, threads, t, 2 * x.numel() * 4 + labels.numel() * 8)
 
 
+CALLS = 200
+
+
+@pytest.mark.parametrize("path", ["ops.accumulate_ (front door)", "torch.ops.neuslice.accumulate_ (dispatcher)"])
+def bench_call_overhead(benchmark, path):
+    """Per-call cost on a tiny input ([4, 64], 10 classes, cpu, 1 thread): what the eager front door
+    of neuslice.ops saves against the registered op. Run alone:
+    NEUSLICE_BENCH_NAME=call_overhead python -m pytest bench/bench_ops.py --benchmark-enable -q -k call_overhead"""
+    x, g = torch.randn(4, 64), torch.randn(4, 64)
+    labels = torch.arange(4) % K
+    stats = [torch.zeros(K)] + [torch.zeros(K, 64) for _ in range(4)]
+    fn = ops.accumulate_ if path.startswith("ops.") else torch.ops.neuslice.accumulate_
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        def calls():
+            for _ in range(CALLS):
+                fn(x, g, None, labels, False, *stats)
+        benchmark.pedantic(calls, rounds=15, warmup_rounds=2)
+    finally:
+        torch.set_num_threads(prev)
+    if benchmark.stats is not None:
+        TABLE.add("accumulate_ call overhead", "[4, 64], 10 classes", path, 1, benchmark.stats.stats.median / CALLS)
+
+
 def _composite_select(scores, theta):
     vals, idx = torch.sort(scores, dim=1, descending=True)
     cs = vals.cumsum(1)

@@ -127,13 +127,15 @@ class Table:
             sr = "" if ref is None or r.impl == "reference" else f"{ref.ms / r.ms:.1f}x"
             gbs = "" if r.gbs is None else f"{r.gbs:.1f}"
             cp = "" if copy is None else f"{copy:.1f}"
-            lines.append(f"| {r.op} | {r.case} | {r.impl} | {r.threads} | {r.ms:.2f} | {gbs} | {cp} | {pct} | {sp} | {sr} |")
+            ms = f"{r.ms:.2f}" if r.ms >= 0.1 else f"{r.ms:.4f}"
+            lines.append(f"| {r.op} | {r.case} | {r.impl} | {r.threads} | {ms} | {gbs} | {cp} | {pct} | {sp} | {sr} |")
         copies = ", ".join(f"{t} thread(s): {bw:.1f} GB/s" for t, bw in sorted(_COPY.items()))
         spread = []
         for t in sorted({r.threads for r in self.rows if r.copy_gbs is not None}):
             cs = [r.copy_gbs for r in self.rows if r.threads == t and r.copy_gbs is not None]
             spread.append(f"{t} thread(s): {min(cs):.1f}-{max(cs):.1f} GB/s")
-        lines += ["", f"copy bandwidth at the start of this run: {copies}; next to the rows: {', '.join(spread)}"]
+        lines += ["", f"copy bandwidth at the start of this run: {copies}"
+                  + (f"; next to the rows: {', '.join(spread)}" if spread else "")]
         return "\n".join(lines)
 
     def save(self, name: str) -> Path:
