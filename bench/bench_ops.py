@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from harness import TABLE, flush_cache
-from neuslice import ops, reference
+from neuslice import ops
+from neuslice.ops import reference
 
 K = 10
 ACCUMULATE_CASES = {

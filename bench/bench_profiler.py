@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 import neuslice
 import neuslice.models as M
-from neuslice.data import load_digits
+from neuslice.io.digits import load_digits
 
 BATCH, K = 128, 10
 ROUNDS = int(os.environ.get("NEUSLICE_BENCH_ROUNDS", "7"))

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import neuslice
 import neuslice.models as M
-from neuslice.data import load_digits, subset_classes
+from neuslice.io.digits import load_digits, subset_classes
 from neuslice.maintain import compress, evaluate, finetune, incremental, readapt, restructure
 from neuslice.maintain import _common as C
 from neuslice.maintain.incremental import task_loss

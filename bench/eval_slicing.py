@@ -25,7 +25,7 @@ import torch
 
 import neuslice
 import neuslice.models as M
-from neuslice.data import digits_loaders, load_digits
+from neuslice.io.digits import digits_loaders, load_digits
 
 THETAS = [round(0.90 + 0.01 * i, 2) for i in range(10)]
 RATIOS = [round(0.1 * i, 1) for i in range(1, 11)]

@@ -135,7 +135,7 @@ def _accumulate_case(torch, shape: dict, dev: str, dry: bool):
 def _select_case(torch, op: str, dev: str, r: int, n: int):
     scores = torch.rand(r, n, generator=torch.Generator(device=dev).manual_seed(0), device=dev) ** 4
     value = 0.9 if op == "select" else 0.3
-    from neuslice.reference import topk_count
+    from neuslice.ops.reference import topk_count
 
     def composite(_):
         vals, idx = torch.sort(scores, dim=1, descending=True)
@@ -208,7 +208,7 @@ def _clone(case) -> list:
 
 def _sum_rule(torch, case, got, fails, tol) -> tuple:
     """DESIGN.md: a sum may pass at <= 2x the error of the torch composite (input dtype) vs float64."""
-    from neuslice import reference
+    from neuslice.ops import reference
     x, grad, ref, labels, cl = case["args"][:5]
     oracle = [t.double() * 0 for t in case["args"][5:]]
     reference.accumulate_(x.double(), grad.double(), None, labels, cl, *oracle)
@@ -258,7 +258,8 @@ def _row(name, impl, ms=None, nbytes=None, copy=None, check="", detail=""):
 
 
 def _try_backend(torch, name, case, be, want, want_out, timer, tol, copy) -> list:
-    from neuslice import _dispatch, ops
+    from neuslice.ops import _dispatch
+    from neuslice import ops
     op = case["op"]
     why = _dispatch.refusals(op, tuple(case["args"]))[be]
     if why:
@@ -284,7 +285,7 @@ def _try_backend(torch, name, case, be, want, want_out, timer, tol, copy) -> lis
 def _oracle(torch, case):
     """`reference` on clones. A half-precision optimizer step runs it on float32 copies, rounded once
     at the end as the kernels do (the reference in bf16/f16 rounds after every op; tests/test_triton.py)."""
-    from neuslice import reference
+    from neuslice.ops import reference
     op, want = case["op"], _clone(case)
     if not op.startswith("masked") or case["dtype"] == torch.float32:
         return want, getattr(reference, op)(*want)

@@ -34,9 +34,9 @@ from neuslice._errors import raise_for_status
 try:
     from triton.runtime.interpreter import InterpretedFunction
 
-    from . import accumulate as _acc
-    from . import masked_update as _upd
-    from . import select as _sel
+    from neuslice._triton import accumulate as _acc
+    from neuslice._triton import masked_update as _upd
+    from neuslice._triton import select as _sel
     _IMPORT_ERROR: Optional[str] = None
     INTERPRETED = isinstance(_acc._accumulate_kernel, InterpretedFunction)
 except ImportError as e:  # no triton: the backend refuses every call, import neuslice still works

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from neuslice.reference import topk_count
+from neuslice.ops.reference import topk_count
 
 __all__ = ["select", "default_block"]
 

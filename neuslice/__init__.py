@@ -14,15 +14,15 @@ import torch  # noqa: F401  (first: its OpenMP runtime serves neuslice._C too)
 
 from . import ops
 from ._errors import BackendError, NeusliceError, NonFiniteError
-from ._info import backend_info
-from ._io import FileFormatError, SignatureError
-from ._profiler import Profiler
+from .ops._info import backend_info
+from .io.container import FileFormatError, SignatureError
+from .engine.profiler import Profiler
 from . import maintain
 from .maintain import RestructuredModel, TaskAwareModel, compress, finetune, incremental, readapt, restructure
-from .metrics import METRICS
-from .profile import profile
-from .slices import Profile, Slices
-from .slicing import category_slice, global_slice, semantic_slice
+from .engine.metrics import METRICS
+from .engine.profile import profile
+from .engine.slices import Profile, Slices
+from .engine.slicing import category_slice, global_slice, semantic_slice
 
 __version__ = "0.1.0"
 __all__ = ["ops", "backend_info", "NeusliceError", "NonFiniteError", "BackendError", "FileFormatError",

@@ -11,7 +11,10 @@ from typing import Callable, Dict, Iterable, Optional, Sequence
 import torch
 from torch import nn
 
-__all__ = ["ConvNet", "MLP", "MODELS", "build", "fit", "accuracy", "score", "restricted_predict"]
+from .engine.evaluate import accuracy  # noqa: F401  (re-exported: train, then score, in one place)
+from .io.modelfile import register_factory
+
+__all__ = ["ConvNet", "MLP", "MODELS", "build", "fit", "accuracy"]
 
 
 class ConvNet(nn.Module):
@@ -100,48 +103,8 @@ def fit(model: nn.Module, loader: Iterable, *, epochs: int = 5, lr: float = 0.05
     return model
 
 
-@torch.no_grad()
-def score(predict: Callable[[object], torch.Tensor], data: Iterable, classes: Optional[Sequence[int]] = None,
-          *, who: str = "neuslice.models.score") -> float:
-    """Top-1 accuracy of ``predict(inputs) -> int64 [B]`` class ids over ``data`` (only samples whose label is
-    in ``classes`` when given). Raises, naming ``who``, when no sample counts."""
-    correct = total = 0
-    keep_cls = None if classes is None else torch.as_tensor(sorted(set(int(c) for c in classes)))
-    for x, y in data:
-        pred = predict(x).cpu()
-        if keep_cls is not None:
-            keep = torch.isin(y, keep_cls)
-            pred, y = pred[keep], y[keep]
-        correct += int((pred == y).sum())
-        total += int(y.numel())
-    if total == 0:
-        raise ValueError(f"{who}: no sample in the loader" +
-                         ("" if classes is None else f" has a label in {sorted(set(classes))}"))
-    return correct / total
-
-
-def restricted_predict(model: nn.Module, classes: Sequence[int]) -> Callable[[object], torch.Tensor]:
-    """``x -> class id``: argmax of ``model(x)`` over the logits of ``classes`` only (int64 ``[B]``)."""
-    cls = torch.as_tensor(sorted(set(int(c) for c in classes)))
-
-    def predict(x):
-        out = model(x)
-        return cls.to(out.device)[out[..., cls.to(out.device)].argmax(-1)]
-    return predict
-
-
-def accuracy(model: nn.Module, loader: Iterable, classes: Optional[Sequence[int]] = None) -> float:
-    """Top-1 accuracy of ``model`` (left in its mode) over ``loader``.
-
-    With ``classes``, only samples labelled in ``classes`` count and the prediction is the argmax over
-    those classes' logits (the model serves exactly that class set).
-    """
-    predict = (lambda x: model(x).argmax(-1)) if classes is None else restricted_predict(model, classes)
-    return score(predict, loader, classes, who="neuslice.models.accuracy")
-
-
 # ---------------------------------------------------------------------------------------------
-# Architectures for the maintenance operators (issue 4): residual, depthwise-separable, transformer.
+# Architectures for the maintenance operators: residual, depthwise-separable, transformer.
 
 class BasicBlock(nn.Module):
     """Conv-BN-ReLU-Conv-BN plus a shortcut (identity, or 1×1 conv + BN when the shape changes), then ReLU.
@@ -262,3 +225,6 @@ MODELS.update({
                                                                 "ffn": 64, "depth": 2, "num_classes": 10, **kw}),
 })
 __all__ += ["ResNet", "BasicBlock", "SeparableNet", "EncoderBlock", "TransformerClassifier"]
+
+for _name, _factory in MODELS.items():   # model files and --model may name these alone
+    register_factory(_name, _factory)

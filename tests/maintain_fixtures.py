@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import neuslice
 import neuslice.models as M
-from neuslice.data import load_digits, subset_classes
+from neuslice.io.digits import load_digits, subset_classes
 
 ARCHS = ("digits_mlp", "digits_cnn", "digits_resnet", "digits_separable", "digits_transformer")
 SMALL = {"digits_cnn": dict(channels=(8, 16)), "digits_mlp": dict(hidden=(32, 16)),

@@ -8,7 +8,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import neuslice.models as M
-from neuslice.data import digits_loaders, load_digits
+from neuslice.io.digits import digits_loaders, load_digits
 from tolerances import ACCUMULATE
 
 # float32 statistics against float64 loops / Captum: the accumulate table (measured: ≤ 1e-6 relative)

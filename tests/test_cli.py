@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from neuslice.cli import Progress, build_parser, main
-from neuslice.data import load_digits, subset_classes
-from neuslice.datafiles import load_model
+from neuslice.io.digits import load_digits, subset_classes
+from neuslice.io.modelfile import load_model
 from neuslice.maintain import RestructuredModel, TaskAwareModel, restructure
 from neuslice.models import build, fit
-from neuslice.slices import Profile, Slices
+from neuslice.engine.slices import Profile, Slices
 from torch.utils.data import DataLoader, TensorDataset
 
 from test_report import check_page

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 import neuslice
-from neuslice import _dispatch, ops
-from neuslice import reference as ref_ops
+from neuslice.ops import _dispatch
+from neuslice import ops
+from neuslice.ops import reference as ref_ops
 from neuslice._errors import BackendError, NonFiniteError
 
 from tolerances import ACCUMULATE, assert_close
@@ -106,7 +107,7 @@ def test_cuda_backend_does_not_take_masked_updates():
     ((2, 3, 5000), False, (2,), True, 4),        # long rows, few of them: split rows
 ])
 def test_scratch_plan(shape, cl, labels_shape, has_g, planes):
-    from neuslice import _native_cuda
+    from neuslice.ops import _backend_cuda as _native_cuda
     k = 10
     x = torch.empty(shape)
     b = shape[0]
@@ -174,7 +175,7 @@ def _assert_stats_match(got, x, gr, r, labels, cl):
 
 
 def _run_cuda(x, gr, r, labels, cl, k, n):
-    from neuslice import _native_cuda
+    from neuslice.ops import _backend_cuda as _native_cuda
     dev = torch.device("cuda")
     xd, gd, rd, ld = _to(dev, x, gr, r, labels)
     got = _stats(k, n, ref_ops.acc_dtype(x.dtype), dev)
@@ -265,7 +266,7 @@ def test_accumulate_adds_into_existing_statistics_and_counts():
     xd, gd, ld = _to(dev, x, gr, labels)
     got = [t + 1.5 for t in _stats(3, 16, device=dev)]
     want = [t.clone() for t in got]
-    from neuslice import _native_cuda
+    from neuslice.ops import _backend_cuda as _native_cuda
     _native_cuda.accumulate_(xd, gd, None, ld, False, *got)
     ref_ops.accumulate_(xd, gd, None, ld, False, *want)
     for name, a, w in zip(STATS, got, want):
@@ -277,7 +278,7 @@ def test_accumulate_adds_into_existing_statistics_and_counts():
 @pytest.mark.parametrize("where", ["x_inf", "x_nan", "g_nan", "g_inf", "xsq_overflow"])
 @pytest.mark.parametrize("cl,s", [(False, 196), (False, 1), (True, 40)])
 def test_accumulate_non_finite_changes_nothing(where, cl, s):
-    from neuslice import _native_cuda
+    from neuslice.ops import _backend_cuda as _native_cuda
     x, gr, _, labels = _inputs(4, 9, s, cl, torch.float32)
     if where == "x_inf":
         x[2].view(-1)[5] = float("inf")
@@ -307,7 +308,7 @@ def test_accumulate_non_finite_changes_nothing(where, cl, s):
 @pytest.mark.parametrize("bad", [-1, 5])
 def test_accumulate_bad_label_changes_nothing(bad):
     """ops.accumulate_ checks labels first; the kernel checks them again (status, no commit)."""
-    from neuslice import _native_cuda
+    from neuslice.ops import _backend_cuda as _native_cuda
     x, gr, _, labels = _inputs(6, 8, 10, False, torch.float32)
     labels[4] = bad
     dev = torch.device("cuda")
@@ -337,7 +338,7 @@ def test_forced_cuda_backend_through_ops(force_backend):
 # select ------------------------------------------------------------------------------------------
 
 def _cuda_select(scores, theta=None, ratio=None):
-    from neuslice import _native_cuda
+    from neuslice.ops import _backend_cuda as _native_cuda
     if theta is not None:
         return _native_cuda.select(scores, theta)
     return _native_cuda.select_topk(scores, ratio)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import neuslice.models as M
-from neuslice.data import DIGITS_CLASSES, digits_loaders, load_digits, subset_classes
+from neuslice.io.digits import DIGITS_CLASSES, digits_loaders, load_digits, subset_classes
 
 
 def test_digits_split_is_fixed_stratified_and_scaled():

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from neuslice.datafiles import (DataFileError, load_data, load_model, parse_classes, read_idx, read_weights,
-                                save_model)
+from neuslice.io.data import DataFileError, load_data, parse_classes, read_idx
+from neuslice.io.modelfile import load_model, read_weights, save_model
 from neuslice.models import build
 
 RNG = np.random.default_rng(0)

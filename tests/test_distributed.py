@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 import neuslice
 from neuslice import Profile
-from neuslice.slices import STATS
+from neuslice.engine.slices import STATS
 from slicing_fixtures import small_loader, trained
 
 K = 10

@@ -8,7 +8,7 @@ import torch
 
 import neuslice
 from neuslice import Profile
-from neuslice.slices import STATS
+from neuslice.engine.slices import STATS
 from slicing_fixtures import small_loader, trained
 
 

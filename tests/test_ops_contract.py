@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import neuslice
-from neuslice import BackendError, NonFiniteError, _dispatch, ops, reference
+from neuslice import BackendError, NonFiniteError, ops
+from neuslice.ops import _dispatch, reference
 from op_cases import K, new_stats
 
 CPU_BACKENDS = [b for b in ("reference", "cpu") if _dispatch.import_error(b) is None]
@@ -432,7 +433,7 @@ def test_import_without_c_extension_falls_back_to_reference():
     code = (
         "import sys; sys.modules['neuslice._C'] = None\n"
         "import torch, neuslice\n"
-        "from neuslice import ops, _dispatch\n"
+        "from neuslice import ops\nfrom neuslice.ops import _dispatch\n"
         "info = neuslice.backend_info()\n"
         "assert info['c_extension'] is False and 'neuslice._C' in info['c_extension_error'], info\n"
         "assert 'cannot be imported' in info['backends']['cpu']\n"

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from neuslice import NonFiniteError, _dispatch, ops, reference
+from neuslice import NonFiniteError, ops
+from neuslice.ops import _dispatch, reference
 from op_cases import K, acc_cases, acc_id, make_labels, make_x, new_stats
 from tolerances import ACCUMULATE, MASKED_UPDATE, assert_close
 

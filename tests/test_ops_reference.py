@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from neuslice import reference
+from neuslice.ops import reference
 from op_cases import K, acc_cases, acc_id, make_labels, make_x, new_stats
 
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import neuslice
-from neuslice.slices import STATS
+from neuslice.engine.slices import STATS
 from slicing_fixtures import F32, relu_cnn, small_loader, stats_close, trained
 
 K = 10

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import neuslice
-from neuslice import report
-from neuslice.datafiles import save_model
-from neuslice.data import digits_loaders
+from neuslice.cli import report
+from neuslice.io.modelfile import save_model
+from neuslice.io.digits import digits_loaders
 from neuslice.models import build, fit
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -10,7 +10,7 @@ from safetensors import safe_open
 
 import neuslice
 from neuslice import Profile, Slices
-from neuslice.slices import STATS
+from neuslice.engine.slices import STATS
 from slicing_fixtures import F32, small_loader, trained
 
 K = 10

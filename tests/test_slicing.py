@@ -221,7 +221,7 @@ def test_coupled_channels_are_kept_as_one():
 
 def test_same_seed_same_slices_from_scratch():
     import neuslice.models as M
-    from neuslice.data import digits_loaders
+    from neuslice.io.digits import digits_loaders
     runs = []
     for _ in range(2):
         model = M.fit(M.build("digits_mlp", seed=3), digits_loaders(64, seed=3)[0], epochs=2, seed=3)

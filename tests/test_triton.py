@@ -20,7 +20,8 @@ import torch
 from tolerances import ACCUMULATE, MASKED_UPDATE, assert_close
 
 pytest.importorskip("triton")
-from neuslice import BackendError, NonFiniteError, _dispatch, ops, reference  # noqa: E402
+from neuslice import BackendError, NonFiniteError, ops
+from neuslice.ops import _dispatch, reference  # noqa: E402
 from neuslice._triton import accumulate as tacc, backend, masked_update as tupd, select as tsel  # noqa: E402
 
 DEVICE = "cpu" if backend.INTERPRETED else "cuda"

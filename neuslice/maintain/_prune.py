@@ -18,8 +18,8 @@ from typing import Dict, List, Sequence
 import torch
 from torch import Tensor, nn
 
-from .._graph import Plan
-from ..profile import call_model
+from ..engine.graph import Plan
+from ..engine.capture import call_model
 
 __all__ = ["physical"]
 

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._graph import LAYER_TYPES
-from ..profile import call_model
+from ..engine.graph import LAYER_TYPES
+from ..engine.capture import call_model
 from . import _common as C
 from .restructure import RestructuredModel
 

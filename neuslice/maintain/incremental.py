@@ -22,10 +22,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from .._graph import LAYER_TYPES, LayerInfo
-from .._hooks import ChainHooks
-from ..profile import call_model
-from ..slices import Slices
+from ..engine.graph import LAYER_TYPES, LayerInfo
+from ..engine.hooks import ChainHooks
+from ..engine.capture import call_model
+from ..engine.slices import Slices
 from . import _common as C
 
 __all__ = ["TaskAwareModel", "IncrementalReport", "incremental", "free_weight_masks", "task_loss"]

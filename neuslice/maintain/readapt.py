@@ -16,8 +16,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..profile import call_model
-from ..slices import Slices
+from ..engine.capture import call_model
+from ..engine.slices import Slices
 from . import _common as C
 
 __all__ = ["ReadaptReport", "readapt", "critical_masks"]

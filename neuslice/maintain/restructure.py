@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._graph import LayerInfo, Plan
-from .._hooks import ChainHooks
-from ..profile import call_model
-from ..slices import Slices
+from ..engine.graph import LayerInfo, Plan
+from ..engine.hooks import ChainHooks
+from ..engine.capture import call_model
+from ..engine.slices import Slices
 from . import _common as C
 
 __all__ = ["RestructuredModel", "restructure", "finetune"]

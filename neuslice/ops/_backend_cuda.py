@@ -15,9 +15,9 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import _C
-from ._errors import raise_for_status
-from ._native import DTYPE_CODES, scores_for_kernel, strides_bns
+from .. import _C
+from .._errors import raise_for_status
+from ._backend_cpu import DTYPE_CODES, scores_for_kernel, strides_bns
 from .reference import topk_count
 
 __all__ = ["refuse", "accumulate_", "select", "select_topk", "scratch_bytes", "DTYPE_CODES"]

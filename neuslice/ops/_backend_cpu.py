@@ -11,8 +11,8 @@ from typing import Optional
 
 import torch  # noqa: F401  (before _C: torch's libgomp then serves the kernels too)
 
-from . import _C
-from ._errors import raise_for_status
+from .. import _C
+from .._errors import raise_for_status
 from .reference import topk_count
 
 __all__ = ["refuse", "accumulate_", "select", "select_topk", "masked_sgd_", "masked_adamw_", "DTYPE_CODES"]

@@ -20,7 +20,8 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from ._progress import Progress
+from .. import models as _models  # noqa: F401  (registers the demo models' names for --model)
+from .progress import Progress
 from .report import make_slices, print_layers, print_summary, slices_summary
 
 __all__ = ["main", "build_parser", "Progress", "UsageError"]
@@ -56,7 +57,7 @@ def _model_args(args) -> Optional[dict]:
 
 
 def _model(args):
-    from .datafiles import load_model
+    from ..io.modelfile import load_model
     return load_model(args.model, args.weights, _model_args(args))
 
 
@@ -64,12 +65,12 @@ def _spec(args, model) -> str:
     """The factory of ``model`` for its output file: --model, or the one its weights file named."""
     if args.model:
         return args.model
-    from .datafiles import read_weights
+    from ..io.modelfile import read_weights
     return read_weights(args.weights)[1]["model"]
 
 
 def _data(args, spec: Optional[str], names: Optional[Sequence[str]] = None):
-    from .datafiles import load_data, parse_classes
+    from ..io.data import load_data, parse_classes
     if spec is None:
         return None
     return load_data(spec, parse_classes(getattr(args, "classes", None)) or names)
@@ -91,7 +92,7 @@ def _class_list(text: str, names: Sequence[str], option: str) -> List[int]:
 
 
 def _acc(predict, ds, args, classes=None, desc: str = "evaluate") -> Optional[float]:
-    from .maintain import evaluate
+    from ..maintain import evaluate
     if ds is None:
         return None
     return round(evaluate(predict, _bar(args, ds, desc), classes), 4)
@@ -142,7 +143,7 @@ def _cmd_profile(args) -> int:
 
 
 def _cmd_merge(args) -> int:
-    from .slices import Profile
+    from ..engine.slices import Profile
     profs = [Profile.load(p) for p in args.profiles]
     total = profs[0]
     for p in profs[1:]:
@@ -154,7 +155,7 @@ def _cmd_merge(args) -> int:
 
 
 def _cmd_slice(args) -> int:
-    from .slices import Profile
+    from ..engine.slices import Profile
     prof = Profile.load(args.profile)
     value = args.theta if args.mode == "semantic" else args.ratio
     slices = make_slices(prof, args.mode, args.metric, value, share=args.share, tau=args.tau, min_keep=args.min_keep)
@@ -165,8 +166,8 @@ def _cmd_slice(args) -> int:
 
 def run_restructure(args, model, slices, keep: List[int], train, test) -> tuple:
     """Restructure (+ fine-tune, + compress) as the options say; returns ``(model, result dict)``."""
-    from .maintain import compress, finetune, restructure
-    from .maintain._common import restricted_predict
+    from ..maintain import compress, finetune, restructure
+    from ..maintain._common import restricted_predict
     example = _example(args, train) if args.mode == "physical" else None
     new = restructure(model, slices, keep, mode=args.mode, example_inputs=example)
     tr = train.subset(keep) if train is not None else None
@@ -193,8 +194,8 @@ def run_restructure(args, model, slices, keep: List[int], train, test) -> tuple:
 
 
 def _cmd_restructure(args) -> int:
-    from .datafiles import save_model
-    from .slices import Slices
+    from ..io.modelfile import save_model
+    from ..engine.slices import Slices
     model = _model(args)
     slices = Slices.load(args.slices, model)
     train, test = _data(args, args.data, slices.class_names), _data(args, args.test_data, slices.class_names)
@@ -205,9 +206,9 @@ def _cmd_restructure(args) -> int:
 
 
 def _cmd_readapt(args) -> int:
-    from .datafiles import save_model
-    from .maintain import readapt
-    from .slices import Slices
+    from ..io.modelfile import save_model
+    from ..maintain import readapt
+    from ..engine.slices import Slices
     model = _model(args)
     slices = Slices.load(args.slices, model)
     names = slices.class_names
@@ -223,9 +224,9 @@ def _cmd_readapt(args) -> int:
 
 
 def _cmd_incremental(args) -> int:
-    from .datafiles import save_model
-    from .maintain import incremental
-    from .slices import Slices
+    from ..io.modelfile import save_model
+    from ..maintain import incremental
+    from ..engine.slices import Slices
     model = _model(args)
     slices = Slices.load(args.slices, model)
     names = slices.class_names
@@ -245,7 +246,7 @@ def _cmd_incremental(args) -> int:
 
 
 def _cmd_predict(args) -> int:
-    from .maintain import RestructuredModel, TaskAwareModel
+    from ..maintain import RestructuredModel, TaskAwareModel
     model = _model(args)
     ds = _data(args, args.data)
     if isinstance(model, TaskAwareModel):
@@ -267,7 +268,7 @@ def _cmd_predict(args) -> int:
 
 def _cmd_report(args) -> int:
     from . import report
-    from .slices import Profile, Slices
+    from ..engine.slices import Profile, Slices
     if not args.profile and not args.slices:
         raise UsageError("report needs --profile or --slices")
     prof = Profile.load(args.profile) if args.profile else None
@@ -315,9 +316,9 @@ def _corrupt(x: torch.Tensor, seed: int) -> torch.Tensor:
 
 def _demo_maintenance(args, model, slices, train, test, epochs: int) -> Dict:
     import neuslice
-    from .datafiles import Dataset
-    from .maintain import incremental, readapt
-    from .models import build, fit
+    from ..io.data import Dataset
+    from ..maintain import incremental, readapt
+    from ..models import build, fit
     keep = [3, 8]
     _, res = run_restructure(args, model, slices, keep, train, test)
     out = {"restructure": res}
@@ -359,8 +360,9 @@ def _demo(out: Path, seed: int, epochs: int, theta: float, metric: str, quiet: b
           t0: float) -> Dict:
     import neuslice
     from . import report
-    from .datafiles import load_data, save_model
-    from .models import build, fit
+    from ..io.data import load_data
+    from ..io.modelfile import save_model
+    from ..models import build, fit
     args = argparse.Namespace(batch_size=64, quiet=quiet, json=False, seed=seed, mode="physical", input_shape=None,
                               finetune_epochs=1, lr=0.01, compress=None, compress_method="global")
     train, test = load_data("digits:train"), load_data("digits:test")

@@ -13,7 +13,7 @@ from typing import Dict, List
 import torch
 from torch import nn
 
-from ._hooks import activation_modules
+from .hooks import activation_modules
 
 __all__ = ["Rescale", "EPS"]
 

@@ -20,7 +20,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from ._errors import BackendError
+from .._errors import BackendError
 
 __all__ = ["call", "choose", "backends", "refusals", "implementation", "import_error", "ORDER", "ENV"]
 
@@ -28,9 +28,9 @@ ENV = "NEUSLICE_BACKEND"
 ORDER: Dict[str, Tuple[str, ...]] = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
 # name -> module that defines `refuse(op, args) -> Optional[str]` and one function per op.
 _MODULES = {
-    "reference": "neuslice._backend_reference",
-    "cpu": "neuslice._native",
-    "cuda": "neuslice._native_cuda",
+    "reference": "neuslice.ops._backend_reference",
+    "cpu": "neuslice.ops._backend_cpu",
+    "cuda": "neuslice.ops._backend_cuda",
     "triton": "neuslice._triton.backend",
 }
 _loaded: Dict[str, object] = {}

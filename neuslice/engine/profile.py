@@ -1,5 +1,6 @@
-"""Hooks → statistics (SPEC §2): ``neuslice.profile`` (one offline pass) and ``neuslice.Profiler``
-(inside a user's training loop). Every statistic is added by ``neuslice.ops.accumulate_``.
+"""Hooks → statistics (see docs/method.md, "Statistics"): ``neuslice.profile``, one offline pass.
+Every statistic is added by ``neuslice.ops.accumulate_``; ``neuslice.Profiler`` (profiler.py) does
+the same inside a user's training loop.
 
 A batch is all-or-nothing: each layer's sums go into batch-local buffers first, and the profile's
 float64 totals change only after every layer of the batch succeeded.
@@ -7,153 +8,22 @@ float64 totals change only after every layer of the batch succeeded.
 from __future__ import annotations
 
 import sys
-import warnings
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ops
-from ._errors import NonFiniteError
-from ._graph import LayerInfo, Plan, discover
-from ._hooks import ChainHooks, activation_modules, no_inplace
-from ._deeplift import Rescale
-from ._io import layer_entry
-from .metrics import METRICS
-from .reference import acc_dtype
-from .slices import STATS, Profile
+from .. import ops
+from .._errors import NonFiniteError
+from ..ops.reference import acc_dtype
+from .capture import (GRADIENT_METRICS, as_bns, call_model, check_labels, check_metrics, check_num_classes,
+                      dl_forms, layer_entries, model_device, new_stats, nonfinite_what, target_of, to_device)
+from .deeplift import Rescale
+from .graph import discover
+from .hooks import ChainHooks, activation_modules, no_inplace
+from .slices import Profile
 
-__all__ = ["profile", "Profiler"]
-
-GRADIENT_METRICS = ("taylor", "deeplift")
-
-
-# ---------------------------------------------------------------------------------------------
-# shared pieces
-
-def check_metrics(fn: str, metrics: Sequence[str]) -> Tuple[str, ...]:
-    """Validated metric names; ``ens`` implies all four base metrics."""
-    if isinstance(metrics, str):
-        metrics = (metrics,)
-    bad = [m for m in metrics if m not in METRICS]
-    if bad or not metrics:
-        raise ValueError(f"{fn}: metrics must be a non-empty subset of {METRICS}, got {tuple(metrics)!r}")
-    if "ens" in metrics:
-        metrics = ("avg", "var", "taylor", "deeplift")
-    return tuple(m for m in ("avg", "var", "taylor", "deeplift") if m in metrics)
-
-
-def check_labels(fn: str, labels, num_classes: int) -> Tensor:
-    """``labels`` as int64 ``[B]`` or ``[B, T]`` in ``[0, num_classes)``; raises naming ``fn`` otherwise."""
-    if not isinstance(labels, Tensor):
-        raise TypeError(f"{fn}: labels must be an integer tensor [B] or [B, T], got {type(labels).__name__}")
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise TypeError(f"{fn}: labels must be an integer tensor (class indices), got {labels.dtype}")
-    if labels.dim() not in (1, 2):
-        raise ValueError(f"{fn}: labels must be [B] (per sample) or [B, T] (per token), got {list(labels.shape)}")
-    if labels.numel():
-        lo, hi = int(labels.min()), int(labels.max())
-        if lo < 0 or hi >= num_classes:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"{fn}: labels must lie in [0, {num_classes}) (num_classes={num_classes}), "
-                             f"got label {bad}")
-    return labels.long()
-
-
-def check_num_classes(fn: str, num_classes, class_names) -> List[str]:
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"{fn}: num_classes must be an int >= 1, got {num_classes!r}")
-    if class_names is None:
-        return [str(k) for k in range(num_classes)]
-    names = [str(c) for c in class_names]
-    if len(names) != num_classes or len(set(names)) != num_classes:
-        raise ValueError(f"{fn}: class_names must be {num_classes} distinct names, got {names!r}")
-    return names
-
-
-def as_bns(fn: str, info: LayerInfo, t: Tensor, labels: Tensor) -> Tuple[Tensor, bool]:
-    """A tapped output as accumulate_'s ``[B, N]``, ``[B, N, S]`` or channels-last ``[B, S, N]``."""
-    b, n = labels.shape[0], info.n
-    linear = isinstance(info.module, nn.Linear)
-    ok = isinstance(t, Tensor) and t.dim() >= 2 and t.shape[0] == b and (t.shape[-1] if linear else t.shape[1]) == n
-    if not ok:
-        shape = list(t.shape) if isinstance(t, Tensor) else type(t).__name__
-        want = f"[B, ..., N] = [{b}, ..., {n}]" if linear else f"[B, N, ...] = [{b}, {n}, ...]"
-        raise ValueError(f"{fn}: layer {info.name!r} (tapped at {info.tap!r}) gave output {shape}; expected {want} "
-                         "with B the batch size of the labels")
-    if t.dim() == 2:
-        x, cl = t, False
-    elif linear:
-        x, cl = t.reshape(b, -1, n), True
-    else:
-        x, cl = t.flatten(2), False
-    if labels.dim() == 2 and not (cl and x.shape[1] == labels.shape[1]):
-        raise ValueError(f"{fn}: per-token labels {list(labels.shape)} need a channels-last layer output "
-                         f"[B, T, N] with T = {labels.shape[1]}; layer {info.name!r} gave {list(t.shape)}")
-    return x, cl
-
-
-def nonfinite_what(e: Exception) -> str:
-    """The op's finding ("non-finite value in x") without its prefix and suffix."""
-    return str(e).split(": ", 1)[-1].split(";")[0]
-
-
-def new_stats(k: int, n: int, dtype: torch.dtype, device) -> Dict[str, Tensor]:
-    return {s: torch.zeros((k,) if s == "count" else (k, n), dtype=dtype, device=device) for s in STATS}
-
-
-def layer_entries(plan: Plan, deeplift: Dict[str, str]) -> List[dict]:
-    return [{**layer_entry(i.name, i.module), "n": i.n, "tap": i.tap, "tap_source": i.tap_source,
-             "deeplift": deeplift.get(i.name)} for i in plan.layers]
-
-
-def model_device(model: nn.Module) -> torch.device:
-    for t in list(model.parameters()) + list(model.buffers()):
-        return t.device
-    return torch.device("cpu")
-
-
-def to_device(x, device):
-    if isinstance(x, Tensor):
-        return x.to(device)
-    if isinstance(x, (list, tuple)):
-        return type(x)(to_device(v, device) for v in x)
-    if isinstance(x, dict):
-        return {k: to_device(v, device) for k, v in x.items()}
-    return x
-
-
-def call_model(model: nn.Module, x):
-    if isinstance(x, dict):
-        return model(**x)
-    if isinstance(x, (list, tuple)):
-        return model(*x)
-    return model(x)
-
-
-def target_of(fn: str, out, labels: Tensor, target: str) -> Tensor:
-    """The scalar whose gradient is taken: Σ_b f_{y_b} (``"logit"``) or Σ_b loss_b (``"loss"``)."""
-    if not isinstance(out, Tensor) or out.dim() != labels.dim() + 1 or out.shape[:-1] != labels.shape:
-        shape = list(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        want = "[B, K]" if labels.dim() == 1 else "[B, T, K] (per-token labels)"
-        raise ValueError(f"{fn}: the model output must be logits {want} matching labels {list(labels.shape)}, "
-                         f"got {shape}")
-    if int(labels.max()) >= out.shape[-1]:
-        raise ValueError(f"{fn}: label {int(labels.max())} has no logit: the model gives {out.shape[-1]} outputs")
-    if target == "logit":
-        return out.gather(-1, labels.unsqueeze(-1)).sum()
-    return F.cross_entropy(out.reshape(-1, out.shape[-1]).float(), labels.reshape(-1), reduction="sum")
-
-
-def dl_forms(fn: str, plan: Plan, rescale: bool, warn: bool) -> Dict[str, str]:
-    """Per layer: ``"rescale"``, or ``"gradient"`` (m = g) where the nonlinearity is functional; warns once."""
-    functional = [i.name for i in plan.layers if i.functional]
-    if warn and (functional or not rescale):
-        names = functional or [i.name for i in plan.layers]
-        warnings.warn(f"{fn}: DeepLIFT uses gradient × Δ (m = g) for layer(s) {names}: their nonlinearity is "
-                      "a functional call, not a module, so the Rescale rule cannot see it", stacklevel=3)
-    return {i.name: ("rescale" if rescale and not i.functional else "gradient") for i in plan.layers}
+__all__ = ["profile"]
 
 
 class _Offline:

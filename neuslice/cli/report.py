@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from ._progress import Progress
+from .progress import Progress
 
 __all__ = ["THETAS", "RATIOS", "make_slices", "slices_summary", "default_subsets", "accuracy_curves",
            "load_results", "write_report", "figures_of", "print_layers", "print_summary"]
@@ -60,7 +60,7 @@ def default_subsets(slices, n: int = 10) -> List[List[int]]:
 
 
 def _point(model, slices, subsets: Dict[tuple, list]) -> Dict:
-    from .models import accuracy
+    from ..engine.evaluate import accuracy
     rates, accs = [], []
     for t, batches in subsets.items():
         rates.append(slices.compression_rate(model, list(t)))
@@ -111,7 +111,7 @@ _KEYS = {"restructure": "original_params", "readapt": "new_acc_after", "incremen
 def load_results(paths: Sequence) -> Dict[str, Dict]:
     """Maintenance results from model files written by ``neuslice restructure|readapt|incremental`` (their
     metadata) or from their ``--json`` output; ``{task: result}``."""
-    from .datafiles import read_weights
+    from ..io.modelfile import read_weights
     out: Dict[str, Dict] = {}
     for p in paths:
         p = Path(p)

@@ -11,7 +11,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ._graph import ACTIVATIONS, LayerInfo
+from .graph import ACTIVATIONS, LayerInfo
 
 __all__ = ["ChainHooks", "no_inplace"]
 

@@ -13,13 +13,13 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from . import ops
-from ._errors import NeusliceError, NonFiniteError
-from ._graph import discover
-from ._hooks import ChainHooks
-from .profile import (GRADIENT_METRICS, as_bns, call_model, check_labels, check_metrics,
-                      check_num_classes, layer_entries, model_device, new_stats, nonfinite_what)
-from .reference import acc_dtype
+from .. import ops
+from .._errors import NeusliceError, NonFiniteError
+from ..ops.reference import acc_dtype
+from .capture import (GRADIENT_METRICS, as_bns, call_model, check_labels, check_metrics, check_num_classes,
+                      layer_entries, model_device, new_stats, nonfinite_what)
+from .graph import discover
+from .hooks import ChainHooks
 from .slices import Profile
 
 __all__ = ["Profiler"]

@@ -17,7 +17,7 @@ from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
 from torch import nn
 
-from ._errors import NeusliceError
+from .._errors import NeusliceError
 
 __all__ = ["FORMAT_VERSION", "FileFormatError", "write", "read", "layer_entry", "signature", "check_model"]
 

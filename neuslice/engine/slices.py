@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import abc
 import hashlib
 import json
 import math
@@ -15,7 +16,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from . import _io, metrics as _metrics
+from ..io import container as _io
+from . import masking, merge, metrics as _metrics
 
 __all__ = ["Profile", "Slices", "STATS"]
 
@@ -23,7 +25,10 @@ STATS = ("count", "act_sum", "act_sq", "taylor_sum", "deeplift_sum")
 _COMPAT = ("num_classes", "metrics", "target", "deeplift")
 
 
-class _LayerSet:
+ClassSpec = Union[int, str, Iterable[Union[int, str]]]
+
+
+class _LayerSet(abc.ABC):
     """What a Profile and a Slices share: per-layer entries (``layers``) and ``class_names``."""
 
     layers: List[dict]
@@ -36,6 +41,35 @@ class _LayerSet:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    def class_indices(self, fn: str, classes: ClassSpec) -> List[int]:
+        """``classes`` (an index, a class name, or an iterable of them) as sorted class indices; each must be
+        usable here (a profile: has samples; slices: has a critical set). The one class-spec parser."""
+        items = [classes] if isinstance(classes, (int, str)) else list(classes)
+        if not items:
+            raise ValueError(f"{fn}: expected at least one class, got none")
+        out = set()
+        for c in items:
+            if isinstance(c, str):
+                if c not in self.class_names:
+                    raise ValueError(f"{fn}: unknown class name {c!r}; expected one of {self.class_names}")
+                c = self.class_names.index(c)
+            integral = isinstance(c, numbers.Integral) or (isinstance(c, Tensor) and c.numel() == 1
+                                                            and not c.is_floating_point())
+            if isinstance(c, bool) or not integral:
+                raise TypeError(f"{fn}: classes must be ints or class names, got {c!r}")
+            c = int(c)
+            if not 0 <= c < self.num_classes:
+                raise ValueError(f"{fn}: class {c} is outside [0, {self.num_classes})")
+            why = self._unavailable(c)
+            if why:
+                raise ValueError(f"{fn}: class {c} ({self.class_names[c]!r}) {why}")
+            out.add(c)
+        return sorted(out)
+
+    @abc.abstractmethod
+    def _unavailable(self, k: int) -> str:
+        """Why class ``k`` cannot be used, or ``""``."""
 
     @property
     def signature(self) -> str:
@@ -83,6 +117,12 @@ class Profile(_LayerSet):
     def class_agnostic(self, metric: str) -> Dict[str, Tensor]:
         """Count-weighted mean over classes of :meth:`score`: ``{layer: float64 [N]}``."""
         return _metrics.class_agnostic(self, metric)
+
+    def _unavailable(self, k: int) -> str:
+        if float(self.counts[k]) > 0:
+            return ""
+        return ("has no samples in the profile, so it has no score; profile data with that class or pass "
+                "classes= without it")
 
     def __repr__(self) -> str:
         return (f"Profile({len(self.layers)} layers, {self.num_classes} classes, "
@@ -179,9 +219,6 @@ class Profile(_LayerSet):
         return prof
 
 
-ClassSpec = Union[int, str, Iterable[Union[int, str]]]
-
-
 class Slices(_LayerSet):
     """Critical neuron sets of a slicing run (SPEC §4).
 
@@ -193,7 +230,7 @@ class Slices(_LayerSet):
         share (ρ), tau (τ), min_keep; coupled: lists of layer names whose channels are kept as one.
     """
 
-    CATEGORIES = ("shared", "group", "specific", "free")
+    CATEGORIES = merge.CATEGORIES
 
     def __init__(self, layers: List[dict], class_names: Sequence[str], critical: Dict[str, Tensor], sliced: Tensor,
                  scores: Dict[str, Tensor], *, mode: str, metric: str, value: float, share: float = 0.5,
@@ -207,34 +244,15 @@ class Slices(_LayerSet):
         self.share, self.tau, self.min_keep = float(share), float(tau), int(min_keep)
         self.coupled = [list(g) for g in coupled]
 
+    def _unavailable(self, k: int) -> str:
+        if bool(self.sliced[k]):
+            return ""
+        return "has no critical set: it had no samples in the profile or was left out of the slicing"
+
     def __repr__(self) -> str:
         what = "ratio" if self.mode != "semantic" else "theta"
         return (f"Slices({self.mode}, metric={self.metric!r}, {what}={self.value}, {len(self.layers)} layers, "
                 f"{int(self.sliced.sum())}/{self.num_classes} classes)")
-
-    def class_indices(self, fn: str, classes: ClassSpec) -> List[int]:
-        """``classes`` (an index, a class name, or an iterable of them) as sorted sliced class indices."""
-        items = [classes] if isinstance(classes, (int, str)) else list(classes)
-        if not items:
-            raise ValueError(f"{fn}: expected at least one class, got none")
-        out = set()
-        for c in items:
-            if isinstance(c, str):
-                if c not in self.class_names:
-                    raise ValueError(f"{fn}: unknown class name {c!r}; expected one of {self.class_names}")
-                c = self.class_names.index(c)
-            integral = isinstance(c, numbers.Integral) or (isinstance(c, Tensor) and c.numel() == 1
-                                                            and not c.is_floating_point())
-            if isinstance(c, bool) or not integral:
-                raise TypeError(f"{fn}: classes must be ints or class names, got {c!r}")
-            c = int(c)
-            if not 0 <= c < self.num_classes:
-                raise ValueError(f"{fn}: class {c} is outside [0, {self.num_classes})")
-            if not bool(self.sliced[c]):
-                raise ValueError(f"{fn}: class {c} ({self.class_names[c]!r}) has no critical set: it had no "
-                                 "samples in the profile or was left out of the slicing")
-            out.add(c)
-        return sorted(out)
 
     def critical(self, k: Union[int, str]) -> Dict[str, Tensor]:
         """Class ``k``'s critical sets: ``{layer: bool [N]}``."""
@@ -249,32 +267,27 @@ class Slices(_LayerSet):
     def categories(self) -> Dict[str, Dict[str, Tensor]]:
         """``{"shared"|"group"|"specific"|"free": {layer: bool [N]}}`` (SPEC §4; a neuron is ``shared`` when
         critical for at least max(2, ⌈share·K⌉) of the K sliced classes, ``specific`` for exactly one)."""
-        from .slicing import categories
-        return categories(self)
+        return merge.categories(self)
 
     def similarity(self) -> Tensor:
         """Class similarity ``S`` float64 ``[K, K]`` (neuron-weighted Jaccard of critical sets; NaN for
         classes without a critical set)."""
-        from .slicing import similarity
-        return similarity(self)
+        return merge.similarity(self)
 
     def groups(self) -> List[List[int]]:
         """Semantic groups: average-linkage clusters of the sliced classes on 1 − S, cut below ``tau``."""
-        from .slicing import groups
-        return groups(self)
+        return merge.groups(self)
 
     def compression_rate(self, model: nn.Module, classes: ClassSpec, *, restrict_head: bool = True) -> float:
         """Fraction of ``model``'s parameters that belong to neurons outside the slice of ``classes``
         (incoming weights, bias, norm entries, the next layers' reading weights; with ``restrict_head``,
         also the head rows of the other classes)."""
-        from .slicing import compression_rate
-        return compression_rate(self, model, classes, restrict_head=restrict_head)
+        return masking.compression_rate(self, model, classes, restrict_head=restrict_head)
 
     def apply(self, model: nn.Module, classes: ClassSpec):
         """Context manager: ``model`` computes with every neuron outside the slice of ``classes`` zeroed
         (at the end of its layer → norm → activation chain); hooks removed on exit."""
-        from .slicing import MaskedModel
-        return MaskedModel(self, model, classes)
+        return masking.MaskedModel(self, model, classes)
 
     # -- files -----------------------------------------------------------------------------
     def save(self, path) -> None:

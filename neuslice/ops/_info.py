@@ -20,7 +20,7 @@ def backend_info() -> Dict[str, Any]:
     """
     info: Dict[str, Any] = {"torch": torch.__version__, "torch_threads": torch.get_num_threads()}
     try:
-        from . import _C
+        from .. import _C
         info.update(c_extension=True, c_extension_error=None, cuda_compiled=bool(_C.cuda_compiled),
                     openmp_threads=_C.openmp_max_threads(), cpu_isa=_C.cpu_isa(),
                     cuda_runtime_version=_C.cuda_runtime_version() if _C.cuda_compiled else None)

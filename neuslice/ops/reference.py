@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from ._errors import NonFiniteError
+from .._errors import NonFiniteError
 
 __all__ = ["accumulate_", "select", "select_topk", "masked_sgd_", "masked_adamw_", "acc_dtype", "topk_count"]
 

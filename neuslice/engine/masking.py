@@ -1,0 +1,97 @@
+"""What a slice means for a model: the fraction of its parameters it removes (``compression_rate``)
+and the model computing with every neuron outside it zeroed (``MaskedModel``). Both read a slices
+object's ``layers``, ``layer_names``, ``mask(classes)`` and ``class_indices``.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..io.container import check_model
+from .graph import discover
+from .hooks import ChainHooks
+
+__all__ = ["compression_rate", "MaskedModel"]
+
+
+
+def _mark(removed: Dict[int, Tensor], p: Optional[Tensor], index) -> None:
+    if p is None:
+        return
+    m = removed.get(id(p))
+    if m is None:
+        m = removed[id(p)] = torch.zeros(p.shape, dtype=torch.bool)
+    m[index] = True
+
+
+def _mark_consumer(removed, c: nn.Module, r: Tensor, cols: int) -> None:
+    if isinstance(c, nn.Linear):
+        _mark(removed, c.weight, (slice(None), r.repeat_interleave(cols)))
+        return
+    in_per, out_per = c.in_channels // c.groups, c.out_channels // c.groups
+    for ch in torch.nonzero(r).flatten().tolist():
+        g = ch // in_per
+        _mark(removed, c.weight, (slice(g * out_per, (g + 1) * out_per), ch % in_per))
+
+
+def compression_rate(slices, model: nn.Module, classes, *, restrict_head: bool = True) -> float:
+    """Fraction of ``model``'s parameters removed by slicing for ``classes`` (SPEC §4), in [0, 1]."""
+    fn = "neuslice.Slices.compression_rate"
+    check_model(fn, slices.layers, model)
+    keep = slices.mask(classes)
+    idx = slices.class_indices(fn, classes)
+    plan = discover(model, slices.layer_names, fn=fn)
+    modules = dict(model.named_modules())
+    removed: Dict[int, Tensor] = {}
+    for info in plan.layers:
+        r = ~keep[info.name].cpu()
+        if not bool(r.any()):
+            continue
+        _mark(removed, info.module.weight, r)
+        _mark(removed, info.module.bias, r)
+        for name in info.chain[1:]:
+            for p in modules[name].parameters(recurse=False):
+                if p.dim() == 1 and p.shape[0] == info.n:
+                    _mark(removed, p, r)
+        for cname, cols in info.consumers:
+            _mark_consumer(removed, modules[cname], r, cols)
+    if restrict_head and len(plan.heads) == 1:
+        head = modules[plan.heads[0]]
+        rows = torch.ones(slices.num_classes, dtype=torch.bool)
+        rows[idx] = False
+        if head.weight.shape[0] == slices.num_classes and bool(rows.any()):
+            _mark(removed, head.weight, rows)
+            _mark(removed, head.bias, rows)
+    total = sum(p.numel() for p in model.parameters())
+    return float(sum(int(m.sum()) for m in removed.values())) / total if total else 0.0
+
+
+class MaskedModel:
+    """Context manager from :meth:`Slices.apply`: zeroes the neurons outside the slice; yields the model."""
+
+    def __init__(self, slices, model: nn.Module, classes):
+        fn = "neuslice.Slices.apply"
+        check_model(fn, slices.layers, model)
+        self.masks = slices.mask(classes)
+        self.plan = discover(model, slices.layer_names, fn=fn)
+        self.model = model
+        self._hooks: Optional[ChainHooks] = None
+
+    def _on_end(self, i: int, t: Tensor) -> Tensor:
+        info = self.plan.layers[i]
+        m = self.masks[info.name].to(device=t.device, dtype=t.dtype)
+        if isinstance(info.module, nn.Linear):
+            return t * m
+        return t * m.view(1, -1, *([1] * (t.dim() - 2)))
+
+    def __enter__(self) -> nn.Module:
+        self._hooks = ChainHooks(self.model, self.plan.layers, self._on_end, point="end")
+        return self.model
+
+    def __exit__(self, *exc) -> bool:
+        if self._hooks is not None:
+            self._hooks.remove()
+            self._hooks = None
+        return False

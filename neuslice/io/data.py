@@ -1,0 +1,288 @@
+"""Data sets users bring to the ``neuslice`` command, read without pickles.
+
+Formats (``load_data(spec)``):
+
+- ``digits`` / ``digits:train`` / ``digits:test`` / ``digits:all``: scikit-learn's bundled digits.
+- MNIST-family IDX files (MNIST, Fashion-MNIST, KMNIST, EMNIST): the path of a
+  ``*-images-idx3-ubyte[.gz]`` file (its labels file is the same name with ``labels-idx1``), or a
+  folder that holds exactly one such pair.
+- ``.npz`` with arrays ``x`` ``[N, ...]`` and ``y`` ``[N]`` (integers); an optional ``classes`` array of names.
+- an image folder tree: one sub-folder per class (sorted names are the classes), images inside
+  (read with Pillow; every image must have the size of the first).
+
+Images become float32 ``[N, C, H, W]`` (``[N, 1, H, W]`` for grey images) scaled to [0, 1] when stored
+as bytes; labels int64 ``[N]``. A malformed file raises :class:`DataFileError` naming the file and the
+problem.
+
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from .._errors import NeusliceError
+from .digits import DIGITS_CLASSES, load_digits
+
+__all__ = ["DataFileError", "Dataset", "load_data", "read_idx", "load_idx_pair", "load_npz", "load_image_folder",
+           "parse_classes", "IMAGE_SUFFIXES"]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
+
+# IDX type codes (big-endian payload): code -> numpy dtype
+_IDX_TYPES = {0x08: np.dtype("u1"), 0x09: np.dtype("i1"), 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
+              0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+
+
+class DataFileError(NeusliceError, ValueError):
+    """A data file is malformed (bad magic number, truncated, counts that disagree, labels out of range)."""
+
+
+@dataclass
+class Dataset:
+    """Inputs float32 ``x [N, ...]``, labels int64 ``y [N]``, K class names, and where it came from."""
+    x: torch.Tensor
+    y: torch.Tensor
+    class_names: List[str]
+    source: str
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def loader(self, batch_size: int = 64, *, shuffle: bool = False, seed: int = 0) -> DataLoader:
+        gen = torch.Generator().manual_seed(seed) if shuffle else None
+        return DataLoader(TensorDataset(self.x, self.y), batch_size=batch_size, shuffle=shuffle, generator=gen)
+
+    def subset(self, classes: Sequence[int]) -> "Dataset":
+        keep = torch.isin(self.y, torch.as_tensor(list(classes), dtype=torch.int64))
+        return Dataset(self.x[keep], self.y[keep], self.class_names, f"{self.source} (classes {list(classes)})")
+
+
+def _fail(path, problem: str) -> DataFileError:
+    return DataFileError(f"{os.fspath(path)}: {problem}")
+
+
+def _read_bytes(path: Path) -> bytes:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    raw = path.read_bytes()
+    if path.suffix == ".gz":
+        try:
+            return gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as e:
+            raise _fail(path, f"not a valid gzip file ({e})") from None
+    return raw
+
+
+def read_idx(path, ndim: int) -> np.ndarray:
+    """The array of an IDX file (optionally gzipped) with ``ndim`` dimensions; checks magic and length."""
+    path = Path(path)
+    raw = _read_bytes(path)
+    if len(raw) < 4:
+        raise _fail(path, f"truncated: {len(raw)} bytes, shorter than the 4-byte IDX magic number")
+    if raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES:
+        raise _fail(path, f"bad magic number 0x{raw[:4].hex()}: an IDX file starts with 0x0000, a type code "
+                          f"(0x08 for unsigned bytes) and the number of dimensions")
+    if raw[3] != ndim:
+        raise _fail(path, f"bad magic number 0x{raw[:4].hex()}: it declares {raw[3]} dimensions, expected {ndim} "
+                          f"({'images' if ndim == 3 else 'labels'} file)")
+    head = 4 + 4 * ndim
+    if len(raw) < head:
+        raise _fail(path, f"truncated: the header needs {head} bytes, the file has {len(raw)}")
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    dtype = _IDX_TYPES[raw[2]]
+    want = int(np.prod(dims)) * dtype.itemsize
+    if len(raw) - head != want:
+        what = "truncated" if len(raw) - head < want else "too long"
+        raise _fail(path, f"{what}: the header declares {'x'.join(map(str, dims))} values ({want} bytes of data), "
+                          f"the file holds {len(raw) - head} bytes of data")
+    return np.frombuffer(raw, dtype=dtype, offset=head).reshape(dims)
+
+
+def _labels_path(images: Path) -> Path:
+    name = images.name
+    if "images-idx3" not in name:
+        raise _fail(images, "not an IDX images file name: expected '*-images-idx3-ubyte[.gz]'")
+    for cand in (name.replace("images-idx3", "labels-idx1"),):
+        for variant in (cand, cand[:-3] if cand.endswith(".gz") else cand + ".gz"):
+            if (images.parent / variant).is_file():
+                return images.parent / variant
+    raise FileNotFoundError(f"{images}: its labels file {name.replace('images-idx3', 'labels-idx1')} "
+                            f"is not in {images.parent}")
+
+
+def _as_images(path, arr: np.ndarray) -> torch.Tensor:
+    x = torch.from_numpy(np.ascontiguousarray(arr).astype(np.float32, copy=True))
+    if arr.dtype == np.uint8:
+        x /= 255.0
+    if not torch.isfinite(x).all():
+        raise _fail(path, "holds non-finite values (NaN or infinity)")
+    return x
+
+
+def _labels(path, arr: np.ndarray) -> torch.Tensor:
+    if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
+        raise _fail(path, f"labels must be a 1-D integer array, got {arr.dtype} with shape {list(arr.shape)}")
+    if arr.size and int(arr.min()) < 0:
+        raise _fail(path, f"label {int(arr.min())} is negative")
+    return torch.from_numpy(arr.astype(np.int64))
+
+
+def load_idx_pair(images) -> Tuple[torch.Tensor, torch.Tensor, str]:
+    """``(x [N, 1, H, W], y [N], labels path)`` from an IDX images file and its labels file beside it."""
+    images = Path(images)
+    labels = _labels_path(images)
+    x = _as_images(images, read_idx(images, 3))
+    y = _labels(labels, read_idx(labels, 1))
+    if x.shape[0] != y.shape[0]:
+        raise DataFileError(f"{images} holds {x.shape[0]} images but {labels} holds {y.shape[0]} labels: "
+                            "the counts disagree")
+    return x.unsqueeze(1), y, str(labels)
+
+
+def load_npz(path) -> Tuple[torch.Tensor, torch.Tensor, Optional[List[str]]]:
+    """``(x, y, class names or None)`` from an ``.npz`` with ``x`` ``[N, ...]`` and ``y`` ``[N]`` (no pickles)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in ("x", "y") if k not in z.files]
+            if missing:
+                raise _fail(path, f"lacks the array(s) {missing}; expected 'x' [N, ...] and 'y' [N] "
+                                  f"(found {sorted(z.files)})")
+            x, y = z["x"], z["y"]
+            names = [str(c) for c in z["classes"].tolist()] if "classes" in z.files else None
+    except DataFileError:
+        raise
+    except (ValueError, OSError, EOFError, zlib.error, KeyError, zipfile.BadZipFile) as e:
+        raise _fail(path, f"not a readable .npz file (truncated or corrupt: {e})") from None
+    if x.ndim < 2 or not (np.issubdtype(x.dtype, np.number) and not np.issubdtype(x.dtype, np.complexfloating)):
+        raise _fail(path, f"'x' must be a numeric array [N, ...] with N samples, got {x.dtype} {list(x.shape)}")
+    yt = _labels(path, y)
+    if x.shape[0] != yt.shape[0]:
+        raise _fail(path, f"'x' holds {x.shape[0]} samples but 'y' holds {yt.shape[0]} labels: the counts disagree")
+    return _as_images(path, x), yt, names
+
+
+def _open_image(path: Path):
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise _fail(path, f"not a readable image ({e})") from None
+
+
+def load_image_folder(root) -> Tuple[torch.Tensor, torch.Tensor, List[str]]:
+    """``(x [N, C, H, W], y [N], class names)`` from ``root/<class>/<image>``; C is 1 when every image is grey."""
+    try:
+        import PIL  # noqa: F401
+    except ImportError:
+        raise ImportError("neuslice.datafiles.load_image_folder: reading an image folder needs Pillow "
+                          "(pip install pillow)") from None
+    root = Path(root)
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise _fail(root, "holds no class folder (expected one sub-folder of images per class)")
+    files: List[Tuple[Path, int]] = []
+    for k, c in enumerate(classes):
+        imgs = sorted(p for p in (root / c).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not imgs:
+            raise _fail(root / c, f"class folder holds no image (suffixes {', '.join(IMAGE_SUFFIXES)})")
+        files += [(p, k) for p in imgs]
+    images = [_open_image(p) for p, _ in files]
+    grey = all(im.mode in ("1", "L", "LA", "I", "I;16", "F") for im in images)
+    size = images[0].size
+    arrs = []
+    for (p, _), im in zip(files, images):
+        if im.size != size:
+            raise _fail(p, f"image is {im.size[0]}x{im.size[1]} (WxH) but {files[0][0]} is {size[0]}x{size[1]}; "
+                           "every image must have the same size")
+        a = np.asarray(im.convert("L" if grey else "RGB"), dtype=np.uint8)
+        arrs.append(a[None] if grey else a.transpose(2, 0, 1))
+    x = torch.from_numpy(np.stack(arrs).astype(np.float32)) / 255.0
+    return x, torch.tensor([k for _, k in files], dtype=torch.int64), classes
+
+
+def parse_classes(text: Optional[str]) -> Optional[List[str]]:
+    """``--classes``: comma-separated names, or ``@FILE`` with one name per line; None stays None."""
+    if text is None:
+        return None
+    if text.startswith("@"):
+        names = [ln.strip() for ln in Path(text[1:]).read_text().splitlines() if ln.strip()]
+    else:
+        names = [c.strip() for c in text.split(",")]
+    if not names or any(not n for n in names) or len(set(names)) != len(names):
+        raise ValueError(f"--classes must be distinct, non-empty names, got {names!r}")
+    return names
+
+
+def _idx_in_folder(root: Path) -> Optional[Path]:
+    found = sorted(p for p in root.iterdir() if "images-idx3" in p.name and p.is_file())
+    if not found:
+        return None
+    if len(found) > 1:
+        raise ValueError(f"{root}: holds several IDX image files ({', '.join(p.name for p in found)}); "
+                         "pass the path of one of them")
+    return found[0]
+
+
+def _digits(spec: str) -> Tuple[torch.Tensor, torch.Tensor, List[str]]:
+    split = spec.split(":", 1)[1] if ":" in spec else "train"
+    if split not in ("train", "test", "all"):
+        raise ValueError(f"data 'digits:{split}': the split must be train, test or all")
+    x, y = load_digits(split)
+    return x, y, list(DIGITS_CLASSES)
+
+
+def _read_any(spec: str) -> Tuple[torch.Tensor, torch.Tensor, Optional[List[str]], str]:
+    if spec == "digits" or spec.startswith("digits:"):
+        x, y, names = _digits(spec)
+        return x, y, names, "digits"
+    path = Path(spec)
+    if not path.exists():
+        raise FileNotFoundError(f"{spec}: no such file or folder (data is 'digits[:train|test|all]', an IDX images "
+                                "file, a folder of IDX files, an .npz file or an image folder tree)")
+    if path.is_dir():
+        idx = _idx_in_folder(path)
+        if idx is None:
+            x, y, names = load_image_folder(path)
+            return x, y, names, str(path)
+        path = idx
+    if "images-idx3" in path.name:
+        x, y, labels = load_idx_pair(path)
+        return x, y, None, labels
+    if path.suffix == ".npz":
+        x, y, names = load_npz(path)
+        return x, y, names, str(path)
+    if "labels-idx1" in path.name:
+        raise ValueError(f"{path}: give the images file (*-images-idx3-ubyte), not the labels file")
+    raise ValueError(f"{path}: unknown data format (expected *-images-idx3-ubyte[.gz], .npz, or a folder)")
+
+
+def load_data(spec: str, class_names: Optional[Sequence[str]] = None) -> Dataset:
+    """Read data set ``spec`` (see the module doc). ``class_names`` declares the K classes: a label ``>= K``
+    is then an error naming the file; without it the file's own names, else ``0 … max label``."""
+    x, y, names, labels_src = _read_any(spec)
+    if y.numel() == 0:
+        raise _fail(labels_src, "holds no sample")
+    top = int(y.max())
+    declared = list(class_names) if class_names is not None else names
+    if declared is not None and top >= len(declared):
+        shown = f"{declared[:12]}{' …' if len(declared) > 12 else ''}"
+        raise _fail(labels_src, f"label {top} is outside the declared classes: {len(declared)} classes {shown} "
+                                f"allow labels 0…{len(declared) - 1}")
+    if declared is None:
+        declared = [str(k) for k in range(top + 1)]
+    return Dataset(x, y, [str(c) for c in declared], spec)
