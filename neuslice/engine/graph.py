@@ -30,7 +30,7 @@ _POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, 
           nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample)
 _FUNC_ACTS = {F.relu: "relu", torch.relu: "relu", F.gelu: "gelu", F.silu: "silu", torch.sigmoid: "sigmoid",
               torch.tanh: "tanh", F.leaky_relu: "leaky_relu", F.elu: "elu", F.relu6: "relu6",
-              F.hardswish: "hardswish", F.mish: "mish", F.softplus: "softplus", torch.sigmoid: "sigmoid"}
+              F.hardswish: "hardswish", F.mish: "mish", F.softplus: "softplus"}
 _METHOD_ACTS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_"}
 _ELEMENTWISE = {operator.add, operator.iadd, operator.sub, operator.mul, operator.imul, torch.add, torch.mul,
                 torch.sub}
@@ -95,7 +95,7 @@ def _trace(model: nn.Module):
         return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
-def _is_act_node(node, modules) -> Optional[str]:
+def _is_act_node(node) -> Optional[str]:
     if node.op == "call_function" and node.target in _FUNC_ACTS:
         return _FUNC_ACTS[node.target]
     if node.op == "call_method" and node.target in _METHOD_ACTS:
@@ -121,7 +121,7 @@ def _graph_chain(node, modules) -> Tuple[List[str], bool, Optional[str]]:
             else:
                 break
         else:
-            return chain, False, _is_act_node(u, modules)
+            return chain, False, _is_act_node(u)
         cur = u
     return chain, False, None
 

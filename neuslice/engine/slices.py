@@ -10,22 +10,19 @@ import abc
 import hashlib
 import json
 import math
-import numbers
-from typing import Dict, Iterable, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
 from ..io import container as _io
 from . import masking, merge, metrics as _metrics
+from .classes import ClassSpec, class_indices
 
 __all__ = ["Profile", "Slices", "STATS"]
 
 STATS = ("count", "act_sum", "act_sq", "taylor_sum", "deeplift_sum")
 _COMPAT = ("num_classes", "metrics", "target", "deeplift")
-
-
-ClassSpec = Union[int, str, Iterable[Union[int, str]]]
 
 
 class _LayerSet(abc.ABC):
@@ -44,28 +41,8 @@ class _LayerSet(abc.ABC):
 
     def class_indices(self, fn: str, classes: ClassSpec) -> List[int]:
         """``classes`` (an index, a class name, or an iterable of them) as sorted class indices; each must be
-        usable here (a profile: has samples; slices: has a critical set). The one class-spec parser."""
-        items = [classes] if isinstance(classes, (int, str)) else list(classes)
-        if not items:
-            raise ValueError(f"{fn}: expected at least one class, got none")
-        out = set()
-        for c in items:
-            if isinstance(c, str):
-                if c not in self.class_names:
-                    raise ValueError(f"{fn}: unknown class name {c!r}; expected one of {self.class_names}")
-                c = self.class_names.index(c)
-            integral = isinstance(c, numbers.Integral) or (isinstance(c, Tensor) and c.numel() == 1
-                                                            and not c.is_floating_point())
-            if isinstance(c, bool) or not integral:
-                raise TypeError(f"{fn}: classes must be ints or class names, got {c!r}")
-            c = int(c)
-            if not 0 <= c < self.num_classes:
-                raise ValueError(f"{fn}: class {c} is outside [0, {self.num_classes})")
-            why = self._unavailable(c)
-            if why:
-                raise ValueError(f"{fn}: class {c} ({self.class_names[c]!r}) {why}")
-            out.add(c)
-        return sorted(out)
+        usable here (a profile: has samples; slices: has a critical set)."""
+        return class_indices(fn, self.class_names, classes, self._unavailable)
 
     @abc.abstractmethod
     def _unavailable(self, k: int) -> str:

@@ -8,7 +8,7 @@ import math
 from typing import Dict, List, Optional, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .. import ops
 from .metrics import check_metric
@@ -17,7 +17,7 @@ from .slices import Profile, Slices
 __all__ = ["global_slice", "category_slice", "semantic_slice"]
 
 
-def _check_common(fn: str, profile, metric: str, value, name: str, lo_open: bool, min_keep) -> None:
+def _check_common(fn: str, profile, metric: str, value, name: str, min_keep) -> None:
     if not isinstance(profile, Profile):
         raise TypeError(f"{fn}: profile must be a neuslice.Profile, got {type(profile).__name__}")
     check_metric(fn, metric, profile.metrics)
@@ -69,7 +69,7 @@ def global_slice(profile: Profile, metric: str, ratio: float, *, min_keep: int =
 
     Returns :class:`Slices` whose ``critical`` rows are all that set (bool ``[K, N]`` per layer)."""
     fn = "neuslice.global_slice"
-    _check_common(fn, profile, metric, ratio, "ratio", True, min_keep)
+    _check_common(fn, profile, metric, ratio, "ratio", min_keep)
     agn = profile.class_agnostic(metric)
     k = profile.num_classes
     crit, scores = {}, {}
@@ -86,7 +86,7 @@ def category_slice(profile: Profile, metric: str, ratio: float, *, min_keep: int
                    classes: Optional[Sequence[int]] = None) -> Slices:
     """Per class and layer, the top ⌈ratio·N⌉ neurons by that class's score (bool ``[K, N]`` per layer)."""
     fn = "neuslice.category_slice"
-    _check_common(fn, profile, metric, ratio, "ratio", True, min_keep)
+    _check_common(fn, profile, metric, ratio, "ratio", min_keep)
     idx = _classes(fn, profile, classes)
     return _per_class(profile, metric, idx, lambda s: ops.select_topk(s, float(ratio)), min_keep,
                       mode="category", value=ratio)
@@ -99,7 +99,7 @@ def semantic_slice(profile: Profile, metric: str, theta: float, *, share: float 
     :meth:`Slices.categories` and :meth:`Slices.groups`. Classes without samples must be left out via
     ``classes``."""
     fn = "neuslice.semantic_slice"
-    _check_common(fn, profile, metric, theta, "theta", True, min_keep)
+    _check_common(fn, profile, metric, theta, "theta", min_keep)
     for name, v, lo in (("share", share, 0.0), ("tau", tau, -1e-12)):
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not (lo < v <= 1.0):
             raise ValueError(f"{fn}: {name} must lie in {'(0, 1]' if name == 'share' else '[0, 1]'}, got {v!r}")

@@ -1,0 +1,157 @@
+"""The ``neuslice`` commands: each reads files, runs one step and writes its result (``args`` is the
+parsed command line of :mod:`neuslice.cli.main`)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+import neuslice
+
+from ..engine.slices import Profile, Slices
+from ..io.modelfile import save_model
+from ..maintain import RestructuredModel, TaskAwareModel, incremental, readapt
+from . import report
+from .common import (RestructureOptions, UsageError, acc, bar, class_list, emit, factory_of, kv, load_data_of,
+                     load_model_of, model_args, run_restructure)
+from .demo import DemoConfig, run_demo
+from .report import make_slices, print_layers, print_summary, slices_summary
+
+
+def cmd_profile(args) -> int:
+    model = load_model_of(args)
+    ds = load_data_of(args, args.data)
+    metrics = [m.strip() for m in args.metrics.split(",")]
+    layers = [n.strip() for n in args.layers.split(",")] if args.layers else None
+    prof = neuslice.profile(model, bar(args, ds, "profile"), ds.num_classes, class_names=ds.class_names,
+                            metrics=metrics, target=args.target, layers=layers, progress=False)
+    prof.save(args.out)
+    counts = prof.counts.tolist()
+    result = {"profile": str(args.out), "data": ds.source, "samples": int(sum(counts)),
+              "per_class": {c: int(n) for c, n in zip(prof.class_names, counts)}, "metrics": list(prof.metrics),
+              "layers": [{"name": e["name"], "type": e["type"], "neurons": int(e["n"])} for e in prof.layers]}
+    return emit(args, result, kv)
+
+
+def cmd_merge(args) -> int:
+    profs = [Profile.load(p) for p in args.profiles]
+    total = profs[0]
+    for p in profs[1:]:
+        total = total + p
+    total.save(args.out)
+    result = {"profile": str(args.out), "merged": [str(p) for p in args.profiles],
+              "samples": int(total.counts.sum()), "batches": total.num_batches}
+    return emit(args, result, kv)
+
+
+def cmd_slice(args) -> int:
+    prof = Profile.load(args.profile)
+    value = args.theta if args.mode == "semantic" else args.ratio
+    slices = make_slices(prof, args.mode, args.metric, value, share=args.share, tau=args.tau, min_keep=args.min_keep)
+    slices.save(args.out)
+    result = {"slices": str(args.out), **slices_summary(slices)}
+    return emit(args, result, print_layers)
+
+
+def cmd_restructure(args) -> int:
+    model = load_model_of(args)
+    slices = Slices.load(args.slices, model)
+    train, test = load_data_of(args, args.data, slices.class_names), load_data_of(args, args.test_data, slices.class_names)
+    keep = class_list(args.keep, slices.class_names, "--keep")
+    opts = RestructureOptions(mode=args.mode, input_shape=args.input_shape, finetune_epochs=args.finetune_epochs,
+                              lr=args.lr, compress=args.compress, compress_method=args.compress_method)
+    new, res = run_restructure(args, opts, model, slices, keep, train, test)
+    save_model(args.out, new, spec=factory_of(args, model), model_args=model_args(args), report={"restructure": res})
+    return emit(args, {"model": str(args.out), **res}, kv)
+
+
+def cmd_readapt(args) -> int:
+    model = load_model_of(args)
+    slices = Slices.load(args.slices, model)
+    names = slices.class_names
+    data, orig, new_test = (load_data_of(args, s, names) for s in (args.data, args.test_data, args.new_test_data))
+    tune = class_list(args.tune, names, "--tune") if args.tune else None
+    new, rep = readapt(model, slices, bar(args, data, "readapt", shuffle=True), classes=tune, epochs=args.epochs,
+                       lr=args.lr, optimizer=args.optimizer,
+                       eval_data=None if orig is None else bar(args, orig, "eval original"),
+                       new_eval_data=None if new_test is None else bar(args, new_test, "eval new"))
+    res = rep.as_dict()
+    save_model(args.out, new, spec=factory_of(args, model), model_args=model_args(args), report={"readapt": res})
+    return emit(args, {"model": str(args.out), **res}, kv)
+
+
+def cmd_incremental(args) -> int:
+    model = load_model_of(args)
+    slices = Slices.load(args.slices, model)
+    names = slices.class_names
+    new_classes = class_list(args.new_classes, names, "--new-classes")
+    data, replay, test_a, test_b = (load_data_of(args, s, names) for s in
+                                    (args.data, args.replay_data, args.test_a, args.test_b))
+    if (args.replay is None) != (replay is None):
+        raise UsageError("--replay and --replay-data go together")
+    out, rep = incremental(model, slices, bar(args, data, "incremental", shuffle=True), new_classes=new_classes,
+                           replay=args.replay, replay_data=None if replay is None else bar(args, replay, "replay"),
+                           epochs=args.epochs, lr=args.lr,
+                           eval_a=None if test_a is None else bar(args, test_a, "eval task A"),
+                           eval_b=None if test_b is None else bar(args, test_b, "eval task B"))
+    res = rep.as_dict()
+    save_model(args.out, out, spec=factory_of(args, model), model_args=model_args(args), report={"incremental": res})
+    return emit(args, {"model": str(args.out), **res}, kv)
+
+
+def cmd_predict(args) -> int:
+    model = load_model_of(args)
+    ds = load_data_of(args, args.data)
+    if isinstance(model, TaskAwareModel):
+        task = args.task
+        predict, classes = (lambda x: model.predict(x, task=task)), (model.tasks[task] if task else None)
+    elif isinstance(model, RestructuredModel):
+        predict, classes = model.predict, model.class_map.tolist()
+    else:
+        predict, classes = (lambda x: model(x).argmax(-1)), None
+    preds = torch.cat([predict(x) for x, _ in bar(args, ds, "predict")])
+    result = {"data": ds.source, "samples": int(preds.numel()), "accuracy": acc(predict, ds, args, classes),
+              "classes": classes}
+    if args.out:
+        lines = ["index,label,prediction"] + [f"{i},{int(y)},{int(p)}" for i, (y, p) in enumerate(zip(ds.y, preds))]
+        Path(args.out).write_text("\n".join(lines) + "\n")
+        result["predictions"] = str(args.out)
+    return emit(args, result, kv)
+
+
+def cmd_report(args) -> int:
+    if not args.profile and not args.slices:
+        raise UsageError("report needs --profile or --slices")
+    prof = Profile.load(args.profile) if args.profile else None
+    slices = Slices.load(args.slices) if args.slices else make_slices(prof, "semantic", args.metric, args.theta)
+    curves = None
+    if args.test_data:
+        if prof is None or not (args.model or args.weights):
+            raise UsageError("accuracy curves (--test-data) need --profile and --model/--weights")
+        model = load_model_of(args)
+        test = load_data_of(args, args.test_data, slices.class_names)
+        curves = report.accuracy_curves(model, prof, bar(args, test, "curves"), slices.metric,
+                                        report.default_subsets(slices))
+    maint = report.load_results(args.results or [])
+    summary = {"profile": args.profile, "slices": args.slices, **slices_summary(slices)}
+    index = report.write_report(Path(args.out), slices=slices, curves=curves, maintenance=maint, summary=summary)
+    return emit(args, {"report": str(index), "figures": report.figures_of(index)}, kv)
+
+
+def cmd_demo(args) -> int:
+    config = DemoConfig(seed=args.seed, epochs=args.epochs, theta=args.theta, metric=args.metric,
+                        maintenance=not args.no_maintenance)
+    summary = run_demo(Path(args.out), config, quiet=args.quiet or args.json)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print_summary(summary)
+        print(f"report written to {args.out}/index.html")
+    return 0
+
+
+def cmd_info(args) -> int:
+    info = neuslice.backend_info()
+    print(json.dumps(info, indent=None if args.json else 1, default=str))
+    return 0

@@ -1,0 +1,145 @@
+"""What the commands and the demo pipeline share: options, loading models and data, progress bars,
+accuracy, printing results, and the restructure pipeline (restructure → fine-tune → compress)."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from .. import models as _models  # noqa: F401  (registers the demo models' names for --model)
+from ..engine.classes import parse_class_list
+from ..engine.evaluate import accuracy, restricted_predict
+from ..io.data import load_data, parse_classes
+from ..io.modelfile import load_model, read_weights
+from ..maintain import compress, finetune, restructure
+from .progress import Progress
+
+__all__ = ["UsageError", "RunOptions", "RestructureOptions", "run_restructure", "bar", "model_args", "load_model_of",
+           "factory_of", "load_data_of", "class_list", "acc", "emit", "kv", "example_input"]
+
+
+@dataclass
+class RunOptions:
+    """What every step reads besides its own options: batch size, quiet (no bars), the shuffling seed."""
+    batch_size: int = 64
+    quiet: bool = False
+    seed: int = 0
+
+
+class UsageError(Exception):
+    """A command line that cannot be run as given (exit code 2)."""
+
+
+def bar(args, ds, desc: str, *, shuffle: bool = False) -> Progress:
+    loader = ds.loader(args.batch_size, shuffle=shuffle, seed=getattr(args, "seed", 0))
+    return Progress(loader, desc, enabled=not args.quiet)
+
+
+def model_args(args) -> Optional[dict]:
+    if args.model_args is None:
+        return None
+    try:
+        value = json.loads(args.model_args)
+    except ValueError as e:
+        raise UsageError(f"--model-args must be a JSON object, got {args.model_args!r} ({e})") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"--model-args must be a JSON object, got {args.model_args!r}")
+    return value
+
+
+def load_model_of(args):
+    return load_model(args.model, args.weights, model_args(args))
+
+
+def factory_of(args, model) -> str:
+    """The factory of ``model`` for its output file: --model, or the one its weights file named."""
+    if args.model:
+        return args.model
+    return read_weights(args.weights)[1]["model"]
+
+
+def load_data_of(args, spec: Optional[str], names: Optional[Sequence[str]] = None):
+    if spec is None:
+        return None
+    return load_data(spec, parse_classes(getattr(args, "classes", None)) or names)
+
+
+def class_list(text: str, names: Sequence[str], option: str) -> List[int]:
+    """``"3,8"`` or ``"cat,dog"`` → class indices (a usage error otherwise)."""
+    try:
+        return parse_class_list(option, text, names)
+    except (TypeError, ValueError) as e:
+        raise UsageError(str(e)) from None
+
+
+def acc(predict, ds, args, classes=None, desc: str = "evaluate") -> Optional[float]:
+    if ds is None:
+        return None
+    return round(accuracy(predict, bar(args, ds, desc), classes), 4)
+
+
+def emit(args, result: Dict, text) -> int:
+    if args.json:
+        print(json.dumps(result, default=str))
+    else:
+        text(result)
+    return 0
+
+
+def kv(result: Dict) -> None:
+    for k, v in result.items():
+        if isinstance(v, float):
+            v = f"{v:.4f}"
+        elif isinstance(v, (list, dict)):
+            v = json.dumps(v, default=str)
+        print(f"{k:<26}{v}")
+
+
+def example_input(opts, ds):
+    if ds is not None:
+        return ds.x[:2]
+    if opts.input_shape:
+        return torch.zeros(1, *[int(s) for s in opts.input_shape.split(",")])
+    raise UsageError("restructure --mode physical needs --data or --input-shape (e.g. 1,28,28) to trace the model")
+
+
+@dataclass
+class RestructureOptions:
+    """How ``restructure`` runs: mode, the example input shape for tracing (physical mode without data),
+    fine-tune epochs and learning rate, an optional compression target and its method."""
+    mode: str = "physical"
+    input_shape: Optional[str] = None
+    finetune_epochs: int = 1
+    lr: float = 0.01
+    compress: Optional[float] = None
+    compress_method: str = "global"
+
+
+def run_restructure(run, opts: RestructureOptions, model, slices, keep: List[int], train, test) -> tuple:
+    """Restructure (+ fine-tune, + compress) as ``opts`` say, with batching and progress from ``run``
+    (a :class:`RunOptions` or the parsed command line); returns ``(model, result dict)``."""
+    example = example_input(opts, train) if opts.mode == "physical" else None
+    new = restructure(model, slices, keep, mode=opts.mode, example_inputs=example)
+    tr = train.subset(keep) if train is not None else None
+    te = test.subset(keep) if test is not None else None
+    res = {"classes": [slices.class_names[k] for k in keep], "mode": opts.mode, "params": new.num_params,
+           "original_params": new.original_params, "compression_rate": round(new.compression_rate, 4),
+           "slice_compression_rate": round(slices.compression_rate(model, keep), 4),
+           "accuracy_original": acc(restricted_predict(model, keep), te, run, keep, "eval original"),
+           "accuracy_restructured": acc(new.predict, te, run, keep, "eval restructured"),
+           "finetune_epochs": opts.finetune_epochs, "accuracy_finetuned": None, "compress": None}
+    if opts.finetune_epochs:
+        if tr is None:
+            raise UsageError("--finetune-epochs needs --data (the training data of the kept classes)")
+        new = finetune(new, bar(run, tr, "finetune", shuffle=True), epochs=opts.finetune_epochs, lr=opts.lr)
+        res["accuracy_finetuned"] = acc(new.predict, te, run, keep, "eval finetuned")
+    if opts.compress is not None:
+        if tr is None:
+            raise UsageError("--compress needs --data (the training data of the kept classes)")
+        new, rep = compress(new, bar(run, tr, "compress", shuffle=True), opts.compress,
+                            method=opts.compress_method, lr=opts.lr,
+                            eval_data=bar(run, te or tr, "eval compress"))
+        res["compress"] = {k: v for k, v in rep.as_dict().items() if k != "history"}
+    return new, res
