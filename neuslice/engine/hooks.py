@@ -1,6 +1,6 @@
 """Forward hooks that find each sliced layer's tap point (or the end of its chain) in every forward.
 
-A chain is ``layer → [norm] → [dropout] → [activation]`` (see :mod:`neuslice._graph`). A hook on a
+A chain is ``layer → [norm] → [dropout] → [activation]`` (see :mod:`neuslice.engine.graph`). A hook on a
 later module of the chain accepts a call only when that call's input *is* the tensor the previous
 stage produced, so shared modules (one ``nn.ReLU`` used after several layers) tap the right call.
 """
@@ -13,7 +13,18 @@ from torch import nn
 
 from .graph import ACTIVATIONS, LayerInfo
 
-__all__ = ["ChainHooks", "no_inplace"]
+__all__ = ["ChainHooks", "no_inplace", "per_neuron", "zero_outside"]
+
+
+def per_neuron(m: torch.Tensor, like: torch.Tensor, last: bool) -> torch.Tensor:
+    """``m [N]`` shaped to broadcast over ``like``'s neuron axis: the last axis (``last``: Linear outputs
+    ``[B, ..., N]``) or axis 1 (channels ``[B, N, ...]``, and weights ``[out, in, ...]`` by input)."""
+    return m if last else m.view(1, -1, *([1] * (like.dim() - 2)))
+
+
+def zero_outside(t: torch.Tensor, keep: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """``t`` (the output of ``module``'s chain) with every neuron where ``keep [N]`` is 0 zeroed."""
+    return t * per_neuron(keep.to(device=t.device, dtype=t.dtype), t, isinstance(module, nn.Linear))
 
 
 class ChainHooks:

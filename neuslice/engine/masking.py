@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ..io.container import check_model
 from .graph import discover
-from .hooks import ChainHooks
+from .hooks import ChainHooks, zero_outside
 
 __all__ = ["compression_rate", "MaskedModel"]
 
@@ -81,10 +81,7 @@ class MaskedModel:
 
     def _on_end(self, i: int, t: Tensor) -> Tensor:
         info = self.plan.layers[i]
-        m = self.masks[info.name].to(device=t.device, dtype=t.dtype)
-        if isinstance(info.module, nn.Linear):
-            return t * m
-        return t * m.view(1, -1, *([1] * (t.dim() - 2)))
+        return zero_outside(t, self.masks[info.name], info.module)
 
     def __enter__(self) -> nn.Module:
         self._hooks = ChainHooks(self.model, self.plan.layers, self._on_end, point="end")
