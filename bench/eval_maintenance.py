@@ -108,8 +108,8 @@ FT = dict(batch_size=16, lr=1e-3)    # the one-epoch fine-tune after restructuri
 
 def restructure_one(model, s, keep: Sequence[int], x_time) -> Dict:
     te, tr = split("test", keep), split("train", keep, batch_size=FT["batch_size"])
-    phys = restructure(model, s, keep, example_inputs=x_time[:2])
-    tuned = finetune(phys, tr, epochs=1, lr=FT["lr"])
+    phys, _ = restructure(model, s, keep, example_inputs=x_time[:2])
+    tuned, _ = finetune(phys, tr, epochs=1, lr=FT["lr"])
     total = C.param_count(model)
     return {"classes": "-".join(map(str, keep)), "params": total, "params_sliced": phys.num_params,
             "removed": 1 - phys.num_params / total, "ms_original": cpu_ms(model, x_time),
@@ -137,8 +137,8 @@ def exp_compress(theta: float, keeps: Sequence[Sequence[int]]) -> List[Dict]:
     rows = []
     for keep, method in itertools.product(keeps, ("global", "uniform+", "erk", "lamp")):
         tr, te = split("train", keep), split("test", keep)
-        phys = finetune(restructure(model, s, keep, example_inputs=x), split("train", keep, batch_size=FT["batch_size"]),
-                        epochs=1, lr=FT["lr"])
+        phys, _ = finetune(restructure(model, s, keep, example_inputs=x)[0],
+                           split("train", keep, batch_size=FT["batch_size"]), epochs=1, lr=FT["lr"])
         for name, start in (("compress only", model), ("slice + compress", phys)):
             _, rep = compress(start, tr, 0.9, method=method, step=0.2, epochs=1, lr=0.01, eval_data=te)
             rows.append({"classes": "-".join(map(str, keep)), "method": method, "pipeline": name,

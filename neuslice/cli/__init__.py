@@ -169,7 +169,7 @@ def run_restructure(args, model, slices, keep: List[int], train, test) -> tuple:
     from ..maintain import compress, finetune, restructure
     from ..maintain._common import restricted_predict
     example = _example(args, train) if args.mode == "physical" else None
-    new = restructure(model, slices, keep, mode=args.mode, example_inputs=example)
+    new, _ = restructure(model, slices, keep, mode=args.mode, example_inputs=example)
     tr = train.subset(keep) if train is not None else None
     te = test.subset(keep) if test is not None else None
     res = {"classes": [slices.class_names[k] for k in keep], "mode": args.mode, "params": new.num_params,
@@ -181,7 +181,7 @@ def run_restructure(args, model, slices, keep: List[int], train, test) -> tuple:
     if args.finetune_epochs:
         if tr is None:
             raise UsageError("--finetune-epochs needs --data (the training data of the kept classes)")
-        new = finetune(new, _bar(args, tr, "finetune", shuffle=True), epochs=args.finetune_epochs, lr=args.lr)
+        new, _ = finetune(new, _bar(args, tr, "finetune", shuffle=True), epochs=args.finetune_epochs, lr=args.lr)
         res["accuracy_finetuned"] = _acc(new.predict, te, args, keep, "eval finetuned")
     if args.compress is not None:
         if tr is None:
