@@ -220,7 +220,8 @@ def exp_incremental(theta: float, epochs: int, lr: float, objective: str) -> Lis
     s = sliced(model, A, theta)
     for name, replay in (("ours", None), ("ours + replay 10%", 0.10)):
         _, rep = incremental(model, s, split("train", B), new_classes=list(B), replay=replay, replay_data=split("train", A),
-                             epochs=epochs, lr=lr, optimizer=OPT_INC, objective=objective, eval_a=te_a, eval_b=te_b)
+                             epochs=epochs, lr=lr, optimizer=OPT_INC, objective=objective, eval_data=te_a,
+                             new_eval_data=te_b)
         rows.append({"objective": objective, "method": name, "theta": theta, "trainable": rep.trainable_params / total,
                      "task_a": rep.task_a_acc_after, "task_b": rep.task_b_acc_after})
     return rows
@@ -247,7 +248,7 @@ def exp_theta(thetas: Sequence[float], epochs: int, lr: float, objective: str) -
     rows = []
     for theta in thetas:
         _, rep = incremental(model, sliced(model, A, theta), split("train", B), new_classes=list(B), epochs=epochs, lr=lr,
-                             optimizer=OPT_INC, objective=objective, eval_a=te_a, eval_b=te_b)
+                             optimizer=OPT_INC, objective=objective, eval_data=te_a, new_eval_data=te_b)
         rows.append({"theta": theta, "free_neurons": rep.free_fraction,
                      "trainable": rep.trainable_params / rep.total_params, "task_a_original": rep.task_a_acc_before,
                      "task_a": rep.task_a_acc_after, "task_b": rep.task_b_acc_after})

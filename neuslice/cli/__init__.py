@@ -238,8 +238,8 @@ def _cmd_incremental(args) -> int:
     out, rep = incremental(model, slices, _bar(args, data, "incremental", shuffle=True), new_classes=new_classes,
                            replay=args.replay, replay_data=None if replay is None else _bar(args, replay, "replay"),
                            epochs=args.epochs, lr=args.lr,
-                           eval_a=None if test_a is None else _bar(args, test_a, "eval task A"),
-                           eval_b=None if test_b is None else _bar(args, test_b, "eval task B"))
+                           eval_data=None if test_a is None else _bar(args, test_a, "eval task A"),
+                           new_eval_data=None if test_b is None else _bar(args, test_b, "eval task B"))
     res = rep.as_dict()
     save_model(args.out, out, spec=_spec(args, model), model_args=_model_args(args), report={"incremental": res})
     return _emit(args, {"model": str(args.out), **res}, _kv)
@@ -335,8 +335,8 @@ def _demo_maintenance(args, model, slices, train, test, epochs: int) -> Dict:
     slices_a = neuslice.semantic_slice(prof_a, slices.metric, 0.7, classes=a)
     _, rep = incremental(model_a, slices_a, _bar(args, train.subset(b), "incremental", shuffle=True),
                          new_classes=b, epochs=min(10, epochs), lr=3e-3,
-                         eval_a=_bar(args, test.subset(a), "eval task A"),
-                         eval_b=_bar(args, test.subset(b), "eval task B"))
+                         eval_data=_bar(args, test.subset(a), "eval task A"),
+                         new_eval_data=_bar(args, test.subset(b), "eval task B"))
     out["incremental"] = rep.as_dict()
     return out
 
