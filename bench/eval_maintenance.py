@@ -108,8 +108,8 @@ FT = dict(batch_size=16, lr=1e-3)    # the one-epoch fine-tune after restructuri
 
 def restructure_one(model, s, keep: Sequence[int], x_time) -> Dict:
     te, tr = split("test", keep), split("train", keep, batch_size=FT["batch_size"])
-    phys = restructure(model, s, keep, example_inputs=x_time[:2])
-    tuned = finetune(phys, tr, epochs=1, lr=FT["lr"])
+    phys, _ = restructure(model, s, keep, example_inputs=x_time[:2])
+    tuned, _ = finetune(phys, tr, epochs=1, lr=FT["lr"])
     total = C.param_count(model)
     return {"classes": "-".join(map(str, keep)), "params": total, "params_sliced": phys.num_params,
             "removed": 1 - phys.num_params / total, "ms_original": cpu_ms(model, x_time),
@@ -137,8 +137,8 @@ def exp_compress(theta: float, keeps: Sequence[Sequence[int]]) -> List[Dict]:
     rows = []
     for keep, method in itertools.product(keeps, ("global", "uniform+", "erk", "lamp")):
         tr, te = split("train", keep), split("test", keep)
-        phys = finetune(restructure(model, s, keep, example_inputs=x), split("train", keep, batch_size=FT["batch_size"]),
-                        epochs=1, lr=FT["lr"])
+        phys, _ = finetune(restructure(model, s, keep, example_inputs=x)[0],
+                           split("train", keep, batch_size=FT["batch_size"]), epochs=1, lr=FT["lr"])
         for name, start in (("compress only", model), ("slice + compress", phys)):
             _, rep = compress(start, tr, 0.9, method=method, step=0.2, epochs=1, lr=0.01, eval_data=te)
             rows.append({"classes": "-".join(map(str, keep)), "method": method, "pipeline": name,
@@ -220,7 +220,8 @@ def exp_incremental(theta: float, epochs: int, lr: float, objective: str) -> Lis
     s = sliced(model, A, theta)
     for name, replay in (("ours", None), ("ours + replay 10%", 0.10)):
         _, rep = incremental(model, s, split("train", B), new_classes=list(B), replay=replay, replay_data=split("train", A),
-                             epochs=epochs, lr=lr, optimizer=OPT_INC, objective=objective, eval_a=te_a, eval_b=te_b)
+                             epochs=epochs, lr=lr, optimizer=OPT_INC, objective=objective, eval_data=te_a,
+                             new_eval_data=te_b)
         rows.append({"objective": objective, "method": name, "theta": theta, "trainable": rep.trainable_params / total,
                      "task_a": rep.task_a_acc_after, "task_b": rep.task_b_acc_after})
     return rows
@@ -247,7 +248,7 @@ def exp_theta(thetas: Sequence[float], epochs: int, lr: float, objective: str) -
     rows = []
     for theta in thetas:
         _, rep = incremental(model, sliced(model, A, theta), split("train", B), new_classes=list(B), epochs=epochs, lr=lr,
-                             optimizer=OPT_INC, objective=objective, eval_a=te_a, eval_b=te_b)
+                             optimizer=OPT_INC, objective=objective, eval_data=te_a, new_eval_data=te_b)
         rows.append({"theta": theta, "free_neurons": rep.free_fraction,
                      "trainable": rep.trainable_params / rep.total_params, "task_a_original": rep.task_a_acc_before,
                      "task_a": rep.task_a_acc_after, "task_b": rep.task_b_acc_after})

@@ -183,7 +183,7 @@ def test_round_trip_restructure_load_predict(chain, capsys):
     assert isinstance(loaded, RestructuredModel) and loaded.class_map.tolist() == [3, 8]
     model = load_model("digits_cnn", d / "model.pt")
     x, y = load_digits("test")
-    ref = restructure(model, Slices.load(d / "s.safetensors"), [3, 8], example_inputs=x[:2])
+    ref, _ = restructure(model, Slices.load(d / "s.safetensors"), [3, 8], example_inputs=x[:2])
     assert torch.allclose(loaded(x), ref(x), rtol=1e-5, atol=1e-6)
     keep = (y == 3) | (y == 8)
     pred = loaded.predict(x[keep])
@@ -212,7 +212,8 @@ def test_restructure_mask_finetune_and_compress(chain, capsys):
     assert main(["restructure", "--model", "digits_cnn", "--weights", str(d / "model.pt"), "--slices",
                  str(d / "s.safetensors"), "--keep", "0,1", "--mode", "mask", "--out", str(d / "rm0.safetensors"),
                  "--quiet"]) == 0
-    ref = restructure(load_model("digits_cnn", d / "model.pt"), Slices.load(d / "s.safetensors"), [0, 1], mode="mask")
+    ref, _ = restructure(load_model("digits_cnn", d / "model.pt"), Slices.load(d / "s.safetensors"), [0, 1],
+                         mode="mask")
     assert torch.equal(load_model(weights=d / "rm0.safetensors")(x), ref(x))
 
 

@@ -48,7 +48,7 @@ def test_slicing_first_needs_fewer_iterations_and_counts_against_the_original():
     model = trained("digits_cnn")
     s = slices("digits_cnn")
     x, _ = tensors("test", n=2)
-    phys = restructure(model, s, KEEP, example_inputs=x)
+    phys, _ = restructure(model, s, KEEP, example_inputs=x)
     data = loader("train", KEEP, batch_size=64)
     out, rep = compress(phys, data, 0.9, method="global", epochs=1, step=0.3)
     total = sum(p.numel() for p in model.parameters())
@@ -122,7 +122,7 @@ def test_errors_name_the_function_and_change_nothing():
         compress(model, data, 0.999, method="uniform+")
     with pytest.raises(ValueError, match="neuslice.compress: reference_params must be an int >= the model's"):
         compress(model, data, 0.5, reference_params=10)
-    phys = restructure(model, slices("digits_cnn"), KEEP, example_inputs=tensors("test", n=2)[0])
+    phys, _ = restructure(model, slices("digits_cnn"), KEEP, example_inputs=tensors("test", n=2)[0])
     with pytest.raises(ValueError, match=r"neuslice.compress: data has label \d, outside the declared classes \[2, 7\]"):
         compress(phys, data, 0.9)
     with pytest.raises(TypeError, match="neuslice.compress: model must be a torch.nn.Module, got str"):

@@ -27,7 +27,7 @@ def test_task_a_is_bit_identical_and_frozen_weights_do_not_move(arch):
     x, _ = tensors("test", n=120)
     want = _masked_logits(model, s, x)
     out, rep = incremental(model, s, loader("train", B, n=200, batch_size=32), new_classes=B, epochs=2, lr=1e-2,
-                           eval_a=loader("test", A), eval_b=loader("test", B))
+                           eval_data=loader("test", A), new_eval_data=loader("test", B))
     assert_unchanged(model, before)
     assert isinstance(out, TaskAwareModel) and not out.training
     with torch.no_grad():
@@ -63,8 +63,10 @@ def test_warns_when_no_free_neuron_feeds_the_head_under_the_joint_objective():
     s = copy.deepcopy(slices("digits_cnn", classes=A, theta=0.7))
     s.critical_sets["features.4"][:] = True
     data = loader("train", B, n=64, batch_size=32)
-    with pytest.warns(UserWarning, match=r"no free neuron in 'features.4' \(the layer\(s\) feeding the head 'head'\)"):
+    with pytest.warns(UserWarning, match=r"no free neuron in 'features.4' \(the layer\(s\) feeding the head 'head'\)") \
+            as caught:
         _, rep = incremental(model, s, data, new_classes=B, epochs=1, lr=1e-2, objective="joint")
+    assert [w.filename for w in caught if "no free neuron" in str(w.message)] == [__file__]   # points at the caller
     assert rep.free_by_layer["features.4"] == 0 and rep.free_by_layer["features.0"] > 0
     with warnings.catch_warnings():
         warnings.simplefilter("error")      # the task objective, or free neurons feeding the head: no warning
@@ -123,7 +125,7 @@ def test_errors_name_the_function_and_change_nothing():
         incremental(model, s, data_b, new_classes=[])
     with pytest.raises(ValueError, match=r"neuslice.incremental: new_classes must be ints in \[0, 10\)"):
         incremental(model, s, data_b, new_classes=[5, 10])
-    with pytest.raises(ValueError, match=r"neuslice.incremental: data_b has label 9, outside the declared classes "
+    with pytest.raises(ValueError, match=r"neuslice.incremental: data has label 9, outside the declared classes "
                                          r"\[5, 6, 7, 8\]"):
         incremental(model, s, data_b, new_classes=[5, 6, 7, 8])
     with pytest.raises(ValueError, match="neuslice.incremental: replay=0.1 needs replay_data"):

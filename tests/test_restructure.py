@@ -22,8 +22,8 @@ def test_physical_agrees_with_mask_and_has_the_predicted_size(arch):
     s = slices(arch)
     before = snapshot(model)
     x, _ = tensors("test", n=96)
-    mask = restructure(model, s, KEEP, mode="mask")
-    phys = restructure(model, s, KEEP, example_inputs=x[:2])
+    mask, _ = restructure(model, s, KEEP, mode="mask")
+    phys, _ = restructure(model, s, KEEP, example_inputs=x[:2])
     assert_unchanged(model, before)
     assert isinstance(phys, RestructuredModel) and phys.mode == "physical" and not phys.training
     with torch.no_grad():
@@ -43,7 +43,7 @@ def test_mask_mode_is_slices_apply_with_the_logits_restricted():
     model = trained("digits_resnet")
     s = slices("digits_resnet")
     x, _ = tensors("test", n=50)
-    m = restructure(model, s, ["7", 3], mode="mask")     # names and indices; sorted class map
+    m, _ = restructure(model, s, ["7", 3], mode="mask")     # names and indices; sorted class map
     assert m.class_map.tolist() == [3, 7] and m.compression_rate == 0.0
     with s.apply(model, [3, 7]) as masked, torch.no_grad():
         want = masked(x)[:, [3, 7]]
@@ -58,7 +58,7 @@ def test_class_map_predict_and_targets():
     model = trained("digits_cnn")
     s = slices("digits_cnn")
     x, y = tensors("test", (2, 7), n=40)
-    phys = restructure(model, s, KEEP, example_inputs=x[:2])
+    phys, _ = restructure(model, s, KEEP, example_inputs=x[:2])
     assert torch.equal(phys.targets(torch.tensor([7, 2, 7])), torch.tensor([1, 0, 1]))
     with torch.no_grad():
         assert torch.equal(phys.predict(x), torch.tensor(KEEP)[phys(x).argmax(1)])
@@ -71,7 +71,7 @@ def test_physical_model_is_faster_to_store_and_runs_alone():
     model = trained("digits_separable")
     s = slices("digits_separable", theta=0.8)
     x, _ = tensors("test", n=8)
-    phys = restructure(model, s, [0], example_inputs=x[:2])
+    phys, _ = restructure(model, s, [0], example_inputs=x[:2])
     clone = copy.deepcopy(phys.module)
     with torch.no_grad():
         assert torch.equal(clone(x), phys(x))
@@ -82,11 +82,11 @@ def test_finetune_trains_a_copy_on_the_kept_classes():
     model = trained("digits_cnn")
     s = slices("digits_cnn")
     x, _ = tensors("test", n=4)
-    phys = restructure(model, s, KEEP, example_inputs=x[:2])
+    phys, _ = restructure(model, s, KEEP, example_inputs=x[:2])
     before = snapshot(phys)
     tr, te = loader("train", KEEP, shuffle=True), loader("test", KEEP)
     acc0 = accuracy(phys, [(a, phys.targets(b)) for a, b in te])
-    tuned = finetune(phys, tr, epochs=1, lr=0.01)
+    tuned, _ = finetune(phys, tr, epochs=1, lr=0.01)
     assert_unchanged(phys, before)
     acc1 = accuracy(tuned, [(a, tuned.targets(b)) for a, b in te])
     assert not tuned.training and acc1 >= acc0 - 0.02 and acc1 > 0.9
@@ -141,7 +141,7 @@ def test_a_layer_the_dependency_graph_cannot_handle_is_named():
     assert_unchanged(model, before)
     ok = neuslice.semantic_slice(neuslice.profile(model, loader("test", n=60), 10, layers=ffn_layers,
                                                   progress=False), "taylor", 0.8)
-    assert restructure(model, ok, KEEP, example_inputs=x[:2]).num_params < sum(p.numel() for p in model.parameters())
+    assert restructure(model, ok, KEEP, example_inputs=x[:2])[0].num_params < sum(p.numel() for p in model.parameters())
 
 
 def test_a_coupled_layer_left_out_of_the_slices_is_named():
@@ -153,4 +153,4 @@ def test_a_coupled_layer_left_out_of_the_slices_is_named():
     with pytest.raises(ValueError, match=r"layer 'stem.0' physically: they reach Conv2d 'blocks.0.conv2' .*"
                                          r"not among the sliced layers"):
         restructure(model, s, KEEP, example_inputs=x[:2])
-    assert restructure(model, s, KEEP, mode="mask")(x).shape == (4, 2)
+    assert restructure(model, s, KEEP, mode="mask")[0](x).shape == (4, 2)

@@ -93,8 +93,8 @@ def cmd_incremental(args) -> int:
     out, rep = incremental(model, slices, bar(args, data, "incremental", shuffle=True), new_classes=new_classes,
                            replay=args.replay, replay_data=None if replay is None else bar(args, replay, "replay"),
                            epochs=args.epochs, lr=args.lr,
-                           eval_a=None if test_a is None else bar(args, test_a, "eval task A"),
-                           eval_b=None if test_b is None else bar(args, test_b, "eval task B"))
+                           eval_data=None if test_a is None else bar(args, test_a, "eval task A"),
+                           new_eval_data=None if test_b is None else bar(args, test_b, "eval task B"))
     res = rep.as_dict()
     save_model(args.out, out, spec=factory_of(args, model), model_args=model_args(args), report={"incremental": res})
     return emit(args, {"model": str(args.out), **res}, kv)

@@ -121,7 +121,7 @@ def run_restructure(run, opts: RestructureOptions, model, slices, keep: List[int
     """Restructure (+ fine-tune, + compress) as ``opts`` say, with batching and progress from ``run``
     (a :class:`RunOptions` or the parsed command line); returns ``(model, result dict)``."""
     example = example_input(opts, train) if opts.mode == "physical" else None
-    new = restructure(model, slices, keep, mode=opts.mode, example_inputs=example)
+    new, _ = restructure(model, slices, keep, mode=opts.mode, example_inputs=example)
     tr = train.subset(keep) if train is not None else None
     te = test.subset(keep) if test is not None else None
     res = {"classes": [slices.class_names[k] for k in keep], "mode": opts.mode, "params": new.num_params,
@@ -133,7 +133,7 @@ def run_restructure(run, opts: RestructureOptions, model, slices, keep: List[int
     if opts.finetune_epochs:
         if tr is None:
             raise UsageError("--finetune-epochs needs --data (the training data of the kept classes)")
-        new = finetune(new, bar(run, tr, "finetune", shuffle=True), epochs=opts.finetune_epochs, lr=opts.lr)
+        new, _ = finetune(new, bar(run, tr, "finetune", shuffle=True), epochs=opts.finetune_epochs, lr=opts.lr)
         res["accuracy_finetuned"] = acc(new.predict, te, run, keep, "eval finetuned")
     if opts.compress is not None:
         if tr is None:

@@ -77,8 +77,8 @@ def _maintenance(cfg: DemoConfig, run: RunOptions, model, slices, train: Dataset
     slices_a = neuslice.semantic_slice(prof_a, slices.metric, cfg.incremental_theta, classes=a)
     _, rep = incremental(model_a, slices_a, bar(run, train.subset(b), "incremental", shuffle=True),
                          new_classes=b, epochs=min(cfg.incremental_epochs, cfg.epochs), lr=cfg.incremental_lr,
-                         eval_a=bar(run, test.subset(a), "eval task A"),
-                         eval_b=bar(run, test.subset(b), "eval task B"))
+                         eval_data=bar(run, test.subset(a), "eval task A"),
+                         new_eval_data=bar(run, test.subset(b), "eval task B"))
     out["incremental"] = rep.as_dict()
     return out
 

@@ -1,4 +1,10 @@
-"""Model maintenance enabled by slicing (SPEC §6): restructure, re-adapt, incremental development, compress.
+"""Model maintenance enabled by slicing (see docs/method.md): restructure, re-adapt, incremental development,
+compress.
+
+Every operator returns ``(model, report)`` (the report a dataclass with ``as_dict()``) and names its arguments
+alike: ``data`` (training batches), ``eval_data`` (held-out data of the task the input model serves),
+``new_eval_data`` (held-out data of what it is taught: readapt, incremental), ``epochs``, ``lr``, ``optimizer``,
+``momentum``, ``weight_decay``, ``seed``.
 
 - :func:`restructure` → :class:`RestructuredModel` (mask or physical), :func:`finetune` it;
 - :func:`compress`: magnitude pruning (global, uniform+, erk, lamp) in prune → fine-tune iterations;
@@ -11,7 +17,8 @@ from ._common import evaluate
 from .compress import METHODS, CompressReport, compress
 from .incremental import IncrementalReport, TaskAwareModel, incremental
 from .readapt import ReadaptReport, readapt
-from .restructure import RestructuredModel, finetune, restructure
+from .restructure import FinetuneReport, RestructuredModel, RestructureReport, finetune, restructure
 
-__all__ = ["RestructuredModel", "restructure", "finetune", "compress", "CompressReport", "METHODS", "readapt",
-           "ReadaptReport", "incremental", "IncrementalReport", "TaskAwareModel", "evaluate"]
+__all__ = ["RestructuredModel", "restructure", "RestructureReport", "finetune", "FinetuneReport", "compress",
+           "CompressReport", "METHODS", "readapt", "ReadaptReport", "incremental", "IncrementalReport",
+           "TaskAwareModel", "evaluate"]

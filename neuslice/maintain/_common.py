@@ -1,11 +1,14 @@
 """Pieces the maintenance operators share: argument checks, label checks, the masked training loop
 (every optimizer step goes through ``neuslice.ops.masked_sgd_`` / ``masked_adamw_``), norm-statistics
-guards and accuracy.
+guards, accuracy, the reports' base and the renamed-keyword shim.
 """
 from __future__ import annotations
 
 import copy
+import functools
 import math
+import warnings
+from dataclasses import asdict
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
@@ -21,7 +24,32 @@ from ..engine.slices import Slices
 
 __all__ = ["check_module", "check_slices", "plan_of", "head_module", "check_labels", "fit_masked", "NormGuard",
            "param_count", "evaluate", "head_inputs", "check_positive", "check_training", "chain_norms", "rebind",
-           "restricted_predict"]
+           "restricted_predict", "score", "Report", "renamed_kwargs"]
+
+
+def renamed_kwargs(fn: str, **renames: str):
+    """Decorator: the operator ``fn`` still accepts each old keyword (``old="new"``) for one release, warning
+    with a DeprecationWarning and passing the value on under its new name; giving both is a TypeError."""
+    def deco(f):
+        @functools.wraps(f)
+        def wrapper(*args, **kwargs):
+            for old, new in renames.items():
+                if old in kwargs:
+                    if new in kwargs:
+                        raise TypeError(f"{fn}: got both {old!r} (deprecated) and {new!r}; pass only {new!r}")
+                    warnings.warn(f"{fn}: the keyword {old!r} is deprecated and will be removed in the next release; "
+                                  f"use {new!r}", DeprecationWarning, stacklevel=2)
+                    kwargs[new] = kwargs.pop(old)
+            return f(*args, **kwargs)
+        return wrapper
+    return deco
+
+
+class Report:
+    """Base of the operators' report dataclasses: ``as_dict()`` (plain values, JSON-ready)."""
+
+    def as_dict(self) -> dict:
+        return asdict(self)
 
 
 def check_module(fn: str, model) -> None:
@@ -44,8 +72,9 @@ def check_positive(fn: str, name: str, value, *, integer: bool = False, zero: bo
         raise ValueError(f"{fn}: {name} must be {kind} {'>= 0' if zero else '> 0'}, got {value!r}")
 
 
-def check_training(fn: str, epochs, lr, optimizer) -> None:
-    check_positive(fn, "epochs", epochs, integer=True)
+def check_training(fn: str, epochs, lr, optimizer, *, zero_epochs: bool = False) -> None:
+    """``epochs`` an int > 0 (>= 0 with ``zero_epochs``), ``lr`` a finite number > 0, ``optimizer`` sgd/adamw."""
+    check_positive(fn, "epochs", epochs, integer=True, zero=zero_epochs)
     check_positive(fn, "lr", lr)
     if optimizer not in ("sgd", "adamw"):
         raise ValueError(f"{fn}: optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
@@ -236,3 +265,8 @@ def fit_masked(model: nn.Module, data: Iterable, masks: Dict[str, Optional[Tenso
 
 
 evaluate = accuracy   # the one accuracy function, under the name the operators' reports use
+
+
+def score(predict: Callable[[object], Tensor], data, classes=None) -> Optional[float]:
+    """``evaluate(predict, data, classes)``, or None when ``data`` is None (no evaluation data given)."""
+    return None if data is None else evaluate(predict, data, classes)

@@ -1,4 +1,4 @@
-"""Magnitude compression in prune → fine-tune iterations (SPEC §6, optional after restructuring).
+"""Magnitude compression in prune → fine-tune iterations (optional after restructuring; see docs/method.md).
 
 Prunable: the weights of every Conv/Linear layer. Each iteration lowers the density (kept fraction of the
 *reference* parameters: the original model's for a :class:`RestructuredModel`) by the factor
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
 import torch
@@ -36,7 +36,7 @@ METHODS = ("global", "uniform+", "erk", "lamp")
 
 
 @dataclass
-class CompressReport:
+class CompressReport(C.Report):
     """Numbers of one :func:`compress` run; accuracies are fractions in [0, 1]."""
     method: str
     target: float
@@ -47,9 +47,6 @@ class CompressReport:
     accuracy_before: float
     accuracy_after: float
     history: List[Tuple[int, float, float]] = field(default_factory=list)   # (iteration, rate, accuracy)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def _lamp(w: Tensor, alive: Tensor) -> Tensor:
@@ -134,10 +131,7 @@ def _check(fn, model, sparsity, method, step, epochs, lr, optimizer, reference_p
     for name, v in (("sparsity", sparsity), ("step", step)):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < v < 1.0:
             raise ValueError(f"{fn}: {name} must lie in (0, 1), got {v!r}")
-    C.check_positive(fn, "epochs", epochs, integer=True, zero=True)
-    C.check_positive(fn, "lr", lr)
-    if optimizer not in ("sgd", "adamw"):
-        raise ValueError(f"{fn}: optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
+    C.check_training(fn, epochs, lr, optimizer, zero_epochs=True)
     ref = reference_params if reference_params is not None else \
         model.original_params if isinstance(model, RestructuredModel) else C.param_count(model)
     if isinstance(ref, bool) or not isinstance(ref, int) or ref < C.param_count(model):
@@ -169,8 +163,16 @@ def compress(model: nn.Module, data, sparsity: float, *, method: str = "global",
             zeroed parameters over ``reference_params`` (default: the original model's count for a
             RestructuredModel, else the model's own).
         method: ``global``, ``uniform+``, ``erk`` or ``lamp``. step: the density falls by ``1 - step`` per
-            iteration. epochs, lr, optimizer, momentum, weight_decay: fine-tuning per iteration.
-        eval_data: scored before and after each iteration (default: ``data``).
+            iteration.
+        epochs, lr, optimizer (``"sgd"`` or ``"adamw"``), momentum (sgd), weight_decay: fine-tuning per
+            iteration; ``epochs=0`` prunes without fine-tuning. The defaults differ from the other operators'
+            (AdamW at 1e-3) on purpose: SGD with momentum at 0.01 is the prune → fine-tune recipe the README's
+            compression results were measured with (bench/eval_maintenance.py), kept so that existing calls
+            give what they gave.
+        eval_data: held-out data of the task ``model`` serves, scored before and after each iteration
+            (default: ``data``, since the report's history needs an accuracy after every iteration).
+        reference_params: see ``sparsity``.
+        seed: seeds the fine-tuning of the first iteration (``seed + i`` for iteration ``i``).
 
     Returns:
         ``(pruned copy in eval mode, CompressReport)``.

@@ -1,4 +1,4 @@
-"""Incremental development: learn new classes in non-critical neurons (SPEC §6).
+"""Incremental development: learn new classes in non-critical neurons (see docs/method.md).
 
 Frozen: the critical neurons of every old class (task A). Free: every other neuron of the sliced
 layers. Training on task B changes a weight ``W[out, in]`` only where ``out`` or ``in`` is a free neuron
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -85,8 +85,9 @@ class TaskAwareModel(nn.Module):
 
 
 @dataclass
-class IncrementalReport:
-    """Numbers of one :func:`incremental` run; accuracies are fractions (None where no data was given)."""
+class IncrementalReport(C.Report):
+    """Numbers of one :func:`incremental` run; accuracies are fractions (None where no data was given):
+    ``task_a_acc_*`` on ``eval_data``, ``task_b_acc_*`` on ``new_eval_data``."""
     old_classes: List[int]
     new_classes: List[int]
     theta: float
@@ -100,9 +101,6 @@ class IncrementalReport:
     task_b_acc_before: Optional[float]
     task_b_acc_after: Optional[float]
     free_by_layer: Dict[str, int]   # free (trainable) neurons per sliced layer
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def _warn_no_free_head_input(fn: str, plan, head_name: str, free: Dict[str, int], objective: str) -> None:
@@ -118,7 +116,7 @@ def _warn_no_free_head_input(fn: str, plan, head_name: str, free: Dict[str, int]
     warnings.warn(f"{fn}: no free neuron in {', '.join(repr(n) for n in feeding)} (the layer(s) feeding the head "
                   f"{head_name!r}) at this theta, while {sum(free.values())} earlier neuron(s) are free; with "
                   "objective='joint' the new classes can then collapse to chance (measured on digits). Use a "
-                  "lower theta, or objective='task'.", UserWarning, stacklevel=3)
+                  "lower theta, or objective='task'.", UserWarning, stacklevel=4)
 
 
 def _in_mask(consumer: nn.Module, free: Tensor, cols: int) -> Optional[Tensor]:
@@ -139,7 +137,7 @@ def _in_mask(consumer: nn.Module, free: Tensor, cols: int) -> Optional[Tensor]:
 
 def free_weight_masks(fn: str, model: nn.Module, slices: Slices, old: List[int], new: List[int]
                       ) -> Tuple[Dict[str, Tensor], Dict[nn.Module, Tensor], Dict[str, Tensor]]:
-    """The SPEC §6 weight-level rule: ``({param name: bool mask, param.shape}, {chain norm: frozen [C]},
+    """The weight-level rule (docs/method.md): ``({param name: bool mask, param.shape}, {chain norm: frozen [C]},
     {layer: frozen neurons [N]})`` for training new classes ``new`` with the critical neurons of ``old`` frozen."""
     plan = C.plan_of(fn, slices, model)
     head_name, head = C.head_module(fn, plan, model, slices.num_classes)
@@ -186,17 +184,17 @@ def _tensors(fn: str, data, what: str) -> Tuple[Tensor, Tensor]:
     return torch.cat(xs), torch.cat(ys)
 
 
-def _training_data(fn, data_b, replay, replay_data, seed: int):
-    """``data_b`` itself, or its samples plus a ``replay`` fraction of ``replay_data``, reshuffled in batches
-    of data_b's first batch size; returns (data, number of replayed samples)."""
+def _training_data(fn, data, replay, replay_data, seed: int):
+    """``data`` itself, or its samples plus a ``replay`` fraction of ``replay_data``, reshuffled in batches
+    of data's first batch size; returns (data, number of replayed samples)."""
     if replay is None:
-        return data_b, 0
-    xb, yb = _tensors(fn, data_b, "data_b")
+        return data, 0
+    xb, yb = _tensors(fn, data, "data")
     xa, ya = _tensors(fn, replay_data, "replay_data")
     g = torch.Generator().manual_seed(seed)
     n = max(1, round(float(replay) * len(ya)))
     pick = torch.randperm(len(ya), generator=g)[:n]
-    bs = next(iter(data_b))[1].shape[0]
+    bs = next(iter(data))[1].shape[0]
     ds = TensorDataset(torch.cat([xb, xa[pick]]), torch.cat([yb, ya[pick]]))
     return DataLoader(ds, batch_size=bs, shuffle=True, generator=torch.Generator().manual_seed(seed)), n
 
@@ -222,11 +220,8 @@ def _check_tasks(fn, slices, head_k, old_classes, new_classes, replay, replay_da
 
 
 def _task_acc(model, data, classes, task=None) -> Optional[float]:
-    if data is None:
-        return None
-    if task is not None:
-        return C.evaluate(lambda x: model.predict(x, task=task), data, classes)
-    return C.evaluate(C.restricted_predict(model, classes), data, classes)
+    predict = C.restricted_predict(model, classes) if task is None else lambda x: model.predict(x, task=task)
+    return C.score(predict, data, classes)
 
 
 def task_loss(num_classes: int, tasks: Sequence[Sequence[int]], objective: str = "task"):
@@ -245,23 +240,31 @@ def task_loss(num_classes: int, tasks: Sequence[Sequence[int]], objective: str =
     return loss
 
 
-def incremental(model: nn.Module, slices: Slices, data_b, *, new_classes, replay: Optional[float] = None,
-                replay_data=None, epochs: int = 1, lr: float = 1e-3, optimizer: str = "adamw",
-                weight_decay: float = 0.0, momentum: float = 0.9, objective: str = "task", old_classes=None,
-                eval_a=None, eval_b=None, task_names: Tuple[str, str] = ("A", "B"),
-                seed: int = 0) -> Tuple[TaskAwareModel, IncrementalReport]:
-    """Learn ``new_classes`` (task B) in the non-critical neurons of ``model`` (SPEC §6).
+@C.renamed_kwargs("neuslice.incremental", data_b="data", eval_a="eval_data", eval_b="new_eval_data")
+def incremental(model: nn.Module, slices: Slices, data, *, new_classes, replay: Optional[float] = None,
+                replay_data=None, objective: str = "task", old_classes=None,
+                task_names: Tuple[str, str] = ("A", "B"), epochs: int = 1, lr: float = 1e-3,
+                optimizer: str = "adamw", momentum: float = 0.9, weight_decay: float = 0.0, eval_data=None,
+                new_eval_data=None, seed: int = 0) -> Tuple[TaskAwareModel, IncrementalReport]:
+    """Learn ``new_classes`` (task B) in the non-critical neurons of ``model`` (see docs/method.md).
 
     Args:
         model: trained on the old classes (task A; default: the classes the slices sliced); never modified.
             Its head must already have a row for every new class. slices: its semantic slices.
-        data_b: ``(inputs, labels int64 [B])`` batches, every label in ``new_classes``.
+        data: the task-B training data, ``(inputs, labels int64 [B])`` batches, every label in ``new_classes``
+            (was ``data_b``, still accepted with a DeprecationWarning for one release).
         replay: fraction in (0, 1] of ``replay_data`` (old-class samples) mixed into training; None: none.
-        epochs, lr, optimizer (``"adamw"``/``"sgd"``), weight_decay, momentum: the training, whose loss is
-            :func:`task_loss` with ``objective`` (``"task"``: each sample's cross-entropy over its own task's
+        objective: the loss, :func:`task_loss` (``"task"``: each sample's cross-entropy over its own task's
             logits; ``"joint"``: over the logits of old and new classes together), every neuron active.
-        eval_a, eval_b: test data of task A / task B, scored before and after (task-aware).
         task_names: the names of the old and the new task in ``model(x, task=...)``.
+        epochs, lr, optimizer (``"adamw"``/``"sgd"``), momentum (sgd), weight_decay: the training, with the
+            defaults of :func:`finetune`.
+        eval_data: held-out data of task A (the task ``model`` serves), scored before and after under
+            ``task=A``; None: not scored (was ``eval_a``).
+        new_eval_data: held-out data of task B, scored before and after under ``task=B``; None: not scored
+            (was ``eval_b``). Unlike :func:`readapt` it does not fall back to ``data``: before training the
+            new classes' head rows are untrained, so a before/after on the training data says little.
+        seed: seeds the training and the replay draw.
 
     Returns:
         ``(TaskAwareModel, IncrementalReport)``.
@@ -277,7 +280,7 @@ def incremental(model: nn.Module, slices: Slices, data_b, *, new_classes, replay
     plan = C.plan_of(fn, slices, model)
     head_name, head = C.head_module(fn, plan, model, slices.num_classes)
     old, new = _check_tasks(fn, slices, head.out_features, old_classes, new_classes, replay, replay_data)
-    C.check_labels(fn, data_b, new, "data_b")
+    C.check_labels(fn, data, new, "data")
     if replay is not None:
         C.check_labels(fn, replay_data, old, "replay_data")
     net = copy.deepcopy(model).eval()
@@ -286,14 +289,14 @@ def incremental(model: nn.Module, slices: Slices, data_b, *, new_classes, replay
     _warn_no_free_head_input(fn, plan, head_name, free_by_layer, objective)
     a, b = task_names
     out = TaskAwareModel(net, C.rebind(plan, net), frozen, {a: old, b: new}, a, slices.class_names).eval()
-    acc_a0, acc_b0 = _task_acc(model, eval_a, old), _task_acc(model, eval_b, new)
+    acc_a0, acc_b0 = _task_acc(model, eval_data, old), _task_acc(model, new_eval_data, new)
     loss = task_loss(head.out_features, [old, new], objective)
-    train, replayed = _training_data(fn, data_b, replay, replay_data, seed)
+    train, replayed = _training_data(fn, data, replay, replay_data, seed)
     steps = C.fit_masked(net, train, masks, epochs=epochs, lr=lr, optimizer=optimizer, momentum=momentum,
                          weight_decay=weight_decay, loss_fn=loss, frozen_norms=frozen_norms, seed=seed)
     ntrain = sum(int(m.sum()) for m in masks.values())
     nfree = sum(int((~f).sum()) for f in frozen.values())
     report = IncrementalReport(old, new, slices.value, nfree / sum(f.numel() for f in frozen.values()), ntrain,
-                               C.param_count(model), steps, replayed, acc_a0, _task_acc(out, eval_a, old, a),
-                               acc_b0, _task_acc(out, eval_b, new, b), free_by_layer)
+                               C.param_count(model), steps, replayed, acc_a0, _task_acc(out, eval_data, old, a),
+                               acc_b0, _task_acc(out, new_eval_data, new, b), free_by_layer)
     return out, report

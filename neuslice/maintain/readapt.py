@@ -1,4 +1,4 @@
-"""Re-adapt: fit new samples by critical-neuron tuning (SPEC §6).
+"""Re-adapt: fit new samples by critical-neuron tuning (see docs/method.md).
 
 Trainable: the critical neurons of the classes of the new samples (or the classes given), with their
 incoming weights (whole weight rows), bias and BatchNorm entries, and the head rows of those classes.
@@ -10,7 +10,7 @@ decay on them), and the running statistics of frozen BatchNorm channels are rest
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -24,8 +24,9 @@ __all__ = ["ReadaptReport", "readapt", "critical_masks"]
 
 
 @dataclass
-class ReadaptReport:
-    """Numbers of one :func:`readapt` run. Accuracies are fractions in [0, 1] (None: no data given)."""
+class ReadaptReport(C.Report):
+    """Numbers of one :func:`readapt` run. Accuracies are fractions in [0, 1] (None: no data given):
+    ``new_acc_*`` on ``new_eval_data``, ``orig_acc_*`` on ``eval_data``."""
     classes: List[int]
     trainable_params: int
     total_params: int
@@ -35,9 +36,6 @@ class ReadaptReport:
     new_acc_after: float
     orig_acc_before: Optional[float]
     orig_acc_after: Optional[float]
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def critical_masks(fn: str, model: nn.Module, slices: Slices, classes: List[int]
@@ -77,24 +75,25 @@ def _trainable(model: nn.Module, masks: Dict[str, Tensor]) -> int:
 
 
 def _acc(model: nn.Module, data) -> Optional[float]:
-    if data is None:
-        return None
-    return C.evaluate(lambda x: call_model(model, x).argmax(-1), data)
+    return C.score(lambda x: call_model(model, x).argmax(-1), data)
 
 
 def readapt(model: nn.Module, slices: Slices, data, *, classes=None, epochs: int = 1, lr: float = 1e-3,
-            optimizer: str = "adamw", weight_decay: float = 0.0, momentum: float = 0.9, eval_data=None,
+            optimizer: str = "adamw", momentum: float = 0.9, weight_decay: float = 0.0, eval_data=None,
             new_eval_data=None, seed: int = 0) -> Tuple[nn.Module, ReadaptReport]:
-    """Critical-neuron tuning of ``model`` on new samples (SPEC §6).
+    """Critical-neuron tuning of ``model`` on new samples (see docs/method.md).
 
     Args:
         model: a classifier (logits ``[B, K]``) the slices were made for; never modified.
         slices: its :class:`~neuslice.Slices`. data: the new samples, ``(inputs, labels int64 [B])`` batches.
         classes: the classes whose critical neurons train (default: those present in ``data``); every label
             of ``data`` must be one of them.
-        epochs, lr, optimizer (``"adamw"`` or ``"sgd"``), weight_decay, momentum (sgd): the training.
-        eval_data: held-out original data, scored before and after. new_eval_data: scores the "new samples"
-            accuracy (default: ``data`` itself).
+        epochs, lr, optimizer (``"adamw"`` or ``"sgd"``), momentum (sgd), weight_decay: the training, with the
+            defaults of :func:`finetune`.
+        eval_data: held-out data of the task ``model`` serves (the original samples), scored before and after;
+            None: not scored. new_eval_data: held-out new samples, scored before and after (default: ``data``
+            itself, since the report's point is how well the new samples are fitted).
+        seed: seeds the training (batch order of an unseeded shuffling loader, dropout).
 
     Returns:
         ``(new_model, ReadaptReport)``; the new model is a copy in eval mode.

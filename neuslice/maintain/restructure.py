@@ -1,4 +1,4 @@
-"""Restructure: keep the classes T (critical-neuron preservation, SPEC §6).
+"""Restructure: keep the classes T (critical-neuron preservation; see docs/method.md).
 
 ``mask`` mode hooks a copy of the model so every neuron outside the slice of T is zeroed at the end of
 its layer → norm → activation chain, and restricts the logits to T. ``physical`` mode builds a smaller
@@ -10,7 +10,8 @@ result is class ``T[i]``; the result carries that class map. The input model is 
 from __future__ import annotations
 
 import copy
-from typing import Dict, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -22,9 +23,7 @@ from ..engine.capture import call_model
 from ..engine.slices import Slices
 from . import _common as C
 
-__all__ = ["RestructuredModel", "restructure", "finetune"]
-
-
+__all__ = ["RestructuredModel", "RestructureReport", "FinetuneReport", "restructure", "finetune"]
 
 class RestructuredModel(nn.Module):
     """A classifier serving the classes T of a larger model: ``forward(x) -> logits [B, |T|]`` (float32),
@@ -95,6 +94,31 @@ class RestructuredModel(nn.Module):
                 f"(of {self.original_params})")
 
 
+@dataclass
+class RestructureReport(C.Report):
+    """What one :func:`restructure` run made (the same numbers the :class:`RestructuredModel` carries)."""
+    mode: str                  # "mask" or "physical"
+    classes: List[int]         # the kept classes T, sorted: output i is class classes[i]
+    class_names: List[str]
+    original_params: int       # parameters of the input model
+    params: int                # parameters of the result (equal to original_params in mask mode)
+    compression_rate: float    # fraction of original_params physically removed (0 in mask mode)
+    kept: Dict[str, int]       # neurons kept per sliced layer
+
+    @classmethod
+    def of(cls, model: RestructuredModel) -> "RestructureReport":
+        return cls(model.mode, model.class_map.tolist(), list(model.class_names), model.original_params,
+                   model.num_params, model.compression_rate, dict(model.kept))
+
+
+@dataclass
+class FinetuneReport(C.Report):
+    """Numbers of one :func:`finetune` run; accuracies are fractions in [0, 1] (None: no eval_data given)."""
+    steps: int
+    accuracy_before: Optional[float]
+    accuracy_after: Optional[float]
+
+
 def _kept(plan: Plan, keep: Dict[str, Tensor]) -> Dict[str, int]:
     return {i.name: int(keep[i.name].sum()) for i in plan.layers}
 
@@ -108,8 +132,8 @@ def _mask_model(fn, model, slices, idx, keep, plan) -> RestructuredModel:
 
 
 def restructure(model: nn.Module, slices: Slices, classes, *, mode: str = "physical",
-                example_inputs=None) -> RestructuredModel:
-    """A model serving only ``classes`` (SPEC §6, critical-neuron preservation).
+                example_inputs=None) -> Tuple[RestructuredModel, RestructureReport]:
+    """A model serving only ``classes`` (critical-neuron preservation; see docs/method.md).
 
     Args:
         model: the classifier the slices were made for (logits ``[B, K]``); never modified.
@@ -119,7 +143,8 @@ def restructure(model: nn.Module, slices: Slices, classes, *, mode: str = "physi
         example_inputs: one input batch (tensor, tuple or dict), needed by ``physical`` mode to trace.
 
     Returns:
-        a :class:`RestructuredModel` in eval mode: ``forward(x) -> [B, |T|]``, ``predict(x) -> class ids``.
+        ``(RestructuredModel, RestructureReport)``: the model in eval mode, ``forward(x) -> [B, |T|]``,
+        ``predict(x) -> class ids``.
     """
     fn = "neuslice.restructure"
     C.check_module(fn, model)
@@ -132,15 +157,15 @@ def restructure(model: nn.Module, slices: Slices, classes, *, mode: str = "physi
     keep = slices.mask(idx)
     masked = _mask_model(fn, model, slices, idx, keep, plan).eval()
     if mode == "mask":
-        return masked
+        return masked, RestructureReport.of(masked)
     if example_inputs is None:
         raise ValueError(f"{fn}: physical mode needs example_inputs (one input batch, e.g. x[:2]) to trace the "
                          "model's dependency graph; got None")
     from . import _prune
     module = _prune.physical(fn, model, plan, keep, idx, example_inputs, masked)
     out = RestructuredModel(module, idx, masked.class_names, mode="physical", original_params=C.param_count(model),
-                            kept=_kept(plan, keep))
-    return out.eval()
+                            kept=_kept(plan, keep)).eval()
+    return out, RestructureReport.of(out)
 
 
 def _loss(model: RestructuredModel, x, y: Tensor) -> Tensor:
@@ -148,18 +173,32 @@ def _loss(model: RestructuredModel, x, y: Tensor) -> Tensor:
 
 
 def finetune(model: RestructuredModel, data, *, epochs: int = 1, lr: float = 1e-3, optimizer: str = "adamw",
-             momentum: float = 0.9, weight_decay: float = 0.0, seed: int = 0) -> RestructuredModel:
-    """A fine-tuned copy of a restructured model, trained on ``data`` (``(inputs, labels [B])`` with labels the
-    original class ids, all among the kept classes) with cross-entropy over its outputs. Every parameter
-    trains (through ``ops.masked_sgd_``/``masked_adamw_`` with full masks); ``model`` is not modified."""
+             momentum: float = 0.9, weight_decay: float = 0.0, eval_data=None,
+             seed: int = 0) -> Tuple[RestructuredModel, FinetuneReport]:
+    """Fine-tune a copy of a restructured model with cross-entropy over its outputs.
+
+    Args:
+        model: a :class:`RestructuredModel` (from :func:`restructure`); never modified.
+        data: ``(inputs, labels int64 [B])`` batches, labels the original class ids, all among the kept classes.
+        epochs, lr, optimizer (``"adamw"`` or ``"sgd"``), momentum (sgd), weight_decay: the training. Every
+            parameter trains (through ``ops.masked_sgd_``/``masked_adamw_`` with full masks).
+        eval_data: held-out data of the kept classes, scored before and after; None: not scored (unlike
+            :func:`compress`, which needs an accuracy after every iteration and so falls back to ``data``).
+        seed: seeds the training (batch order of an unseeded shuffling loader, dropout).
+
+    Returns:
+        ``(fine-tuned copy in eval mode, FinetuneReport)``.
+    """
     fn = "neuslice.finetune"
     if not isinstance(model, RestructuredModel):
         raise TypeError(f"{fn}: model must be a RestructuredModel (from neuslice.restructure), "
                         f"got {type(model).__name__}")
     C.check_training(fn, epochs, lr, optimizer)
     C.check_labels(fn, data, model.class_map.tolist(), "data")
-    out = copy.deepcopy(model)
+    out = copy.deepcopy(model).eval()
+    before = C.score(out.predict, eval_data)
     masks = {n: None for n, _ in out.named_parameters()}
-    C.fit_masked(out, data, masks, epochs=epochs, lr=lr, optimizer=optimizer, momentum=momentum,
-                 weight_decay=weight_decay, loss_fn=_loss, seed=seed)
-    return out.eval()
+    steps = C.fit_masked(out, data, masks, epochs=epochs, lr=lr, optimizer=optimizer, momentum=momentum,
+                         weight_decay=weight_decay, loss_fn=_loss, seed=seed)
+    out.eval()
+    return out, FinetuneReport(steps, before, C.score(out.predict, eval_data))
