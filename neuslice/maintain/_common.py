@@ -20,9 +20,10 @@ from ..engine.graph import NORMS, LayerInfo, Plan, discover
 from ..io.container import check_model
 from ..engine.evaluate import accuracy, restricted_predict
 from ..engine.capture import call_model
+from ..engine.hooks import per_neuron
 from ..engine.slices import Slices
 
-__all__ = ["check_module", "check_slices", "plan_of", "head_module", "check_labels", "fit_masked", "NormGuard",
+__all__ = ["check_module", "check_slices", "plan_of", "head_module", "scan_labels", "fit_masked", "NormGuard",
            "param_count", "evaluate", "head_inputs", "check_positive", "check_training", "chain_norms", "rebind",
            "restricted_predict", "score", "Report", "renamed_kwargs"]
 
@@ -125,9 +126,10 @@ def chain_norms(plan: Plan, model: nn.Module) -> Dict[str, Tuple[str, nn.Module]
     return out
 
 
-def check_labels(fn: str, data: Iterable, allowed: Optional[Sequence[int]], what: str) -> List[int]:
-    """Iterate ``data`` once: it must yield ``(inputs, labels int [B])`` with every label in ``allowed``
-    (None: any label >= 0). Returns the sorted labels present."""
+def scan_labels(fn: str, data: Iterable, allowed: Optional[Sequence[int]], what: str) -> List[int]:
+    """Iterate ``data`` once, before training: it must yield ``(inputs, labels int [B])`` with every label in
+    ``allowed`` (None: any label >= 0). Returns the sorted labels present. (Per batch, inside a profiling
+    pass, labels are checked by :func:`neuslice.engine.capture.check_labels` instead.)"""
     allowed_t = None if allowed is None else torch.as_tensor(sorted(set(int(a) for a in allowed)), dtype=torch.int64)
     seen, n = set(), 0
     for batch in data:
@@ -186,7 +188,7 @@ class NormGuard:
             if not m.training:
                 return None
             ev = F.batch_norm(args[0], bufs["running_mean"], bufs["running_var"], m.weight, m.bias, False, 0.0, m.eps)
-            return torch.where(frozen.view(1, -1, *([1] * (out.dim() - 2))), ev, out)
+            return torch.where(per_neuron(frozen, out, last=False), ev, out)
         return hook
 
     @torch.no_grad()

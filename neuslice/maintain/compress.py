@@ -179,7 +179,7 @@ def compress(model: nn.Module, data, sparsity: float, *, method: str = "global",
     """
     fn = "neuslice.compress"
     ref, removed = _check(fn, model, sparsity, method, step, epochs, lr, optimizer, reference_params)
-    C.check_labels(fn, data, model.class_map.tolist() if isinstance(model, RestructuredModel) else None, "data")
+    C.scan_labels(fn, data, model.class_map.tolist() if isinstance(model, RestructuredModel) else None, "data")
     new = copy.deepcopy(model).eval()
     weights = _prunable(new)
     names = [n for n, _ in weights]

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from ..engine.graph import LAYER_TYPES, LayerInfo
-from ..engine.hooks import ChainHooks
+from ..engine.hooks import ChainHooks, per_neuron, zero_outside
 from ..engine.capture import call_model
 from ..engine.slices import Slices
 from . import _common as C
@@ -51,10 +51,7 @@ class TaskAwareModel(nn.Module):
             self.register_buffer(f"_keep{i}", keep[info.name].clone())
 
     def _zero(self, i: int, t: Tensor) -> Tensor:
-        m = getattr(self, f"_keep{i}").to(t.dtype)
-        if isinstance(self._infos[i].module, nn.Linear):
-            return t * m
-        return t * m.view(1, -1, *([1] * (t.dim() - 2)))
+        return zero_outside(t, getattr(self, f"_keep{i}"), self._infos[i].module)
 
     def _classes(self, task) -> Tensor:
         if task not in self.tasks:
@@ -130,7 +127,7 @@ def _in_mask(consumer: nn.Module, free: Tensor, cols: int) -> Optional[Tensor]:
     m = torch.zeros(w.shape, dtype=torch.bool)
     in_per, out_per = consumer.in_channels // consumer.groups, consumer.out_channels // consumer.groups
     for g in range(consumer.groups):
-        sel = free[g * in_per:(g + 1) * in_per].view(1, -1, *([1] * (w.dim() - 2)))
+        sel = per_neuron(free[g * in_per:(g + 1) * in_per], w, last=False)
         m[g * out_per:(g + 1) * out_per] |= sel
     return m
 
@@ -280,9 +277,9 @@ def incremental(model: nn.Module, slices: Slices, data, *, new_classes, replay: 
     plan = C.plan_of(fn, slices, model)
     head_name, head = C.head_module(fn, plan, model, slices.num_classes)
     old, new = _check_tasks(fn, slices, head.out_features, old_classes, new_classes, replay, replay_data)
-    C.check_labels(fn, data, new, "data")
+    C.scan_labels(fn, data, new, "data")
     if replay is not None:
-        C.check_labels(fn, replay_data, old, "replay_data")
+        C.scan_labels(fn, replay_data, old, "replay_data")
     net = copy.deepcopy(model).eval()
     masks, frozen_norms, frozen = free_weight_masks(fn, net, slices, old, new)
     free_by_layer = {name: int((~f).sum()) for name, f in frozen.items()}

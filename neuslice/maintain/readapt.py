@@ -103,11 +103,11 @@ def readapt(model: nn.Module, slices: Slices, data, *, classes=None, epochs: int
     C.check_slices(fn, slices, model)
     C.check_training(fn, epochs, lr, optimizer)
     if classes is None:
-        present = C.check_labels(fn, data, range(slices.num_classes), "data")
+        present = C.scan_labels(fn, data, range(slices.num_classes), "data")
         idx = slices.class_indices(fn, present)
     else:
         idx = slices.class_indices(fn, classes)
-        C.check_labels(fn, data, idx, "data")
+        C.scan_labels(fn, data, idx, "data")
     new = copy.deepcopy(model).eval()
     masks, frozen_norms = critical_masks(fn, new, slices, idx)
     new_data = data if new_eval_data is None else new_eval_data

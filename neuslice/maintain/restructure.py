@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..engine.graph import LayerInfo, Plan
-from ..engine.hooks import ChainHooks
+from ..engine.hooks import ChainHooks, zero_outside
 from ..engine.capture import call_model
 from ..engine.slices import Slices
 from . import _common as C
@@ -60,10 +60,7 @@ class RestructuredModel(nn.Module):
         return 1.0 - self.num_params / self.original_params if self.original_params else 0.0
 
     def _zero(self, i: int, t: Tensor) -> Tensor:
-        m = getattr(self, f"_mask{i}").to(t.dtype)
-        if isinstance(self._infos[i].module, nn.Linear):
-            return t * m
-        return t * m.view(1, -1, *([1] * (t.dim() - 2)))
+        return zero_outside(t, getattr(self, f"_mask{i}"), self._infos[i].module)
 
     def forward(self, *args, **kwargs) -> Tensor:
         if self.mode == "physical":
@@ -194,7 +191,7 @@ def finetune(model: RestructuredModel, data, *, epochs: int = 1, lr: float = 1e-
         raise TypeError(f"{fn}: model must be a RestructuredModel (from neuslice.restructure), "
                         f"got {type(model).__name__}")
     C.check_training(fn, epochs, lr, optimizer)
-    C.check_labels(fn, data, model.class_map.tolist(), "data")
+    C.scan_labels(fn, data, model.class_map.tolist(), "data")
     out = copy.deepcopy(model).eval()
     before = C.score(out.predict, eval_data)
     masks = {n: None for n, _ in out.named_parameters()}
