@@ -54,50 +54,55 @@ def cmd_slice(args) -> int:
     return emit(args, result, print_layers)
 
 
-def cmd_restructure(args) -> int:
+def _model_and_slices(args):
+    """The model of ``--model/--weights``, its slices (checked against it), and the class names."""
     model = load_model_of(args)
     slices = Slices.load(args.slices, model)
-    train, test = load_data_of(args, args.data, slices.class_names), load_data_of(args, args.test_data, slices.class_names)
-    keep = class_list(args.keep, slices.class_names, "--keep")
+    return model, slices, slices.class_names
+
+
+def _save_result(args, model, new, step: str, res: dict) -> int:
+    """Write ``new`` to ``--out`` with ``res`` as its report; print the result."""
+    save_model(args.out, new, spec=factory_of(args, model), model_args=model_args(args), report={step: res})
+    return emit(args, {"model": str(args.out), **res}, kv)
+
+
+def _bar_or_none(args, ds, desc: str):
+    return None if ds is None else bar(args, ds, desc)
+
+
+def cmd_restructure(args) -> int:
+    model, slices, names = _model_and_slices(args)
+    train, test = load_data_of(args, args.data, names), load_data_of(args, args.test_data, names)
+    keep = class_list(args.keep, names, "--keep")
     opts = RestructureOptions(mode=args.mode, input_shape=args.input_shape, finetune_epochs=args.finetune_epochs,
                               lr=args.lr, compress=args.compress, compress_method=args.compress_method)
     new, res = run_restructure(args, opts, model, slices, keep, train, test)
-    save_model(args.out, new, spec=factory_of(args, model), model_args=model_args(args), report={"restructure": res})
-    return emit(args, {"model": str(args.out), **res}, kv)
+    return _save_result(args, model, new, "restructure", res)
 
 
 def cmd_readapt(args) -> int:
-    model = load_model_of(args)
-    slices = Slices.load(args.slices, model)
-    names = slices.class_names
+    model, slices, names = _model_and_slices(args)
     data, orig, new_test = (load_data_of(args, s, names) for s in (args.data, args.test_data, args.new_test_data))
     tune = class_list(args.tune, names, "--tune") if args.tune else None
     new, rep = readapt(model, slices, bar(args, data, "readapt", shuffle=True), classes=tune, epochs=args.epochs,
-                       lr=args.lr, optimizer=args.optimizer,
-                       eval_data=None if orig is None else bar(args, orig, "eval original"),
-                       new_eval_data=None if new_test is None else bar(args, new_test, "eval new"))
-    res = rep.as_dict()
-    save_model(args.out, new, spec=factory_of(args, model), model_args=model_args(args), report={"readapt": res})
-    return emit(args, {"model": str(args.out), **res}, kv)
+                       lr=args.lr, optimizer=args.optimizer, eval_data=_bar_or_none(args, orig, "eval original"),
+                       new_eval_data=_bar_or_none(args, new_test, "eval new"))
+    return _save_result(args, model, new, "readapt", rep.as_dict())
 
 
 def cmd_incremental(args) -> int:
-    model = load_model_of(args)
-    slices = Slices.load(args.slices, model)
-    names = slices.class_names
+    model, slices, names = _model_and_slices(args)
     new_classes = class_list(args.new_classes, names, "--new-classes")
     data, replay, test_a, test_b = (load_data_of(args, s, names) for s in
                                     (args.data, args.replay_data, args.test_a, args.test_b))
     if (args.replay is None) != (replay is None):
         raise UsageError("--replay and --replay-data go together")
     out, rep = incremental(model, slices, bar(args, data, "incremental", shuffle=True), new_classes=new_classes,
-                           replay=args.replay, replay_data=None if replay is None else bar(args, replay, "replay"),
-                           epochs=args.epochs, lr=args.lr,
-                           eval_data=None if test_a is None else bar(args, test_a, "eval task A"),
-                           new_eval_data=None if test_b is None else bar(args, test_b, "eval task B"))
-    res = rep.as_dict()
-    save_model(args.out, out, spec=factory_of(args, model), model_args=model_args(args), report={"incremental": res})
-    return emit(args, {"model": str(args.out), **res}, kv)
+                           replay=args.replay, replay_data=_bar_or_none(args, replay, "replay"),
+                           epochs=args.epochs, lr=args.lr, eval_data=_bar_or_none(args, test_a, "eval task A"),
+                           new_eval_data=_bar_or_none(args, test_b, "eval task B"))
+    return _save_result(args, model, out, "incremental", rep.as_dict())
 
 
 def cmd_predict(args) -> int:
