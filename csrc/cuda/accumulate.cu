@@ -73,6 +73,28 @@ __device__ __forceinline__ void flush(const Params& p, int64_t c, int64_t n, Acc
   run[0] = run[1] = run[2] = run[3] = Acc(0);
 }
 
+// One neuron's sums over a class-sorted run of samples: add() per sample, flushed to the class's
+// partials when the class changes; finish() flushes the last class and reports non-finite terms.
+template <typename Acc, bool HasG>
+struct ClassRun {
+  Acc run[4] = {Acc(0), Acc(0), Acc(0), Acc(0)};
+  int64_t cur = -1;
+  int flags = 0;
+
+  __device__ __forceinline__ void add(const Params& p, int64_t c, int64_t n, Acc sx, Acc sg, Acc sd, Acc inv_s) {
+    if (c != cur) {
+      if (cur >= 0) flush<Acc, HasG>(p, cur, n, run);
+      cur = c;
+    }
+    add_terms<Acc, HasG>(sx, sg, sd, inv_s, run, flags);
+  }
+
+  __device__ __forceinline__ void finish(const Params& p, int64_t n) {
+    if (cur >= 0) flush<Acc, HasG>(p, cur, n, run);
+    if (flags) atomicOr(p.status, flags);
+  }
+};
+
 // ---- cols: n is the vectorised axis (channels-last, S == 1, per token, short strided S-runs) ---
 
 // Sums over positions [s0, s1) of sample row b for the V neurons n0 .. n0+V-1.
@@ -243,25 +265,14 @@ __global__ void __launch_bounds__(kThreads) k_rows(Params p) {
   if (j0 >= p.L) return;  // uniform across the warp
   const int64_t j1 = min(p.L, j0 + p.chunk);
   const Acc inv_s = Acc(1) / static_cast<Acc>(p.S);
-  Acc run[4] = {Acc(0), Acc(0), Acc(0), Acc(0)};
-  int64_t cur = -1;
-  int flags = 0;
+  ClassRun<Acc, HasG> run;
   for (int64_t j = j0; j < j1; ++j) {
     const int64_t b = __ldg(p.perm + j), c = __ldg(p.pcls + j);
     Acc sx = 0, sg = 0, sd = 0;
     row_sums<T, HasG>(p, b, n, 0, p.S, lane, sx, sg, sd);
-    if (lane == 0) {
-      if (c != cur) {
-        if (cur >= 0) flush<Acc, HasG>(p, cur, n, run);
-        cur = c;
-      }
-      add_terms<Acc, HasG>(sx, sg, sd, inv_s, run, flags);
-    }
+    if (lane == 0) run.add(p, c, n, sx, sg, sd, inv_s);
   }
-  if (lane == 0) {
-    if (cur >= 0) flush<Acc, HasG>(p, cur, n, run);
-    if (flags) atomicOr(p.status, flags);
-  }
+  if (lane == 0) run.finish(p, n);
 }
 
 // Split: unit = warp = (neuron, sample, chunk of positions); partial sums into sums[3][L][N].
@@ -299,23 +310,16 @@ __global__ void __launch_bounds__(kThreads) k_finalize(Params p) {
   const int64_t j1 = min(p.L, j0 + p.chunk), plane = p.L * p.N;
   const Acc* sums = static_cast<const Acc*>(p.sums);
   const Acc inv_s = Acc(1) / static_cast<Acc>(p.S);
-  Acc run[4] = {Acc(0), Acc(0), Acc(0), Acc(0)};
-  int64_t cur = -1;
-  int flags = 0;
+  ClassRun<Acc, HasG> run;
   for (int64_t j = j0; j < j1; ++j) {
     const int64_t b = __ldg(p.perm + j), c = __ldg(p.pcls + j);
     const int64_t o = b * p.N + n;
     const Acc sx = sums[o];
     const Acc sg = HasG ? sums[plane + o] : Acc(0);
     const Acc sd = (HasG && p.has_r) ? sums[2 * plane + o] : sg;
-    if (c != cur) {
-      if (cur >= 0) flush<Acc, HasG>(p, cur, n, run);
-      cur = c;
-    }
-    add_terms<Acc, HasG>(sx, sg, sd, inv_s, run, flags);
+    run.add(p, c, n, sx, sg, sd, inv_s);
   }
-  if (cur >= 0) flush<Acc, HasG>(p, cur, n, run);
-  if (flags) atomicOr(p.status, flags);
+  run.finish(p, n);
 }
 
 // Only when the batch is clean: statistics[classes[c]] += partials[c], count += hist.
