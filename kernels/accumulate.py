@@ -1,4 +1,4 @@
-"""accumulate_ on Triton: SPEC §2 statistics of one layer in one pass over x (and grad).
+"""accumulate_ on Triton: the per-class statistics of one layer (docs/method.md) in one pass over x (and grad).
 
 Shapes (as in :func:`neuslice.ops.accumulate_`): x, grad ``[B, N, S]`` or, channels-last, ``[B, S, N]``
 (``[B, N]`` means S = 1), any strides; ref ``[N, S]`` or ``[N]``; labels int64 ``[B]`` or, per token,
@@ -45,6 +45,7 @@ import triton
 import triton.language as tl
 
 from neuslice._errors import STATUS_NONFINITE_G, STATUS_NONFINITE_X
+from neuslice.ops._layout import bns, ref_strides_ns, strides_bns
 
 __all__ = ["accumulate", "default_config", "STATUS_NONFINITE_X", "STATUS_NONFINITE_G"]
 
@@ -234,12 +235,10 @@ def default_config(units: int, n: int, s_unit: int, interpret: bool, sm_count: i
     return dict(BLOCK_N=bn, BLOCK_S=bs, BLOCK_T=bt, CHUNK=chunk, num_warps=8)
 
 
-def _strides_bns(t: torch.Tensor, channels_last: bool):
-    if t.dim() == 2:
-        return (t.stride(0), 0, t.stride(1))
-    if channels_last:
-        return (t.stride(0), t.stride(1), t.stride(2))
-    return (t.stride(0), t.stride(2), t.stride(1))
+def _strides_bsn(t: torch.Tensor, channels_last: bool):
+    """Element strides in the kernel's argument order (b, s, n)."""
+    sb, sn, ss = strides_bns(t, channels_last)
+    return sb, ss, sn
 
 
 def _segments(labels: torch.Tensor, k: int):
@@ -258,9 +257,7 @@ def accumulate(x, grad, ref, labels, channels_last, count, act_sum, act_sq, tayl
                *, interpret: bool = False, config: Optional[dict] = None) -> Optional[torch.Tensor]:
     """Launch the pass and the commit; return the int32 status word ``[1]`` (0 = committed), or None
     when there was nothing to add. Statistics must be contiguous. ``config`` overrides the blocks."""
-    b = x.shape[0]
-    n = x.shape[-1] if (channels_last or x.dim() == 2) else x.shape[1]
-    s = 1 if x.dim() == 2 else (x.shape[1] if channels_last else x.shape[2])
+    b, n, s = bns(x, channels_last)
     per_token = labels.dim() == 2
     units, s_unit = (b * s, 1) if per_token else (b, s)
     if units == 0:
@@ -279,11 +276,11 @@ def accumulate(x, grad, ref, labels, channels_last, count, act_sum, act_sq, tayl
     n_blocks = max(1, triton.cdiv(n, cfg["BLOCK_N"]))
     g = grad if has_grad else x
     r = ref if has_ref else x
-    rs = (0, 0) if not has_ref else (ref.stride(0), ref.stride(1) if ref.dim() == 2 else 0)
+    rs = ref_strides_ns(ref if has_ref else None)
     grid = (n_blocks * triton.cdiv(units, cfg["CHUNK"]),)
     _accumulate_kernel[grid](
         x, g, r, order, seg, stage, cnt, status, units, n, s, s_unit, d * n, cfg["CHUNK"], n_blocks,
-        *_strides_bns(x, channels_last), *_strides_bns(g, channels_last), *rs,
+        *_strides_bsn(x, channels_last), *_strides_bsn(g, channels_last), *rs,
         PER_TOKEN=per_token, HAS_GRAD=has_grad, HAS_REF=has_ref,
         BLOCK_T=cfg["BLOCK_T"], BLOCK_S=cfg["BLOCK_S"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"])
     _commit_kernel[(d * n_blocks,)](

@@ -1,6 +1,6 @@
-"""The ``triton`` backend of :mod:`neuslice._dispatch` (first choice for CUDA tensors).
+"""The ``triton`` backend of :mod:`neuslice.ops._dispatch` (first choice for CUDA tensors).
 
-Exposes ``refuse(op, args)`` and one function per op with the signature of :mod:`neuslice.reference`.
+Exposes ``refuse(op, args)`` and one function per op with the signature of :mod:`neuslice.ops.reference`.
 Arguments were checked by :mod:`neuslice.ops`; this module only decides whether its kernels can run
 the call, launches them, and turns a kernel status into the op's error.
 
@@ -14,7 +14,7 @@ Registration: ``torch.library.custom_op``, not ``triton_op``.
     -> host read of the status word -- data-dependent control flow that a traced graph cannot hold;
     (2) the backend (triton, cuda, reference, ``NEUSLICE_BACKEND``) is chosen per call by the
     dispatcher, and a ``triton_op`` would hard-wire one backend under a second op name, while
-    DESIGN.md wants each op to exist once. What Inductor could gain by tracing in -- fusing a
+    each op is to exist once (docs/architecture.md). What Inductor could gain by tracing in -- fusing a
     producer into our loads -- does not apply: the kernels read activations the model already wrote.
 
 Devices: CUDA tensors; CPU tensors only when the kernels were built by the Triton interpreter

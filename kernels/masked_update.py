@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from neuslice.ops._layout import per_neuron_mask, rows_cols
+
 __all__ = ["masked_sgd", "masked_adamw", "rows_view", "default_blocks"]
 
 
@@ -110,13 +112,12 @@ def default_blocks(cols: int) -> Tuple[int, int]:
 
 
 def _launch_geometry(param: torch.Tensor, mask: torch.Tensor, blocks):
-    rows = param.shape[0]
-    cols = param.numel() // rows if rows else 0
+    rows, cols = rows_cols(param)
     br, bc = blocks or default_blocks(cols)
-    if tuple(mask.shape) == tuple(param.shape) and param.dim() > 1:
-        mask, sm = _read_view(mask, rows)
-    else:                                                      # per neuron: column stride 0
+    if per_neuron_mask(mask, param):                           # column stride 0
         sm = (mask.stride(0), 0)
+    else:
+        mask, sm = _read_view(mask, rows)
     col_blocks = triton.cdiv(cols, bc)
     grid = (triton.cdiv(rows, br) * col_blocks,)
     return rows, cols, col_blocks, grid, mask, sm, br, bc

@@ -11,7 +11,7 @@ Ops (schemas as registered):
 - ``neuslice::masked_adamw_(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq,
   Tensor mask, float lr, float beta1, float beta2, float eps, float weight_decay, int step) -> ()``
 
-Arguments are checked here, once, before :mod:`neuslice._dispatch` hands the call to a backend;
+Arguments are checked here, once, before :mod:`neuslice.ops._dispatch` hands the call to a backend;
 every error names the op and says what was expected and what came. Nothing is changed by a call
 that raises.
 """
@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from . import _dispatch
+from ._layout import bns
 from .reference import acc_dtype
 
 __all__ = ["accumulate_", "select", "select_topk", "masked_sgd_", "masked_adamw_"]
@@ -114,9 +115,7 @@ def _check_accumulate(x, grad, ref, labels, channels_last, stats, *, data: bool)
         _fail(op, f"x must be float32, float64, float16 or bfloat16, got {x.dtype}", TypeError)
     if x.dim() not in (2, 3):
         _fail(op, f"x must be [B, N], [B, N, S] or (channels_last) [B, S, N], got {_shape(x)}")
-    b = x.shape[0]
-    n = x.shape[2] if (channels_last and x.dim() == 3) else x.shape[1]
-    s = 1 if x.dim() == 2 else (x.shape[1] if channels_last else x.shape[2])
+    b, n, s = bns(x, channels_last)
     if s == 0:
         _fail(op, f"x must have at least one position (S >= 1), got {_shape(x)} with channels_last={channels_last}")
     if grad is not None:
@@ -163,7 +162,7 @@ def _check_accumulate(x, grad, ref, labels, channels_last, stats, *, data: bool)
 def accumulate_(x: Tensor, grad: Optional[Tensor], ref: Optional[Tensor], labels: Tensor,
                 channels_last: bool, count: Tensor, act_sum: Tensor, act_sq: Tensor,
                 taylor_sum: Tensor, deeplift_sum: Tensor) -> None:
-    """Add one batch to one layer's per-class statistics (SPEC §2), in place.
+    """Add one batch to one layer's per-class statistics (docs/method.md), in place.
 
     Args:
         x: activations, ``[B, N, S]`` (``[B, S, N]`` when ``channels_last``; ``[B, N]`` means S = 1);
@@ -212,7 +211,7 @@ def _check_score_values(op: str, scores: Tensor) -> None:
 
 @_custom_op("neuslice::select", mutates_args=(), schema="(Tensor scores, float theta) -> Tensor")
 def select(scores: Tensor, theta: float) -> Tensor:
-    """Cumulative-Θ critical set per row (SPEC §4).
+    """Cumulative-Θ critical set per row (docs/method.md).
 
     Args:
         scores: ``[R, N]`` non-negative float scores (one row per class, one column per neuron).

@@ -11,16 +11,17 @@ the Triton backend ahead of this one fuses them, and the reference serves the re
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 
 from .. import _C
 from .._errors import raise_for_status
-from ._backend_cpu import DTYPE_CODES, scores_for_kernel, strides_bns
+from ._layout import bns
+from ._native import DTYPE_CODES, accumulate_args, ptr, scores_for_kernel, select_args
 from .reference import topk_count
 
-__all__ = ["refuse", "accumulate_", "select", "select_topk", "scratch_bytes", "DTYPE_CODES"]
+__all__ = ["refuse", "accumulate_", "select", "select_topk", "scratch_bytes"]
 
 _SCRATCH_OFFSET = 256  # the kernels' scratch starts here in the per-call buffer; the status is at 0
 _INT32_MAX = 2**31 - 1
@@ -34,14 +35,6 @@ def _runtime_devices() -> int:
     if _device_count is None:
         _device_count = int(_C.cuda_device_count())
     return _device_count
-
-
-def _bns(x: torch.Tensor, channels_last: bool) -> Tuple[int, int, int]:
-    if x.dim() == 2:
-        return x.shape[0], x.shape[1], 1
-    if channels_last:
-        return x.shape[0], x.shape[2], x.shape[1]
-    return x.shape[0], x.shape[1], x.shape[2]
 
 
 def refuse(op: str, args: tuple) -> Optional[str]:
@@ -63,7 +56,7 @@ def refuse(op: str, args: tuple) -> Optional[str]:
             return f"reads float32/float64/float16/bfloat16 activations, got {x.dtype}"
         if not all(t.is_contiguous() for t in stats):
             return "needs contiguous statistics tensors"
-        b, _, s = _bns(x, bool(args[4]))
+        b, _, s = bns(x, bool(args[4]))
         if s < 1:
             return "needs at least one position (S >= 1)"
         if b * s >= _INT32_MAX or stats[0].shape[0] >= _INT32_MAX:
@@ -77,30 +70,19 @@ def refuse(op: str, args: tuple) -> Optional[str]:
     return None
 
 
-def _ref_for_kernel(ref: Optional[torch.Tensor], channels_last: bool, s: int):
-    """ref and its (n, s) strides. Channels-last kernels walk n: a [N, S] ref is laid out n-fastest
+def _ref_for_kernel(ref: Optional[torch.Tensor], channels_last: bool, s: int) -> Optional[torch.Tensor]:
+    """ref as the kernels read it. Channels-last kernels walk n: a [N, S] ref is laid out n-fastest
     (a copy of N*S elements, the size of one sample's x) so its loads coalesce like x's."""
-    if ref is None:
-        return None, (0, 0)
-    if ref.dim() == 1:
-        return ref, (ref.stride(0), 0)
-    if channels_last and s > 1 and ref.stride(0) != 1:
-        ref = ref.t().contiguous().t()
-    return ref, (ref.stride(0), ref.stride(1))
+    if ref is not None and ref.dim() == 2 and channels_last and s > 1 and ref.stride(0) != 1:
+        return ref.t().contiguous().t()
+    return ref
 
 
 def _kernel_args(x, grad, ref, labels, channels_last, stats):
-    """The argument tuple of ``_C.accumulate_cuda`` up to the statistics, and the ref it points to
-    (possibly a re-laid-out copy, which must outlive the launch)."""
-    b, n, s = _bns(x, channels_last)
-    per_token = labels.dim() == 2
-    r, rs = _ref_for_kernel(ref, channels_last, s)
-    xs = strides_bns(x, channels_last)
-    gs = strides_bns(grad, channels_last) if grad is not None else (0, 0, 0)
-    ls = (labels.stride(0), labels.stride(1) if per_token else 0)
-    args = (_ptr(x), _ptr(grad), _ptr(r), _ptr(labels), DTYPE_CODES[x.dtype], b, n, s, stats[0].shape[0],
-            bool(channels_last), per_token, xs, gs, rs, ls, tuple(_ptr(t) for t in stats))
-    return args, r
+    """``_C.AccumulateArgs`` of the call, and the ref it points to (possibly a re-laid-out copy,
+    which must outlive the launch)."""
+    r = _ref_for_kernel(ref, channels_last, bns(x, channels_last)[2])
+    return accumulate_args(x, grad, r, labels, channels_last, stats), r
 
 
 def scratch_bytes(x, grad, ref, labels, channels_last, count, act_sum, act_sq, taylor_sum, deeplift_sum) -> int:
@@ -108,11 +90,7 @@ def scratch_bytes(x, grad, ref, labels, channels_last, count, act_sum, act_sq, t
     computed on the host from shapes and strides, so CPU tensors work too)."""
     args, _ = _kernel_args(x, grad, ref, labels, channels_last,
                            (count, act_sum, act_sq, taylor_sum, deeplift_sum))
-    return int(_C.accumulate_cuda_scratch_bytes(*args))
-
-
-def _ptr(t: Optional[torch.Tensor]) -> int:
-    return 0 if t is None else t.data_ptr()
+    return int(_C.accumulate_cuda_scratch_bytes(args))
 
 
 def _check_launch(op: str, rc: int, what: str) -> None:
@@ -126,10 +104,11 @@ def accumulate_(x, grad, ref, labels, channels_last, count, act_sum, act_sq, tay
         stream = torch.cuda.current_stream(dev).cuda_stream
         args, _r = _kernel_args(x, grad, ref, labels, channels_last,
                                 (count, act_sum, act_sq, taylor_sum, deeplift_sum))
-        nbytes = int(_C.accumulate_cuda_scratch_bytes(*args))
+        nbytes = int(_C.accumulate_cuda_scratch_bytes(args))
         buf = torch.zeros(_SCRATCH_OFFSET + nbytes, dtype=torch.uint8, device=dev)
         base = buf.data_ptr()
-        rc = _C.accumulate_cuda(*args, base + _SCRATCH_OFFSET, nbytes, base, stream, dev.index)
+        rc = _C.accumulate_cuda(args, scratch=base + _SCRATCH_OFFSET, scratch_bytes=nbytes, status=base,
+                                stream=stream, device=dev.index)
         _check_launch("accumulate_", rc, "no statistic was changed")
         status = int(buf[:4].view(torch.int32).item())
     raise_for_status("accumulate_", status, "cuda", num_classes=count.shape[0])
@@ -142,11 +121,12 @@ def _select(op: str, scores: torch.Tensor, theta: float, k: int) -> torch.Tensor
         stream = torch.cuda.current_stream(dev).cuda_stream
         out = torch.empty(s.shape, dtype=torch.bool, device=dev)
         status = torch.zeros(1, dtype=torch.int32, device=dev)
-        args = (_ptr(s), DTYPE_CODES[s.dtype], s.shape[0], s.shape[1], s.stride(0), s.stride(1), _ptr(out))
+        args = select_args(s, out)
+        launch = dict(status=ptr(status), stream=stream, device=dev.index)
         if op == "select":
-            rc = _C.select_cumulative_cuda(*args, float(theta), _ptr(status), stream, dev.index)
+            rc = _C.select_cumulative_cuda(args, theta=float(theta), **launch)
         else:
-            rc = _C.select_topk_cuda(*args, int(k), _ptr(status), stream, dev.index)
+            rc = _C.select_topk_cuda(args, k=int(k), **launch)
         _check_launch(op, rc, "no selection was made")
         st = int(status.item())
     raise_for_status(op, st, "cuda")

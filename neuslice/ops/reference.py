@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from .._errors import NonFiniteError
+from ._layout import as_bns, broadcast_mask
 
 __all__ = ["accumulate_", "select", "select_topk", "masked_sgd_", "masked_adamw_", "acc_dtype", "topk_count"]
 
@@ -21,13 +22,6 @@ __all__ = ["accumulate_", "select", "select_topk", "masked_sgd_", "masked_adamw_
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype of the statistics for inputs of ``dtype``: float64 for float64, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _as_bns(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    """View ``[B, N, S]`` of an activation given as [B, N], [B, N, S] or [B, S, N] (channels_last)."""
-    if t.dim() == 2:
-        return t.unsqueeze(-1)
-    return t.transpose(1, 2) if channels_last else t
 
 
 def _ref_ns(ref: Optional[torch.Tensor], n: int, s: int, dtype: torch.dtype) -> Optional[torch.Tensor]:
@@ -38,10 +32,10 @@ def _ref_ns(ref: Optional[torch.Tensor], n: int, s: int, dtype: torch.dtype) -> 
 
 
 def accumulate_(x, grad, ref, labels, channels_last, count, act_sum, act_sq, taylor_sum, deeplift_sum):
-    """SPEC §2 for one batch; see :func:`neuslice.ops.accumulate_` for shapes."""
+    """The per-class statistics of one batch (docs/method.md); see :func:`neuslice.ops.accumulate_` for shapes."""
     acc = acc_dtype(x.dtype)
-    xf = _as_bns(x, channels_last).to(acc)                      # [B, N, S]
-    gf = None if grad is None else _as_bns(grad, channels_last).to(acc)
+    xf = as_bns(x, channels_last).to(acc)                      # [B, N, S]
+    gf = None if grad is None else as_bns(grad, channels_last).to(acc)
     n, s = xf.shape[1], xf.shape[2]
     r = _ref_ns(ref, n, s, acc)
     if labels.dim() == 2:                                       # per token: each token a sample
@@ -74,7 +68,7 @@ def _sorted_desc(scores: torch.Tensor):
 
 
 def select(scores: torch.Tensor, theta: float) -> torch.Tensor:
-    """Cumulative-Θ critical set per row (SPEC §4): bool [R, N]."""
+    """Cumulative-Θ critical set per row (docs/method.md): bool [R, N]."""
     vals, idx = _sorted_desc(scores)
     cs = vals.cumsum(1)
     total = cs[:, -1:]
@@ -100,15 +94,9 @@ def select_topk(scores: torch.Tensor, ratio: float) -> torch.Tensor:
     return out
 
 
-def _broadcast_mask(mask: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    if mask.shape == param.shape:
-        return mask
-    return mask.view(-1, *([1] * (param.dim() - 1)))
-
-
 def masked_sgd_(param, grad, momentum_buf, mask, lr, momentum, weight_decay):
     """torch.optim.SGD (dampening 0) on the entries where ``mask`` is True; the rest untouched."""
-    m = _broadcast_mask(mask, param)
+    m = broadcast_mask(mask, param)
     d = grad if weight_decay == 0 else grad.add(param, alpha=weight_decay)
     if momentum != 0:
         buf = momentum_buf.mul(momentum).add_(d)
@@ -119,7 +107,7 @@ def masked_sgd_(param, grad, momentum_buf, mask, lr, momentum, weight_decay):
 
 def masked_adamw_(param, grad, exp_avg, exp_avg_sq, mask, lr, beta1, beta2, eps, weight_decay, step):
     """torch.optim.AdamW (single-tensor formula) on the entries where ``mask`` is True."""
-    m = _broadcast_mask(mask, param)
+    m = broadcast_mask(mask, param)
     p = param.mul(1 - lr * weight_decay)
     ea = exp_avg.lerp(grad, 1 - beta1)
     eas = exp_avg_sq.mul(beta2).addcmul_(grad, grad, value=1 - beta2)

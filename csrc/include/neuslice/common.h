@@ -4,7 +4,7 @@
 
 namespace neuslice {
 
-// Element type of an input tensor, as the Python side encodes it (neuslice/_native.py).
+// Element type of an input tensor, as the Python side encodes it (neuslice/ops/_native.py).
 enum class DType : int { f32 = 0, f64 = 1, f16 = 2, bf16 = 3 };
 
 // Status codes returned by every kernel entry point; the Python side turns them into errors.

@@ -1,0 +1,73 @@
+"""How an op's tensors are laid out, said once for every backend (reference, cpu, cuda, triton).
+
+Activations: ``accumulate_``'s x and grad are ``[B, N, S]``, channels-last ``[B, S, N]``, or
+``[B, N]`` (S = 1). Every backend works by *logical* axis (b, n, s) -- b the sample, n the neuron,
+s the position -- and these functions are the only place that maps those axes to tensor dims.
+
+Parameters: ``masked_sgd_``/``masked_adamw_`` see a parameter ``[rows, ...]`` as ``[rows, cols]``
+(rows = neurons) and take a bool mask that is either per neuron (``[rows]``) or per weight (the
+parameter's shape).
+
+Torch only: nothing here imports from neuslice, so the Triton kernels (``neuslice._triton``) can use it.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+__all__ = ["bns", "as_bns", "strides_bns", "ref_strides_ns", "rows_cols", "per_neuron_mask", "broadcast_mask"]
+
+
+def _axes(t: torch.Tensor, channels_last: bool) -> Tuple[int, int, Optional[int]]:
+    """The dims of ``t`` holding the logical axes (b, n, s); s is None for ``[B, N]`` (S = 1)."""
+    if t.dim() == 2:
+        return 0, 1, None
+    return (0, 2, 1) if channels_last else (0, 1, 2)
+
+
+def bns(x: torch.Tensor, channels_last: bool) -> Tuple[int, int, int]:
+    """Sizes (B, N, S) of an activation given as [B, N], [B, N, S] or (channels_last) [B, S, N]."""
+    db, dn, ds = _axes(x, channels_last)
+    return x.shape[db], x.shape[dn], 1 if ds is None else x.shape[ds]
+
+
+def as_bns(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """The ``[B, N, S]`` view of an activation (no copy)."""
+    db, dn, ds = _axes(t, channels_last)
+    return t.unsqueeze(-1) if ds is None else t.permute(db, dn, ds)
+
+
+def strides_bns(t: torch.Tensor, channels_last: bool) -> Tuple[int, int, int]:
+    """Element strides (sb, sn, ss) of an activation by logical axis, whatever its layout; ss is 0
+    for [B, N] (its single position)."""
+    db, dn, ds = _axes(t, channels_last)
+    return t.stride(db), t.stride(dn), 0 if ds is None else t.stride(ds)
+
+
+def ref_strides_ns(ref: Optional[torch.Tensor]) -> Tuple[int, int]:
+    """Element strides (sn, ss) of accumulate_'s reference ``[N, S]`` or ``[N]`` (ss = 0: the same
+    value at every position); (0, 0) when there is none."""
+    if ref is None:
+        return 0, 0
+    return ref.stride(0), ref.stride(1) if ref.dim() == 2 else 0
+
+
+def rows_cols(param: torch.Tensor) -> Tuple[int, int]:
+    """``param`` seen as ``[rows, cols]``: rows = ``shape[0]`` (neurons), cols = the rest (0 when empty)."""
+    rows = param.shape[0]
+    return rows, param.numel() // rows if rows else 0
+
+
+def per_neuron_mask(mask: torch.Tensor, param: torch.Tensor) -> bool:
+    """True when ``mask`` is ``[rows]`` over a parameter of more dims (one flag per neuron, broadcast
+    over each row); False when it has the parameter's shape (per weight). A ``[rows]`` mask on a 1-d
+    parameter is per weight: both readings give the same update."""
+    return tuple(mask.shape) != tuple(param.shape)
+
+
+def broadcast_mask(mask: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``mask`` as a view that broadcasts against ``param`` (``[rows, 1, ...]`` for a per-neuron mask)."""
+    if not per_neuron_mask(mask, param):
+        return mask
+    return mask.view(-1, *([1] * (param.dim() - 1)))

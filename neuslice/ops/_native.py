@@ -1,0 +1,65 @@
+"""The Python side of the native boundary: tensors to the argument structs of ``neuslice._C``.
+
+The ``cpu`` and ``cuda`` backends hand their tensors to the torch-free C++ core as raw pointers,
+sizes and element strides. Each argument set is built here, once, for both backends, as a
+``_C.AccumulateArgs`` / ``_C.SelectArgs`` / ``_C.MaskedParam`` whose constructor takes keywords
+only -- the field names of the C++ structs in csrc/include/neuslice/ -- so no two integers can
+trade places unnoticed. Layout facts (which dim is which logical axis) come from :mod:`._layout`.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch  # noqa: F401  (before _C: torch's libgomp then serves the kernels too)
+
+from .. import _C
+from ._layout import bns, per_neuron_mask, ref_strides_ns, rows_cols, strides_bns
+
+__all__ = ["DTYPE_CODES", "ptr", "accumulate_args", "select_args", "scores_for_kernel", "masked_param"]
+
+# neuslice::DType (csrc/include/neuslice/common.h)
+DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+
+
+def ptr(t: Optional[torch.Tensor]) -> int:
+    """The data pointer the kernels read (0 = absent)."""
+    return 0 if t is None else t.data_ptr()
+
+
+def accumulate_args(x, grad, ref, labels, channels_last, stats: Sequence[torch.Tensor]):
+    """``_C.AccumulateArgs`` of one ``accumulate_`` call; ``stats`` = (count, act_sum, act_sq,
+    taylor_sum, deeplift_sum). ``ref`` is read where it lies, so a caller that re-lays it out keeps
+    the copy alive until the kernels have run."""
+    b, n, s = bns(x, channels_last)
+    per_token = labels.dim() == 2
+    x_sb, x_sn, x_ss = strides_bns(x, channels_last)
+    g_sb, g_sn, g_ss = (0, 0, 0) if grad is None else strides_bns(grad, channels_last)
+    r_sn, r_ss = ref_strides_ns(ref)
+    count, act_sum, act_sq, taylor_sum, deeplift_sum = stats
+    return _C.AccumulateArgs(
+        x=ptr(x), g=ptr(grad), r=ptr(ref), labels=ptr(labels), dtype=DTYPE_CODES[x.dtype],
+        B=b, N=n, S=s, K=count.shape[0], channels_last=bool(channels_last), per_token=per_token,
+        x_sb=x_sb, x_sn=x_sn, x_ss=x_ss, g_sb=g_sb, g_sn=g_sn, g_ss=g_ss, r_sn=r_sn, r_ss=r_ss,
+        l_sb=labels.stride(0), l_ss=labels.stride(1) if per_token else 0,
+        count=ptr(count), act_sum=ptr(act_sum), act_sq=ptr(act_sq), taylor_sum=ptr(taylor_sum),
+        deeplift_sum=ptr(deeplift_sum))
+
+
+def scores_for_kernel(scores: torch.Tensor) -> torch.Tensor:
+    """Scores in a dtype the select kernels read: f16/bf16 are upcast exactly to float32 (a [R, N]
+    copy, small beside the activations)."""
+    return scores if scores.dtype in (torch.float32, torch.float64) else scores.float()
+
+
+def select_args(scores: torch.Tensor, out: torch.Tensor):
+    """``_C.SelectArgs``: ``scores`` [R, N] (from :func:`scores_for_kernel`, any strides) into the
+    contiguous bool ``out``."""
+    return _C.SelectArgs(scores=ptr(scores), dtype=DTYPE_CODES[scores.dtype], R=scores.shape[0],
+                         N=scores.shape[1], s_r=scores.stride(0), s_n=scores.stride(1), out=ptr(out))
+
+
+def masked_param(param: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor):
+    """``_C.MaskedParam``: contiguous param and grad seen as [rows, cols], mask per neuron or per weight."""
+    rows, cols = rows_cols(param)
+    return _C.MaskedParam(param=ptr(param), grad=ptr(grad), mask=ptr(mask), dtype=DTYPE_CODES[param.dtype],
+                          rows=rows, cols=cols, per_row=per_neuron_mask(mask, param))
