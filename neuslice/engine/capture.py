@@ -58,7 +58,7 @@ def check_num_classes(fn: str, num_classes, class_names) -> List[str]:
     return names
 
 
-def as_bns(fn: str, info: LayerInfo, t: Tensor, labels: Tensor) -> Tuple[Tensor, bool]:
+def tap_view(fn: str, info: LayerInfo, t: Tensor, labels: Tensor) -> Tuple[Tensor, bool]:
     """A tapped output as accumulate_'s ``[B, N]``, ``[B, N, S]`` or channels-last ``[B, S, N]``."""
     b, n = labels.shape[0], info.n
     linear = isinstance(info.module, nn.Linear)

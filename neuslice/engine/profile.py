@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from .. import ops
 from .._errors import NonFiniteError
 from ..ops.reference import acc_dtype
-from .capture import (GRADIENT_METRICS, as_bns, call_model, check_labels, check_metrics, check_num_classes,
+from .capture import (GRADIENT_METRICS, tap_view, call_model, check_labels, check_metrics, check_num_classes,
                       dl_forms, layer_entries, model_device, new_stats, nonfinite_what, target_of, to_device)
 from .deeplift import Rescale
 from .graph import discover
@@ -91,7 +91,7 @@ class _Offline:
             one = torch.zeros(1, dtype=torch.int64, device=self.device)
             refs = []
             for info, t in zip(self.plan.layers, self.taps):
-                r, cl = as_bns(self.fn, info, t, one)
+                r, cl = tap_view(self.fn, info, t, one)
                 refs.append((r[0].t() if cl else r[0]).contiguous())
         finally:
             self.recording = False
@@ -107,7 +107,7 @@ class _Offline:
         refs = self._ensure_ref(x) if self.want_dl else [None] * len(self.taps)
         with torch.set_grad_enabled(self.grad):
             out = self._forward(x)
-            views = [as_bns(self.fn, info, t, y) for info, t in zip(self.plan.layers, self.taps)]
+            views = [tap_view(self.fn, info, t, y) for info, t in zip(self.plan.layers, self.taps)]
             grads = mults = [None] * len(self.taps)
             if self.grad:
                 tgt = target_of(self.fn, out, y, self.target)

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from .. import ops
 from .._errors import NeusliceError, NonFiniteError
 from ..ops.reference import acc_dtype
-from .capture import (GRADIENT_METRICS, as_bns, call_model, check_labels, check_metrics, check_num_classes,
+from .capture import (GRADIENT_METRICS, tap_view, call_model, check_labels, check_metrics, check_num_classes,
                       layer_entries, model_device, new_stats, nonfinite_what)
 from .graph import discover
 from .hooks import ChainHooks
@@ -125,7 +125,7 @@ class Profiler:
         one = torch.zeros(1, dtype=torch.int64)
         for i, info in enumerate(self.plan.layers):
             if i in got:
-                r, cl = as_bns("neuslice.Profiler", info, got[i], one)
+                r, cl = tap_view("neuslice.Profiler", info, got[i], one)
                 self.refs[i] = (r[0].t() if cl else r[0]).contiguous()
 
     def _on_tap(self, i: int, t) -> None:
@@ -162,7 +162,7 @@ class _Batch:
         try:
             if self.labels.device != t.device:
                 self.labels = self.labels.to(t.device)
-            x, cl = as_bns(self.FN, info, t, self.labels)
+            x, cl = tap_view(self.FN, info, t, self.labels)
         except ValueError as e:
             self.errors.append(e)
             return

@@ -209,6 +209,19 @@ def _check_score_values(op: str, scores: Tensor) -> None:
                   + ("" if torch.isfinite(scores).all() else " and a non-finite value"))
 
 
+def _run_select(op: str, scores: Tensor, value: float, name: str) -> Tensor:
+    """``select``/``select_topk``: every check, then the backend."""
+    _check_scores(op, scores, value, name)
+    _check_score_values(op, scores)
+    return _dispatch.call(op, scores, float(value))
+
+
+def _select_meta(op: str, scores: Tensor, value: float, name: str) -> Tensor:
+    """The fake kernel of ``select``/``select_topk``: the checks that need no data, an empty bool mask."""
+    _check_scores(op, scores, value, name)
+    return torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
+
+
 @_custom_op("neuslice::select", mutates_args=(), schema="(Tensor scores, float theta) -> Tensor")
 def select(scores: Tensor, theta: float) -> Tensor:
     """Cumulative-Θ critical set per row (docs/method.md).
@@ -221,29 +234,23 @@ def select(scores: Tensor, theta: float) -> Tensor:
         bool ``[R, N]``: per row, the smallest set taken in descending score order (ties: lower
         index first) whose sum reaches ``theta`` × the row total. An all-zero row selects nothing.
     """
-    _check_scores("select", scores, theta, "theta")
-    _check_score_values("select", scores)
-    return _dispatch.call("select", scores, float(theta))
+    return _run_select("select", scores, theta, "theta")
 
 
 @select.register_fake
 def _select_fake(scores, theta):
-    _check_scores("select", scores, theta, "theta")
-    return torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
+    return _select_meta("select", scores, theta, "theta")
 
 
 @_custom_op("neuslice::select_topk", mutates_args=(), schema="(Tensor scores, float ratio) -> Tensor")
 def select_topk(scores: Tensor, ratio: float) -> Tensor:
     """Top ``ceil(ratio × N)`` per row (ties: lower index first): bool ``[R, N]``; ratio in (0, 1]."""
-    _check_scores("select_topk", scores, ratio, "ratio")
-    _check_score_values("select_topk", scores)
-    return _dispatch.call("select_topk", scores, float(ratio))
+    return _run_select("select_topk", scores, ratio, "ratio")
 
 
 @select_topk.register_fake
 def _select_topk_fake(scores, ratio):
-    _check_scores("select_topk", scores, ratio, "ratio")
-    return torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
+    return _select_meta("select_topk", scores, ratio, "ratio")
 
 
 # ---------------------------------------------------------------------------------------------
