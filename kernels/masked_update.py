@@ -36,16 +36,24 @@ def _tile(ROWS, COLS, COL_BLOCKS, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
+def _trainable(p_ptr, g_ptr, mask_ptr, ROWS, COLS, COL_BLOCKS, sp_r, sp_c, sg_r, sg_c, sm_r, sm_c,
+               BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's tile: offsets, the mask of trainable in-bounds entries, param and grad in float32."""
+    r, c, valid = _tile(ROWS, COLS, COL_BLOCKS, BLOCK_R, BLOCK_C)
+    m = valid & (tl.load(mask_ptr + r * sm_r + c * sm_c, mask=valid, other=0) != 0)
+    p = tl.load(p_ptr + r * sp_r + c * sp_c, mask=m, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + r * sg_r + c * sg_c, mask=m, other=0.0).to(tl.float32)
+    return r, c, m, p, g
+
+
+@triton.jit
 def _masked_sgd_kernel(p_ptr, g_ptr, buf_ptr, mask_ptr, ROWS, COLS, COL_BLOCKS,
                        sp_r, sp_c, sg_r, sg_c, sb_r, sb_c, sm_r, sm_c,
                        lr, momentum, weight_decay,
                        HAS_WD: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
                        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    r, c, valid = _tile(ROWS, COLS, COL_BLOCKS, BLOCK_R, BLOCK_C)
-    train = tl.load(mask_ptr + r * sm_r + c * sm_c, mask=valid, other=0) != 0
-    m = valid & train
-    p = tl.load(p_ptr + r * sp_r + c * sp_c, mask=m, other=0.0).to(tl.float32)
-    d = tl.load(g_ptr + r * sg_r + c * sg_c, mask=m, other=0.0).to(tl.float32)
+    r, c, m, p, d = _trainable(p_ptr, g_ptr, mask_ptr, ROWS, COLS, COL_BLOCKS, sp_r, sp_c, sg_r, sg_c, sm_r, sm_c,
+                               BLOCK_R, BLOCK_C)
     if HAS_WD:
         d = d + weight_decay * p
     if HAS_MOMENTUM:
@@ -62,11 +70,8 @@ def _masked_adamw_kernel(p_ptr, g_ptr, m1_ptr, m2_ptr, mask_ptr, ROWS, COLS, COL
                          sp_r, sp_c, sg_r, sg_c, s1_r, s1_c, s2_r, s2_c, sm_r, sm_c,
                          decay, w1, beta2, one_m_beta2, eps, step_size, bc2_sqrt,
                          BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    r, c, valid = _tile(ROWS, COLS, COL_BLOCKS, BLOCK_R, BLOCK_C)
-    train = tl.load(mask_ptr + r * sm_r + c * sm_c, mask=valid, other=0) != 0
-    m = valid & train
-    p = tl.load(p_ptr + r * sp_r + c * sp_c, mask=m, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + r * sg_r + c * sg_c, mask=m, other=0.0).to(tl.float32)
+    r, c, m, p, g = _trainable(p_ptr, g_ptr, mask_ptr, ROWS, COLS, COL_BLOCKS, sp_r, sp_c, sg_r, sg_c, sm_r, sm_c,
+                               BLOCK_R, BLOCK_C)
     o1 = r * s1_r + c * s1_c
     o2 = r * s2_r + c * s2_c
     ea = tl.load(m1_ptr + o1, mask=m, other=0.0).to(tl.float32)
