@@ -18,7 +18,7 @@ from neuslice.models import build, fit
 from neuslice.engine.slices import Profile, Slices
 from torch.utils.data import DataLoader, TensorDataset
 
-from test_report import check_page
+from helpers import check_page
 
 A, B = [0, 1, 2, 3, 4], [5, 6, 7, 8, 9]
 TEN = ",".join(str(k) for k in range(10))
