@@ -72,6 +72,7 @@ def test_help_on_every_subcommand(cmd, capsys):
     assert e.value.code == 0 and f"usage: neuslice {cmd}" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_module_entry_point_and_usage_exit_2():
     out = subprocess.run([sys.executable, "-m", "neuslice", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and all(c in out.stdout for c in COMMANDS)
@@ -111,6 +112,7 @@ def make(width=8):
 """
 
 
+@pytest.mark.slow
 def test_user_model_from_package_module_factory_in_a_subprocess(tmp_path):
     (tmp_path / "usernet.py").write_text(USER_NET)
     import importlib.util
@@ -360,6 +362,7 @@ def _stderr_on_a_pty(cmd) -> str:
     return b"".join(chunks).decode()
 
 
+@pytest.mark.slow
 def test_progress_bars_on_a_terminal_subprocess(chain):
     cmd = [sys.executable, "-m", "neuslice", "profile", "--model", "digits_cnn", "--weights",
            str(chain / "model.pt"), "--data", "digits:test", "--out", str(chain / "tty.safetensors"), "--threads", "1"]
