@@ -13,11 +13,6 @@ from typing import Dict, List, Optional, Set
 
 import pytest
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    tomllib = pytest.importorskip("tomli")
-
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "neuslice"
 # package name -> source folder, as pyproject.toml's package-dir maps them (neuslice/_triton is an untracked
@@ -154,6 +149,7 @@ def test_only_the_cli_imports_the_demo_models():
 
 
 def test_pyproject_lists_every_package():
+    tomllib = pytest.importorskip("tomllib" if sys.version_info >= (3, 11) else "tomli")
     conf = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     listed = set(conf["packages"])
     dirs = conf.get("package-dir", {})
