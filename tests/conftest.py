@@ -25,6 +25,38 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def _seed_everything():
+    import random
+
+    import numpy as np
+    torch.manual_seed(0)
+    np.random.seed(0)
+    random.seed(0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _seeded_module():
+    """Module fixtures (set up before any test's own seeding) draw from the same seeds in any order."""
+    _seed_everything()
+
+
+@pytest.fixture(autouse=True)
+def _isolated_global_state():
+    """Every test starts from the same global state, whatever ran before it (shuffled or alone): torch,
+    numpy and random seeded to 0; afterwards the default dtype, torch's thread count and the environment
+    are put back if the test changed them. (Warnings filters pytest already restores per test.)"""
+    _seed_everything()
+    dtype, threads, env = torch.get_default_dtype(), torch.get_num_threads(), dict(os.environ)
+    yield
+    if torch.get_default_dtype() != dtype:
+        torch.set_default_dtype(dtype)
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    if dict(os.environ) != env:
+        os.environ.clear()
+        os.environ.update(env)
+
+
 @pytest.fixture(autouse=True)
 def _no_forced_backend(monkeypatch):
     """Tests start with no backend forced; a test forces one with the `force_backend` fixture."""

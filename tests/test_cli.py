@@ -18,7 +18,7 @@ from neuslice.models import build, fit
 from neuslice.engine.slices import Profile, Slices
 from torch.utils.data import DataLoader, TensorDataset
 
-from test_report import check_page
+from helpers import check_page
 
 A, B = [0, 1, 2, 3, 4], [5, 6, 7, 8, 9]
 TEN = ",".join(str(k) for k in range(10))
@@ -72,6 +72,7 @@ def test_help_on_every_subcommand(cmd, capsys):
     assert e.value.code == 0 and f"usage: neuslice {cmd}" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_module_entry_point_and_usage_exit_2():
     out = subprocess.run([sys.executable, "-m", "neuslice", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and all(c in out.stdout for c in COMMANDS)
@@ -111,6 +112,7 @@ def make(width=8):
 """
 
 
+@pytest.mark.slow
 def test_user_model_from_package_module_factory_in_a_subprocess(tmp_path):
     (tmp_path / "usernet.py").write_text(USER_NET)
     import importlib.util
@@ -254,12 +256,21 @@ def test_incremental_task_aware_model(files, capsys):
     assert "overlap the old classes" in capsys.readouterr().err
 
 
-def test_report_from_files(chain, capsys, tmp_path):
+@pytest.fixture(scope="module")
+def restructured(chain):
+    """restructure --keep 3,8 through main(), written apart from the round-trip test's file: the results the
+    report reads, so the report test does not depend on another test having run first."""
+    out = chain / "r_report.safetensors"
+    assert main(["restructure", "--model", "digits_cnn", "--weights", str(chain / "model.pt"), "--slices",
+                 str(chain / "s.safetensors"), "--keep", "3,8", "--data", "digits", "--test-data", "digits:test",
+                 "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+def test_report_from_files(chain, restructured, capsys, tmp_path):
     d = chain
-    if not (d / "r.safetensors").exists():
-        pytest.skip("needs test_round_trip_restructure_load_predict's output")
     got = run_json(["report", "--profile", str(d / "p.safetensors"), "--model", "digits_cnn", "--weights",
-                    str(d / "model.pt"), "--test-data", "digits:test", "--results", str(d / "r.safetensors"),
+                    str(d / "model.pt"), "--test-data", "digits:test", "--results", str(restructured),
                     "--out", str(tmp_path / "rep")], capsys)
     assert check_page(tmp_path / "rep") == got["figures"]
     assert len(got["figures"]) == 4
@@ -352,6 +363,7 @@ def _stderr_on_a_pty(cmd) -> str:
     return b"".join(chunks).decode()
 
 
+@pytest.mark.slow
 def test_progress_bars_on_a_terminal_subprocess(chain):
     cmd = [sys.executable, "-m", "neuslice", "profile", "--model", "digits_cnn", "--weights",
            str(chain / "model.pt"), "--data", "digits:test", "--out", str(chain / "tty.safetensors"), "--threads", "1"]

@@ -56,6 +56,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_get_the_single_process_result_exactly(tmp_path):
     model = trained()
     model_path = str(tmp_path / "model.safetensors")

@@ -194,6 +194,7 @@ def test_compile_masked_adamw():
     _compiled_matches_eager(fn, _seeded(_adamw_args))
 
 
+@pytest.mark.slow
 def test_compile_inductor_accumulate():
     # The default backend too, once: the custom op stays opaque inside an inductor graph.
     torch._dynamo.reset()

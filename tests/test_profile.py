@@ -10,6 +10,7 @@ from torch import nn
 
 import neuslice
 from neuslice.engine.slices import STATS
+from helpers import TokenNet as _TokenNet, token_data as _token_data
 from slicing_fixtures import F32, relu_cnn, small_loader, stats_close, trained
 
 K = 10
@@ -294,29 +295,6 @@ def test_layer_selection_by_name_type_and_predicate():
     by_pred = neuslice.profile(model, loader, K, layers=lambda n, m: m.out_channels == 16 if
                                isinstance(m, nn.Conv2d) else False, metrics=("avg",), progress=False)
     assert by_pred.layer_names == ["features.0"]
-
-
-class _TokenNet(nn.Module):
-    """Embedding → FFN (Linear-GELU-Linear) → head, channels-last [B, T, ·]; per-token or pooled logits."""
-
-    def __init__(self, pooled: bool):
-        super().__init__()
-        torch.manual_seed(2)
-        self.pooled = pooled
-        self.emb = nn.Embedding(20, 8)
-        self.ffn1, self.act, self.ffn2 = nn.Linear(8, 12), nn.GELU(), nn.Linear(12, 8)
-        self.head = nn.Linear(8, 4)
-
-    def forward(self, tok):
-        h = self.ffn2(self.act(self.ffn1(self.emb(tok))))
-        return self.head(h.mean(1) if self.pooled else h)
-
-
-def _token_data(per_token: bool):
-    g = torch.Generator().manual_seed(3)
-    tok = torch.randint(0, 20, (12, 5), generator=g)
-    y = tok % 4 if per_token else tok[:, 0] % 4
-    return [(tok[:6], y[:6]), (tok[6:], y[6:])]
 
 
 @pytest.mark.parametrize("per_token", [True, False])

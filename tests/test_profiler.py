@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 import neuslice
 import neuslice.models as M
+from helpers import TokenNet, token_data
 from slicing_fixtures import F32, loaders, small_loader, stats_close, trained
 
 K = 10
@@ -147,9 +148,8 @@ def test_deeplift_with_a_baseline_is_gradient_times_delta():
 
 
 def test_per_token_labels_in_a_training_loop():
-    from test_profile import _TokenNet, _token_data
-    model = _TokenNet(pooled=False).eval()
-    data = _token_data(per_token=True)
+    model = TokenNet(pooled=False).eval()
+    data = token_data(per_token=True)
     with neuslice.Profiler(model, 4) as prof:
         for tok, y in data:
             with prof.batch(y):

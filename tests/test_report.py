@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-from html.parser import HTMLParser
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,39 +11,10 @@ from neuslice.cli import report
 from neuslice.io.modelfile import save_model
 from neuslice.io.digits import digits_loaders
 from neuslice.models import build, fit
-
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+from helpers import check_page
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class _Refs(HTMLParser):
-    def __init__(self):
-        super().__init__()
-        self.images, self.links = [], []
-
-    def handle_starttag(self, tag, attrs):
-        a = dict(attrs)
-        if tag == "img":
-            self.images.append(a["src"])
-        if tag in ("link", "script") and (a.get("href") or a.get("src")):
-            self.links.append(a.get("href") or a.get("src"))
-
-
-def check_page(folder: Path) -> list:
-    """Parse index.html: every image it references exists beside it and decodes as a PNG; nothing external."""
-    import matplotlib.image as mpimg
-    parser = _Refs()
-    parser.feed((folder / "index.html").read_text())
-    assert parser.images and not parser.links
-    for src in parser.images:
-        assert "/" not in src and not src.startswith("http")
-        data = (folder / src).read_bytes()
-        assert data[:8] == PNG_MAGIC and data[12:16] == b"IHDR"
-        img = mpimg.imread(folder / src)
-        assert img.ndim == 3 and img.shape[0] > 50 and img.shape[1] > 50
-    return parser.images
 
 
 @pytest.fixture(scope="module")

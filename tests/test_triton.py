@@ -286,6 +286,7 @@ def test_not_chosen_for_cpu_tensors_unless_forced():
     assert _dispatch.choose("select", (scores, 0.5)) != "triton"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", [80, 90])
 def test_kernels_compile_for_gpu_without_one(arch):
     """Ahead-of-time compile of every kernel to a cubin (Triton's bundled ptxas; no GPU needed), so a
@@ -300,6 +301,7 @@ def test_kernels_compile_for_gpu_without_one(arch):
     assert "compiled 8 kernels, 8 with every integer argument specialised to 1" in out.stdout
 
 
+@pytest.mark.slow
 def test_gpu_check_dry_run(tmp_path):
     """bench/gpu_check.py --dry-run: every code path of the GPU check on the CPU with the interpreter."""
     script = Path(__file__).resolve().parent.parent / "bench" / "gpu_check.py"

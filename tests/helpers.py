@@ -1,0 +1,61 @@
+"""Small helpers shared by more than one test module (test modules never import each other)."""
+from __future__ import annotations
+
+from html.parser import HTMLParser
+from pathlib import Path
+
+import torch
+from torch import nn
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+class _Refs(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.images, self.links = [], []
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "img":
+            self.images.append(a["src"])
+        if tag in ("link", "script") and (a.get("href") or a.get("src")):
+            self.links.append(a.get("href") or a.get("src"))
+
+
+def check_page(folder: Path) -> list:
+    """Parse index.html: every image it references exists beside it and decodes as a PNG; nothing external."""
+    import matplotlib.image as mpimg
+    parser = _Refs()
+    parser.feed((folder / "index.html").read_text())
+    assert parser.images and not parser.links
+    for src in parser.images:
+        assert "/" not in src and not src.startswith("http")
+        data = (folder / src).read_bytes()
+        assert data[:8] == PNG_MAGIC and data[12:16] == b"IHDR"
+        img = mpimg.imread(folder / src)
+        assert img.ndim == 3 and img.shape[0] > 50 and img.shape[1] > 50
+    return parser.images
+
+
+class TokenNet(nn.Module):
+    """Embedding → FFN (Linear-GELU-Linear) → head, channels-last [B, T, ·]; per-token or pooled logits."""
+
+    def __init__(self, pooled: bool):
+        super().__init__()
+        torch.manual_seed(2)
+        self.pooled = pooled
+        self.emb = nn.Embedding(20, 8)
+        self.ffn1, self.act, self.ffn2 = nn.Linear(8, 12), nn.GELU(), nn.Linear(12, 8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, tok):
+        h = self.ffn2(self.act(self.ffn1(self.emb(tok))))
+        return self.head(h.mean(1) if self.pooled else h)
+
+
+def token_data(per_token: bool):
+    g = torch.Generator().manual_seed(3)
+    tok = torch.randint(0, 20, (12, 5), generator=g)
+    y = tok % 4 if per_token else tok[:, 0] % 4
+    return [(tok[:6], y[:6]), (tok[6:], y[6:])]
