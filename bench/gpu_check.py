@@ -9,7 +9,7 @@ STREAM convention ((read + write bytes) / median time of ``dst.copy_(src)``, 1 G
 for every CUDA backend (``triton``, ``cuda``; each forced through NEUSLICE_BACKEND -- one that
 refuses is reported with its reason), correctness against `reference` (tests/tolerances.py; a sum
 that misses the table may pass at <= 2x the error of the torch composite in the input dtype, both
-measured against a float64 oracle, as DESIGN.md allows), then ``triton.testing.do_bench`` medians
+measured against a float64 oracle, as docs/architecture.md (Tests) allows), then ``triton.testing.do_bench`` medians
 (cold L2) of the backend, `reference` and the composite a user writes by hand; GB/s = bytes that must
 be read once / median time. Results: bench/results/gpu_check_<device>_<date>.{json,md}; the short
 table prints last. Exit status 1 when a correctness check fails.
@@ -207,7 +207,7 @@ def _clone(case) -> list:
 
 
 def _sum_rule(torch, case, got, fails, tol) -> tuple:
-    """DESIGN.md: a sum may pass at <= 2x the error of the torch composite (input dtype) vs float64."""
+    """docs/architecture.md (Tests): a sum may pass at <= 2x the error of the torch composite (input dtype) vs float64."""
     from neuslice.ops import reference
     x, grad, ref, labels, cl = case["args"][:5]
     oracle = [t.double() * 0 for t in case["args"][5:]]
@@ -220,7 +220,7 @@ def _sum_rule(torch, case, got, fails, tol) -> tuple:
         bound = 2 * float((comp[i].double() - oracle[i]).abs().max()) + atol
         if err > bound:
             return False, f"{STATS[i]}: max error {err:.3g} vs float64 > 2x composite's {bound:.3g}"
-    return True, f"{', '.join(STATS[i] for i in fails)} within 2x the composite's error (DESIGN.md rule)"
+    return True, f"{', '.join(STATS[i] for i in fails)} within 2x the composite's error (the tolerance rule of docs/architecture.md)"
 
 
 def _compare(torch, case, got, want, out, want_out, tol) -> tuple:

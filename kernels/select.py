@@ -8,7 +8,7 @@ the value, so the row's boundary value v* (the k-th largest for top-k; for cumul
 largest value whose ">= v" sum still reaches Θ × total) is found by integer bisection over
 [0, bits(+inf)): 31 steps, each one count (top-k) or one sum (Θ) over the row. The bisection ends on
 a value present in the row, so the result is exact, independent of block sizes, and ties are then
-taken in index order by a prefix sum over the elements equal to v* -- the SPEC §4 tie rule
+taken in index order by a prefix sum over the elements equal to v* -- the docs/method.md §4 tie rule
 ("lower index first") without sorting. A tiled sort would need Triton's in-register bitonic sort
 (power-of-two blocks that fit in registers: a few thousand elements) plus a merge of tiles through
 global memory for rows of 65,536 neurons; bisection needs only reductions, so any N works: when

@@ -3,8 +3,8 @@ maintenance it enables, on fused Triton, CUDA and C++ kernels behind one dispatc
 
 Slicing in three steps::
 
-    prof = neuslice.profile(model, loader, num_classes=10)          # SPEC §2: one pass, additive sums
-    slices = neuslice.semantic_slice(prof, "taylor", theta=0.95)     # SPEC §4
+    prof = neuslice.profile(model, loader, num_classes=10)          # docs/method.md §2: one pass, additive sums
+    slices = neuslice.semantic_slice(prof, "taylor", theta=0.95)     # docs/method.md §4
     with slices.apply(model, classes=[3, 5]):                        # evaluate the masked model
         ...
 """

@@ -1,4 +1,4 @@
-"""compress: magnitude pruning in prune → fine-tune iterations (SPEC §6)."""
+"""compress: magnitude pruning in prune → fine-tune iterations (docs/method.md §6)."""
 
 import pytest
 import torch

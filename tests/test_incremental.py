@@ -1,4 +1,4 @@
-"""incremental: new classes in non-critical neurons, task-aware inference (SPEC §6)."""
+"""incremental: new classes in non-critical neurons, task-aware inference (docs/method.md §6)."""
 import pytest
 import torch
 from torch import nn

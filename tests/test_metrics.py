@@ -1,4 +1,4 @@
-"""SPEC §3: every metric from the sums, by hand; NaN rows for empty classes; the class-agnostic score."""
+"""docs/method.md §3: every metric from the sums, by hand; NaN rows for empty classes; the class-agnostic score."""
 from __future__ import annotations
 
 import math

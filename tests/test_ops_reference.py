@@ -11,7 +11,7 @@ from op_cases import K, acc_cases, acc_id, make_labels, make_x, new_stats
 
 
 def loop_stats(x, g, r, labels, channels_last, k):
-    """SPEC §2 by explicit loops over samples, positions and neurons, in float64."""
+    """docs/method.md §2 by explicit loops over samples, positions and neurons, in float64."""
     xb = (x.transpose(1, 2) if channels_last else x).double() if x.dim() == 3 else x.double().unsqueeze(-1)
     gb = None if g is None else ((g.transpose(1, 2) if channels_last else g).double() if g.dim() == 3
                                  else g.double().unsqueeze(-1))

@@ -17,7 +17,7 @@ K = 10
 
 
 def _hand_stats(model, loader, taps, target="logit", deeplift_mults=None):
-    """SPEC §2 by loops over samples, in float64: {layer: {stat: tensor}}; taps: {layer: tap module name}."""
+    """docs/method.md §2 by loops over samples, in float64: {layer: {stat: tensor}}; taps: {layer: tap module name}."""
     m64 = copy.deepcopy(model).double().eval()
     mods = dict(m64.named_modules())
     out = {l: {s: torch.zeros((K,) if s == "count" else (K, mods[l].weight.shape[0]), dtype=torch.float64)

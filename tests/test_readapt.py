@@ -1,4 +1,4 @@
-"""readapt: critical-neuron tuning (SPEC §6 'Re-adapt')."""
+"""readapt: critical-neuron tuning (docs/method.md §6 'Re-adapt')."""
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset

@@ -1,4 +1,4 @@
-"""restructure (mask / physical), finetune: SPEC §6 'Restructure'."""
+"""restructure (mask / physical), finetune: docs/method.md §6 'Restructure'."""
 import copy
 
 import pytest

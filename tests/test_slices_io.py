@@ -1,4 +1,4 @@
-"""SPEC §5: safetensors files (round trips, signature check, corrupt/truncated files, atomic save) and
+"""docs/method.md §5: safetensors files (round trips, signature check, corrupt/truncated files, atomic save) and
 Profile addition."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""SPEC §4: the three slicing modes against hand selections, the merge, coupling, compression, masking."""
+"""docs/method.md §4: the three slicing modes against hand selections, the merge, coupling, compression, masking."""
 from __future__ import annotations
 
 import copy

@@ -323,7 +323,7 @@ def test_gpu_check_dry_run(tmp_path):
 
 
 def test_gpu_check_sum_rule():
-    """The DESIGN.md fallback for sums: within 2x the composite's error vs float64 passes, worse fails."""
+    """The fallback for sums (docs/architecture.md, Tests): within 2x the composite's error vs float64 passes, worse fails."""
     import importlib.util
     spec = importlib.util.spec_from_file_location("gpu_check", Path(__file__).parent.parent / "bench" / "gpu_check.py")
     gc = importlib.util.module_from_spec(spec)

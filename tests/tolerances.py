@@ -4,7 +4,7 @@ Keys are the statistics/outputs compared, per input dtype: ``(rtol, atol)``. Loo
 needs a comment with the measured error that forced it.
 
 Sums over many elements (S positions, then B samples) may also pass at <= 2x the error of the
-same sum done by torch in the input dtype (DESIGN.md); bench/gpu_check.py applies that rule at the
+same sum done by torch in the input dtype (docs/architecture.md, Tests); bench/gpu_check.py applies that rule at the
 GPU benchmark shapes, where fixed tolerances would not scale with the sum's length.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-// accumulate on CUDA: one pass over x (and g, r), per-class statistics of one layer (SPEC §2).
+// accumulate on CUDA: one pass over x (and g, r), per-class statistics of one layer (docs/method.md §2).
 //
 // Bytes moved. DRAM reads: x and g once each (B*N*S*e bytes apiece, e = element size), r
 // (N*S*e, re-read per sample from L2), labels (8*L bytes, read twice). The per-class partials

@@ -17,7 +17,7 @@ from .hooks import activation_modules
 
 __all__ = ["Rescale", "EPS"]
 
-EPS = 1e-7  # SPEC §2: rescale where |Δin| > 1e-7, else the local derivative
+EPS = 1e-7  # docs/method.md §2: rescale where |Δin| > 1e-7, else the local derivative
 
 
 class _Switch:

@@ -1,4 +1,4 @@
-"""Layer discovery (SPEC §1): which Conv/Linear layers are sliced, where each is tapped, which layers
+"""Layer discovery (docs/method.md §1): which Conv/Linear layers are sliced, where each is tapped, which layers
 read its neurons, which are coupled, and which layer is the head.
 
 The traced graph (``torch.fx.symbolic_trace``) is used where tracing works; else module order;
@@ -297,7 +297,7 @@ def discover(model: nn.Module, layers: LayerSpec = None, *, tap: str = "auto", f
 
 
 def _discover(model: nn.Module, layers: LayerSpec = None, *, tap: str = "auto", fn: str = "neuslice") -> Plan:
-    """Find the sliced layers of ``model`` (SPEC §1).
+    """Find the sliced layers of ``model`` (docs/method.md §1).
 
     Args:
         layers: None (every Conv/Linear but the head), names, module types, or a predicate

@@ -37,7 +37,7 @@ def _mark_consumer(removed, c: nn.Module, r: Tensor, cols: int) -> None:
 
 
 def compression_rate(slices, model: nn.Module, classes, *, restrict_head: bool = True) -> float:
-    """Fraction of ``model``'s parameters removed by slicing for ``classes`` (SPEC §4), in [0, 1]."""
+    """Fraction of ``model``'s parameters removed by slicing for ``classes`` (docs/method.md §4), in [0, 1]."""
     fn = "neuslice.Slices.compression_rate"
     check_model(fn, slices.layers, model)
     keep = slices.mask(classes)

@@ -1,4 +1,4 @@
-"""Statistics → scores (SPEC §3). Every score is ``[K, N]`` per layer, never negative.
+"""Statistics → scores (docs/method.md §3). Every score is ``[K, N]`` per layer, never negative.
 
 A class with no samples (count 0) has no score: its row is NaN, and slicing for it is an error.
 """

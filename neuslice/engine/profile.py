@@ -219,7 +219,7 @@ def profile(model: nn.Module, data: Iterable, num_classes: int, *, layers=None,
             metrics: Sequence[str] = ("avg", "var", "taylor", "deeplift"), target: str = "logit",
             baseline=None, progress: bool = True, class_names: Optional[Sequence[str]] = None,
             tap: str = "auto") -> Profile:
-    """Profile ``model`` over ``data`` in one pass (SPEC §2).
+    """Profile ``model`` over ``data`` in one pass (docs/method.md §2).
 
     Args:
         model: a classifier giving logits ``[B, K]`` (``[B, T, K]`` with per-token labels). It runs in

@@ -26,7 +26,7 @@ __all__ = ["Profiler"]
 
 
 class Profiler:
-    """Profile inside a training loop (SPEC §2 with ``target="loss"``: the gradient is the user's loss's).
+    """Profile inside a training loop (docs/method.md §2 with ``target="loss"``: the gradient is the user's loss's).
 
     Usage::
 

@@ -1,6 +1,6 @@
-"""The ``Profile`` and ``Slices`` objects and their files (SPEC §5).
+"""The ``Profile`` and ``Slices`` objects and their files (docs/method.md §5).
 
-``Profile``: per layer, the SPEC §2 sums (float64): ``count [K]``, ``act_sum``, ``act_sq``,
+``Profile``: per layer, the docs/method.md §2 sums (float64): ``count [K]``, ``act_sum``, ``act_sq``,
 ``taylor_sum``, ``deeplift_sum`` ``[K, N]``. Sums merge by addition (``p1 + p2``,
 :meth:`Profile.all_reduce`). ``Slices``: per layer, the critical sets ``bool [K, N]`` of a slicing run.
 """
@@ -50,12 +50,12 @@ class _LayerSet(abc.ABC):
 
     @property
     def signature(self) -> str:
-        """Hash of the sliced layers' names and shapes (SPEC §5)."""
+        """Hash of the sliced layers' names and shapes (docs/method.md §5)."""
         return _io.signature(self.layers)
 
 
 class Profile(_LayerSet):
-    """Per-class neuron statistics of a model's sliced layers (SPEC §2).
+    """Per-class neuron statistics of a model's sliced layers (docs/method.md §2).
 
     Attributes:
         layers: one dict per layer: ``name``, ``type``, ``weight_shape``, ``n`` (neurons), ``tap`` (module
@@ -88,7 +88,7 @@ class Profile(_LayerSet):
         return self.stats[self.layers[0]["name"]]["count"]
 
     def score(self, metric: str) -> Dict[str, Tensor]:
-        """Per-class scores ``{layer: float64 [K, N]}`` (SPEC §3); NaN rows for classes without samples."""
+        """Per-class scores ``{layer: float64 [K, N]}`` (docs/method.md §3); NaN rows for classes without samples."""
         return _metrics.score(self, metric)
 
     def class_agnostic(self, metric: str) -> Dict[str, Tensor]:
@@ -197,7 +197,7 @@ class Profile(_LayerSet):
 
 
 class Slices(_LayerSet):
-    """Critical neuron sets of a slicing run (SPEC §4).
+    """Critical neuron sets of a slicing run (docs/method.md §4).
 
     Attributes:
         layers: per layer ``name``, ``type``, ``weight_shape``, ``n``. class_names: K names.
@@ -242,7 +242,7 @@ class Slices(_LayerSet):
         return {n: c[idx].any(0) for n, c in self.critical_sets.items()}
 
     def categories(self) -> Dict[str, Dict[str, Tensor]]:
-        """``{"shared"|"group"|"specific"|"free": {layer: bool [N]}}`` (SPEC §4; a neuron is ``shared`` when
+        """``{"shared"|"group"|"specific"|"free": {layer: bool [N]}}`` (docs/method.md §4; a neuron is ``shared`` when
         critical for at least max(2, ⌈share·K⌉) of the K sliced classes, ``specific`` for exactly one)."""
         return merge.categories(self)
 

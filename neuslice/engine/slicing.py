@@ -1,4 +1,4 @@
-"""Global, category-wise and semantic slicing, and the merge of critical sets (SPEC §4).
+"""Global, category-wise and semantic slicing, and the merge of critical sets (docs/method.md §4).
 
 Selection goes through ``neuslice.ops.select`` (cumulative Θ) and ``neuslice.ops.select_topk`` (p).
 """
@@ -95,7 +95,7 @@ def category_slice(profile: Profile, metric: str, ratio: float, *, min_keep: int
 def semantic_slice(profile: Profile, metric: str, theta: float, *, share: float = 0.5, tau: float = 0.5,
                    min_keep: int = 1, classes: Optional[Sequence[int]] = None) -> Slices:
     """Per class and layer, the critical set: the fewest neurons, in descending score order, whose score
-    sum reaches ``theta`` × the row total (SPEC §4). ``share`` (ρ) and ``tau`` (τ) parametrise
+    sum reaches ``theta`` × the row total (docs/method.md §4). ``share`` (ρ) and ``tau`` (τ) parametrise
     :meth:`Slices.categories` and :meth:`Slices.groups`. Classes without samples must be left out via
     ``classes``."""
     fn = "neuslice.semantic_slice"

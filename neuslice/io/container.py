@@ -1,4 +1,4 @@
-"""safetensors files with JSON metadata (SPEC §5): atomic writes, checksummed reads, model signatures.
+"""safetensors files with JSON metadata (docs/method.md §5): atomic writes, checksummed reads, model signatures.
 
 A file is plain safetensors: tensors plus a ``__metadata__`` entry ``"neuslice"`` holding one JSON
 document, and ``"sha256"``: the digest of the tensor payload, so a corrupt or truncated file is an

@@ -1,5 +1,5 @@
 // accumulate: one pass over a batch's activations x, gradients g, reference r and labels,
-// adding into the per-class statistics of one layer (SPEC §2).
+// adding into the per-class statistics of one layer (docs/method.md §2).
 //
 //   x, g : [B, N, S] (channels-first) or [B, S, N] (channels_last), any element strides
 //   r    : [N, S] (r_ss may be 0 for a [N] reference), same dtype as x; null = zero reference

@@ -1,4 +1,4 @@
-// select: per-row slice selection over non-negative scores (SPEC §4).
+// select: per-row slice selection over non-negative scores (docs/method.md §4).
 //   scores: [R, N], f32 or f64, element strides (s_r, s_n); out: contiguous bool [R, N].
 //   cumulative: per row, the smallest set taken in descending score order (ties: lower index
 //     first) whose sum reaches theta * row total (sums in double). An all-zero row selects nothing.
