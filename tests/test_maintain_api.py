@@ -6,6 +6,8 @@ import warnings
 
 import pytest
 import torch
+
+import neuslice
 from torch import nn
 
 from neuslice.maintain import (CompressReport, FinetuneReport, IncrementalReport, ReadaptReport, RestructuredModel,
@@ -127,3 +129,23 @@ def test_renamed_kwargs_passes_other_arguments_through_and_keeps_the_signature()
     assert list(inspect.signature(f).parameters) == ["a", "new", "other"]
     with pytest.warns(DeprecationWarning, match="f: the keyword 'old' is deprecated"):
         assert f(1, old=5) == (1, 5, 1)
+
+
+def test_batches_move_to_the_models_device(monkeypatch):
+    """Every forward of the operators and of the accuracy goes through call_model, which moves the batch to the
+    model's device first (the CPU is the only device here, so the test observes the move, not a transfer)."""
+    from neuslice.engine import capture
+    from neuslice.engine.evaluate import accuracy
+    moved = []
+    real = capture.to_device
+    monkeypatch.setattr(capture, "to_device", lambda x, device: moved.append(str(device)) or real(x, device))
+    model, s = trained("digits_cnn"), slices("digits_cnn")
+    data = loader("train", (3, 8), n=64)
+    new, _ = neuslice.readapt(model, s, data, epochs=1, eval_data=data)
+    batches = len(list(data))
+    # readapt: before/after scoring of the new data and of eval_data (4 passes) + one training epoch
+    assert moved.count("cpu") == len(moved) >= 5 * batches
+    moved.clear()
+    accuracy(new, data)
+    accuracy(new, data, classes=[3, 8])
+    assert moved == ["cpu"] * (2 * batches)

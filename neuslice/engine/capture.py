@@ -3,6 +3,7 @@ whose gradient is taken, and the view of a tapped output that ``neuslice.ops.acc
 """
 from __future__ import annotations
 
+import itertools
 import warnings
 from typing import Dict, List, Sequence, Tuple
 
@@ -95,9 +96,9 @@ def layer_entries(plan: Plan, deeplift: Dict[str, str]) -> List[dict]:
 
 
 def model_device(model: nn.Module) -> torch.device:
-    for t in list(model.parameters()) + list(model.buffers()):
-        return t.device
-    return torch.device("cpu")
+    """Where ``model``'s first parameter (or buffer) lives; CPU for a model with neither."""
+    first = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return torch.device("cpu") if first is None else first.device
 
 
 def to_device(x, device):
@@ -111,6 +112,9 @@ def to_device(x, device):
 
 
 def call_model(model: nn.Module, x):
+    """``model`` on one batch's inputs, moved to the model's device first: a tensor is ``model(x)``, a
+    tuple/list ``model(*x)``, a dict ``model(**x)``."""
+    x = to_device(x, model_device(model))
     if isinstance(x, dict):
         return model(**x)
     if isinstance(x, (list, tuple)):

@@ -6,6 +6,8 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from .capture import call_model
+
 __all__ = ["accuracy", "restricted_predict"]
 
 Predict = Callable[[object], torch.Tensor]
@@ -16,7 +18,7 @@ def restricted_predict(model: nn.Module, classes: Sequence[int]) -> Predict:
     cls = torch.as_tensor(sorted(set(int(c) for c in classes)))
 
     def predict(x):
-        out = model(x)
+        out = call_model(model, x)
         return cls.to(out.device)[out[..., cls.to(out.device)].argmax(-1)]
     return predict
 
@@ -33,7 +35,7 @@ def accuracy(model: Union[nn.Module, Predict], data: Iterable, classes: Optional
     """
     if isinstance(model, nn.Module):
         net = model
-        predict = (lambda x: net(x).argmax(-1)) if classes is None else restricted_predict(net, classes)
+        predict = (lambda x: call_model(net, x).argmax(-1)) if classes is None else restricted_predict(net, classes)
     else:
         predict = model
     correct = total = 0

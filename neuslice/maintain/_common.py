@@ -234,7 +234,7 @@ def fit_masked(model: nn.Module, data: Iterable, masks: Dict[str, Optional[Tenso
     train = {n: m for n, m in full.items() if bool(m.any())}
     flags = {n: p.requires_grad for n, p in params.items()}
     guard = NormGuard(model, frozen_norms) if frozen_norms is not None else None
-    loss_fn = loss_fn or (lambda mod, x, y: F.cross_entropy(call_model(mod, x), y))
+    loss_fn = loss_fn or _cross_entropy
     states: Dict[str, dict] = {n: {} for n in train}
     steps = 0
     try:
@@ -264,6 +264,11 @@ def fit_masked(model: nn.Module, data: Iterable, masks: Dict[str, Optional[Tenso
             p.grad = None
         model.eval()
     return steps
+
+
+def _cross_entropy(model: nn.Module, x, y: Tensor) -> Tensor:
+    out = call_model(model, x)            # moves the inputs to the model's device
+    return F.cross_entropy(out, y.to(out.device))
 
 
 evaluate = accuracy   # the one accuracy function, under the name the operators' reports use

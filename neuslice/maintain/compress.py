@@ -115,7 +115,8 @@ def _prunable(model: nn.Module) -> List[Tuple[str, Tensor]]:
 
 def _loss(model, x, y):
     out = call_model(model, x)
-    return F.cross_entropy(out, model.targets(y) if isinstance(model, RestructuredModel) else y)
+    target = model.targets(y) if isinstance(model, RestructuredModel) else y
+    return F.cross_entropy(out, target.to(out.device))
 
 
 def _predict(model):

@@ -231,6 +231,7 @@ def task_loss(num_classes: int, tasks: Sequence[Sequence[int]], objective: str =
 
     def loss(mod, x, y):
         logits = call_model(mod, x)
+        y = y.to(logits.device)
         t = task_of.to(y.device)
         same = t[y].unsqueeze(1) == t.unsqueeze(0)
         return F.cross_entropy(logits.masked_fill(~same, float("-inf")), y)

@@ -166,7 +166,8 @@ def restructure(model: nn.Module, slices: Slices, classes, *, mode: str = "physi
 
 
 def _loss(model: RestructuredModel, x, y: Tensor) -> Tensor:
-    return F.cross_entropy(call_model(model, x), model.targets(y))
+    out = call_model(model, x)
+    return F.cross_entropy(out, model.targets(y).to(out.device))
 
 
 def finetune(model: RestructuredModel, data, *, epochs: int = 1, lr: float = 1e-3, optimizer: str = "adamw",
