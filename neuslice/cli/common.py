@@ -89,17 +89,16 @@ def _inputs(args):
 
 
 def _same_file(a: str, b: str) -> bool:
-    if os.path.realpath(a) == os.path.realpath(b):
-        return True
+    """Whether ``a`` and ``b`` are one existing file: the same path, a symbolic link to it or a hard link."""
     try:
-        return os.path.samefile(a, b)   # hard links
-    except OSError:
+        return os.path.samefile(a, b)
+    except OSError:   # either is missing (or unreadable): nothing there to destroy
         return False
 
 
 def check_outputs(args) -> None:
     """Refuse (usage error), before any work, an ``--out`` that is one of the command's input files (after
-    links: realpath and samefile), or that would write over one (the report folder's files), and a file
+    links: os.path.samefile), or that would write over one (the report folder's files), and a file
     ``--out`` that exists but is not a regular file."""
     out = getattr(args, "out", None)
     if not out or args.command == "demo":
