@@ -239,11 +239,13 @@ def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {msg}"
 
 
-def _error(prog: str, message: str, code: int, *, json_out: bool, debug: bool,
+def _error(prog: str, label: str, message: str, code: int, *, json_out: bool, debug: bool,
            exc: Optional[BaseException] = None) -> int:
+    """Report an error: ``prog: label: message`` on stderr (the traceback first with ``--debug``), and the
+    JSON object ``{"error": message, "exit_code": code}`` on stdout with ``--json``; returns ``code``."""
     if debug and exc is not None:
         traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
-    print(f"{prog}: {message}", file=sys.stderr)
+    print(f"{prog}: {label}: {message}", file=sys.stderr)
     if json_out:
         print(json.dumps({"error": message, "exit_code": code}))
     return code
@@ -257,7 +259,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         args = build_parser().parse_args(argv)
     except _ArgumentError as e:
         e.parser.print_usage(sys.stderr)
-        return _error(e.parser.prog, f"error: {e}", 2, json_out="--json" in argv, debug="--debug" in argv)
+        return _error(e.parser.prog, "error", str(e), 2, json_out="--json" in argv, debug="--debug" in argv)
     prog = f"neuslice {args.command}"
     report = dict(json_out=bool(getattr(args, "json", False)), debug=bool(getattr(args, "debug", False)))
     threads = torch.get_num_threads()
@@ -267,12 +269,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         check_outputs(args)
         return args.fn(args)
     except UsageError as e:
-        return _error(prog, f"usage error: {e}", 2, exc=e, **report)
+        return _error(prog, "usage error", str(e), 2, exc=e, **report)
     except KeyboardInterrupt as e:
-        return _error(prog, "interrupted", 130, exc=e, **report)
+        return _error(prog, "error", "interrupted", 130, exc=e, **report)
     except Exception as e:   # every failure is one line (and exit 1); --debug shows where it came from
         hint = "" if report["debug"] else " (--debug prints the traceback)"
         known = isinstance(e, (NeusliceError, ValueError, OSError, ImportError, KeyError))
-        return _error(prog, f"error: {_describe(e)}{'' if known else hint}", 1, exc=e, **report)
+        return _error(prog, "error", f"{_describe(e)}{'' if known else hint}", 1, exc=e, **report)
     finally:
         torch.set_num_threads(threads)
