@@ -7,7 +7,9 @@ Steps chain through files: ``profile`` (model + data → profile file), ``merge`
 model file), ``report`` (files → an HTML report), ``predict`` (model file + data → accuracy);
 ``demo`` runs the whole job on the embedded digits data.
 
-Exit codes: 0 ok, 1 failure (bad files, errors of the run), 2 usage. ``--json`` prints one JSON object.
+Exit codes: 0 ok, 1 failure (bad files, errors of the run), 2 usage (every argument error). ``--json``
+prints one JSON object (the result, or ``{"error", "exit_code"}``); ``--debug`` shows tracebacks;
+``--trust-model-code`` lets a model file name its own factory (docs/method.md §5).
 """
 from __future__ import annotations
 

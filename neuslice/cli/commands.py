@@ -14,7 +14,7 @@ from ..io.modelfile import save_model
 from ..maintain import RestructuredModel, TaskAwareModel, incremental, readapt
 from . import report
 from .common import (RestructureOptions, UsageError, acc, bar, class_list, emit, factory_of, kv, load_data_of,
-                     load_model_of, model_args, run_restructure)
+                     load_model_of, model_args, run_restructure, write_text_atomic)
 from .demo import DemoConfig, run_demo
 from .report import make_slices, print_layers, print_summary, slices_summary
 
@@ -22,10 +22,9 @@ from .report import make_slices, print_layers, print_summary, slices_summary
 def cmd_profile(args) -> int:
     model = load_model_of(args)
     ds = load_data_of(args, args.data)
-    metrics = [m.strip() for m in args.metrics.split(",")]
     layers = [n.strip() for n in args.layers.split(",")] if args.layers else None
     prof = neuslice.profile(model, bar(args, ds, "profile"), ds.num_classes, class_names=ds.class_names,
-                            metrics=metrics, target=args.target, layers=layers, progress=False)
+                            metrics=args.metrics, target=args.target, layers=layers, progress=False)
     prof.save(args.out)
     counts = prof.counts.tolist()
     result = {"profile": str(args.out), "data": ds.source, "samples": int(sum(counts)),
@@ -110,6 +109,8 @@ def cmd_predict(args) -> int:
     ds = load_data_of(args, args.data)
     if isinstance(model, TaskAwareModel):
         task = args.task
+        if task is not None and task not in model.tasks:
+            raise UsageError(f"--task {task!r}: the model's tasks are {sorted(model.tasks)}")
         predict, classes = (lambda x: model.predict(x, task=task)), (model.tasks[task] if task else None)
     elif isinstance(model, RestructuredModel):
         predict, classes = model.predict, model.class_map.tolist()
@@ -120,7 +121,7 @@ def cmd_predict(args) -> int:
               "classes": classes}
     if args.out:
         lines = ["index,label,prediction"] + [f"{i},{int(y)},{int(p)}" for i, (y, p) in enumerate(zip(ds.y, preds))]
-        Path(args.out).write_text("\n".join(lines) + "\n")
+        write_text_atomic(args.out, "\n".join(lines) + "\n")
         result["predictions"] = str(args.out)
     return emit(args, result, kv)
 

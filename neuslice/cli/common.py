@@ -3,6 +3,8 @@ accuracy, printing results, and the restructure pipeline (restructure → fine-t
 from __future__ import annotations
 
 import json
+import os
+import secrets
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
@@ -11,13 +13,15 @@ import torch
 from .. import models as _models  # noqa: F401  (registers the demo models' names for --model)
 from ..engine.classes import parse_class_list
 from ..engine.evaluate import accuracy, restricted_predict
-from ..io.data import load_data, parse_classes
-from ..io.modelfile import load_model, read_weights
+from ..io.data import data_paths, load_data, parse_classes
+from ..io.modelfile import MissingFactoryError, load_model, read_weights
 from ..maintain import compress, finetune, restructure
 from .progress import Progress
+from .report import REPORT_FILES
 
 __all__ = ["UsageError", "RunOptions", "RestructureOptions", "run_restructure", "bar", "model_args", "load_model_of",
-           "factory_of", "load_data_of", "class_list", "acc", "emit", "kv", "example_input"]
+           "factory_of", "load_data_of", "class_list", "acc", "emit", "kv", "example_input", "check_outputs",
+           "write_text_atomic"]
 
 
 @dataclass
@@ -50,7 +54,11 @@ def model_args(args) -> Optional[dict]:
 
 
 def load_model_of(args):
-    return load_model(args.model, args.weights, model_args(args))
+    """The model of ``--model/--weights/--model-args`` under the trust rules (``--trust-model-code``)."""
+    try:
+        return load_model(args.model, args.weights, model_args(args), trust_code=args.trust_model_code)
+    except MissingFactoryError as e:
+        raise UsageError(str(e)) from None
 
 
 def factory_of(args, model) -> str:
@@ -58,6 +66,70 @@ def factory_of(args, model) -> str:
     if args.model:
         return args.model
     return read_weights(args.weights)[1]["model"]
+
+
+# the options naming files a command reads (the data options are expanded by io.data.data_paths)
+_INPUT_FILES = {"weights": "--weights", "profile": "--profile", "slices": "--slices", "profiles": "the profile",
+                "results": "--results"}
+_INPUT_DATA = ("data", "test_data", "new_test_data", "replay_data", "test_a", "test_b")
+
+
+def _inputs(args):
+    """``(option, path)`` for every file the parsed command line ``args`` reads."""
+    for dest, option in _INPUT_FILES.items():
+        value = getattr(args, dest, None)
+        for p in [value] if isinstance(value, str) else value or []:
+            yield option, p
+    for dest in _INPUT_DATA:
+        if getattr(args, dest, None):
+            yield from ((f"--{dest.replace('_', '-')}", str(p)) for p in data_paths(getattr(args, dest)))
+    classes = getattr(args, "classes", None)
+    if classes and classes.startswith("@"):
+        yield "--classes", classes[1:]
+
+
+def _same_file(a: str, b: str) -> bool:
+    """Whether ``a`` and ``b`` are one existing file: the same path, a symbolic link to it or a hard link."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:   # either is missing (or unreadable): nothing there to destroy
+        return False
+
+
+def check_outputs(args) -> None:
+    """Refuse (usage error), before any work, an ``--out`` that is one of the command's input files (after
+    links: os.path.samefile), or that would write over one (the report folder's files), and a file
+    ``--out`` that exists but is not a regular file."""
+    out = getattr(args, "out", None)
+    if not out or args.command == "demo":
+        return
+    if args.command == "report":
+        targets = [out] + [os.path.join(out, f) for f in REPORT_FILES]
+    elif os.path.exists(out) and not os.path.isfile(out):
+        raise UsageError(f"--out {out}: exists and is not a regular file (a folder, device or pipe)")
+    else:
+        targets = [out]
+    for option, path in _inputs(args):
+        for t in targets:
+            if _same_file(t, path):
+                what = "" if t == out else f" (its {os.path.basename(t)})"
+                raise UsageError(f"--out {out}{what} is the input {option} {path}: writing it would destroy that "
+                                 "input; choose another --out")
+
+
+def write_text_atomic(path, text: str) -> None:
+    """Write ``text`` to ``path`` whole or not at all: a new temporary file in the same folder (created with
+    mode 0666, so the umask applies as to any new file), then ``os.replace``."""
+    path = os.fspath(path)
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".neuslice-{secrets.token_hex(8)}.tmp")
+    try:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def load_data_of(args, spec: Optional[str], names: Optional[Sequence[str]] = None):

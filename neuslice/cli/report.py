@@ -18,12 +18,16 @@ import torch
 
 from .progress import Progress
 
-__all__ = ["THETAS", "RATIOS", "make_slices", "slices_summary", "default_subsets", "accuracy_curves",
+__all__ = ["THETAS", "RATIOS", "REPORT_FILES", "make_slices", "slices_summary", "default_subsets", "accuracy_curves",
            "load_results", "write_report", "figures_of", "print_layers", "print_summary"]
 
 THETAS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
 RATIOS = (0.1, 0.2, 0.3, 0.5, 0.7, 0.9)
 MODES = ("global", "category", "semantic")
+# figure files by name, and every file write_report writes into its folder
+_FIGURES = {"critical": "critical_neurons.png", "similarity": "class_similarity.png",
+            "curves": "accuracy_vs_compression.png", "maintenance": "maintenance.png"}
+REPORT_FILES = ("index.html", "summary.json", *_FIGURES.values())
 
 
 def make_slices(prof, mode: str, metric: Optional[str], value: float, *, share: float = 0.5, tau: float = 0.5,
@@ -116,11 +120,17 @@ def load_results(paths: Sequence) -> Dict[str, Dict]:
     for p in paths:
         p = Path(p)
         if p.suffix == ".json":
-            doc = json.loads(p.read_text())
+            try:
+                doc = json.loads(p.read_text())
+            except (ValueError, UnicodeDecodeError) as e:
+                raise ValueError(f"{p}: not a JSON file ({e})") from None
+            if not isinstance(doc, dict):
+                raise ValueError(f"{p}: holds a JSON {type(doc).__name__}, not the object that restructure, "
+                                 "readapt or incremental print with --json")
         else:
             meta = read_weights(p)[1]
             doc = (meta or {}).get("report")
-            if not doc:
+            if not isinstance(doc, dict) or not doc:
                 raise ValueError(f"{p}: not a model file written by neuslice restructure, readapt or incremental")
         tasks = {k: v for k, v in doc.items() if k in _KEYS and isinstance(v, dict)}
         tasks = tasks or {k: doc for k, key in _KEYS.items() if key in doc}
@@ -354,13 +364,13 @@ def write_report(out: Path, *, slices, curves: Optional[Dict] = None, maintenanc
     """Write ``out/index.html``, its PNG figures and ``out/summary.json``; returns the page's path."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    figs = {"critical": fig_critical(slices, out / "critical_neurons.png")}
+    figs = {"critical": fig_critical(slices, out / _FIGURES["critical"])}
     if int(slices.sliced.sum()) >= 2:
-        figs["similarity"] = fig_similarity(slices, out / "class_similarity.png")
+        figs["similarity"] = fig_similarity(slices, out / _FIGURES["similarity"])
     if curves:
-        figs["curves"] = fig_curves(curves, out / "accuracy_vs_compression.png")
+        figs["curves"] = fig_curves(curves, out / _FIGURES["curves"])
     if maintenance:
-        figs["maintenance"] = fig_maintenance(maintenance, out / "maintenance.png")
+        figs["maintenance"] = fig_maintenance(maintenance, out / _FIGURES["maintenance"])
     doc = {**(summary or {}), "curves": curves, "maintenance": maintenance or {}, "figures": list(figs.values())}
     text = json.dumps(doc, indent=1, default=str)
     (out / "summary.json").write_text(text)

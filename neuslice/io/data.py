@@ -8,7 +8,9 @@ Formats (``load_data(spec)``):
   folder that holds exactly one such pair.
 - ``.npz`` with arrays ``x`` ``[N, ...]`` and ``y`` ``[N]`` (integers); an optional ``classes`` array of names.
 - an image folder tree: one sub-folder per class (sorted names are the classes), images inside
-  (read with Pillow; every image must have the size of the first).
+  (read with Pillow; every image must have the size of the first, and at most
+  :data:`MAX_IMAGE_PIXELS` pixels: a larger image, such as a decompression bomb, is refused from its
+  header before it is decoded).
 
 Images become float32 ``[N, C, H, W]`` (``[N, 1, H, W]`` for grey images) scaled to [0, 1] when stored
 as bytes; labels int64 ``[N]``. A malformed file raises :class:`DataFileError` naming the file and the
@@ -32,10 +34,12 @@ from torch.utils.data import DataLoader, TensorDataset
 from .._errors import NeusliceError
 from .digits import DIGITS_CLASSES, load_digits
 
-__all__ = ["DataFileError", "Dataset", "load_data", "read_idx", "load_idx_pair", "load_npz", "load_image_folder",
-           "parse_classes", "IMAGE_SUFFIXES"]
+__all__ = ["DataFileError", "Dataset", "load_data", "data_paths", "read_idx", "load_idx_pair", "load_npz",
+           "load_image_folder", "parse_classes", "IMAGE_SUFFIXES", "MAX_IMAGE_PIXELS"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
+# the largest image of an image folder, in pixels (4096 x 4096): checked from the header, before decoding
+MAX_IMAGE_PIXELS = 4096 * 4096
 
 # IDX type codes (big-endian payload): code -> numpy dtype
 _IDX_TYPES = {0x08: np.dtype("u1"), 0x09: np.dtype("i1"), 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
@@ -177,11 +181,33 @@ def load_npz(path) -> Tuple[torch.Tensor, torch.Tensor, Optional[List[str]]]:
 def _open_image(path: Path):
     from PIL import Image, UnidentifiedImageError
     try:
-        with Image.open(path) as im:
+        with Image.open(path) as im:   # reads the header only
+            w, h = im.size
+            if w * h > MAX_IMAGE_PIXELS:
+                raise _fail(path, f"image is {w}x{h} (WxH), {w * h} pixels: more than the {MAX_IMAGE_PIXELS} "
+                                  "(4096x4096) an image folder may hold (neuslice.io.data.MAX_IMAGE_PIXELS)")
             im.load()
             return im.copy()
+    except Image.DecompressionBombError as e:   # Pillow's own limit, hit while opening
+        raise _fail(path, f"image is too large to read ({e})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        if isinstance(e, DataFileError):
+            raise
         raise _fail(path, f"not a readable image ({e})") from None
+
+
+def _class_images(root: Path) -> Tuple[List[str], List[Tuple[Path, int]]]:
+    """The class names of an image folder tree and its ``(image path, class index)`` pairs (nothing decoded)."""
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise _fail(root, "holds no class folder (expected one sub-folder of images per class)")
+    files: List[Tuple[Path, int]] = []
+    for k, c in enumerate(classes):
+        imgs = sorted(p for p in (root / c).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not imgs:
+            raise _fail(root / c, f"class folder holds no image (suffixes {', '.join(IMAGE_SUFFIXES)})")
+        files += [(p, k) for p in imgs]
+    return classes, files
 
 
 def load_image_folder(root) -> Tuple[torch.Tensor, torch.Tensor, List[str]]:
@@ -192,15 +218,7 @@ def load_image_folder(root) -> Tuple[torch.Tensor, torch.Tensor, List[str]]:
         raise ImportError("neuslice.datafiles.load_image_folder: reading an image folder needs Pillow "
                           "(pip install pillow)") from None
     root = Path(root)
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not classes:
-        raise _fail(root, "holds no class folder (expected one sub-folder of images per class)")
-    files: List[Tuple[Path, int]] = []
-    for k, c in enumerate(classes):
-        imgs = sorted(p for p in (root / c).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not imgs:
-            raise _fail(root / c, f"class folder holds no image (suffixes {', '.join(IMAGE_SUFFIXES)})")
-        files += [(p, k) for p in imgs]
+    classes, files = _class_images(root)
     images = [_open_image(p) for p, _ in files]
     grey = all(im.mode in ("1", "L", "LA", "I", "I;16", "F") for im in images)
     size = images[0].size
@@ -269,6 +287,25 @@ def _read_any(spec: str) -> Tuple[torch.Tensor, torch.Tensor, Optional[List[str]
     if "labels-idx1" in path.name:
         raise ValueError(f"{path}: give the images file (*-images-idx3-ubyte), not the labels file")
     raise ValueError(f"{path}: unknown data format (expected *-images-idx3-ubyte[.gz], .npz, or a folder)")
+
+
+def data_paths(spec: str) -> List[Path]:
+    """The files ``load_data(spec)`` reads (none for ``digits``), for refusing to write over them; a spec it
+    cannot resolve gives what it can (the path itself), never an error (``load_data`` reports those)."""
+    if spec == "digits" or spec.startswith("digits:"):
+        return []
+    path = Path(spec)
+    try:
+        if path.is_dir():
+            idx = _idx_in_folder(path)
+            if idx is None:
+                return [p for p, _ in _class_images(path)[1]]
+            path = idx
+        if "images-idx3" in path.name:
+            return [path, _labels_path(path)]
+    except (OSError, ValueError):
+        pass
+    return [path]
 
 
 def load_data(spec: str, class_names: Optional[Sequence[str]] = None) -> Dataset:
