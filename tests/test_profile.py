@@ -231,7 +231,8 @@ def test_all_accumulation_goes_through_the_op(monkeypatch):
 
 
 class _TwoLayer(nn.Module):
-    """Linear-ReLU ×2 + head, with knobs: one shared ReLU module, functional ReLU, or untraceable forward."""
+    """Linear-ReLU ×2 + head, with knobs: one shared ReLU module, functional ReLU (F.relu, torch.relu or the
+    method), or untraceable forward."""
 
     def __init__(self, kind: str):
         super().__init__()
@@ -244,6 +245,10 @@ class _TwoLayer(nn.Module):
         x = x.flatten(1)
         if self.kind == "functional":
             return self.head(F.relu(self.fc2(F.relu(self.fc1(x)))))
+        if self.kind == "torch.relu":
+            return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+        if self.kind == "method":
+            return self.head(self.fc2(self.fc1(x).relu()).relu())
         if self.kind == "shared":
             return self.head(self.act(self.fc2(self.act(self.fc1(x)))))
         if self.kind == "untraceable" and bool(x.sum() > -1e9):      # data-dependent: fx cannot trace it
@@ -270,19 +275,173 @@ def test_taps_found_for_shared_modules_and_by_module_order(kind):
     stats_close(got.stats, want.stats, rtol=0, atol=0)
 
 
-def test_functional_nonlinearity_taps_the_layer_and_warns_for_deeplift():
-    _, model = _twin("functional")
+@pytest.mark.parametrize("kind", ["functional", "torch.relu", "method"])
+def test_functional_nonlinearity_is_tapped_after_the_function_and_warns_for_deeplift(kind):
+    base, model = _twin(kind)
+    loader = small_loader(60, 30)
     with pytest.warns(UserWarning, match=r"gradient × Δ.*\['fc1', 'fc2'\]"):
-        prof = neuslice.profile(model, small_loader(60, 30), K, progress=False)
-    assert [e["tap"] for e in prof.layers] == ["fc1", "fc2"]
-    assert [e["tap_source"] for e in prof.layers] == ["layer", "layer"]
+        prof = neuslice.profile(model, loader, K, progress=False)
+    assert [e["tap"] for e in prof.layers] == ["relu(fc1)", "relu(fc2)"]
+    assert [e["tap_source"] for e in prof.layers] == ["graph", "graph"]
     assert prof.deeplift == "gradient" and [e["deeplift"] for e in prof.layers] == ["gradient"] * 2
-    lay = neuslice.profile(_twin("plain")[0], small_loader(60, 30), K, tap="layer", metrics=("taylor",),
-                           progress=False)
+    # read after the function: every statistic but deeplift's form equals the nn.ReLU version's
+    want = neuslice.profile(base, loader, K, progress=False)
+    stats_close(prof.stats, want.stats, keys=["count", "act_sum", "act_sq", "taylor_sum"], rtol=1e-6, atol=1e-9)
+    lay = neuslice.profile(model, loader, K, tap="layer", metrics=("taylor",), progress=False)
     assert [e["tap"] for e in lay.layers] == ["fc1", "fc2"]
     # for a ReLU, z·∂f/∂z = a·∂f/∂a: taylor is the same at either tap
-    stats_close(lay.stats, neuslice.profile(_twin("plain")[0], small_loader(60, 30), K, metrics=("taylor",),
-                                            progress=False).stats, keys=["taylor_sum"], rtol=1e-5, atol=1e-7)
+    stats_close(lay.stats, want.stats, keys=["taylor_sum"], rtol=1e-5, atol=1e-7)
+
+
+class _UntracedFunctional(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.head = nn.Linear(64, 32), nn.Linear(32, 16), nn.Linear(16, K)
+
+    def forward(self, x):
+        x = x.flatten(1)
+        if bool(x.sum() > -1e9):                          # data-dependent: fx cannot trace it
+            x = x * 1
+        return self.head(F.relu(self.fc2(F.relu(self.fc1(x)))))
+
+
+def test_untraceable_functional_nonlinearity_warns_naming_the_layers():
+    model = _UntracedFunctional().eval()
+    loader = small_loader(60, 30)
+    with pytest.warns(UserWarning, match=r"neuslice.profile: layer\(s\) \['fc1', 'fc2'\] are tapped at their own "
+                                         r"output: the model cannot be traced"):
+        prof = neuslice.profile(model, loader, K, metrics=("avg",), progress=False)
+    assert [e["tap"] for e in prof.layers] == ["fc1", "fc2"]
+    with pytest.warns(UserWarning, match=r"neuslice.Profiler: layer\(s\) \['fc1', 'fc2'\] are tapped"):
+        with neuslice.Profiler(model, K, metrics=("avg",)) as p:
+            x, y = next(iter(loader))
+            with p.batch(y):
+                model(x)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                  # tap='layer' asks for the layer output: no warning
+        neuslice.profile(model, loader, K, metrics=("avg",), tap="layer", progress=False)
+
+
+class _HeadFirst(nn.Module):
+    """Untraceable; the head is registered before the hidden layer it follows."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(4)
+        self.head = nn.Linear(16, K)
+        self.fc, self.act = nn.Linear(64, 16), nn.ReLU()
+
+    def forward(self, x):
+        x = x.flatten(1)
+        if bool(x.sum() > -1e9):                          # data-dependent: fx cannot trace it
+            x = x * 1
+        return self.head(self.act(self.fc(x)))
+
+
+def test_untraceable_head_is_found_from_the_output_not_registration_order():
+    model = _HeadFirst().eval()
+    loader = small_loader(60, 30)
+    prof = neuslice.profile(model, loader, K, progress=False)
+    assert prof.layer_names == ["fc"] and [e["tap"] for e in prof.layers] == ["act"]
+    with neuslice.Profiler(model, K) as p:              # probed on the first batch
+        for x, y in loader:
+            with p.batch(y):
+                F.cross_entropy(model(x), y, reduction="sum").backward()
+    assert p.profile().layer_names == ["fc"] and p.profile().num_batches == 2
+    want = neuslice.profile(model, loader, K, metrics=("avg", "var", "taylor"), target="loss", progress=False)
+    stats_close(p.profile().stats, want.stats, keys=["count", "act_sum", "act_sq", "taylor_sum"])
+    assert _hooks_of(model) == 0
+    base = torch.zeros(1, 1, 8, 8)                      # with a baseline: probed at construction
+    with neuslice.Profiler(model, K, metrics=("deeplift",), baseline=base) as p2:
+        assert p2.plan.layers[0].name == "fc"
+
+
+class _Twice(nn.Module):
+    """``shared`` (Linear 16→16, then ReLU) runs twice per forward; ``untraceable`` adds a data-dependent branch."""
+
+    def __init__(self, untraceable: bool = False, last_bare: bool = False):
+        super().__init__()
+        torch.manual_seed(5)
+        self.untraceable, self.last_bare = untraceable, last_bare
+        self.fc0, self.act0 = nn.Linear(64, 16), nn.ReLU()          # module order finds both chains
+        self.shared, self.act = nn.Linear(16, 16), nn.ReLU()
+        self.head = nn.Linear(16, K)
+
+    def forward(self, x):
+        h = self.act0(self.fc0(x.flatten(1)))
+        if self.untraceable and bool(h.sum() > -1e9):
+            h = h * 1
+        h = self.act(self.shared(h))
+        h = self.shared(h) if self.last_bare else self.act(self.shared(h))
+        return self.head(h)
+
+
+def _twice_by_hand(model, loader, target="logit"):
+    """docs/method.md §2 for ``shared``: both calls' taps joined along s, per sample, float64."""
+    w0, b0 = model.fc0.weight.double(), model.fc0.bias.double()
+    ws, bs = model.shared.weight.double(), model.shared.bias.double()
+    wh, bh = model.head.weight.double(), model.head.bias.double()
+    st = {s: torch.zeros((K,) if s == "count" else (K, 16), dtype=torch.float64) for s in STATS}
+    for x, y in loader:
+        for xb, yb in zip(x.double().flatten(1), y):
+            a1 = (ws @ (w0 @ xb + b0).relu() + bs).relu()
+            a2 = (ws @ a1 + bs).relu()
+            out = wh @ a2 + bh
+            k = int(yb)
+            tgt = out[k] if target == "logit" else F.cross_entropy(out[None], yb[None])
+            g1, g2 = torch.autograd.grad(tgt, [a1, a2])
+            xs, gs = torch.stack([a1, a2], 1).detach(), torch.stack([g1, g2], 1)   # [N, S = 2 calls]
+            st["count"][k] += 1
+            st["act_sum"][k] += xs.mean(1)
+            st["act_sq"][k] += xs.mean(1) ** 2
+            st["taylor_sum"][k] += (xs * gs).sum(1).abs()
+    return st
+
+
+@pytest.mark.parametrize("untraceable", [False, True])
+def test_layer_called_twice_contributes_every_call(untraceable):
+    model = _Twice(untraceable).eval()
+    loader = small_loader(60, 30)
+    prof = neuslice.profile(model, loader, K, metrics=("avg", "var", "taylor"), progress=False)
+    assert prof.layer_names == ["fc0", "shared"] and [e["tap"] for e in prof.layers] == ["act0", "act"]
+    hand = _twice_by_hand(model, loader)
+    for s in ("count", "act_sum", "act_sq", "taylor_sum"):
+        torch.testing.assert_close(prof.stats["shared"][s], hand[s], **F32)
+    named = neuslice.profile(model, loader, K, layers=["shared"], metrics=("avg",), progress=False)
+    torch.testing.assert_close(named.stats["shared"]["act_sum"], hand["act_sum"], **F32)
+
+
+def test_layer_called_twice_is_masked_in_every_call_and_refused_physically():
+    model = _Twice().eval()
+    loader = small_loader(60, 30)
+    sl = neuslice.category_slice(neuslice.profile(model, loader, K, metrics=("avg",), progress=False), "avg", 0.5)
+    keep = sl.mask([3])
+    x, _ = next(iter(loader))
+    m0, ms = keep["fc0"].double(), keep["shared"].double()
+    h = (model.fc0(x.flatten(1)).double().relu()) * m0
+    w, b = model.shared.weight.double(), model.shared.bias.double()
+    h = (h @ w.t() + b).relu() * ms
+    h = (h @ w.t() + b).relu() * ms
+    want = h @ model.head.weight.double().t() + model.head.bias.double()
+    with torch.no_grad(), sl.apply(model, [3]) as masked:
+        got = masked(x)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"layer 'shared' physically: it is called more than once.*mode='mask'"):
+        neuslice.restructure(model, sl, [3], mode="physical", example_inputs=x[:2])
+
+
+def test_calls_followed_by_different_modules_are_refused_naming_the_layer():
+    model = _Twice(last_bare=True).eval()
+    with pytest.raises(ValueError, match=r"neuslice.profile: layer 'shared' is called 2 times in forward and its "
+                                         r"calls are followed by different .*choose layers= without 'shared'"):
+        neuslice.profile(model, small_loader(20, 20), K, progress=False)
+    prof = neuslice.profile(model, small_loader(20, 20), K, layers=["fc0"], metrics=("avg",), progress=False)
+    assert prof.layer_names == ["fc0"]
+    untraced = _Twice(untraceable=True, last_bare=True).eval()
+    with pytest.raises(RuntimeError, match=r"layer 'shared' was called 2 times in one forward but tapped at 'act' "
+                                           r"only 1 times"):
+        neuslice.profile(untraced, small_loader(20, 20), K, progress=False)
 
 
 def test_layer_selection_by_name_type_and_predicate():

@@ -34,6 +34,49 @@ def test_profiler_equals_offline_profile_with_loss_target():
     assert _hooks_of(model) == 0
 
 
+class _Twice(torch.nn.Module):
+    """``shared`` (Linear 16→16, ReLU) runs twice per forward, on inputs of B rows and of [B, 3] positions."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(6)
+        self.fc0, self.shared, self.act = torch.nn.Linear(64, 16), torch.nn.Linear(16, 16), torch.nn.ReLU()
+        self.head = torch.nn.Linear(16, K)
+
+    def forward(self, x):
+        h = self.act(self.fc0(x.flatten(1)))
+        a = self.act(self.shared(h))                                    # [B, 16]: one position
+        b = self.act(self.shared(h.unsqueeze(1) * torch.tensor([1.0, -1.0, 0.5]).view(1, 3, 1)))  # [B, 3, 16]
+        return self.head(a + b.mean(1))
+
+
+@pytest.mark.parametrize("metrics", [("avg", "var", "taylor", "deeplift"), ("avg", "var")])
+def test_profiler_equals_offline_profile_for_a_layer_called_twice(metrics):
+    model = _Twice().eval()
+    loader = small_loader(60, 30)
+    base = torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with neuslice.Profiler(model, K, metrics=metrics, baseline=base) as prof:
+        for x, y in loader:
+            with prof.batch(y):
+                F.cross_entropy(model(x), y, reduction="sum").backward()
+    got = prof.profile()
+    assert got.layer_names == ["fc0", "shared"]
+    want = neuslice.profile(model, loader, K, metrics=metrics, target="loss", baseline=base, progress=False)
+    keys = ["count", "act_sum", "act_sq"] + (["taylor_sum"] if "taylor" in metrics else [])
+    stats_close(got.stats, want.stats, keys=keys)
+    # the 4 positions of shared (1 + 3) by hand: x̄ is their mean
+    x, y = next(iter(loader))
+    with torch.no_grad():
+        h = model.act(model.fc0(x.flatten(1).double().float()))
+        a = model.act(model.shared(h)).double()
+        b = model.act(model.shared(h.unsqueeze(1) * torch.tensor([1.0, -1.0, 0.5]).view(1, 3, 1))).double()
+    xbar = torch.cat([a.unsqueeze(1), b], 1).mean(1)
+    first = neuslice.profile(model, [(x, y)], K, metrics=("avg",), progress=False)
+    torch.testing.assert_close(first.stats["shared"]["act_sum"],
+                               torch.zeros(K, 16, dtype=torch.float64).index_add_(0, y, xbar), **F32)
+    assert _hooks_of(model) == 0
+
+
 def _train(with_profiler: bool, steps: int = 6):
     torch.manual_seed(0)
     model = M.build("digits_cnn", seed=0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import itertools
 import warnings
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -79,6 +79,52 @@ def tap_view(fn: str, info: LayerInfo, t: Tensor, labels: Tensor) -> Tuple[Tenso
         raise ValueError(f"{fn}: per-token labels {list(labels.shape)} need a channels-last layer output "
                          f"[B, T, N] with T = {labels.shape[1]}; layer {info.name!r} gave {list(t.shape)}")
     return x, cl
+
+
+def join_calls(fn: str, info: LayerInfo, views: Sequence[Tuple[Tensor, bool]], labels: Tensor) -> Tuple[Tensor, bool]:
+    """The :func:`tap_view` of each call of a layer in one forward, concatenated along s (docs/method.md
+    §2): channels-first ``[B, N, S_1 + S_2 + …]`` (a ``[B, N]`` call counts one position), or
+    channels-last ``[B, S_1 + …, N]`` when any call is. One call is returned as it is (no copy)."""
+    if len(views) == 1:
+        return views[0]
+    if labels.dim() == 2:
+        raise ValueError(f"{fn}: layer {info.name!r} is called {len(views)} times in one forward, and per-token "
+                         f"labels {list(labels.shape)} cannot label the tokens of several calls; choose layers= "
+                         f"without {info.name!r}")
+    if any(cl for _, cl in views):
+        return torch.cat([x if cl else x.unsqueeze(1) for x, cl in views], 1), True
+    return torch.cat([x.unsqueeze(2) if x.dim() == 2 else x for x, _ in views], 2), False
+
+
+def call_views(fn: str, info: LayerInfo, ts: Sequence[Tensor], labels: Tensor,
+               grads: Optional[Sequence[Optional[Tensor]]] = None) -> Tuple[Tensor, bool, Optional[Tensor]]:
+    """``(x, channels_last, g)``: a layer's taps ``ts`` (one per call) and their gradients joined along s;
+    a missing gradient (None: that call does not reach the target) counts as zero."""
+    views = [tap_view(fn, info, t, labels) for t in ts]
+    x, cl = join_calls(fn, info, views, labels)
+    if grads is None:
+        return x, cl, None
+    gs = [(torch.zeros_like(v) if g is None else g.reshape(v.shape), c) for g, (v, c) in zip(grads, views)]
+    return x, cl, join_calls(fn, info, gs, labels)[0]
+
+
+def check_calls(fn: str, info: LayerInfo, calls: int, taps: int) -> None:
+    """Every call of a layer must reach its tap: a call that does not would be left out of the profile."""
+    if calls > taps:
+        raise RuntimeError(f"{fn}: layer {info.name!r} was called {calls} times in one forward but tapped at "
+                           f"{info.tap!r} only {taps} times (tap source: {info.tap_source}); its calls are "
+                           "followed by different modules: pass tap='layer' or choose layers= without it")
+
+
+def warn_unseen(fn: str, plan: Plan, tap: str) -> None:
+    """Warn once where a model cannot be traced and a layer is read at its own output: a functional
+    nonlinearity after it would go unseen (docs/method.md §1)."""
+    names = [i.name for i in plan.layers if i.tap_stage == 0]
+    if tap == "auto" and plan.trace_error is not None and names:
+        warnings.warn(f"{fn}: layer(s) {names} are tapped at their own output: the model cannot be traced "
+                      f"({plan.trace_error}), so a functional nonlinearity after them (F.relu, torch.tanh, "
+                      "x.relu(), …) cannot be seen and avg/var would read its input. Use nonlinearity modules "
+                      "(nn.ReLU, …), or pass tap='layer' to read the layer outputs", stacklevel=3)
 
 
 def nonfinite_what(e: Exception) -> str:

@@ -3,7 +3,8 @@ read its neurons, which are coupled, and which layer is the head.
 
 The traced graph (``torch.fx.symbolic_trace``) is used where tracing works; else module order;
 a layer whose nonlinearity cannot be found is tapped at its own output. The result records which
-source each decision came from.
+source each decision came from. Where tracing fails, the layers called and the head come from one
+probe forward (:func:`probe`), never from registration order.
 """
 from __future__ import annotations
 
@@ -56,10 +57,16 @@ class LayerInfo:
     tap_source: str                      # "graph", "module order" or "layer"
     functional: Optional[str] = None     # a functional nonlinearity follows (not a module)
     consumers: List[Tuple[str, int]] = field(default_factory=list)  # (layer name, weight columns per neuron)
+    calls: int = 1                       # calls per forward (traced graph or probe); each call is profiled
+    # the functional nonlinearity itself (a function, or a Tensor method's name); with tap_stage ==
+    # len(chain) the tap is its output (docs/method.md §1)
+    functional_target: object = field(default=None, compare=False, repr=False)
 
     @property
     def tap(self) -> str:
-        """Name of the module whose output is the neuron's activation."""
+        """Name of the module whose output is the neuron's activation (``relu(fc1)`` after a functional one)."""
+        if self.tap_stage == len(self.chain):
+            return f"{self.functional}({self.chain[-1]})"
         return self.chain[self.tap_stage]
 
     @property
@@ -73,6 +80,7 @@ class Plan:
     heads: List[str]
     coupled: List[List[str]]
     trace_error: Optional[str]
+    probed: bool = False                 # untraceable: layers, calls and head came from a probe forward
 
 
 def _neurons(m: nn.Module) -> int:
@@ -95,6 +103,11 @@ def _trace(model: nn.Module):
         return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
+def traceable(model: nn.Module) -> bool:
+    """Whether ``torch.fx`` traces ``model`` (else layers and the head need a probe forward)."""
+    return _trace(model)[0] is not None
+
+
 def _is_act_node(node) -> Optional[str]:
     if node.op == "call_function" and node.target in _FUNC_ACTS:
         return _FUNC_ACTS[node.target]
@@ -104,7 +117,8 @@ def _is_act_node(node) -> Optional[str]:
 
 
 def _graph_chain(node, modules) -> Tuple[List[str], bool, Optional[str]]:
-    """Chain of module names after a layer's call node; (chain, ends_in_activation, functional_act)."""
+    """Chain of module names after a layer's call node; (chain, ends_in_activation, functional_act).
+    ``functional_act`` is the call node of a functional nonlinearity that follows the chain, or None."""
     chain, cur, seen_norm = [node.target], node, False
     while len(cur.users) == 1:
         u = next(iter(cur.users))
@@ -121,7 +135,7 @@ def _graph_chain(node, modules) -> Tuple[List[str], bool, Optional[str]]:
             else:
                 break
         else:
-            return chain, False, _is_act_node(u)
+            return chain, False, (u if _is_act_node(u) else None)
         cur = u
     return chain, False, None
 
@@ -215,6 +229,43 @@ def _add_consumer(consumers, name, m, s0, f0, modules) -> None:
                 consumers.setdefault(src_name, []).append((name, m.in_features // n))
 
 
+def probe(model: nn.Module, run: Callable[[], object]) -> Tuple[Dict[str, int], List[str]]:
+    """One forward ``run()`` (eval mode, no grad; modes restored) with a hook on every Conv/Linear:
+    ``({layer: calls}, heads)`` with the layers in module order. The head is the layer whose output
+    *is* the model's output (its first tensor), else the last layer called (docs/method.md §1)."""
+    calls: Dict[str, int] = {}
+    outs: Dict[int, str] = {}
+    last: List[str] = []
+
+    def hook(name):
+        def h(module, args, out):
+            calls[name] = calls.get(name, 0) + 1
+            last[:] = [name]
+            if isinstance(out, torch.Tensor):
+                outs[id(out)] = name
+        return h
+
+    excluded = _mha_children(model)
+    modules = [(n, m) for n, m in model.named_modules() if isinstance(m, LAYER_TYPES) and n not in excluded]
+    training = {m: m.training for m in model.modules()}
+    handles = []
+    try:
+        handles = [m.register_forward_hook(hook(n)) for n, m in modules]
+        model.eval()
+        with torch.no_grad():
+            out = run()
+    finally:
+        for h in handles:
+            h.remove()
+        for m, t in training.items():
+            m.training = t
+    while isinstance(out, (list, tuple)) and out:
+        out = out[0]
+    head = outs.get(id(out)) if isinstance(out, torch.Tensor) else None
+    heads = [head] if head is not None else last
+    return {n: calls[n] for n, _ in modules if n in calls}, heads
+
+
 def _heads(gm, modules) -> List[str]:
     out = [n for n in gm.graph.nodes if n.op == "output"]
     stack, seen, heads = list(out), set(), []
@@ -276,27 +327,31 @@ def _fingerprint(model: nn.Module) -> tuple:
                  for n, m in model.named_modules())
 
 
-def discover(model: nn.Module, layers: LayerSpec = None, *, tap: str = "auto", fn: str = "neuslice") -> Plan:
+def discover(model: nn.Module, layers: LayerSpec = None, *, tap: str = "auto", fn: str = "neuslice",
+             run: Optional[Callable[[], object]] = None) -> Plan:
     """:func:`_discover`, cached per model while its modules stay the same objects and shapes (tracing
     costs ~10 ms; evaluation loops call this once per slice). Only name lists and None are cached, and a
-    cached :class:`Plan` is shared between callers: treat it as read-only."""
+    cached :class:`Plan` is shared between callers: treat it as read-only. A plan that needed the probe
+    ``run`` is not cached (it depends on the input)."""
     names = tuple(layers) if isinstance(layers, (list, tuple)) and all(isinstance(x, str) for x in layers) else None
     if layers is not None and names is None:
-        return _discover(model, layers, tap=tap, fn=fn)
+        return _discover(model, layers, tap=tap, fn=fn, run=run)
     try:
         entry = _CACHE.setdefault(model, {})
     except TypeError:                                   # a model that cannot be weakly referenced
-        return _discover(model, layers, tap=tap, fn=fn)
+        return _discover(model, layers, tap=tap, fn=fn, run=run)
     fp, key = _fingerprint(model), (names, tap)
     hit = entry.get(key)
     if hit is not None and hit[0] == fp:
         return hit[1]
-    plan = _discover(model, layers, tap=tap, fn=fn)
-    entry[key] = (fp, plan)
+    plan = _discover(model, layers, tap=tap, fn=fn, run=run)
+    if not plan.probed:
+        entry[key] = (fp, plan)
     return plan
 
 
-def _discover(model: nn.Module, layers: LayerSpec = None, *, tap: str = "auto", fn: str = "neuslice") -> Plan:
+def _discover(model: nn.Module, layers: LayerSpec = None, *, tap: str = "auto", fn: str = "neuslice",
+              run: Optional[Callable[[], object]] = None) -> Plan:
     """Find the sliced layers of ``model`` (docs/method.md §1).
 
     Args:
@@ -304,6 +359,9 @@ def _discover(model: nn.Module, layers: LayerSpec = None, *, tap: str = "auto", 
             ``(qualified_name, module) -> bool``.
         tap: ``"auto"`` (after the nonlinearity where one follows) or ``"layer"`` (the layer's own output).
         fn: the public function's name, for error messages.
+        run: where tracing fails, a forward of one real input (:func:`probe`) that finds the layers
+            called, their call counts and the head. Without it the head is the last Conv/Linear in module
+            order and call counts are unknown (``calls`` 1): what maintenance, given only layer names, uses.
     """
     if tap not in ("auto", "layer"):
         raise ValueError(f"{fn}: tap must be 'auto' or 'layer', got {tap!r}")
@@ -313,30 +371,53 @@ def _discover(model: nn.Module, layers: LayerSpec = None, *, tap: str = "auto", 
     if gm is not None:
         consumers, uf, calls = _flow(gm, modules)
         heads = _heads(gm, modules)
-        twice = [n for n, c in calls.items() if c > 1]
-        candidates = {n: modules[n] for n in modules if n in calls and n not in twice}
+        candidates = {n: modules[n] for n in modules if n in calls}
+    elif run is not None:
+        consumers, uf = {}, _Union()
+        calls, heads = probe(model, run)
+        candidates = {n: modules[n] for n in calls}
     else:
-        consumers, uf, calls, twice = {}, _Union(), {}, []
+        consumers, uf, calls = {}, _Union(), {}
         candidates = {n: m for n, m in modules.items() if isinstance(m, LAYER_TYPES) and n not in excluded}
         heads = list(candidates)[-1:]
     names = _select(fn, candidates, layers, heads)
     leaves = [(n, m) for n, m in modules.items() if n and not list(m.children())]
     leaf_index = {n: i for i, (n, _) in enumerate(leaves)}
-    nodes = {n.target: n for n in gm.graph.nodes if n.op == "call_module"} if gm is not None else {}
+    nodes: Dict[str, list] = {}
+    for node in (gm.graph.nodes if gm is not None else ()):
+        if node.op == "call_module":
+            nodes.setdefault(node.target, []).append(node)
     infos = []
     for name in names:
         m, n = candidates[name], _neurons(candidates[name])
-        functional = None
+        functional = target = None
         if gm is not None:
-            chain, act, functional = _graph_chain(nodes[name], modules)
-            source, cons = "graph", consumers.get(name, [])
+            chain, act, fnode = _same_chain(fn, name, [_graph_chain(node, modules) for node in nodes[name]])
+            if fnode is not None:
+                functional, target = _is_act_node(fnode), fnode.target
+            source, cons = "graph", list(dict.fromkeys(consumers.get(name, [])))
         else:
             chain, act = _order_chain(name, n, leaves, leaf_index[name])
             source, cons = "module order", _order_consumers(name, n, leaves, leaf_index[name])
-        stage = len(chain) - 1 if (act and tap == "auto") else 0
-        infos.append(LayerInfo(name, m, n, chain, stage, source if stage else "layer", functional, cons))
+        stage = (len(chain) - (0 if functional else 1)) if ((act or functional) and tap == "auto") else 0
+        infos.append(LayerInfo(name, m, n, chain, stage, source if stage else "layer", functional, cons,
+                               calls.get(name, 1), target))
     groups: Dict[str, List[str]] = {}
     for name in names:
         groups.setdefault(uf.find(name), []).append(name)
     coupled = [g for g in groups.values() if len(g) > 1 and len({_neurons(modules[x]) for x in g}) == 1]
-    return Plan(infos, heads, coupled, err)
+    return Plan(infos, heads, coupled, err, probed=gm is None and run is not None)
+
+
+def _same_chain(fn: str, name: str, chains: list) -> tuple:
+    """The one chain of a layer's calls (docs/method.md §1); calls followed by different modules or
+    nonlinearities cannot be tapped or masked as one layer."""
+    def key(c):
+        chain, act, fnode = c
+        return tuple(chain), act, None if fnode is None else (fnode.op, fnode.target)
+    if len({key(c) for c in chains}) > 1:
+        seen = [list(key(c)[0]) + ([str(key(c)[2][1])] if key(c)[2] else []) for c in chains]
+        raise ValueError(f"{fn}: layer {name!r} is called {len(chains)} times in forward and its calls are "
+                         f"followed by different modules or nonlinearities {seen}, so they cannot be profiled "
+                         f"or masked as one layer; choose layers= without {name!r}")
+    return chains[0]

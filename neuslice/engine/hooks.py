@@ -27,22 +27,55 @@ def zero_outside(t: torch.Tensor, keep: torch.Tensor, module: nn.Module) -> torc
     return t * per_neuron(keep.to(device=t.device, dtype=t.dtype), t, isinstance(module, nn.Linear))
 
 
+class _Watch(torch.Tensor):
+    """A layer's chain output, handed on to the model's own code, that recognises the functional
+    nonlinearity applied to it (``F.relu(x)``, ``torch.relu(x)``, ``x.relu()``): that call's output
+    is reported as the tap. Every operation returns plain tensors; autograd is unchanged
+    (``Tensor.as_subclass`` keeps the graph)."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        with torch._C.DisableTorchFunctionSubclass():
+            out = func(*args, **(kwargs or {}))
+        x = args[0] if args else None
+        watch = getattr(x, "_ns_watch", None) if isinstance(x, _Watch) else None
+        if watch is not None and isinstance(out, torch.Tensor) and watch[0](func):
+            x._ns_watch = None                          # one nonlinearity per call of the layer
+            r = watch[1](out)
+            return out if r is None else r
+        return out
+
+
+def _matcher(target) -> Callable[[object], bool]:
+    if isinstance(target, str):                         # a Tensor method ("relu", "relu_")
+        meth = getattr(torch.Tensor, target, None)
+        return lambda func: func is meth
+    return lambda func: func is target
+
+
 class ChainHooks:
     """Calls ``on_point(i, tensor)`` when layer ``i``'s tap (``point="tap"``) or chain end
-    (``point="end"``) produces its output; a tensor returned replaces that output."""
+    (``point="end"``) produces its output; a tensor returned replaces that output. A layer called
+    more than once per forward reports every call (docs/method.md §1); ``calls[i]`` counts the calls
+    of layer ``i`` since the model's forward began. A tap after a functional nonlinearity
+    (``tap_stage == len(chain)``) is found by handing the chain's output on as a :class:`_Watch`."""
 
     def __init__(self, model: nn.Module, infos: Sequence[LayerInfo],
                  on_point: Callable[[int, torch.Tensor], Optional[torch.Tensor]], point: str = "tap"):
         modules = dict(model.named_modules())
         self._on_point = on_point
-        self._state: List[Optional[Tuple[int, torch.Tensor]]] = [None] * len(infos)
-        per_module: Dict[str, List[Tuple[int, int, bool]]] = {}
+        self._pending: List[List[Tuple[int, torch.Tensor]]] = [[] for _ in infos]
+        self.calls = [0] * len(infos)
+        per_module: Dict[str, List[Tuple[int, int, str, object]]] = {}
         for i, info in enumerate(infos):
             last = info.tap_stage if point == "tap" else len(info.chain) - 1
+            watch = last == len(info.chain)
             for j, name in enumerate(info.chain[:last + 1]):
-                per_module.setdefault(name, []).append((i, j, j == last))
+                kind = ("watch" if watch else "point") if j == min(last, len(info.chain) - 1) else "pass"
+                per_module.setdefault(name, []).append((i, j, kind, _matcher(info.functional_target)))
         self._handles = []
         try:
+            self._handles.append(model.register_forward_pre_hook(lambda m, a: self.reset()))
             for name, entries in per_module.items():
                 self._handles.append(modules[name].register_forward_hook(self._hook(entries)))
         except BaseException:
@@ -52,24 +85,33 @@ class ChainHooks:
     def _hook(self, entries):
         def hook(module, args, out):
             result = None
-            for i, j, last in entries:
+            for i, j, kind, match in entries:
                 if j > 0:
-                    st = self._state[i]
-                    if st is None or st[0] != j - 1 or not args or args[0] is not st[1]:
+                    pend = self._pending[i]
+                    x = args[0] if args else None
+                    k = next((k for k, (s, t) in enumerate(pend) if s == j - 1 and t is x), None)
+                    if k is None:
                         continue
+                    del pend[k]
+                else:
+                    self.calls[i] += 1
                 cur = out if result is None else result
-                if last:
-                    self._state[i] = None
+                if kind == "point":
                     r = self._on_point(i, cur)
                     if r is not None:
                         result = r
+                elif kind == "watch" and isinstance(cur, torch.Tensor):
+                    w = cur.as_subclass(_Watch)
+                    w._ns_watch = (match, lambda a, i=i: self._on_point(i, a))
+                    result = w
                 else:
-                    self._state[i] = (j, cur)
+                    self._pending[i].append((j, cur))
             return result
         return hook
 
     def reset(self) -> None:
-        self._state = [None] * len(self._state)
+        self._pending = [[] for _ in self._pending]
+        self.calls = [0] * len(self.calls)
 
     def remove(self) -> None:
         for h in self._handles:

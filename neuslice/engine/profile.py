@@ -7,6 +7,7 @@ float64 totals change only after every layer of the batch succeeded.
 """
 from __future__ import annotations
 
+import itertools
 import sys
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -16,8 +17,9 @@ from torch import Tensor, nn
 from .. import ops
 from .._errors import NonFiniteError
 from ..ops.reference import acc_dtype
-from .capture import (GRADIENT_METRICS, tap_view, call_model, check_labels, check_metrics, check_num_classes,
-                      dl_forms, layer_entries, model_device, new_stats, nonfinite_what, target_of, to_device)
+from .capture import (GRADIENT_METRICS, call_model, call_views, check_calls, check_labels, check_metrics,
+                      check_num_classes, dl_forms, layer_entries, model_device, new_stats, nonfinite_what, target_of,
+                      to_device, warn_unseen)
 from .deeplift import Rescale
 from .graph import discover
 from .hooks import ChainHooks, activation_modules, no_inplace
@@ -36,7 +38,7 @@ class _Offline:
         self.want_dl = "deeplift" in metrics
         self.device = model_device(model)
         self.totals = {i.name: new_stats(k, i.n, torch.float64, self.device) for i in plan.layers}
-        self.taps: List[Optional[Tensor]] = [None] * len(plan.layers)
+        self.taps: List[List[Tensor]] = [[] for _ in plan.layers]     # one tensor per call of the layer
         self.refs: Optional[Tuple[object, List[Tensor]]] = None
         self.recording = False
         self.num_batches = 0
@@ -59,22 +61,24 @@ class _Offline:
         if self.grad and not self.recording and isinstance(t, Tensor) and t.is_floating_point() \
                 and not t.requires_grad:
             t = t.detach().requires_grad_(True)   # frozen upstream: the tap becomes the leaf
-            self.taps[i] = t
+            self.taps[i].append(t)
             return t
-        self.taps[i] = t
+        self.taps[i].append(t)
         return None
 
     def _forward(self, x) -> object:
-        self.taps = [None] * len(self.taps)
+        self.taps = [[] for _ in self.taps]
         self.hooks.reset()
         out = call_model(self.model, x)
-        missing = [info for info, t in zip(self.plan.layers, self.taps) if t is None]
+        missing = [info for info, t in zip(self.plan.layers, self.taps) if not t]
         if missing:
             info = missing[0]
             raise RuntimeError(f"{self.fn}: layer {info.name!r} was not tapped at {info.tap!r} in the forward "
                                f"pass (tap source: {info.tap_source}); the module is not called, or the "
                                "activation found by module order does not follow it: pass tap='layer' or "
                                "choose layers=")
+        for info, ts, calls in zip(self.plan.layers, self.taps, self.hooks.calls):
+            check_calls(self.fn, info, calls, len(ts))
         return out
 
     def _ensure_ref(self, x) -> List[Tensor]:
@@ -90,8 +94,8 @@ class _Offline:
                 self._forward(base)
             one = torch.zeros(1, dtype=torch.int64, device=self.device)
             refs = []
-            for info, t in zip(self.plan.layers, self.taps):
-                r, cl = tap_view(self.fn, info, t, one)
+            for info, ts in zip(self.plan.layers, self.taps):
+                r, cl, _ = call_views(self.fn, info, ts, one)
                 refs.append((r[0].t() if cl else r[0]).contiguous())
         finally:
             self.recording = False
@@ -107,7 +111,8 @@ class _Offline:
         refs = self._ensure_ref(x) if self.want_dl else [None] * len(self.taps)
         with torch.set_grad_enabled(self.grad):
             out = self._forward(x)
-            views = [tap_view(self.fn, info, t, y) for info, t in zip(self.plan.layers, self.taps)]
+            for info, ts in zip(self.plan.layers, self.taps):
+                call_views(self.fn, info, ts, y)                 # shape errors before the backward
             grads = mults = [None] * len(self.taps)
             if self.grad:
                 tgt = target_of(self.fn, out, y, self.target)
@@ -119,45 +124,42 @@ class _Offline:
                     finally:
                         self.rescale.switch.on = False
         partial = {}
-        for info, (xv, cl), g, m, r in zip(self.plan.layers, views, grads, mults, refs):
-            partial[info.name] = self._accumulate(info, xv.detach(), cl, g, m, r, y)
+        for info, ts, g, m, r in zip(self.plan.layers, self.taps, grads, mults, refs):
+            xv, cl, gv = call_views(self.fn, info, ts, y, g)
+            mv = None if m is None else call_views(self.fn, info, ts, y, m)[2]
+            partial[info.name] = self._accumulate(info, xv.detach(), cl, gv, mv, r, y)
         for name, st in partial.items():                        # all layers succeeded: commit
             for s, v in st.items():
                 self.totals[name][s].add_(v)
         self.num_batches += 1
 
-    def _grad(self, tgt: Tensor, retain: bool) -> List[Tensor]:
-        gs = torch.autograd.grad(tgt, self.taps, retain_graph=retain, allow_unused=True)
-        return [torch.zeros_like(t) if g is None else g for g, t in zip(gs, self.taps)]
+    def _grad(self, tgt: Tensor, retain: bool) -> List[List[Optional[Tensor]]]:
+        """The gradient at every call's tap, grouped per layer (None: that call does not reach ``tgt``)."""
+        flat = [t for ts in self.taps for t in ts]
+        gs = iter(torch.autograd.grad(tgt, flat, retain_graph=retain, allow_unused=True))
+        return [[next(gs) for _ in ts] for ts in self.taps]
 
-    def _accumulate(self, info, x, cl, g, m, r, y) -> Dict[str, Tensor]:
+    def _accumulate(self, info, x, cl, gv, mv, r, y) -> Dict[str, Tensor]:
         st = new_stats(self.k, info.n, acc_dtype(x.dtype), x.device)
-        gv = None if g is None else g.reshape(x.shape) if cl else _like(g, x)
         try:
-            if m is None:   # m = g: one call gives taylor (ref None) and deeplift (ref r) alike
+            if mv is None:   # m = g: one call gives taylor (ref None) and deeplift (ref r) alike
                 ops.accumulate_(x, gv, r, y, cl, st["count"], st["act_sum"], st["act_sq"], st["taylor_sum"],
                                 st["deeplift_sum"])
             else:
                 junk = new_stats(self.k, info.n, acc_dtype(x.dtype), x.device)
                 ops.accumulate_(x, gv, None, y, cl, st["count"], st["act_sum"], st["act_sq"], st["taylor_sum"],
                                 junk["deeplift_sum"])
-                mv = m.reshape(x.shape) if cl else _like(m, x)
                 ops.accumulate_(x, mv, r, y, cl, junk["count"], junk["act_sum"], junk["act_sq"],
                                 junk["taylor_sum"], st["deeplift_sum"])
         except NonFiniteError as e:
             raise NonFiniteError(f"{self.fn}: layer {info.name!r} (tapped at {info.tap!r}): {nonfinite_what(e)}; "
                                  "the batch was rejected and no statistic changed") from None
-        if g is None:
+        if gv is None:
             st["taylor_sum"].zero_()
             st["deeplift_sum"].zero_()
         elif not self.want_dl:
             st["deeplift_sum"].zero_()
         return st
-
-
-def _like(t: Tensor, x: Tensor) -> Tensor:
-    """``t`` (a tap's gradient, the tap's shape) viewed like ``x`` (the tap as [B, N] or [B, N, S])."""
-    return t.reshape(x.shape)
 
 
 def _shape_key(x):
@@ -245,7 +247,14 @@ def profile(model: nn.Module, data: Iterable, num_classes: int, *, layers=None,
     names = check_num_classes(fn, num_classes, class_names)
     if target not in ("logit", "loss"):
         raise ValueError(f"{fn}: target must be 'logit' or 'loss', got {target!r}")
-    plan = discover(model, layers, tap=tap, fn=fn)
+    it = iter(data)
+    first = next(it, None)
+    if first is not None:
+        data = itertools.chain([first], it)
+    first_batch = None if first is None else (
+        lambda: call_model(model, to_device(_unpack(fn, first)[0], model_device(model))))
+    plan = discover(model, layers, tap=tap, fn=fn, run=first_batch)   # the probe where tracing fails
+    warn_unseen(fn, plan, tap)
     training = {m: m.training for m in model.modules()}
     run = None
     try:

@@ -16,9 +16,9 @@ from torch import Tensor, nn
 from .. import ops
 from .._errors import NeusliceError, NonFiniteError
 from ..ops.reference import acc_dtype
-from .capture import (GRADIENT_METRICS, tap_view, call_model, check_labels, check_metrics, check_num_classes,
-                      layer_entries, model_device, new_stats, nonfinite_what)
-from .graph import discover
+from .capture import (GRADIENT_METRICS, tap_view, call_model, call_views, check_calls, check_labels, check_metrics,
+                      check_num_classes, layer_entries, model_device, new_stats, nonfinite_what, warn_unseen)
+from .graph import discover, traceable
 from .hooks import ChainHooks
 from .slices import Profile
 
@@ -44,6 +44,11 @@ class Profiler:
     the ``batch`` block exits (``on_nonfinite="skip"`` warns and skips it instead, e.g. under AMP).
     ``baseline``: DeepLIFT's reference input as a batch of one, ``[1, ...]``; its activations are computed
     once, at construction (eval mode, no grad); without it the reference is zero.
+
+    A model that cannot be traced is probed once (docs/method.md §1): with ``baseline`` at construction,
+    otherwise by one extra forward (eval mode, no grad) of the first batch's input, when its forward
+    starts; the layers, their call counts and the head come from it. A layer called more than once per
+    forward is accumulated over all its calls when the block ends (docs/method.md §2).
     """
 
     def __init__(self, model: nn.Module, num_classes: int, *, layers=None,
@@ -57,21 +62,28 @@ class Profiler:
         self.metrics = check_metrics(fn, metrics)
         self.class_names = check_num_classes(fn, num_classes, class_names)
         self.model, self.k, self.on_nonfinite = model, num_classes, on_nonfinite
-        self.plan = discover(model, layers, tap=tap, fn=fn)
         self.grad = any(m in GRADIENT_METRICS for m in self.metrics)
-        self.refs: List[Optional[Tensor]] = [None] * len(self.plan.layers)
         self.skipped = 0
         self._batch: Optional[_Batch] = None
-        self._hooks = None
-        self.reset()
-        if "deeplift" in self.metrics and baseline is not None:
-            self._reference(baseline)
-        self._hooks = ChainHooks(model, self.plan.layers, self._on_tap)
+        self._hooks: Optional[ChainHooks] = None
+        self._discover = lambda run=None: discover(model, layers, tap=tap, fn=fn, run=run)
+        self._baseline = baseline if "deeplift" in self.metrics else None
+        self._probing, self._tap = False, tap
+        self.plan, self._root = None, None
+        if baseline is not None:
+            self._check_baseline(baseline)
+        if traceable(model):
+            self._start(self._discover())
+        elif baseline is not None:
+            self._start(self._discover(lambda: call_model(model, baseline.to(model_device(model)))))
+        else:
+            self.reset()
+        self._root = model.register_forward_pre_hook(self._on_forward, with_kwargs=True)
 
     # -- public ---------------------------------------------------------------------------
     def batch(self, labels: Tensor) -> "_Batch":
         """Context for one training step whose forward and ``backward()`` run inside it."""
-        if self._hooks is None:
+        if self._root is None:
             raise RuntimeError("neuslice.Profiler.batch: the profiler is closed")
         if self._batch is not None:
             raise RuntimeError("neuslice.Profiler.batch: a batch is already open (batches do not nest)")
@@ -79,6 +91,9 @@ class Profiler:
 
     def profile(self) -> Profile:
         """A snapshot :class:`~neuslice.Profile` (copies) of everything accumulated so far."""
+        if self.plan is None:
+            raise NeusliceError("neuslice.Profiler.profile: no batch was profiled yet; the model cannot be traced, "
+                                "so its layers are found on the first batch (or pass baseline=)")
         stats = {n: {s: v.clone() for s, v in st.items()} for n, st in self.totals.items()}
         dl = {i.name: "gradient" for i in self.plan.layers} if "deeplift" in self.metrics else {}
         return Profile(layer_entries(self.plan, dl), self.class_names, stats, metrics=self.metrics, target="loss",
@@ -88,7 +103,8 @@ class Profiler:
     def reset(self) -> None:
         """Zero the accumulated statistics."""
         dev = model_device(self.model)
-        self.totals = {i.name: new_stats(self.k, i.n, torch.float64, dev) for i in self.plan.layers}
+        layers = self.plan.layers if self.plan is not None else []
+        self.totals = {i.name: new_stats(self.k, i.n, torch.float64, dev) for i in layers}
         self.num_batches = 0
 
     def close(self) -> None:
@@ -96,6 +112,9 @@ class Profiler:
         if self._hooks is not None:
             self._hooks.remove()
             self._hooks = None
+        if self._root is not None:
+            self._root.remove()
+            self._root = None
 
     def __enter__(self) -> "Profiler":
         return self
@@ -105,15 +124,42 @@ class Profiler:
         return False
 
     # -- internals --------------------------------------------------------------------------
-    def _reference(self, baseline) -> None:
-        """Reference activations of ``baseline`` (eval mode, no grad; modes restored)."""
+    def _start(self, plan) -> None:
+        """Adopt ``plan``: warn about unseen nonlinearities, zero the totals, reference, tap hooks."""
+        self.plan = plan
+        warn_unseen("neuslice.Profiler", plan, self._tap)
+        self.refs: List[Optional[Tensor]] = [None] * len(plan.layers)
+        self.reset()
+        if self._baseline is not None:
+            self._reference(self._baseline)
+        self._hooks = ChainHooks(self.model, plan.layers, self._on_tap)
+
+    def _on_forward(self, module, args, kwargs):
+        """Root pre-hook: counts the forwards of an open batch; probes an untraceable model on the first."""
+        b = self._batch
+        if self._probing or b is None:
+            return None
+        if self.plan is None:
+            self._probing = True
+            try:
+                self._start(self._discover(lambda: self.model(*args, **kwargs)))
+            finally:
+                self._probing = False
+        b.forwards += 1
+        return None
+
+    @staticmethod
+    def _check_baseline(baseline) -> None:
         if not isinstance(baseline, Tensor) or baseline.dim() < 1 or baseline.shape[0] != 1:
             shape = list(baseline.shape) if isinstance(baseline, Tensor) else type(baseline).__name__
             raise ValueError(f"neuslice.Profiler: baseline must be one input as a batch of one, [1, ...], got {shape}")
+
+    def _reference(self, baseline) -> None:
+        """Reference activations of ``baseline`` (eval mode, no grad; modes restored), every call joined."""
         x = baseline.to(model_device(self.model))
-        got: Dict[int, Tensor] = {}
+        got: Dict[int, List[Tensor]] = {}
         training = {m: m.training for m in self.model.modules()}
-        hooks = ChainHooks(self.model, self.plan.layers, lambda i, t: got.__setitem__(i, t.detach()))
+        hooks = ChainHooks(self.model, self.plan.layers, lambda i, t: got.setdefault(i, []).append(t.detach()))
         try:
             self.model.eval()
             with torch.no_grad():
@@ -125,7 +171,7 @@ class Profiler:
         one = torch.zeros(1, dtype=torch.int64)
         for i, info in enumerate(self.plan.layers):
             if i in got:
-                r, cl = tap_view("neuslice.Profiler", info, got[i], one)
+                r, cl, _ = call_views("neuslice.Profiler", info, got[i], one)
                 self.refs[i] = (r[0].t() if cl else r[0]).contiguous()
 
     def _on_tap(self, i: int, t) -> None:
@@ -136,14 +182,22 @@ class Profiler:
 
 
 class _Batch:
-    """One ``with profiler.batch(labels):`` block; its sums reach the totals only when it ends cleanly."""
+    """One ``with profiler.batch(labels):`` block; its sums reach the totals only when it ends cleanly.
+
+    Each call of a layer is kept (its tap, and with gradient metrics its gradient as it passes in the
+    backward); a layer is accumulated once all its calls are complete, over all of them joined along s
+    (docs/method.md §2): with gradients when the last call's gradient arrives, otherwise when the block ends.
+    """
 
     FN = "neuslice.Profiler.batch"
 
     def __init__(self, prof: Profiler, labels: Tensor):
         self.p, self.labels = prof, labels
         self.stats: Dict[int, Dict[str, Tensor]] = {}
-        self.saved: Dict[int, tuple] = {}
+        self.saved: Dict[int, List[tuple]] = {}          # per layer, per call: (tap, tap version)
+        self.grads: Dict[int, Dict[int, Tensor]] = {}   # per layer: {call: gradient}
+        self.forwards = 0
+        self.ntaps: Dict[int, int] = {}
         self.seen, self.graded = set(), set()
         self.errors: List[Exception] = []
         self.error_layers: List[int] = []   # layer of each non-finite error: report the first in forward order
@@ -154,43 +208,58 @@ class _Batch:
 
     def on_tap(self, i: int, t) -> None:
         info = self.p.plan.layers[i]
-        if i in self.seen:
-            self.errors.append(NeusliceError(f"{self.FN}: layer {info.name!r} ran twice in one batch block; "
-                                             "open one block per forward"))
+        if self.forwards > 1:
+            self.errors.append(NeusliceError(f"{self.FN}: layer {info.name!r} ran in a second forward in one batch "
+                                             "block; open one block per forward"))
             return
         self.seen.add(i)
         try:
             if self.labels.device != t.device:
                 self.labels = self.labels.to(t.device)
-            x, cl = tap_view(self.FN, info, t, self.labels)
+            tap_view(self.FN, info, t, self.labels)
         except ValueError as e:
             self.errors.append(e)
             return
-        x = x.detach()
-        if not self.p.grad:
-            self._acc(i, x, cl, None)
-        elif not t.requires_grad:
+        calls = self.saved.setdefault(i, [])
+        if self.p.grad and not t.requires_grad:
             self.errors.append(NeusliceError(f"{self.FN}: layer {info.name!r}'s output (at {info.tap!r}) does not "
                                              "require grad, so no gradient can reach it; unfreeze something "
                                              "upstream or profile without gradient metrics"))
-        else:
-            self.saved[i] = (x, cl, x._version)
-            t.register_hook(self._grad_hook(i))
+            return
+        x = t.detach()
+        calls.append((x, x._version))
+        self.ntaps[i] = self.ntaps.get(i, 0) + 1
+        if self.p.grad:
+            t.register_hook(self._grad_hook(i, len(calls) - 1))
 
-    def _grad_hook(self, i: int):
+    def _grad_hook(self, i: int, c: int):
         def hook(g: Tensor) -> None:
-            if self.p._batch is not self or i not in self.saved:
+            if self.p._batch is not self or i in self.graded:
                 return None
-            x, cl, version = self.saved.pop(i)
-            self.graded.add(i)
-            if x._version != version:
-                name = self.p.plan.layers[i].name
-                self.errors.append(NeusliceError(f"{self.FN}: layer {name!r}'s activation was modified in place "
-                                                 "after it was tapped; the profile cannot read it"))
-            else:
-                self._acc(i, x, cl, g.reshape(x.shape))
+            got = self.grads.setdefault(i, {})
+            got[c] = g
+            if len(got) == len(self.saved[i]):
+                self._finish(i)
             return None
         return hook
+
+    def _finish(self, i: int) -> None:
+        """Accumulate layer ``i`` over all its calls (missing gradients count as zero)."""
+        self.graded.add(i)
+        info = self.p.plan.layers[i]
+        calls = self.saved.pop(i, [])
+        if any(x._version != v for x, v in calls):
+            self.errors.append(NeusliceError(f"{self.FN}: layer {info.name!r}'s activation was modified in place "
+                                             "after it was tapped; the profile cannot read it"))
+            return
+        got = self.grads.pop(i, {})
+        grads = [got.get(c) for c in range(len(calls))] if self.p.grad else None
+        try:
+            x, cl, g = call_views(self.FN, info, [x for x, _ in calls], self.labels, grads)
+        except ValueError as e:
+            self.errors.append(e)
+            return
+        self._acc(i, x, cl, g)
 
     def _acc(self, i: int, x: Tensor, cl: bool, g: Optional[Tensor]) -> None:
         info = self.p.plan.layers[i]
@@ -207,6 +276,13 @@ class _Batch:
             self.error_layers.append(i)
 
     def _problems(self) -> List[Exception]:
+        hooks = self.p._hooks
+        for i, info in enumerate(self.p.plan.layers):
+            if i in self.seen and self.forwards <= 1:
+                try:
+                    check_calls(self.FN, info, hooks.calls[i], self.ntaps.get(i, 0))
+                except RuntimeError as e:
+                    self.errors.append(NeusliceError(str(e)))
         order = sorted(range(len(self.error_layers)), key=lambda j: self.error_layers[j])
         out = [self.errors[j] for j in order] + [e for e in self.errors if not isinstance(e, NonFiniteError)]
         for i, info in enumerate(self.p.plan.layers):
@@ -219,11 +295,19 @@ class _Batch:
         return out
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None and self.p.plan is not None:
+            for i in sorted(self.saved):                 # forward only, or some calls got no gradient
+                if self.saved[i] and (not self.p.grad or i in self.grads):
+                    self._finish(i)
         self.p._batch = None
-        self.saved.clear()
         if exc_type is not None:
+            self.saved.clear()
             return False
+        if self.p.plan is None:
+            raise NeusliceError(f"{self.FN}: the model's forward did not run inside the block")
         problems = self._problems()
+        self.saved.clear()
+        self.grads.clear()
         if problems:
             if self.p.on_nonfinite == "skip" and all(isinstance(e, NonFiniteError) for e in problems):
                 self.p.skipped += 1

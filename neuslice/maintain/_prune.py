@@ -120,6 +120,12 @@ def physical(fn: str, model: nn.Module, plan: Plan, keep: Dict[str, Tensor], cla
              example_inputs, masked: nn.Module) -> nn.Module:
     """A pruned deep copy of ``model`` keeping the neurons ``keep`` (``{layer: bool [N]}``) and the head rows
     ``classes`` (sorted); checked against ``masked`` (the mask-mode model) on ``example_inputs``."""
+    shared = [i.name for i in plan.layers if i.calls > 1]
+    if shared:
+        raise ValueError(f"{fn}: cannot remove the neurons of layer {shared[0]!r} physically: it is called more "
+                         "than once in forward (shared weights), and its calls' consumers are not cut as one. "
+                         f"Exclude {shared[0]!r} from the sliced layers (neuslice.profile(..., layers=...)) or use "
+                         "mode='mask', which zeroes every call")
     tp = _tp()
     module = copy.deepcopy(model).eval()
     dg = _build(fn, tp, module, example_inputs)
