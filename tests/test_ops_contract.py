@@ -16,6 +16,10 @@ from neuslice.ops import _dispatch, reference
 from op_cases import K, new_stats
 
 CPU_BACKENDS = [b for b in ("reference", "cpu") if _dispatch.import_error(b) is None]
+# Every backend a call can be forced onto, with the device of its tensors: the CPU ones here (triton
+# under the interpreter, conftest.py), the CUDA ones on a GPU only.
+BACKENDS = [pytest.param(b, "cpu", id=b) for b in ("reference", "cpu", "triton") if _dispatch.import_error(b) is None] + [
+    pytest.param(b, "cuda", id=f"{b}-cuda", marks=pytest.mark.gpu) for b in ("cuda", "triton", "reference")]
 
 
 def _acc_args(cl=False):
@@ -276,12 +280,17 @@ def _bits(t):
     return t.view(ints[t.element_size()]) if t.is_floating_point() else t
 
 
+def _on(args, device):
+    """``args`` with their CPU tensors moved to ``device`` (a meta tensor, the wrong device, stays)."""
+    return [a.to(device) if isinstance(a, torch.Tensor) and a.device.type == "cpu" else a for a in args]
+
+
 def _unchanged(before, after):
     return all(torch.equal(_bits(a), _bits(b)) if isinstance(a, torch.Tensor) else a == b
                for a, b in zip(before, after) if not (isinstance(a, torch.Tensor) and a.is_meta))
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("mutate,exc,words", [
     (lambda a: a.__setitem__(3, torch.tensor([0, 1, 2, 1, 0, 5])), ValueError, "labels must lie in [0, 5)"),
     (lambda a: a.__setitem__(3, torch.tensor([0, 1, -1, 1, 0, 4])), ValueError, "got label -1"),
@@ -299,12 +308,13 @@ def _unchanged(before, after):
     (lambda a: a.__setitem__(3, torch.zeros(6, 3, dtype=torch.long)), ValueError, "need channels_last=True"),
     (lambda a: a.__setitem__(1, torch.randn(6, 4, 3, device="meta")), ValueError, "grad must be on x's device"),
 ])
-def test_accumulate_bad_input_is_rejected_and_changes_nothing(force_backend, backend, mutate, exc, words):
+def test_accumulate_bad_input_is_rejected_and_changes_nothing(force_backend, backend, device, mutate, exc, words):
     force_backend(backend)
     args = list(_acc_args())
     for t in args[5:]:
         t.fill_(0.5)
     mutate(args)
+    args = _on(args, device)
     before = _clones(args)
     with pytest.raises(exc, match="neuslice.accumulate_") as info:
         ops.accumulate_(*args)
@@ -366,6 +376,7 @@ def test_select_wrong_rank(scores):
         ops.select(scores, 0.5)
 
 
+@pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("op,index,value,exc,words", [
     ("masked_sgd_", 3, torch.ones(5, dtype=torch.uint8), TypeError, "mask must be bool"),
     ("masked_sgd_", 3, torch.ones(3, dtype=torch.bool), ValueError, "mask must be [5] (per neuron) or [5, 3]"),
@@ -377,14 +388,230 @@ def test_select_wrong_rank(scores):
     ("masked_adamw_", 3, torch.zeros(4, 3), ValueError, "exp_avg_sq must have shape [5, 3]"),
     ("masked_adamw_", 4, torch.ones(5, 3, dtype=torch.bool, device="meta"), ValueError, "mask must be on param's"),
 ])
-def test_masked_update_bad_input(op, index, value, exc, words):
+def test_masked_update_bad_input(force_backend, backend, device, op, index, value, exc, words):
+    force_backend(backend)
     args = list(_sgd_args() if op == "masked_sgd_" else _adamw_args())
     args[index] = value
+    args = _on(args, device)
     before = _clones(args)
     with pytest.raises(exc, match=f"neuslice.{op}") as info:
         getattr(ops, op)(*args)
     assert words in str(info.value)
     assert _unchanged(before, args)
+
+
+# ------------------------------------------------------------------ every output, every backend
+# An output that cannot be written element by element, or that shares memory with an input or another
+# output, is refused before anything is written, whichever backend is forced.
+
+_OUTPUTS = {"accumulate_": ("count", "act_sum", "act_sq", "taylor_sum", "deeplift_sum"),
+            "masked_sgd_": ("param", "momentum_buf"), "masked_adamw_": ("param", "exp_avg", "exp_avg_sq")}
+_OUT_INDEX = {"accumulate_": dict(zip(_OUTPUTS["accumulate_"], range(5, 10))),
+              "masked_sgd_": {"param": 0, "momentum_buf": 2}, "masked_adamw_": {"param": 0, "exp_avg": 2, "exp_avg_sq": 3}}
+_ALIASED_INPUTS = {"accumulate_": ("x", 0), "masked_sgd_": ("grad", 1), "masked_adamw_": ("grad", 1)}
+_EVERY_OUTPUT = [(op, name) for op, names in _OUTPUTS.items() for name in names]
+
+
+def _mutating_args(op, device):
+    torch.manual_seed(0)
+    args = _on({"accumulate_": _acc_args, "masked_sgd_": _sgd_args, "masked_adamw_": _adamw_args}[op](), device)
+    for i in _OUT_INDEX[op].values():
+        args[i].uniform_(0.25, 0.75)   # nonzero: a write of zeros would show too
+    return args
+
+
+def _view_of(base, like):
+    """A view of ``base``'s first elements with ``like``'s shape (and dtype)."""
+    return base.reshape(-1)[:like.numel()].view(like.shape)
+
+
+def _bad_output(kind, op, name, args, device):
+    """Replace output ``name`` by a bad one of ``kind``; returns (exception, words, tensors to watch)."""
+    i = _OUT_INDEX[op][name]
+    t = args[i]
+    watch = []
+    if kind == "expanded":
+        base = t.reshape(-1)[:1].clone()
+        args[i] = base.expand(t.shape)
+        return ValueError, f"{name} must not have elements sharing memory", [base]
+    if kind == "overlapping":   # no zero stride: torch's own test says "too hard", ours decides
+        base = t.reshape(-1).clone()
+        args[i] = base.as_strided(t.shape, (1,) * t.dim()) if t.dim() > 1 else base[:1].expand(t.shape)
+        return ValueError, f"{name} must not have elements sharing memory", [base]
+    if kind == "alias_output":
+        other = next(o for o in _OUTPUTS[op] if o != name and args[_OUT_INDEX[op][o]].numel() >= t.numel())
+        args[i] = _view_of(args[_OUT_INDEX[op][other]], t)
+        return ValueError, "(an output may not alias another output)", watch
+    if kind == "alias_input":
+        src_name, j = _ALIASED_INPUTS[op]
+        args[i] = _view_of(args[j], t)
+        return ValueError, f"{name} and {src_name} must not share memory (an output may not alias an input)", watch
+    if kind == "inference":
+        with torch.inference_mode():
+            args[i] = t.clone()
+        return ValueError, f"{name} must be a normal tensor to be updated in place outside torch.inference_mode()", watch
+    if kind == "dtype":
+        args[i] = t.double()
+        return TypeError, name if name != "param" else "param's dtype", watch
+    if kind == "device":
+        args[i] = t.to("meta" if device == "cpu" else "cpu")
+        return ValueError, name if name != "param" else "param's device", watch
+    if kind == "shape":
+        args[i] = t.new_zeros(*t.shape, 1) if t.dim() == 1 and op == "accumulate_" else t.new_zeros(t.shape[0] + 1, *t.shape[1:])
+        return ValueError, name if name != "param" else "must have shape", watch
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("kind", ["expanded", "overlapping", "alias_output", "alias_input", "inference", "dtype",
+                                  "device", "shape"])
+@pytest.mark.parametrize("op,name", _EVERY_OUTPUT)
+def test_bad_output_is_rejected_and_changes_nothing(force_backend, backend, device, op, name, kind):
+    force_backend(backend)
+    args = _mutating_args(op, device)
+    exc, words, watch = _bad_output(kind, op, name, args, device)
+    before, watched = _clones(args), _clones(watch)
+    with pytest.raises(exc, match=f"neuslice.{op}: ") as info:
+        getattr(ops, op)(*args)
+    assert words in str(info.value)
+    assert _unchanged(before, args) and _unchanged(watched, watch)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("op", list(_OUTPUTS))
+def test_outputs_in_disjoint_slices_of_one_buffer_are_fine(force_backend, backend, device, op):
+    # The alias check compares memory, not storages: slices of one buffer that do not overlap pass.
+    args, want = _mutating_args(op, device), _mutating_args(op, device)
+    outs = [args[i] for i in _OUT_INDEX[op].values()]
+    buf = torch.zeros(sum(t.numel() for t in outs) + 3, device=device)
+    at = 1
+    for i, t in zip(_OUT_INDEX[op].values(), outs):
+        args[i] = buf[at:at + t.numel()].view(t.shape).copy_(t)
+        at += t.numel()
+    force_backend(backend)
+    getattr(ops, op)(*args)
+    getattr(reference, op)(*want)
+    for i in _OUT_INDEX[op].values():
+        torch.testing.assert_close(args[i], want[i], rtol=1e-5, atol=1e-6)
+    assert buf[0] == 0 and buf[-2:].eq(0).all()
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("op", list(_OUTPUTS))
+def test_inference_tensors_inside_inference_mode_are_updated(force_backend, backend, device, op):
+    # Refused outside inference mode (above); inside it every backend writes them like the reference.
+    with torch.inference_mode():
+        args, want = _mutating_args(op, device), _mutating_args(op, device)
+        force_backend(backend)
+        getattr(ops, op)(*args)
+        getattr(reference, op)(*want)
+    for i in _OUT_INDEX[op].values():
+        torch.testing.assert_close(args[i], want[i], rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------ empty dimensions
+# The reference's answer is the contract; ops/__init__.py gives it before dispatch, for every backend.
+
+def _empty_acc(b, n, cl=False, per_token=False, grad=True):
+    s = 3
+    x = torch.randn((b, s, n) if cl else (b, n, s))
+    labels = torch.randint(0, K, (b, s) if per_token else (b,))
+    return [x, torch.randn_like(x) if grad else None, None, labels, cl, *new_stats(n)]
+
+
+_EMPTY = {
+    "accumulate B=0": ("accumulate_", lambda: _empty_acc(0, 4)),
+    "accumulate B=0 per token": ("accumulate_", lambda: _empty_acc(0, 4, cl=True, per_token=True)),
+    "accumulate N=0": ("accumulate_", lambda: _empty_acc(6, 0)),
+    "accumulate N=0 channels_last": ("accumulate_", lambda: _empty_acc(6, 0, cl=True)),
+    "accumulate N=0 per token": ("accumulate_", lambda: _empty_acc(6, 0, cl=True, per_token=True)),
+    "accumulate N=0 no grad": ("accumulate_", lambda: _empty_acc(6, 0, grad=False)),
+    "select R=0": ("select", lambda: [torch.rand(0, 4), 0.5]),
+    "select N=0": ("select", lambda: [torch.rand(3, 0), 0.5]),
+    "select_topk R=0": ("select_topk", lambda: [torch.rand(0, 4), 0.5]),
+    "select_topk N=0": ("select_topk", lambda: [torch.rand(3, 0), 0.5]),
+}
+for _shape_ in [(0,), (0, 3), (3, 0), (3, 0, 2)]:
+    for _per_row in (True, False):
+        _mask = torch.ones(_shape_[0] if _per_row else _shape_, dtype=torch.bool)
+        _EMPTY[f"masked_sgd_ {list(_shape_)} {'per row' if _per_row else 'per weight'}"] = (
+            "masked_sgd_", lambda s=_shape_, m=_mask: [torch.randn(s), torch.randn(s), torch.zeros(s), m.clone(),
+                                                       0.1, 0.9, 0.01])
+        _EMPTY[f"masked_adamw_ {list(_shape_)} {'per row' if _per_row else 'per weight'}"] = (
+            "masked_adamw_", lambda s=_shape_, m=_mask: [torch.randn(s), torch.randn(s), torch.zeros(s), torch.zeros(s),
+                                                         m.clone(), 1e-3, 0.9, 0.999, 1e-8, 0.01, 1])
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("case", list(_EMPTY))
+def test_empty_dimensions_give_the_reference_answer(force_backend, backend, device, case):
+    op, make = _EMPTY[case]
+    torch.manual_seed(0)
+    args = _on(make(), device)
+    want = _clones(args)
+    want_out = getattr(reference, op)(*want)
+    force_backend(backend)
+    out = getattr(ops, op)(*args)
+    if want_out is not None:
+        assert out.shape == want_out.shape and out.dtype == torch.bool and torch.equal(out, want_out)
+    assert _unchanged(want, args)
+    if case.startswith("accumulate N=0"):
+        assert args[5].sum() == (18 if "per token" in case else 6)   # each sample (token) counted once
+
+
+# ------------------------------------------------------------------ scalar arguments
+# The schema's types hold on the front door too (it skips the dispatcher's checks).
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("op,index,value,words", [
+    ("masked_adamw_", 10, 1.5, "step must be an int (schema: int step), got float 1.5"),
+    ("masked_adamw_", 10, 2.0, "step must be an int"),
+    ("masked_adamw_", 10, True, "step must be an int"),
+    ("masked_adamw_", 10, "1", "step must be an int"),
+    ("masked_adamw_", 5, "0.1", "lr must be a float (schema: float lr), got str"),
+    ("masked_adamw_", 5, True, "lr must be a float"),
+    ("masked_adamw_", 5, torch.tensor(0.1), "lr must be a float"),
+    ("masked_sgd_", 5, None, "momentum must be a float"),
+    ("accumulate_", 4, 1, "channels_last must be a bool (schema: bool channels_last), got int 1"),
+    ("accumulate_", 4, None, "channels_last must be a bool"),
+    ("select", 1, True, "theta must be a float"),
+])
+def test_scalar_of_the_wrong_type_is_rejected_and_changes_nothing(force_backend, backend, device, op, index, value,
+                                                                   words):
+    force_backend(backend)
+    args = _on(list(OP_ARGS[op]()), device)
+    args[index] = value
+    before = _clones(args)
+    with pytest.raises(TypeError, match=f"neuslice.{op}: ") as info:
+        getattr(ops, op)(*args)
+    assert words in str(info.value)
+    assert _unchanged(before, args)
+
+
+def test_float_step_is_refused_by_the_registered_op_too():
+    args = list(_adamw_args())
+    args[10] = 1.5
+    before = _clones(args)
+    with pytest.raises(RuntimeError, match="Expected a value of type 'int' for argument 'step'"):
+        torch.ops.neuslice.masked_adamw_(*args)
+    assert _unchanged(before, args)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_scalars_of_other_numeric_types_are_made_python_values(force_backend, backend, device, op_calls):
+    np = pytest.importorskip("numpy")
+    force_backend(backend)
+    a, b = _on(list(_adamw_args()), device), _on(list(_adamw_args()), device)
+    b[:] = [t.clone() if isinstance(t, torch.Tensor) else t for t in a]
+    a[5], a[6], a[10] = np.float32(1e-3), np.float64(0.9), np.int64(1)   # numpy scalars
+    b[5], b[6], b[10] = float(np.float32(1e-3)), 0.9, 1
+    ops.masked_adamw_(*a)
+    ops.masked_adamw_(*b)
+    assert op_calls == []
+    assert all(torch.equal(x, y) for x, y in zip(a[:5], b[:5]))
+    s = torch.rand(3, 5, device=device)
+    assert torch.equal(ops.select_topk(s, 1), ops.select_topk(s, 1.0))   # an int for a float, as the schema allows
+
 
 
 # ------------------------------------------------------------------ dispatch

@@ -13,19 +13,24 @@ Ops (schemas as registered):
 
 Arguments are checked here, once, before :mod:`neuslice.ops._dispatch` hands the call to a backend;
 every error names the op and says what was expected and what came. Nothing is changed by a call
-that raises.
+that raises, on any backend. Besides shapes, dtypes and devices, the checks cover scalar types as
+the schema declares them (also on the eager front door, which skips the dispatcher's), outputs that
+cannot be written element by element (expanded / overlapping views, inference tensors outside
+inference mode) and outputs sharing memory with an input or another output. Empty dimensions are
+answered here, identically for every backend. The list is in docs/architecture.md, "The op contract".
 """
 from __future__ import annotations
 
 import functools
 import inspect
 import math
+import numbers
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from . import _dispatch
+from . import _dispatch, reference
 from ._layout import bns
 from .reference import acc_dtype
 
@@ -51,6 +56,108 @@ def _check_same(op: str, name: str, t: Tensor, like: Tensor, like_name: str, sha
         _fail(op, f"{name} must have shape {list(want)}, got {_shape(t)}")
 
 
+def _overlaps_itself(t: Tensor) -> bool:
+    """True when two elements of ``t`` may share memory (an ``expand()``ed or ``as_strided`` view), so
+    an in-place kernel would race on it or the reference would refuse it part-way through. torch's
+    own test answers "too hard" for some non-dense views; those are decided by the sufficient test of
+    sorting the dims by stride: each stride must step over everything the smaller ones span."""
+    status = torch._debug_has_internal_overlap(t)  # 0 no, 1 yes, 2 too hard to tell
+    if status != 2:
+        return status == 1
+    extent = 1
+    for stride, size in sorted((st, n) for st, n in zip(t.stride(), t.shape) if n > 1):
+        if stride < extent:
+            return True
+        extent += stride * (size - 1)
+    return False
+
+
+def _span(t: Tensor):
+    """The bytes ``[first, end)`` that ``t``'s elements lie in (strides are never negative in torch)."""
+    first = t.data_ptr()
+    return first, first + t.element_size() * (1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride())))
+
+
+def _check_outputs(op: str, outputs: Sequence[Tensor], out_names: Sequence[str], inputs: Sequence,
+                   in_names: Sequence[str]) -> None:
+    """The checks on an op's in-place outputs that need real tensors (the fake kernels skip them):
+    each output can be written element by element, and none shares memory with an input or another
+    output. ``inputs`` may hold None (an absent optional input).
+
+    Inference tensors are refused outside inference mode, as torch refuses in-place updates to them
+    there; without this check the reference failed part-way through while cpu and triton wrote them.
+    Kept cheap (it runs on every call, the front door's included): one pass of C-level queries, and
+    the slow paths only when an output is suspect or two tensors share a storage.
+    """
+    inference = torch.is_inference_mode_enabled()
+    ptrs = []
+    for t in outputs:
+        if not t.is_contiguous() or (not inference and t.is_inference()):
+            _check_writable(op, t, out_names[len(ptrs)], inference)
+        ptrs.append(t.untyped_storage().data_ptr())
+    for t in inputs:  # (an absent input gets a pointer of its own, negative: it shares nothing)
+        ptrs.append(~len(ptrs) if t is None else t.untyped_storage().data_ptr())
+    if len(set(ptrs)) < len(ptrs):
+        _check_shared(op, ptrs, (*outputs, *inputs), (*out_names, *in_names), len(outputs))
+
+
+def _check_writable(op: str, t: Tensor, name: str, inference: bool) -> None:
+    if not inference and t.is_inference():
+        _fail(op, f"{name} must be a normal tensor to be updated in place outside torch.inference_mode(), "
+                  "got an inference tensor (clone it outside inference mode, or call inside inference mode)")
+    if _overlaps_itself(t):
+        _fail(op, f"{name} must not have elements sharing memory, got a view of shape {_shape(t)} with "
+                  f"strides {list(t.stride())} (an expand()ed or as_strided tensor: pass {name}.clone())")
+
+
+def _check_shared(op: str, ptrs, tensors, names, n_out: int) -> None:
+    """Tensors on one storage: refused when the bytes of an output and of another tensor overlap, so
+    disjoint slices of one buffer pass (interleaved views of one buffer count as overlapping). Absent,
+    empty and meta tensors (storage pointer 0) share nothing."""
+    for i in range(n_out):
+        for j in range(i + 1, len(tensors)):
+            if ptrs[i] != ptrs[j] or ptrs[i] <= 0 or tensors[i].numel() == 0 or tensors[j].numel() == 0:
+                continue
+            (a0, a1), (b0, b1) = _span(tensors[i]), _span(tensors[j])
+            if a0 < b1 and b0 < a1:
+                what = "another output" if j < n_out else "an input"
+                base = ptrs[i]
+                _fail(op, f"{names[i]} and {names[j]} must not share memory (an output may not alias {what}), "
+                          f"got both in one storage, at bytes [{a0 - base}, {a1 - base}) and "
+                          f"[{b0 - base}, {b1 - base}): pass separate tensors")
+
+
+# Scalar arguments on the front door. The dispatcher checks them against the schema; the front door
+# skips it, so it checks them itself. Both paths refuse what the schema refuses (a float for an int);
+# the front door also refuses bools for numbers and 0-dim tensors for scalars, and hands the backends
+# Python ints, floats and bools, as the dispatcher does.
+_SCALAR_KINDS = {"int": (numbers.Integral, torch.SymInt), "float": (numbers.Real, torch.SymFloat),
+                 "bool": (bool, torch.SymBool)}
+_SCALAR_CAST = {"int": int, "float": float, "bool": bool}
+
+
+def _scalar_args(schema) -> tuple:
+    """``(index, name, kind)`` of the schema's int, float and bool arguments."""
+    return tuple((i, a.name, str(a.type)) for i, a in enumerate(schema.arguments)
+                 if str(a.type) in _SCALAR_KINDS)
+
+
+def _checked_scalars(op: str, args: tuple, scalars: tuple) -> tuple:
+    """``args`` with every scalar argument checked against its schema type and made a Python value."""
+    out = None
+    for i, name, kind in scalars:
+        v = args[i]
+        if type(v) is _SCALAR_CAST[kind]:
+            continue
+        if not isinstance(v, _SCALAR_KINDS[kind]) or (kind != "bool" and isinstance(v, bool)):
+            _fail(op, f"{name} must be {'an' if kind == 'int' else 'a'} {kind} (schema: {kind} {name}), "
+                      f"got {type(v).__name__} {v!r}", TypeError)
+        if not isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+            out = list(args) if out is None else out
+            out[i] = _SCALAR_CAST[kind](v)
+    return args if out is None else tuple(out)
+
+
 # Private torch hooks the front door needs; where a torch build lacks one, every call takes the op.
 _DISPATCH_MODES = getattr(torch._C, "_len_torch_dispatch_stack", None)
 _FUNCTORCH_ACTIVE = getattr(torch._C, "_are_functorch_transforms_active", None)
@@ -69,8 +176,8 @@ def _direct(args, mutated) -> bool:
         return False
     if any(type(t) is not Tensor for t in tensors):
         return False
-    inference = torch.is_inference_mode_enabled()
-    return not any(args[i].requires_grad or (args[i].is_inference() and not inference) for i in mutated)
+    # (An inference tensor among them raises in the kernel's checks on either path: see _check_outputs.)
+    return not any(args[i].requires_grad for i in mutated)
 
 
 def _custom_op(qualname: str, *, mutates_args, schema: str):
@@ -82,17 +189,20 @@ def _custom_op(qualname: str, *, mutates_args, schema: str):
     nothing, the returned function runs the kernel itself and bumps the mutated tensors' version
     counters as ADInplaceOrView would; everywhere else (torch.compile, tracing, fake or functional
     tensors, modes, vmap) it calls the registered op. The op is ``.op``; ``torch.ops.neuslice.<name>``
-    is the same op.
+    is the same op. On both paths the scalar arguments are first checked against the schema
+    (:func:`_checked_scalars`), since the direct path skips the dispatcher's check.
     """
     def wrap(kernel):
         opdef = torch.library.custom_op(qualname, kernel, mutates_args=mutates_args, schema=schema)
         sig = inspect.signature(kernel)
         mutated = tuple(list(sig.parameters).index(m) for m in mutates_args)
+        op, scalars = qualname.split("::")[1], _scalar_args(opdef._opoverload._schema)
 
         @functools.wraps(kernel)
         def front(*args, **kwargs):
             if kwargs:
                 args = sig.bind(*args, **kwargs).args
+            args = _checked_scalars(op, args, scalars)
             if _direct(args, mutated):
                 out = kernel(*args)
                 if mutated:
@@ -174,12 +284,18 @@ def accumulate_(x: Tensor, grad: Optional[Tensor], ref: Optional[Tensor], labels
         count: ``[K]``; act_sum, act_sq, taylor_sum, deeplift_sum: ``[K, N]``; float32 (float64 for
             float64 x), on x's device.
 
-    Raises ValueError/TypeError on bad arguments and NonFiniteError on a non-finite activation or
-    gradient; in every case no statistic is changed.
+    Raises ValueError/TypeError on bad arguments (docs/architecture.md, "The op contract") and
+    NonFiniteError on a non-finite activation or gradient; in every case no statistic is changed.
+    An empty batch (B = 0) changes nothing; with no neurons (N = 0) only ``count`` grows.
     """
     stats = (count, act_sum, act_sq, taylor_sum, deeplift_sum)
     _check_accumulate(x, grad, ref, labels, channels_last, stats, data=True)
-    if x.shape[0] == 0:
+    _check_outputs("accumulate_", stats, _STATS, (x, grad, ref, labels), ("x", "grad", "ref", "labels"))
+    b, n, _ = bns(x, channels_last)
+    if b == 0:
+        return
+    if n == 0:  # no neurons: only count grows, counted by the reference for every backend
+        reference.accumulate_(x, grad, ref, labels, channels_last, *stats)
         return
     _dispatch.call("accumulate_", x, grad, ref, labels, channels_last, *stats)
 
@@ -213,6 +329,8 @@ def _run_select(op: str, scores: Tensor, value: float, name: str) -> Tensor:
     """``select``/``select_topk``: every check, then the backend."""
     _check_scores(op, scores, value, name)
     _check_score_values(op, scores)
+    if scores.numel() == 0:  # R = 0 or N = 0: nothing to select, on every backend
+        return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
     return _dispatch.call(op, scores, float(value))
 
 
@@ -286,10 +404,14 @@ def masked_sgd_(param: Tensor, grad: Tensor, momentum_buf: Tensor, mask: Tensor,
 
     ``mask``: bool ``[param.shape[0]]`` (per neuron) or ``param.shape`` (per weight), True = trainable.
     Frozen entries of ``param`` and ``momentum_buf`` stay bit-identical. ``momentum_buf`` starts at zeros
-    (which equals torch's first-step initialisation) and is only touched when ``momentum != 0``.
+    (which equals torch's first-step initialisation) and is only touched when ``momentum != 0``, but
+    is checked as an output either way. A parameter with no elements is left alone.
     """
     _check_masked("masked_sgd_", param, grad, {"momentum_buf": momentum_buf}, mask,
                   {"lr": lr, "momentum": momentum, "weight_decay": weight_decay})
+    _check_outputs("masked_sgd_", (param, momentum_buf), ("param", "momentum_buf"), (grad, mask), ("grad", "mask"))
+    if param.numel() == 0:
+        return
     _dispatch.call("masked_sgd_", param, grad, momentum_buf, mask, lr, momentum, weight_decay)
 
 
@@ -317,10 +439,15 @@ def masked_adamw_(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tens
                   lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int) -> None:
     """One AdamW step (torch.optim.AdamW formula, no amsgrad) on the trainable entries of ``param``.
 
-    ``step`` is the step number after this update (1 for the first). Frozen entries of ``param``,
-    ``exp_avg`` and ``exp_avg_sq`` stay bit-identical.
+    ``step`` is the step number after this update (1 for the first): an int (a float is refused,
+    1.5 included). Frozen entries of ``param``, ``exp_avg`` and ``exp_avg_sq`` stay bit-identical.
+    A parameter with no elements is left alone.
     """
     _check_adamw(param, grad, exp_avg, exp_avg_sq, mask, lr, beta1, beta2, eps, weight_decay, step)
+    _check_outputs("masked_adamw_", (param, exp_avg, exp_avg_sq), ("param", "exp_avg", "exp_avg_sq"),
+                   (grad, mask), ("grad", "mask"))
+    if param.numel() == 0:
+        return
     _dispatch.call("masked_adamw_", param, grad, exp_avg, exp_avg_sq, mask, lr, beta1, beta2, eps,
                    weight_decay, step)
 

@@ -39,9 +39,10 @@ def accumulate_(x, grad, ref, labels, channels_last, count, act_sum, act_sq, tay
     n, s = xf.shape[1], xf.shape[2]
     r = _ref_ns(ref, n, s, acc)
     if labels.dim() == 2:                                       # per token: each token a sample
-        xf = xf.permute(0, 2, 1).reshape(-1, n, 1)
-        gf = None if gf is None else gf.permute(0, 2, 1).reshape(-1, n, 1)
-        r = None if r is None else r.t().reshape(1, -1, n).expand(labels.shape[0], -1, -1).reshape(-1, n, 1)
+        bs = labels.numel()                                     # B*S spelled out: -1 is ambiguous when N = 0
+        xf = xf.permute(0, 2, 1).reshape(bs, n, 1)
+        gf = None if gf is None else gf.permute(0, 2, 1).reshape(bs, n, 1)
+        r = None if r is None else r.t().reshape(1, s, n).expand(labels.shape[0], -1, -1).reshape(bs, n, 1)
         labels = labels.reshape(-1)
     xbar = xf.mean(-1)
     xsq = xbar * xbar
