@@ -24,7 +24,7 @@ from .engine.profile import profile
 from .engine.slices import Profile, Slices
 from .engine.slicing import category_slice, global_slice, semantic_slice
 
-__version__ = "0.1.0"
+from ._version import __version__
 __all__ = ["ops", "backend_info", "NeusliceError", "NonFiniteError", "BackendError", "FileFormatError",
            "SignatureError", "profile", "Profiler", "Profile", "Slices", "METRICS", "global_slice",
            "category_slice", "semantic_slice", "maintain", "restructure", "finetune", "compress", "readapt",

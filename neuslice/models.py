@@ -11,6 +11,7 @@ from typing import Callable, Dict, Iterable, Optional, Sequence
 import torch
 from torch import nn
 
+from .engine.capture import call_model
 from .engine.evaluate import accuracy  # noqa: F401  (re-exported: train, then score, in one place)
 from .io.modelfile import register_factory
 
@@ -97,7 +98,8 @@ def fit(model: nn.Module, loader: Iterable, *, epochs: int = 5, lr: float = 0.05
         for _ in range(epochs):
             for x, y in loader:
                 opt.zero_grad(set_to_none=True)
-                nn.functional.cross_entropy(model(x), y).backward()
+                out = call_model(model, x)                        # the batch moves to the model's device
+                nn.functional.cross_entropy(out, y.to(out.device)).backward()
                 opt.step()
     model.eval()
     return model

@@ -9,23 +9,37 @@ import torch
 
 import neuslice
 
+from ..engine.graph import discover
 from ..engine.slices import Profile, Slices
 from ..io.modelfile import save_model
 from ..maintain import RestructuredModel, TaskAwareModel, incremental, readapt
+from ..maintain._common import head_module
 from . import report
-from .common import (RestructureOptions, UsageError, acc, bar, class_list, emit, factory_of, kv, load_data_of,
-                     load_model_of, model_args, run_restructure, write_text_atomic)
+from .common import (RestructureOptions, UsageError, acc, bar, class_list, emit, factory_of, head_outputs, kv,
+                     load_data_of, load_model_of, model_args, resolve_device, run_restructure, write_text_atomic)
 from .demo import DemoConfig, run_demo
 from .report import make_slices, print_layers, print_summary, slices_summary
+
+
+def _profile_classes(model, ds) -> list:
+    """The classes of a profile: as many as the model's head scores (declared classes win over the labels
+    the data happens to hold: task-A data of a 10-output model still gives a 10-class profile)."""
+    k = head_outputs(model, ds)
+    names = list(ds.class_names)
+    if len(names) > k:
+        raise ValueError(f"{ds.source} declares {len(names)} classes {names[:12]} but the model scores {k}: "
+                         "pass --classes with the model's classes, or the matching --model")
+    return names + [str(c) for c in range(len(names), k)]
 
 
 def cmd_profile(args) -> int:
     model = load_model_of(args)
     ds = load_data_of(args, args.data)
     layers = [n.strip() for n in args.layers.split(",")] if args.layers else None
-    prof = neuslice.profile(model, bar(args, ds, "profile"), ds.num_classes, class_names=ds.class_names,
+    names = _profile_classes(model, ds)
+    prof = neuslice.profile(model, bar(args, ds, "profile"), len(names), class_names=names,
                             metrics=args.metrics, target=args.target, layers=layers, progress=False)
-    prof.save(args.out)
+    prof.to("cpu").save(args.out)
     counts = prof.counts.tolist()
     result = {"profile": str(args.out), "data": ds.source, "samples": int(sum(counts)),
               "per_class": {c: int(n) for c, n in zip(prof.class_names, counts)}, "metrics": list(prof.metrics),
@@ -92,6 +106,10 @@ def cmd_readapt(args) -> int:
 
 def cmd_incremental(args) -> int:
     model, slices, names = _model_and_slices(args)
+    try:                                 # before the data: a class-count mismatch is the usual first mistake
+        head_module("neuslice incremental", discover(model, slices.layer_names), model, len(names))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     new_classes = class_list(args.new_classes, names, "--new-classes")
     data, replay, test_a, test_b = (load_data_of(args, s, names) for s in
                                     (args.data, args.replay_data, args.test_a, args.test_b))
@@ -147,7 +165,7 @@ def cmd_report(args) -> int:
 
 def cmd_demo(args) -> int:
     config = DemoConfig(seed=args.seed, epochs=args.epochs, theta=args.theta, metric=args.metric,
-                        maintenance=not args.no_maintenance)
+                        maintenance=not args.no_maintenance, device=str(resolve_device(args.device)))
     summary = run_demo(Path(args.out), config, quiet=args.quiet or args.json)
     if args.json:
         print(json.dumps(summary))

@@ -37,6 +37,7 @@ class DemoConfig:
     metric: str = "taylor"
     maintenance: bool = True         # run the three maintenance tasks
     model: str = "digits_cnn"
+    device: str = "cpu"              # where the models train and run (the data stays on the CPU)
     batch_size: int = 64
     keep: Tuple[int, ...] = (3, 8)   # restructure and re-adapt to these classes
     restructure: RestructureOptions = None   # default: physical, one fine-tune epoch at lr 0.01
@@ -70,7 +71,7 @@ def _maintenance(cfg: DemoConfig, run: RunOptions, model, slices, train: Dataset
                      eval_data=bar(run, test, "eval clean"), new_eval_data=bar(run, new_te, "eval new"))
     out["readapt"] = {**rep.as_dict(), "new_samples": f"digits {keep} shifted by (1, 1) pixels plus N(0, 0.1^2) noise"}
     a, b = list(cfg.task_a), list(cfg.task_b)
-    model_a = fit(build(cfg.model, seed=cfg.seed), bar(run, train.subset(a), "train task A", shuffle=True),
+    model_a = fit(build(cfg.model, seed=cfg.seed).to(cfg.device), bar(run, train.subset(a), "train task A", shuffle=True),
                   epochs=cfg.epochs, seed=cfg.seed)
     prof_a = neuslice.profile(model_a, bar(run, train.subset(a), "profile task A"), train.num_classes,
                               class_names=train.class_names, progress=False)
@@ -85,7 +86,7 @@ def _maintenance(cfg: DemoConfig, run: RunOptions, model, slices, train: Dataset
 
 def _pipeline(out: Path, cfg: DemoConfig, run: RunOptions, t0: float) -> Dict:
     train, test = load_data("digits:train"), load_data("digits:test")
-    model = fit(build(cfg.model, seed=cfg.seed), bar(run, train, "train", shuffle=True), epochs=cfg.epochs,
+    model = fit(build(cfg.model, seed=cfg.seed).to(cfg.device), bar(run, train, "train", shuffle=True), epochs=cfg.epochs,
                 seed=cfg.seed)
     base = acc(lambda x: model(x).argmax(-1), test, run)
     prof = neuslice.profile(model, bar(run, train, "profile"), train.num_classes, class_names=train.class_names,
@@ -93,7 +94,7 @@ def _pipeline(out: Path, cfg: DemoConfig, run: RunOptions, t0: float) -> Dict:
     slices = make_slices(prof, "semantic", cfg.metric, cfg.theta)
     out.mkdir(parents=True, exist_ok=True)
     save_model(out / "model.safetensors", model, spec=cfg.model)
-    prof.save(out / "profile.safetensors")
+    prof.to("cpu").save(out / "profile.safetensors")
     slices.save(out / "slices.safetensors")
     curves = report.accuracy_curves(model, prof, test.loader(cfg.batch_size), cfg.metric,
                                     report.default_subsets(slices), progress=not run.quiet)

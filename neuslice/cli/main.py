@@ -17,9 +17,10 @@ from typing import List, Optional
 import torch
 
 from .._errors import NeusliceError
+from .._version import __version__
 from ..engine.metrics import METRICS
 from . import commands
-from .common import UsageError, check_outputs
+from .common import UsageError, default_threads, check_outputs
 
 __all__ = ["main", "build_parser"]
 
@@ -62,13 +63,27 @@ _SHAPE = _checked(str, lambda t: all(s.strip().isdigit() and int(s) >= 1 for s i
                   "comma-separated positive integers, e.g. 1,28,28")
 
 
-def _common(p, *, batch: bool = True) -> None:
+_DEVICE = _checked(str, lambda t: t in ("auto", "cpu", "cuda") or (t.startswith("cuda:") and t[5:].isdigit()),
+                   "auto, cpu, cuda or cuda:N")
+
+
+def _common(p, *, batch: bool = True, device: bool = True) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars or messages")
     p.add_argument("--json", action="store_true", help="print the result (or the error) as one JSON object")
     p.add_argument("--debug", action="store_true", help="on an error, print the Python traceback too")
     if batch:
         p.add_argument("--batch-size", type=_POSITIVE_INT, default=64, help="batch size of every pass (default: 64)")
-        p.add_argument("--threads", type=_POSITIVE_INT, help="CPU threads for torch (default: torch's choice)")
+    if batch or device:
+        p.add_argument("--threads", type=_POSITIVE_INT,
+                       help="CPU threads for torch (default: torch's choice, lowered to the cores idle now)")
+    if device:
+        p.add_argument("--device", type=_DEVICE, default="auto",
+                       help="where the model runs: auto (CUDA when available, else CPU), cpu, cuda or cuda:N "
+                            "(default: auto)")
+
+
+def _steps_without_a_model(p) -> None:
+    _common(p, batch=False, device=False)
 
 
 def _model_opts(p, required: bool = True) -> None:
@@ -118,7 +133,7 @@ def _parsers_steps(sub) -> None:
              "Profiles are sums, so profiles of disjoint data merge by addition.")
     p.add_argument("profiles", nargs="+", help="profile files of the same model and classes")
     p.add_argument("--out", default="merged.safetensors", help="profile file to write")
-    _common(p, batch=False)
+    _steps_without_a_model(p)
     p = _add(sub, "slice", commands.cmd_slice, "slice a profile (profile file → slices file)",
              "Critical neurons per class: semantic (cumulative theta), category-wise or global (top ratio).")
     p.add_argument("--profile", required=True, help="profile file")
@@ -131,7 +146,7 @@ def _parsers_steps(sub) -> None:
     p.add_argument("--tau", type=_CLOSED_UNIT, default=0.5, help="semantic: similarity cut of the semantic groups")
     p.add_argument("--min-keep", type=_COUNT, default=1, help="neurons kept per layer at least")
     p.add_argument("--out", default="slices.safetensors", help="slices file to write")
-    _common(p, batch=False)
+    _steps_without_a_model(p)
 
 
 def _parsers_maintain(sub) -> None:
@@ -212,7 +227,7 @@ def _parsers_output(sub) -> None:
     p.add_argument("--theta", type=_UNIT, default=0.9, help="cumulative threshold, in (0, 1]")
     p.add_argument("--metric", default="taylor", choices=METRICS, help="avg, var, taylor, deeplift or ens")
     p.add_argument("--no-maintenance", action="store_true", help="stop after slicing")
-    _common(p, batch=False)
+    _common(p, batch=False, device=True)
     p = _add(sub, "info", commands.cmd_info, "what this installation can run (backends, build, devices)",
              "Backends, build and devices of this installation.")
     p.add_argument("--json", action="store_true", help="one line of JSON")
@@ -222,6 +237,7 @@ def _parsers_output(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="neuslice", description="Neuron-level semantic slicing of DNNs (NeuSemSlice) "
                                 "and the model maintenance it enables.")
+    p.add_argument("--version", action="version", version=f"neuslice {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _parsers_steps(sub)
     _parsers_maintain(sub)
@@ -264,8 +280,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     report = dict(json_out=bool(getattr(args, "json", False)), debug=bool(getattr(args, "debug", False)))
     threads = torch.get_num_threads()
     try:
-        if getattr(args, "threads", None):
-            torch.set_num_threads(args.threads)
+        if hasattr(args, "threads"):
+            torch.set_num_threads(args.threads or default_threads())
         check_outputs(args)
         return args.fn(args)
     except UsageError as e:

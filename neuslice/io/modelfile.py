@@ -282,7 +282,8 @@ def save_model(path, model: torch.nn.Module, *, spec: str, model_args: Optional[
         wrapper = {"kind": "task_aware", "tasks": model.tasks, "masked_task": model.masked_task,
                    "class_names": model.class_names, "layers": [i.name for i in model._infos]}
         tensors.update({f"__keep__.{info.name}": getattr(model, f"_keep{i}") for i, info in enumerate(model._infos)})
-    tensors.update({k: v.detach().clone() for k, v in net.state_dict().items()})
+    tensors.update(net.state_dict())
+    tensors = {k: v.detach().to("cpu", copy=True) for k, v in tensors.items()}   # a model on a GPU saves too
     meta = {"model": spec, "model_args": model_args or {}, "wrapper": wrapper, "modules": _shape_attrs(net),
             "report": report}
     container.write("neuslice.io.save_model", path, "model", tensors, meta)

@@ -105,7 +105,9 @@ def head_module(fn: str, plan: Plan, model: nn.Module, num_classes: int) -> Tupl
     head = modules[heads[0]]
     if head.out_features != num_classes:
         raise ValueError(f"{fn}: the head {heads[0]!r} has {head.out_features} outputs but the slices have "
-                         f"{num_classes} classes")
+                         f"{num_classes} classes; profile with the model's class count (neuslice.profile(..., "
+                         f"num_classes={head.out_features}), or `neuslice profile`, which takes it from the head), "
+                         "then slice again")
     return heads[0], head
 
 
