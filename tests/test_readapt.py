@@ -184,15 +184,15 @@ def test_frozen_weights_stay_bit_identical_with_replay(arch, optimizer):
     assert not torch.equal(new.head.weight[[3, 8]], model.head.weight[[3, 8]])
 
 
-def test_replay_default_is_0_1_with_replay_data_and_none_without():
+def test_replay_default_is_0_5_with_replay_data_and_none_without():
     from neuslice.maintain.readapt import DEFAULT_REPLAY
     model, s = trained("digits_cnn"), slices("digits_cnn")
     data = shifted("train", (3, 8), n=60, batch_size=16)
-    _, rep = readapt(model, s, data, replay_data=loader("train", n=200))
-    assert DEFAULT_REPLAY == 0.1 and rep.replay == 0.1 and rep.replayed == 6
-    _, rep = readapt(model, s, data)
+    _, rep = readapt(model, s, data, replay_data=loader("train", n=200), epochs=1)
+    assert DEFAULT_REPLAY == 0.5 and rep.replay == 0.5 and rep.replayed == 30
+    _, rep = readapt(model, s, data, epochs=1)
     assert rep.replay == 0.0 and rep.replayed == 0 and rep.steps == len(data)
-    _, rep = readapt(model, s, data, replay=0, replay_data=loader("train", n=200))
+    _, rep = readapt(model, s, data, replay=0, replay_data=loader("train", n=200), epochs=1)
     assert rep.replay == 0.0 and rep.replayed == 0 and rep.steps == len(data)
 
 

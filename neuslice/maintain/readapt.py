@@ -80,7 +80,7 @@ def _acc(model: nn.Module, data) -> Optional[float]:
     return C.score(lambda x: call_model(model, x).argmax(-1), data)
 
 
-DEFAULT_REPLAY = 0.1   # replay=None with replay_data given (see readapt's docstring and docs/method.md)
+DEFAULT_REPLAY = 0.5   # replay=None with replay_data given; measured in bench/eval_readapt.py (README)
 
 
 def _replay_fraction(fn: str, replay, replay_data) -> float:
@@ -94,7 +94,7 @@ def _replay_fraction(fn: str, replay, replay_data) -> float:
 
 
 def readapt(model: nn.Module, slices: Slices, data, *, classes=None, replay: Optional[float] = None,
-            replay_data=None, epochs: int = 1, lr: float = 1e-3, optimizer: str = "adamw", momentum: float = 0.9,
+            replay_data=None, epochs: int = 10, lr: float = 3e-3, optimizer: str = "adamw", momentum: float = 0.9,
             weight_decay: float = 0.0, eval_data=None, new_eval_data=None, seed: int = 0
             ) -> Tuple[nn.Module, ReadaptReport]:
     """Critical-neuron tuning of ``model`` on new samples (see docs/method.md).
@@ -108,11 +108,12 @@ def readapt(model: nn.Module, slices: Slices, data, *, classes=None, replay: Opt
             len(data)))`` samples of ``replay_data`` (any class), drawn without replacement with a generator
             seeded by ``seed``; ``data`` and them are then reshuffled (same seed) in batches of ``data``'s first
             batch size. The trainable neurons stay those of ``classes``; only the batches change. Default
-            (None): ``DEFAULT_REPLAY`` (0.1) when ``replay_data`` is given, else 0 (no replay, ``data`` as given).
+            (None): ``DEFAULT_REPLAY`` (0.5) when ``replay_data`` is given, else 0 (no replay, ``data`` as given).
         replay_data: the original task's training data, ``(inputs, labels)`` batches; pass it: without replay,
             training only on a few classes pushes every input toward them (see docs/method.md).
-        epochs, lr, optimizer (``"adamw"`` or ``"sgd"``), momentum (sgd), weight_decay: the training, with the
-            defaults of :func:`finetune`.
+        epochs, lr, optimizer (``"adamw"`` or ``"sgd"``), momentum (sgd), weight_decay: the training. Unlike the
+            other operators (1 epoch at lr 1e-3), 10 epochs at lr 3e-3: at 1 epoch critical-neuron tuning barely
+            fits a shift (bench/eval_readapt.py; README "Re-adapt quality").
         eval_data: held-out data of the task ``model`` serves (the original samples), scored before and after;
             None: not scored. new_eval_data: held-out new samples, scored before and after (default: ``data``
             itself, since the report's point is how well the new samples are fitted).
