@@ -81,7 +81,7 @@ def full_finetune(model, data, replay: float, replay_data, epochs: int, lr: floa
 def run(seed: int, recipes: Sequence, thetas: Sequence[float], replays: Sequence[float]) -> List[Dict]:
     x, y = load_digits("train")
     xt, yt = load_digits("test")
-    train, clean_te = loader(x, y, shuffle=True, seed=seed), loader(xt, yt)
+    train, clean_te, old = loader(x, y, shuffle=True, seed=seed), loader(xt, yt), loader(x, y)
     model = M.fit(M.build("digits_cnn", seed=seed), train, epochs=15, seed=seed)
     prof = neuslice.profile(model, loader(x, y), 10, progress=False)
     slices = {t: neuslice.semantic_slice(prof, "taylor", t) for t in thetas}
@@ -90,17 +90,21 @@ def run(seed: int, recipes: Sequence, thetas: Sequence[float], replays: Sequence
         return evaluate(lambda v: net(v).argmax(1), data)
     rows = []
     for shift in SHIFTS:
-        new_tr, new_te = shifted("train", shift, seed, shuffle=True), shifted("test", shift, seed)
+        # a fresh shuffling loader per run: a DataLoader's generator advances on every pass (readapt passes over
+        # data to check labels and to mix replay), so a shared one would give each run other batches
+        def new_tr():
+            return shifted("train", shift, seed, shuffle=True)
+        new_te = shifted("test", shift, seed)
         base = {"clean_before": acc(model, clean_te), "shifted_before": acc(model, new_te)}
         for epochs, lr in recipes:
             for replay in replays:
                 common = {"shift": shift, "epochs": epochs, "lr": lr, "replay": replay}
                 for t in thetas:
-                    net, rep = readapt(model, slices[t], new_tr, replay=replay, replay_data=train, epochs=epochs,
+                    net, rep = readapt(model, slices[t], new_tr(), replay=replay, replay_data=old, epochs=epochs,
                                        lr=lr, seed=seed)
                     rows.append({**common, "method": "readapt", "theta": t, "trainable": rep.trainable_fraction,
                                  **base, "clean_after": acc(net, clean_te), "shifted_after": acc(net, new_te)})
-                net = full_finetune(model, new_tr, replay, train, epochs, lr, seed)
+                net = full_finetune(model, new_tr(), replay, old, epochs, lr, seed)
                 rows.append({**common, "method": "full fine-tuning", "theta": "", "trainable": 1.0, **base,
                              "clean_after": acc(net, clean_te), "shifted_after": acc(net, new_te)})
     return rows
