@@ -86,8 +86,9 @@ def test_the_same_roles_have_the_same_names_and_defaults():
         assert "data" in params and params["data"].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD, op.__name__
         got = {k: params[k].default for k in shared}
         assert all(params[k].kind is inspect.Parameter.KEYWORD_ONLY for k in shared), op.__name__
-        # compress fine-tunes with SGD at 0.01 (its docstring says why); everything else is shared
-        want = {**shared, "lr": 0.01, "optimizer": "sgd"} if op is compress else shared
+        # compress fine-tunes with SGD at 0.01, readapt 10 epochs at 3e-3 (their docstrings say why)
+        want = {**shared, "lr": 0.01, "optimizer": "sgd"} if op is compress else \
+            {**shared, "epochs": 10, "lr": 3e-3} if op is readapt else shared
         assert got == want, op.__name__
     for op in (readapt, incremental):
         assert inspect.signature(op).parameters["new_eval_data"].default is None

@@ -117,3 +117,103 @@ def test_errors_name_the_function_and_change_nothing():
     with pytest.raises(ValueError, match="neuslice.readapt: data yielded no sample"):
         readapt(model, s, [])
     assert_unchanged(model, before)
+
+
+# --- replay: old samples mixed into the batches; the trainable neurons stay those of the new samples' classes
+
+def _capture(monkeypatch):
+    """Record the batches of the first epoch readapt trains on (then train as usual)."""
+    from neuslice.maintain import _common
+    seen = []
+    real = _common.fit_masked
+
+    def fit(model, data, masks, **kw):
+        seen.append([(x.clone(), y.clone()) for x, y in data])
+        return real(model, data, masks, **kw)
+    monkeypatch.setattr(_common, "fit_masked", fit)
+    return seen
+
+
+def _rows(x):
+    return {tuple(r.tolist()) for r in x.flatten(1)}
+
+
+@pytest.mark.parametrize("replay,want", [(0.25, 15), (0.5, 30), (1.0, 60), (0.001, 1)])
+def test_replay_mixes_that_many_old_samples_per_new_sample(monkeypatch, replay, want):
+    seen = _capture(monkeypatch)
+    model, s = trained("digits_cnn"), slices("digits_cnn")
+    data = shifted("train", (3, 8), n=60, batch_size=16)
+    old = loader("train", n=200, batch_size=50)
+    _, rep = readapt(model, s, data, replay=replay, replay_data=old, epochs=2, lr=1e-3, seed=3)
+    assert rep.replay == replay and rep.replayed == want and rep.classes == [3, 8]
+    x, y = (torch.cat(t) for t in zip(*seen[0]))
+    assert len(y) == 60 + want and rep.steps == 2 * -(-(60 + want) // 16)    # batches of data's batch size
+    assert [len(b[1]) for b in seen[0][:-1]] == [16] * (len(seen[0]) - 1)
+    new_x, _ = next(iter(shifted("train", (3, 8), n=60, batch_size=60)))
+    old_x, old_y = tensors("train", tuple(range(10)), 200)
+    mixed = _rows(x)
+    assert _rows(new_x) <= mixed                                 # every new sample, once
+    replayed = mixed - _rows(new_x)
+    assert len(replayed) == want and replayed <= _rows(old_x)   # distinct samples of replay_data
+    if want >= 30:
+        assert set(y.tolist()) - {3, 8}                          # old samples of any class
+
+
+def test_replay_is_seeded_and_deterministic(monkeypatch):
+    seen = _capture(monkeypatch)
+    model, s = trained("digits_cnn"), slices("digits_cnn")
+    data, old = shifted("train", (3, 8), n=60, batch_size=16), loader("train", n=200, batch_size=50)
+    runs = [readapt(model, s, data, replay=0.5, replay_data=old, epochs=1, seed=seed)[0] for seed in (3, 3, 4)]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0].state_dict().values(), runs[1].state_dict().values()))
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(seen[0], seen[1]))
+    assert _rows(torch.cat([b[0] for b in seen[0]])) != _rows(torch.cat([b[0] for b in seen[2]]))  # another draw
+
+
+@pytest.mark.parametrize("arch,optimizer", [("digits_cnn", "adamw"), ("digits_resnet", "sgd")])
+def test_frozen_weights_stay_bit_identical_with_replay(arch, optimizer):
+    model, s = trained(arch), slices(arch)
+    before = snapshot(model)
+    new, rep = readapt(model, s, shifted("train", (3, 8), n=100), replay=1.0, replay_data=loader("train", n=300),
+                       epochs=2, lr=5e-3, optimizer=optimizer, weight_decay=0.01)
+    assert_unchanged(model, before)
+    assert rep.replayed == 100 and rep.classes == [3, 8]
+    masks, frozen_norms = critical_masks("t", model, s, [3, 8])
+    _check_frozen(model, new, masks, frozen_norms)
+    others = [c for c in range(10) if c not in (3, 8)]
+    assert torch.equal(new.head.weight[others], model.head.weight[others])
+    assert not torch.equal(new.head.weight[[3, 8]], model.head.weight[[3, 8]])
+
+
+def test_replay_default_is_0_5_with_replay_data_and_none_without():
+    from neuslice.maintain.readapt import DEFAULT_REPLAY
+    model, s = trained("digits_cnn"), slices("digits_cnn")
+    data = shifted("train", (3, 8), n=60, batch_size=16)
+    _, rep = readapt(model, s, data, replay_data=loader("train", n=200), epochs=1)
+    assert DEFAULT_REPLAY == 0.5 and rep.replay == 0.5 and rep.replayed == 30
+    _, rep = readapt(model, s, data, epochs=1)
+    assert rep.replay == 0.0 and rep.replayed == 0 and rep.steps == len(data)
+    _, rep = readapt(model, s, data, replay=0, replay_data=loader("train", n=200), epochs=1)
+    assert rep.replay == 0.0 and rep.replayed == 0 and rep.steps == len(data)
+
+
+def test_bad_replay_arguments_name_the_function_and_change_nothing():
+    model, s = trained("digits_cnn"), slices("digits_cnn")
+    before = snapshot(model)
+    data, old = shifted("train", (3, 8), n=40), loader("train", n=100)
+    for bad in (1.5, -0.1, float("nan"), True, "0.1"):
+        with pytest.raises(ValueError, match=r"neuslice.readapt: replay must be a fraction in \[0, 1\] \(old "
+                                             r"samples per new sample\), got"):
+            readapt(model, s, data, replay=bad, replay_data=old)
+    with pytest.raises(ValueError, match="neuslice.readapt: replay=0.1 needs replay_data"):
+        readapt(model, s, data, replay=0.1)
+    x, y = tensors("train", n=30)
+    with pytest.raises(ValueError, match=r"neuslice.readapt: replay_data has label 12, outside the declared classes"):
+        readapt(model, s, data, replay_data=[(x, torch.full((30,), 12))])
+    with pytest.raises(ValueError, match="neuslice.readapt: replay needs 40 old samples but replay_data has 30"):
+        readapt(model, s, data, replay=1.0, replay_data=[(x, y)])
+    with pytest.raises(ValueError, match=r"neuslice.readapt: replay_data inputs have shape \[1, 4, 4\] per sample, "
+                                         r"data's \[1, 8, 8\]"):
+        readapt(model, s, data, replay_data=[(x[:, :, :4, :4], y)])
+    with pytest.raises(TypeError, match="neuslice.readapt: with replay, replay_data inputs must be tensors, got list"):
+        readapt(model, s, data, replay_data=[(x.tolist(), y)])
+    assert_unchanged(model, before)

@@ -14,6 +14,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from .. import ops
 from ..engine.graph import NORMS, LayerInfo, Plan, discover
@@ -25,7 +26,7 @@ from ..engine.slices import Slices
 
 __all__ = ["check_module", "check_slices", "plan_of", "head_module", "scan_labels", "fit_masked", "NormGuard",
            "param_count", "evaluate", "head_inputs", "check_positive", "check_training", "chain_norms", "rebind",
-           "restricted_predict", "score", "Report", "renamed_kwargs"]
+           "restricted_predict", "score", "Report", "renamed_kwargs", "with_replay"]
 
 
 def renamed_kwargs(fn: str, **renames: str):
@@ -150,6 +151,37 @@ def scan_labels(fn: str, data: Iterable, allowed: Optional[Sequence[int]], what:
     if n == 0:
         raise ValueError(f"{fn}: {what} yielded no sample")
     return sorted(seen)
+
+
+def _tensors(fn: str, data, what: str) -> Tuple[Tensor, Tensor]:
+    xs, ys = [], []
+    for x, y in data:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{fn}: with replay, {what} inputs must be tensors, got {type(x).__name__}")
+        xs.append(x)
+        ys.append(y.long())
+    return torch.cat(xs), torch.cat(ys)
+
+
+def with_replay(fn: str, data, replay_data, count: Callable[[int, int], int], seed: int
+                ) -> Tuple[DataLoader, int]:
+    """``data``'s samples plus ``n = count(new samples, old samples)`` samples of ``replay_data`` (drawn without
+    replacement by a generator seeded with ``seed``), reshuffled (same seed) in batches of ``data``'s first batch
+    size. Returns ``(loader, n)``; ValueError if ``replay_data`` has fewer than ``n`` samples or another input
+    shape."""
+    xb, yb = _tensors(fn, data, "data")
+    xa, ya = _tensors(fn, replay_data, "replay_data")
+    if xa.shape[1:] != xb.shape[1:]:
+        raise ValueError(f"{fn}: replay_data inputs have shape {list(xa.shape[1:])} per sample, data's "
+                         f"{list(xb.shape[1:])}")
+    n = count(len(yb), len(ya))
+    if n > len(ya):
+        raise ValueError(f"{fn}: replay needs {n} old samples but replay_data has {len(ya)}")
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(len(ya), generator=g)[:n]
+    bs = next(iter(data))[1].shape[0]
+    ds = TensorDataset(torch.cat([xb, xa[pick]]), torch.cat([yb, ya[pick]]))
+    return DataLoader(ds, batch_size=bs, shuffle=True, generator=torch.Generator().manual_seed(seed)), n
 
 
 def param_count(model: nn.Module) -> int:

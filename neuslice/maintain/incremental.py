@@ -20,7 +20,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from ..engine.graph import LAYER_TYPES, LayerInfo
 from ..engine.hooks import ChainHooks, per_neuron, zero_outside
@@ -171,29 +170,12 @@ def free_weight_masks(fn: str, model: nn.Module, slices: Slices, old: List[int],
     return masks, frozen_norms, frozen
 
 
-def _tensors(fn: str, data, what: str) -> Tuple[Tensor, Tensor]:
-    xs, ys = [], []
-    for x, y in data:
-        if not isinstance(x, Tensor):
-            raise TypeError(f"{fn}: with replay, {what} inputs must be tensors, got {type(x).__name__}")
-        xs.append(x)
-        ys.append(y.long())
-    return torch.cat(xs), torch.cat(ys)
-
-
 def _training_data(fn, data, replay, replay_data, seed: int):
-    """``data`` itself, or its samples plus a ``replay`` fraction of ``replay_data``, reshuffled in batches
-    of data's first batch size; returns (data, number of replayed samples)."""
+    """``data`` itself, or its samples plus a ``replay`` fraction of ``replay_data`` (see ``_common.with_replay``);
+    returns (data, number of replayed samples)."""
     if replay is None:
         return data, 0
-    xb, yb = _tensors(fn, data, "data")
-    xa, ya = _tensors(fn, replay_data, "replay_data")
-    g = torch.Generator().manual_seed(seed)
-    n = max(1, round(float(replay) * len(ya)))
-    pick = torch.randperm(len(ya), generator=g)[:n]
-    bs = next(iter(data))[1].shape[0]
-    ds = TensorDataset(torch.cat([xb, xa[pick]]), torch.cat([yb, ya[pick]]))
-    return DataLoader(ds, batch_size=bs, shuffle=True, generator=torch.Generator().manual_seed(seed)), n
+    return C.with_replay(fn, data, replay_data, lambda n_new, n_old: max(1, round(float(replay) * n_old)), seed)
 
 
 def _check_tasks(fn, slices, head_k, old_classes, new_classes, replay, replay_data):
