@@ -115,3 +115,19 @@ def test_default_threads_follow_the_idle_cores(monkeypatch, load, cores, want):
     monkeypatch.setattr(common.os, "sched_getaffinity", lambda pid: set(range(cores)))
     monkeypatch.setattr(common.torch, "get_num_threads", lambda: cores)
     assert common.default_threads() == want
+
+
+def test_readapt_replay_from_the_command_line(task_a, capsys):
+    d = task_a
+    m = ["--model", "digits_cnn", "--weights", str(d / "model_a.pt")]
+    _ok(["profile", *m, "--data", str(d / "a.npz"), "--out", str(d / "pr.safetensors")], capsys)
+    _ok(["slice", "--profile", str(d / "pr.safetensors"), "--out", str(d / "sr.safetensors")], capsys)
+    x, y = subset_classes(*load_digits("test"), [3])
+    np.savez(d / "new3.npz", x=torch.roll(x, 1, 3).numpy(), y=y.numpy())
+    base = ["readapt", *m, "--slices", str(d / "sr.safetensors"), "--data", str(d / "new3.npz"), "--epochs", "1"]
+    assert main(base + ["--replay", "0.5", "--out", str(d / "never.safetensors"), "--quiet"]) == 2
+    assert "--replay 0.5 needs --replay-data" in capsys.readouterr().err
+    got = _ok(base + ["--replay-data", str(d / "a.npz"), "--out", str(d / "rr.safetensors")], capsys)
+    assert got["replay"] == 0.5 and got["replayed"] == max(1, round(0.5 * len(y)))
+    got = _ok(base + ["--replay-data", str(d / "a.npz"), "--replay", "0", "--out", str(d / "r0.safetensors")], capsys)
+    assert got["replay"] == 0.0 and got["replayed"] == 0

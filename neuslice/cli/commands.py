@@ -96,11 +96,15 @@ def cmd_restructure(args) -> int:
 
 def cmd_readapt(args) -> int:
     model, slices, names = _model_and_slices(args)
-    data, orig, new_test = (load_data_of(args, s, names) for s in (args.data, args.test_data, args.new_test_data))
     tune = class_list(args.tune, names, "--tune") if args.tune else None
+    if args.replay is not None and args.replay_data is None:
+        raise UsageError(f"--replay {args.replay} needs --replay-data (the original training data)")
+    data, orig, new_test, old = (load_data_of(args, s, names) for s in
+                                 (args.data, args.test_data, args.new_test_data, args.replay_data))
     new, rep = readapt(model, slices, bar(args, data, "readapt", shuffle=True), classes=tune, epochs=args.epochs,
                        lr=args.lr, optimizer=args.optimizer, eval_data=_bar_or_none(args, orig, "eval original"),
-                       new_eval_data=_bar_or_none(args, new_test, "eval new"))
+                       new_eval_data=_bar_or_none(args, new_test, "eval new"), replay=args.replay,
+                       replay_data=_bar_or_none(args, old, "replay"))
     return _save_result(args, model, new, "readapt", rep.as_dict())
 
 

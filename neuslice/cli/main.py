@@ -177,7 +177,11 @@ def _parsers_maintain(sub) -> None:
     p.add_argument("--new-test-data", help="held-out new samples, scored before and after (default: --data)")
     p.add_argument("--tune", help="classes whose critical neurons train (default: those in --data)")
     p.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd"))
-    _train_opts(p, 5, 1e-3)
+    p.add_argument("--replay-data", help="the original training data: old samples mixed into training keep the "
+                                         "other classes (recommended; see the README's re-adapt table)")
+    p.add_argument("--replay", type=_CLOSED_UNIT,
+                   help="old samples per new sample, in [0, 1] (default: 0.5 with --replay-data, else none)")
+    _train_opts(p, 10, 3e-3)
     p.add_argument("--out", default="readapted.safetensors", help="model file to write")
     _common(p)
     p = _add(sub, "incremental", commands.cmd_incremental, "learn new classes in non-critical neurons (→ model file)",
