@@ -346,6 +346,24 @@ def _save(out: Path, meta: dict, rows: list) -> Path:
     return stem.with_suffix(".md")
 
 
+def _cli_pipeline(dev: str) -> list:
+    """The user's path on this device: ``neuslice demo --device`` (train, profile, slice, restructure,
+    readapt, incremental, report) and ``neuslice predict --device`` on the model it wrote."""
+    from neuslice.cli import main as cli
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="gpu_check_cli_") as tmp:
+        t0 = time.perf_counter()
+        for argv in (["demo", "--epochs", "2", "--out", tmp], ["predict", "--weights", f"{tmp}/model.safetensors",
+                                                               "--data", "digits:test"]):
+            rc = cli(argv + ["--device", dev, "--quiet", "--json"])
+            ok = rc == 0 and (argv[0] != "demo" or Path(tmp, "summary.json").exists())
+            rows.append(_row(f"cli {argv[0]} --device {dev}", "cli", check="ok" if ok else "FAIL",
+                             detail="" if ok else f"exit code {rc}"))
+            rows[-1]["x_composite"] = None
+        print(f"[{time.perf_counter() - t0:6.1f}s] cli pipeline on {dev}", flush=True)
+    return rows
+
+
 def main() -> int:
     args = _args()
     if args.dry_run:
@@ -379,6 +397,7 @@ def main() -> int:
         print(f"[{time.perf_counter() - t0:6.1f}s] {name}", flush=True)
         if dev == "cuda":
             torch.cuda.empty_cache()
+    rows += _cli_pipeline(dev)
     meta["seconds"] = round(time.perf_counter() - t0, 1)
     out = args.out or (Path(tempfile.mkdtemp(prefix="gpu_check_")) if args.dry_run else ROOT / "bench" / "results")
     path = _save(out, meta, rows)

@@ -311,6 +311,10 @@ def test_gpu_check_dry_run(tmp_path):
     assert out.stdout.rstrip().splitlines()[-1].startswith("|")          # the table prints last
     (report,) = tmp_path.glob("gpu_check_*.json")
     rows = json.loads(report.read_text())["rows"]
+    cli = [r for r in rows if r["impl"] == "cli"]                         # the user's path on the device
+    assert [(r["case"], r["check"]) for r in cli] == [("cli demo --device cpu", "ok"),
+                                                       ("cli predict --device cpu", "ok")]
+    rows = [r for r in rows if r["impl"] != "cli"]
     cases = {r["case"] for r in rows}
     assert len(cases) == 12                                               # 4 accumulate, 4 select, 4 optimizer
     assert {r["case"] for r in rows if r["impl"] == "triton" and r["check"] == "PASS" and r["ms"] > 0} == cases
