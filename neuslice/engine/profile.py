@@ -19,7 +19,7 @@ from ..ops.reference import acc_dtype
 from .capture import (GRADIENT_METRICS, tap_view, call_model, check_labels, check_metrics, check_num_classes,
                       dl_forms, layer_entries, model_device, new_stats, nonfinite_what, target_of, to_device)
 from .deeplift import Rescale
-from .graph import discover
+from .graph import discover, head_entries
 from .hooks import ChainHooks, activation_modules, no_inplace
 from .slices import Profile
 
@@ -268,7 +268,7 @@ def profile(model: nn.Module, data: Iterable, num_classes: int, *, layers=None,
     forms = run.forms
     return Profile(layer_entries(plan, forms), names, run.totals, metrics=metrics, target=target,
                    deeplift=_overall(forms) if "deeplift" in metrics else None, num_batches=run.num_batches,
-                   coupled=plan.coupled)
+                   coupled=plan.coupled, heads=head_entries(model, plan))
 
 
 def _overall(forms: Dict[str, str]) -> str:
