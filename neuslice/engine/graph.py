@@ -17,7 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LayerInfo", "Plan", "discover", "LAYER_TYPES", "ACTIVATIONS"]
+from ..io.container import SignatureError, check_model as _check_names, compare_layers, layer_entry
+
+__all__ = ["LayerInfo", "Plan", "discover", "head_entries", "check_model", "LAYER_TYPES", "ACTIVATIONS"]
 
 LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -421,3 +423,25 @@ def _same_chain(fn: str, name: str, chains: list) -> tuple:
                          f"followed by different modules or nonlinearities {seen}, so they cannot be profiled "
                          f"or masked as one layer; choose layers= without {name!r}")
     return chains[0]
+
+
+def head_entries(model: nn.Module, plan: Plan) -> List[dict]:
+    """The model's head(s) as recorded in profile and slices files: ``name``, ``type``, ``n`` (outputs)."""
+    modules = dict(model.named_modules())
+    return [{"name": h, "type": type(modules[h]).__name__, "n": _neurons(modules[h])} for h in plan.heads]
+
+
+def check_model(fn: str, layers: Sequence[dict], heads: Sequence[dict], model: nn.Module) -> None:
+    """``model`` must be the model a file's ``layers`` (and ``heads``, when recorded) were made for
+    (docs/method.md §5): the same sliced layers (name, type, weight shape, width ``n``) in the same forward
+    order, and the same head(s). Else :class:`~neuslice.SignatureError` naming the first layer that differs,
+    as it is in the file and in the model."""
+    _check_names(fn, layers, model)
+    try:
+        plan = discover(model, [e["name"] for e in layers], fn=fn)
+    except (ValueError, TypeError) as e:
+        raise SignatureError(f"{fn}: the file was made for another model: {e}") from None
+    compare_layers(fn, "sliced layer", layers,
+                   [{**layer_entry(i.name, i.module), "n": i.n} for i in plan.layers])
+    if heads:
+        compare_layers(fn, "head", heads, head_entries(model, plan))

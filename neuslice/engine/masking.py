@@ -9,7 +9,6 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor, nn
 
-from ..io.container import check_model
 from .graph import discover
 from .hooks import ChainHooks, zero_outside
 
@@ -39,7 +38,7 @@ def _mark_consumer(removed, c: nn.Module, r: Tensor, cols: int) -> None:
 def compression_rate(slices, model: nn.Module, classes, *, restrict_head: bool = True) -> float:
     """Fraction of ``model``'s parameters removed by slicing for ``classes`` (docs/method.md §4), in [0, 1]."""
     fn = "neuslice.Slices.compression_rate"
-    check_model(fn, slices.layers, model)
+    slices.check_model(fn, model)
     keep = slices.mask(classes)
     idx = slices.class_indices(fn, classes)
     plan = discover(model, slices.layer_names, fn=fn)
@@ -73,7 +72,7 @@ class MaskedModel:
 
     def __init__(self, slices, model: nn.Module, classes):
         fn = "neuslice.Slices.apply"
-        check_model(fn, slices.layers, model)
+        slices.check_model(fn, model)
         self.masks = slices.mask(classes)
         self.plan = discover(model, slices.layer_names, fn=fn)
         self.model = model

@@ -21,7 +21,7 @@ from .capture import (GRADIENT_METRICS, call_model, call_views, check_calls, che
                       check_num_classes, dl_forms, layer_entries, model_device, new_stats, nonfinite_what, target_of,
                       to_device, warn_unseen)
 from .deeplift import Rescale
-from .graph import discover
+from .graph import discover, head_entries
 from .hooks import ChainHooks, activation_modules, no_inplace
 from .slices import Profile
 
@@ -277,7 +277,7 @@ def profile(model: nn.Module, data: Iterable, num_classes: int, *, layers=None,
     forms = run.forms
     return Profile(layer_entries(plan, forms), names, run.totals, metrics=metrics, target=target,
                    deeplift=_overall(forms) if "deeplift" in metrics else None, num_batches=run.num_batches,
-                   coupled=plan.coupled)
+                   coupled=plan.coupled, heads=head_entries(model, plan))
 
 
 def _overall(forms: Dict[str, str]) -> str:

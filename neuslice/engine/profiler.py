@@ -18,7 +18,7 @@ from .._errors import NeusliceError, NonFiniteError
 from ..ops.reference import acc_dtype
 from .capture import (GRADIENT_METRICS, tap_view, call_model, call_views, check_calls, check_labels, check_metrics,
                       check_num_classes, layer_entries, model_device, new_stats, nonfinite_what, warn_unseen)
-from .graph import discover, traceable
+from .graph import discover, head_entries, traceable
 from .hooks import ChainHooks
 from .slices import Profile
 
@@ -98,7 +98,7 @@ class Profiler:
         dl = {i.name: "gradient" for i in self.plan.layers} if "deeplift" in self.metrics else {}
         return Profile(layer_entries(self.plan, dl), self.class_names, stats, metrics=self.metrics, target="loss",
                        deeplift="gradient" if dl else None, num_batches=self.num_batches,
-                       coupled=self.plan.coupled)
+                       coupled=self.plan.coupled, heads=head_entries(self.model, self.plan))
 
     def reset(self) -> None:
         """Zero the accumulated statistics."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 import abc
 import hashlib
 import json
-import math
 from typing import Dict, List, Optional, Sequence, Union
 
 import torch
@@ -17,18 +16,23 @@ from torch import Tensor, nn
 
 from ..io import container as _io
 from . import masking, merge, metrics as _metrics
+from .graph import check_model
 from .classes import ClassSpec, class_indices
 
 __all__ = ["Profile", "Slices", "STATS"]
 
 STATS = ("count", "act_sum", "act_sq", "taylor_sum", "deeplift_sum")
 _COMPAT = ("num_classes", "metrics", "target", "deeplift")
+_BASE_METRICS = ("avg", "var", "taylor", "deeplift")
+_DEEPLIFT = ("rescale", "gradient")
+_MODES = ("global", "category", "semantic")
 
 
 class _LayerSet(abc.ABC):
     """What a Profile and a Slices share: per-layer entries (``layers``) and ``class_names``."""
 
     layers: List[dict]
+    heads: List[dict]
     class_names: List[str]
 
     @property
@@ -50,8 +54,22 @@ class _LayerSet(abc.ABC):
 
     @property
     def signature(self) -> str:
-        """Hash of the sliced layers' names and shapes (docs/method.md §5)."""
-        return _io.signature(self.layers)
+        """Hash of the sliced layers' names, types, shapes and widths in order, and of the head (docs/method.md §5)."""
+        return _io.signature(self.layers, self.heads)
+
+    def check_model(self, fn: str, model: nn.Module) -> None:
+        """:class:`~neuslice.SignatureError` unless ``model`` is the model these layers were made for
+        (docs/method.md §5: sliced layers' names, types, widths and order, and the head)."""
+        check_model(fn, self.layers, self.heads, model)
+
+    @staticmethod
+    def _common_fields(f: _io.Fields, layer_keys: dict):
+        """What both files hold: layers, heads, class names (K), coupled groups; the signature checked."""
+        layers = f.layers("layers", layer_keys)
+        heads = f.heads()
+        f.signature(layers, heads)
+        names = f.names(f.get("class_names"), "class_names")
+        return layers, heads, names, f.coupled("coupled", layers)
 
 
 class Profile(_LayerSet):
@@ -67,12 +85,14 @@ class Profile(_LayerSet):
             or all layers), or None when not collected. num_batches: batches added.
         coupled: lists of layer names whose channels must stay equal in number (residual adds,
             depthwise convolutions): slicing keeps their union.
+        heads: the model's head layer(s) (``name``, ``type``, ``n``), part of the signature; empty when unknown.
     """
 
     def __init__(self, layers: List[dict], class_names: Sequence[str], stats: Dict[str, Dict[str, Tensor]], *,
                  metrics: Sequence[str], target: str, deeplift: Optional[str], num_batches: int = 0,
-                 coupled: Sequence[Sequence[str]] = ()):
+                 coupled: Sequence[Sequence[str]] = (), heads: Sequence[dict] = ()):
         self.layers = [dict(e) for e in layers]
+        self.heads = [dict(h) for h in heads]
         self.coupled = [list(g) for g in coupled]
         self.class_names = [str(c) for c in class_names]
         self.stats = stats
@@ -109,8 +129,7 @@ class Profile(_LayerSet):
     def _check_compatible(self, fn: str, other: "Profile") -> None:
         if not isinstance(other, Profile):
             raise TypeError(f"{fn}: expected a Profile, got {type(other).__name__}")
-        if [(e["name"], e["weight_shape"]) for e in self.layers] != [(e["name"], e["weight_shape"])
-                                                                     for e in other.layers]:
+        if self.signature != other.signature:
             raise ValueError(f"{fn}: the profiles are of different layers: {self.layer_names} vs "
                              f"{other.layer_names} (signatures {self.signature} vs {other.signature})")
         for attr in _COMPAT + ("class_names",):
@@ -125,7 +144,7 @@ class Profile(_LayerSet):
                  for n in self.layer_names}
         return Profile(self.layers, self.class_names, stats, metrics=self.metrics, target=self.target,
                        deeplift=self.deeplift, num_batches=self.num_batches + other.num_batches,
-                       coupled=self.coupled)
+                       coupled=self.coupled, heads=self.heads)
 
     def all_reduce(self, group=None) -> "Profile":
         """Sum this profile over the ranks of ``torch.distributed`` ``group`` in place; returns self.
@@ -161,7 +180,8 @@ class Profile(_LayerSet):
         """A copy with every statistic on ``device``."""
         stats = {n: {k: v.to(device, copy=True) for k, v in s.items()} for n, s in self.stats.items()}
         return Profile(self.layers, self.class_names, stats, metrics=self.metrics, target=self.target,
-                       deeplift=self.deeplift, num_batches=self.num_batches, coupled=self.coupled)
+                       deeplift=self.deeplift, num_batches=self.num_batches, coupled=self.coupled,
+                       heads=self.heads)
 
     # -- files -----------------------------------------------------------------------------
     def save(self, path) -> None:
@@ -169,30 +189,38 @@ class Profile(_LayerSet):
         tensors = {f"{i}.{k}": v for i, n in enumerate(self.layer_names) for k, v in self.stats[n].items()}
         meta = {"layers": self.layers, "class_names": self.class_names, "metrics": list(self.metrics),
                 "target": self.target, "deeplift": self.deeplift, "num_batches": self.num_batches,
-                "coupled": self.coupled, "signature": self.signature}
+                "coupled": self.coupled, "heads": self.heads, "signature": self.signature}
         _io.write("neuslice.Profile.save", path, "profile", tensors, meta)
 
     @classmethod
     def load(cls, path, model: Optional[nn.Module] = None) -> "Profile":
-        """Read a profile written by :meth:`save`. With ``model``, its layers must match the file's
-        (else an error naming the layer that differs). Truncated or corrupt files raise; nothing is unpickled."""
+        """Read a profile written by :meth:`save`. With ``model``, it must be the model the profile was made
+        for (else :class:`~neuslice.SignatureError` naming the layer that differs). A truncated, corrupt or
+        invalid file raises :class:`~neuslice.FileFormatError` naming the file and the field (docs/method.md
+        §5); nothing is unpickled."""
         fn = "neuslice.Profile.load"
         tensors, doc = _io.read(fn, path, "profile")
-        try:
-            layers, k = doc["layers"], len(doc["class_names"])
-            stats = {}
-            for i, e in enumerate(layers):
-                stats[e["name"]] = {s: _io.expect(fn, path, tensors, f"{i}.{s}", [k] if s == "count" else
-                                                  [k, int(e["n"])], torch.float64) for s in STATS}
-            prof = cls(layers, doc["class_names"], stats, metrics=doc["metrics"], target=doc["target"],
-                       deeplift=doc["deeplift"], num_batches=doc["num_batches"], coupled=doc["coupled"])
-        except (KeyError, TypeError) as e:
-            raise _io.FileFormatError(f"{fn}: {path!r} is not a valid neuslice profile file "
-                                      f"(metadata lacks {e})") from None
-        if doc.get("signature") != prof.signature:
-            raise _io.FileFormatError(f"{fn}: {path!r} is corrupt: its signature does not match its layers")
+        f = _io.Fields(fn, path, "profile", doc, tensors)
+        layer_keys = {"tap": f.str,
+                      "tap_source": lambda v, field: f.str(v, field, ("graph", "module order", "layer")),
+                      "deeplift": lambda v, field: f.str(v, field, _DEEPLIFT, none=True)}
+        layers, heads, names, coupled = cls._common_fields(f, layer_keys)
+        metrics = f.names(f.get("metrics"), "metrics", choices=_BASE_METRICS)
+        deeplift = f.str(f.get("deeplift"), "deeplift", _DEEPLIFT, none=True)
+        if (deeplift is None) != ("deeplift" not in metrics):
+            raise f.error("deeplift", f"is {deeplift!r} but the metrics are {metrics}")
+        for i, e in enumerate(layers):
+            if (e["deeplift"] is None) != (deeplift is None) or (deeplift == "rescale" and e["deeplift"] != deeplift):
+                raise f.error(f"layers[{i}].deeplift", f"is {e['deeplift']!r} but the profile's is {deeplift!r}")
+        k = len(names)
+        stats = {e["name"]: {s: f.tensor(f"{i}.{s}", [k] if s == "count" else [k, e["n"]], torch.float64)
+                             for s in STATS} for i, e in enumerate(layers)}
+        f.no_other_tensors()
+        prof = cls(layers, names, stats, metrics=metrics, target=f.str(f.get("target"), "target", ("logit", "loss")),
+                   deeplift=deeplift, num_batches=f.int(f.get("num_batches"), "num_batches"), coupled=coupled,
+                   heads=heads)
         if model is not None:
-            _io.check_model(fn, prof.layers, model)
+            prof.check_model(fn, model)
         return prof
 
 
@@ -205,14 +233,17 @@ class Slices(_LayerSet):
         sliced: bool ``[K]``: classes that have a critical set. scores: ``{layer: float64 [K, N]}`` used.
         mode: ``"global"``, ``"category"`` or ``"semantic"``; metric; value: p (ratio) or Θ;
         share (ρ), tau (τ), min_keep; coupled: lists of layer names whose channels are kept as one.
+        heads: the model's head layer(s) (``name``, ``type``, ``n``), part of the signature; empty when unknown.
     """
 
     CATEGORIES = merge.CATEGORIES
 
     def __init__(self, layers: List[dict], class_names: Sequence[str], critical: Dict[str, Tensor], sliced: Tensor,
                  scores: Dict[str, Tensor], *, mode: str, metric: str, value: float, share: float = 0.5,
-                 tau: float = 0.5, min_keep: int = 1, coupled: Sequence[Sequence[str]] = ()):
+                 tau: float = 0.5, min_keep: int = 1, coupled: Sequence[Sequence[str]] = (),
+                 heads: Sequence[dict] = ()):
         self.layers = [dict(e) for e in layers]
+        self.heads = [dict(h) for h in heads]
         self.class_names = [str(c) for c in class_names]
         self.critical_sets = critical
         self.sliced = sliced
@@ -275,30 +306,29 @@ class Slices(_LayerSet):
             tensors[f"{i}.scores"] = self.scores[n]
         meta = {"layers": self.layers, "class_names": self.class_names, "mode": self.mode, "metric": self.metric,
                 "value": self.value, "share": self.share, "tau": self.tau, "min_keep": self.min_keep,
-                "coupled": self.coupled, "signature": self.signature}
+                "coupled": self.coupled, "heads": self.heads, "signature": self.signature}
         _io.write("neuslice.Slices.save", path, "slices", tensors, meta)
 
     @classmethod
     def load(cls, path, model: Optional[nn.Module] = None) -> "Slices":
-        """Read slices written by :meth:`save`; with ``model``, check its layers match (else an error naming
-        the layer). Truncated or corrupt files raise; nothing is unpickled."""
+        """Read slices written by :meth:`save`; with ``model``, it must be the model they were made for (else
+        :class:`~neuslice.SignatureError` naming the layer). A truncated, corrupt or invalid file raises
+        :class:`~neuslice.FileFormatError` naming the file and the field (docs/method.md §5); nothing is
+        unpickled."""
         fn = "neuslice.Slices.load"
         tensors, doc = _io.read(fn, path, "slices")
-        try:
-            layers, k = doc["layers"], len(doc["class_names"])
-            crit, scores = {}, {}
-            for i, e in enumerate(layers):
-                crit[e["name"]] = _io.expect(fn, path, tensors, f"{i}.critical", [k, int(e["n"])], torch.bool)
-                scores[e["name"]] = _io.expect(fn, path, tensors, f"{i}.scores", [k, int(e["n"])], torch.float64)
-            sliced = _io.expect(fn, path, tensors, "sliced", [k], torch.bool)
-            out = cls(layers, doc["class_names"], crit, sliced, scores, mode=doc["mode"], metric=doc["metric"],
-                      value=doc["value"], share=doc["share"], tau=doc["tau"], min_keep=doc["min_keep"],
-                      coupled=doc["coupled"])
-        except (KeyError, TypeError) as e:
-            raise _io.FileFormatError(f"{fn}: {path!r} is not a valid neuslice slices file "
-                                      f"(metadata lacks {e})") from None
-        if doc.get("signature") != out.signature or not math.isfinite(out.value):
-            raise _io.FileFormatError(f"{fn}: {path!r} is corrupt: its signature does not match its layers")
+        f = _io.Fields(fn, path, "slices", doc, tensors)
+        layers, heads, names, coupled = cls._common_fields(f, {})
+        k = len(names)
+        crit = {e["name"]: f.tensor(f"{i}.critical", [k, e["n"]], torch.bool) for i, e in enumerate(layers)}
+        scores = {e["name"]: f.tensor(f"{i}.scores", [k, e["n"]], torch.float64) for i, e in enumerate(layers)}
+        sliced = f.tensor("sliced", [k], torch.bool)
+        f.no_other_tensors()
+        out = cls(layers, names, crit, sliced, scores, mode=f.str(f.get("mode"), "mode", _MODES),
+                  metric=f.str(f.get("metric"), "metric", _metrics.METRICS),
+                  value=f.number(f.get("value"), "value", 0.0, 1.0, open_lo=True),
+                  share=f.number(f.get("share"), "share", 0.0, 1.0), tau=f.number(f.get("tau"), "tau", 0.0, 1.0),
+                  min_keep=f.int(f.get("min_keep"), "min_keep"), coupled=coupled, heads=heads)
         if model is not None:
-            _io.check_model(fn, out.layers, model)
+            out.check_model(fn, model)
         return out

@@ -61,7 +61,7 @@ def _build(profile: Profile, crit: Dict[str, Tensor], sliced_idx: List[int], sco
     crit = _couple({n: c.cpu() for n, c in crit.items()}, profile.coupled)
     layers = [{k: e[k] for k in ("name", "type", "weight_shape", "n")} for e in profile.layers]
     return Slices(layers, profile.class_names, crit, sliced, {n: s.double().cpu() for n, s in scores.items()},
-                  coupled=profile.coupled, **kw)
+                  coupled=profile.coupled, heads=profile.heads, **kw)
 
 
 def global_slice(profile: Profile, metric: str, ratio: float, *, min_keep: int = 1) -> Slices:

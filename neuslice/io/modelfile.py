@@ -32,10 +32,10 @@ from ..engine.graph import discover
 from ..maintain import RestructuredModel, TaskAwareModel
 from . import container
 from .container import FileFormatError
-from .data import _fail
+from .data import DataFileError
 
 __all__ = ["register_factory", "FACTORIES", "SHAPE_FIELDS", "FactoryError", "MissingFactoryError", "resolve_factory",
-           "build_model", "read_weights", "save_model", "load_model"]
+           "build_model", "read_weights", "save_model", "load_model", "WeightsFileError"]
 
 
 class FactoryError(NeusliceError, ValueError):
@@ -139,21 +139,42 @@ def _neuslice_meta(raw: bytes) -> Optional[dict]:
         return None
 
 
+class WeightsFileError(container.FileFormatError, DataFileError):
+    """A weights file that is neither a neuslice model file, nor plain safetensors, nor a state dict that
+    ``torch.load(weights_only=True)`` reads (truncated, corrupt, a pickled module)."""
+
+
+def _unreadable(path, problem: str) -> WeightsFileError:
+    return WeightsFileError(f"{os.fspath(path)}: {problem}")
+
+
+# Any one of these in a file's header marks it as written by neuslice: a single damaged byte can hide one
+# of them, never all, so a damaged neuslice file is never mistaken for a plain weights file.
+_NEUSLICE_MARKS = (b'"neuslice"', b'"sha256"', b"format_version")
+
+
+def _written_by_neuslice(raw: bytes) -> bool:
+    if raw[:2] == b"PK":                 # a torch.save zip (whose entries include a .format_version)
+        return False
+    n = int.from_bytes(raw[:8], "little") if len(raw) >= 8 else 0
+    head = raw[:max(8 + n if 2 <= n <= len(raw) - 8 else 0, 1 << 20)]   # a damaged length: the first MiB
+    return any(m in head for m in _NEUSLICE_MARKS)
+
+
 def read_weights(path) -> Tuple[dict, Optional[dict]]:
     """``(state dict, neuslice metadata or None)`` from safetensors or a ``torch.load(weights_only=True)`` file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     raw = path.read_bytes()
+    if _written_by_neuslice(raw):        # checked and read whole by the container: a damaged one is an error
+        return container.read("neuslice.io.read_weights", path, "model")
     header = _neuslice_meta(raw)
     if header is not None:
-        if "neuslice" in (header.get("__metadata__") or {}):
-            tensors, doc = container.read("neuslice.io.read_weights", path, "model")
-            return tensors, doc
         try:
             return st_load(raw), None
         except Exception as e:   # safetensors raises its own error types
-            raise _fail(path, f"not a valid safetensors file (truncated or corrupt: {e})") from None
+            raise _unreadable(path, f"not a valid safetensors file (truncated or corrupt: {e})") from None
     return _torch_state(path), None
 
 
@@ -161,7 +182,7 @@ def _torch_state(path: Path) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:   # pickle refusals, zip errors, truncation: all mean "not a weights file"
-        raise _fail(path, "not a safetensors file nor a state dict that torch.load(weights_only=True) accepts "
+        raise _unreadable(path, "not a safetensors file nor a state dict that torch.load(weights_only=True) accepts "
                           f"(a pickled module is refused; save model.state_dict()): {str(e).splitlines()[0]}") from None
     if isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
         for key in ("state_dict", "model", "model_state_dict"):
@@ -169,7 +190,7 @@ def _torch_state(path: Path) -> dict:
                 obj = obj[key]
                 break
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise _fail(path, f"holds a {type(obj).__name__}, not a state dict (a dict of names to tensors)")
+        raise _unreadable(path, f"holds a {type(obj).__name__}, not a state dict (a dict of names to tensors)")
     return obj
 
 

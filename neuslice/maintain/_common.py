@@ -18,7 +18,6 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from .. import ops
 from ..engine.graph import NORMS, LayerInfo, Plan, discover
-from ..io.container import check_model
 from ..engine.evaluate import accuracy, restricted_predict
 from ..engine.capture import call_model
 from ..engine.hooks import per_neuron
@@ -63,7 +62,7 @@ def check_slices(fn: str, slices, model: nn.Module) -> None:
     """``slices`` must be a :class:`Slices` made for ``model`` (SignatureError naming the layer otherwise)."""
     if not isinstance(slices, Slices):
         raise TypeError(f"{fn}: slices must be a neuslice.Slices, got {type(slices).__name__}")
-    check_model(fn, slices.layers, model)
+    slices.check_model(fn, model)
 
 
 def check_positive(fn: str, name: str, value, *, integer: bool = False, zero: bool = False) -> None:
