@@ -16,7 +16,8 @@ from ..maintain import RestructuredModel, TaskAwareModel, incremental, readapt
 from ..maintain._common import head_module
 from . import report
 from .common import (RestructureOptions, UsageError, acc, bar, class_list, emit, factory_of, head_outputs, kv,
-                     load_data_of, load_model_of, model_args, resolve_device, run_restructure, write_text_atomic)
+                     load_data_of, load_model_of, model_args, resolve_device, run_restructure, train_bar,
+                     write_text_atomic)
 from .demo import DemoConfig, run_demo
 from .report import make_slices, print_layers, print_summary, slices_summary
 
@@ -34,7 +35,7 @@ def _profile_classes(model, ds) -> list:
 
 def cmd_profile(args) -> int:
     model = load_model_of(args)
-    ds = load_data_of(args, args.data)
+    ds = load_data_of(args, args.data, model=model)
     layers = [n.strip() for n in args.layers.split(",")] if args.layers else None
     names = _profile_classes(model, ds)
     prof = neuslice.profile(model, bar(args, ds, "profile"), len(names), class_names=names,
@@ -86,7 +87,7 @@ def _bar_or_none(args, ds, desc: str):
 
 def cmd_restructure(args) -> int:
     model, slices, names = _model_and_slices(args)
-    train, test = load_data_of(args, args.data, names), load_data_of(args, args.test_data, names)
+    train, test = (load_data_of(args, s, names, model) for s in (args.data, args.test_data))
     keep = class_list(args.keep, names, "--keep")
     opts = RestructureOptions(mode=args.mode, input_shape=args.input_shape, finetune_epochs=args.finetune_epochs,
                               lr=args.lr, compress=args.compress, compress_method=args.compress_method)
@@ -99,12 +100,13 @@ def cmd_readapt(args) -> int:
     tune = class_list(args.tune, names, "--tune") if args.tune else None
     if args.replay is not None and args.replay_data is None:
         raise UsageError(f"--replay {args.replay} needs --replay-data (the original training data)")
-    data, orig, new_test, old = (load_data_of(args, s, names) for s in
+    data, orig, new_test, old = (load_data_of(args, s, names, model) for s in
                                  (args.data, args.test_data, args.new_test_data, args.replay_data))
-    new, rep = readapt(model, slices, bar(args, data, "readapt", shuffle=True), classes=tune, epochs=args.epochs,
-                       lr=args.lr, optimizer=args.optimizer, eval_data=_bar_or_none(args, orig, "eval original"),
-                       new_eval_data=_bar_or_none(args, new_test, "eval new"), replay=args.replay,
-                       replay_data=_bar_or_none(args, old, "replay"))
+    with train_bar(args, data, "readapt") as train:   # new samples are scored on --data by default: a bar of its own
+        new, rep = readapt(model, slices, train, classes=tune, epochs=args.epochs, lr=args.lr,
+                           optimizer=args.optimizer, eval_data=_bar_or_none(args, orig, "eval original"),
+                           new_eval_data=bar(args, new_test or data, "eval new"), replay=args.replay,
+                           replay_data=_bar_or_none(args, old, "replay"))
     return _save_result(args, model, new, "readapt", rep.as_dict())
 
 
@@ -115,32 +117,54 @@ def cmd_incremental(args) -> int:
     except ValueError as e:
         raise UsageError(str(e)) from None
     new_classes = class_list(args.new_classes, names, "--new-classes")
-    data, replay, test_a, test_b = (load_data_of(args, s, names) for s in
+    data, replay, test_a, test_b = (load_data_of(args, s, names, model) for s in
                                     (args.data, args.replay_data, args.test_a, args.test_b))
     if (args.replay is None) != (replay is None):
         raise UsageError("--replay and --replay-data go together")
-    out, rep = incremental(model, slices, bar(args, data, "incremental", shuffle=True), new_classes=new_classes,
-                           replay=args.replay, replay_data=_bar_or_none(args, replay, "replay"),
-                           epochs=args.epochs, lr=args.lr, eval_data=_bar_or_none(args, test_a, "eval task A"),
-                           new_eval_data=_bar_or_none(args, test_b, "eval task B"))
+    with train_bar(args, data, "incremental") as train:
+        out, rep = incremental(model, slices, train, new_classes=new_classes, replay=args.replay,
+                               replay_data=_bar_or_none(args, replay, "replay"), objective=args.objective,
+                               epochs=args.epochs, lr=args.lr, optimizer=args.optimizer,
+                               eval_data=_bar_or_none(args, test_a, "eval task A"),
+                               new_eval_data=_bar_or_none(args, test_b, "eval task B"))
     return _save_result(args, model, out, "incremental", rep.as_dict())
+
+
+def _task_predict(model, task):
+    return lambda x: model.predict(x, task=task)
+
+
+def _scored(ds, classes) -> int:
+    """How many samples of ``ds`` an accuracy over ``classes`` counts (None: all)."""
+    return len(ds.y) if classes is None else int(torch.isin(ds.y, torch.as_tensor(classes)).sum())
 
 
 def cmd_predict(args) -> int:
     model = load_model_of(args)
-    ds = load_data_of(args, args.data)
-    if isinstance(model, TaskAwareModel):
-        task = args.task
-        if task is not None and task not in model.tasks:
-            raise UsageError(f"--task {task!r}: the model's tasks are {sorted(model.tasks)}")
-        predict, classes = (lambda x: model.predict(x, task=task)), (model.tasks[task] if task else None)
+    ds = load_data_of(args, args.data, model=model)
+    tasks = model.tasks if isinstance(model, TaskAwareModel) else None
+    if args.task is not None and (tasks is None or args.task not in tasks):
+        valid = f"the model's tasks are {list(tasks)}" if tasks else \
+            "this model has no tasks (only models written by incremental do)"
+        raise UsageError(f"--task {args.task!r}: {valid}")
+    if tasks is not None:
+        # without --task: every neuron, argmax over all classes' logits, i.e. the task is inferred
+        predict, classes = _task_predict(model, args.task), tasks.get(args.task, sorted(sum(tasks.values(), [])))
+        how = f"task {args.task}" if args.task else "task-inferred: every neuron, argmax over every class"
     elif isinstance(model, RestructuredModel):
-        predict, classes = model.predict, model.class_map.tolist()
+        predict, classes, how = model.predict, model.class_map.tolist(), "the restructured model's classes"
     else:
-        predict, classes = (lambda x: model(x).argmax(-1)), None
+        predict, classes, how = (lambda x: model(x).argmax(-1)), None, "every class"
     preds = torch.cat([predict(x) for x, _ in bar(args, ds, "predict")])
+    scored = _scored(ds, classes)
     result = {"data": ds.source, "samples": int(preds.numel()), "accuracy": acc(predict, ds, args, classes),
-              "classes": classes}
+              "accuracy_samples": scored, "accuracy_of": how, "classes": classes}
+    if scored != len(ds.y):
+        result["note"] = (f"predictions cover all {len(ds.y)} samples; the accuracy counts the {scored} labelled "
+                          f"in {classes}")
+    if tasks is not None and args.task is None:
+        result["accuracy_by_task"] = {t: acc(_task_predict(model, t), ds, args, c, f"evaluate task {t}")
+                                      if _scored(ds, c) else None for t, c in tasks.items()}
     if args.out:
         lines = ["index,label,prediction"] + [f"{i},{int(y)},{int(p)}" for i, (y, p) in enumerate(zip(ds.y, preds))]
         write_text_atomic(args.out, "\n".join(lines) + "\n")
@@ -158,9 +182,9 @@ def cmd_report(args) -> int:
         if prof is None or not (args.model or args.weights):
             raise UsageError("accuracy curves (--test-data) need --profile and --model/--weights")
         model = load_model_of(args)
-        test = load_data_of(args, args.test_data, slices.class_names)
-        curves = report.accuracy_curves(model, prof, bar(args, test, "curves"), slices.metric,
-                                        report.default_subsets(slices))
+        test = load_data_of(args, args.test_data, slices.class_names, model)
+        curves = report.accuracy_curves(model, prof, bar(args, test, "read test data"), slices.metric,
+                                        report.default_subsets(slices), progress=not args.quiet)
     maint = report.load_results(args.results or [])
     summary = {"profile": args.profile, "slices": args.slices, **slices_summary(slices)}
     index = report.write_report(Path(args.out), slices=slices, curves=curves, maintenance=maint, summary=summary)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import sys
+import warnings
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
@@ -17,12 +19,12 @@ from ..engine.evaluate import accuracy, restricted_predict
 from ..io.data import data_paths, load_data, parse_classes
 from ..io.modelfile import MissingFactoryError, load_model, read_weights
 from ..maintain import compress, finetune, restructure
-from .progress import Progress
+from .progress import Progress, TrainProgress
 from .report import REPORT_FILES
 
-__all__ = ["UsageError", "RunOptions", "RestructureOptions", "run_restructure", "bar", "model_args", "load_model_of",
-           "factory_of", "load_data_of", "default_threads", "resolve_device", "head_outputs", "class_list", "acc",
-           "emit", "kv", "example_input", "check_outputs", "write_text_atomic"]
+__all__ = ["UsageError", "RunOptions", "RestructureOptions", "run_restructure", "bar", "train_bar", "model_args",
+           "load_model_of", "factory_of", "load_data_of", "check_inputs", "say", "default_threads", "resolve_device",
+           "head_outputs", "class_list", "acc", "emit", "kv", "example_input", "check_outputs", "write_text_atomic"]
 
 
 @dataclass
@@ -40,6 +42,13 @@ class UsageError(Exception):
 def bar(args, ds, desc: str, *, shuffle: bool = False) -> Progress:
     loader = ds.loader(args.batch_size, shuffle=shuffle, seed=getattr(args, "seed", 0))
     return Progress(loader, desc, enabled=not args.quiet)
+
+
+def train_bar(args, ds, desc: str) -> TrainProgress:
+    """The shuffled training data of an operator: ``with train_bar(...) as data: op(model, data, ...)`` shows the
+    label check, then each epoch with its loss."""
+    loader = ds.loader(args.batch_size, shuffle=True, seed=getattr(args, "seed", 0))
+    return TrainProgress(loader, desc, enabled=not args.quiet)
 
 
 def model_args(args) -> Optional[dict]:
@@ -180,10 +189,51 @@ def write_text_atomic(path, text: str) -> None:
         raise
 
 
-def load_data_of(args, spec: Optional[str], names: Optional[Sequence[str]] = None):
+def say(args, kind: str, text: str) -> None:
+    """One line on stderr, ``neuslice COMMAND: KIND: text``; notes are hidden by ``--quiet``, warnings never."""
+    if kind == "note" and getattr(args, "quiet", False):
+        return
+    print(f"neuslice {getattr(args, 'command', '')}: {kind}: {text}", file=sys.stderr)
+
+
+def load_data_of(args, spec: Optional[str], names: Optional[Sequence[str]] = None, model=None):
+    """The data set ``spec`` as the data options say (``--classes``, ``--normalize``, ``--data-classes``), its
+    notes and warnings printed; with ``model``, checked to be inputs ``model`` can take."""
     if spec is None:
         return None
-    return load_data(spec, parse_classes(getattr(args, "classes", None)) or names)
+    declared = parse_classes(getattr(args, "classes", None)) or names
+    norm = getattr(args, "normalize", None)   # (means, stds), parsed by io.data.parse_normalize
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = load_data(spec, declared, normalize=norm)
+        if getattr(args, "data_classes", None):
+            ds = ds.subset(class_list(args.data_classes, ds.class_names, "--data-classes"))
+            if ds.y.numel() == 0:
+                raise ValueError(f"{spec}: holds no sample of --data-classes {args.data_classes}")
+    for note in ds.notes:
+        say(args, "note", note)
+    for w in caught:
+        say(args, "warning", str(w.message))
+    if model is not None:
+        check_inputs(model, ds)
+    return ds
+
+
+def check_inputs(model, ds) -> None:
+    """Run ``model`` on two samples of ``ds``: an error naming the data, its shape and how it was read, instead of
+    a layer's error deep in the run, when the model cannot take them."""
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(ds.x[:2])
+    except (RuntimeError, ValueError, TypeError) as e:
+        how = f" ({'; '.join(ds.notes)})" if ds.notes else ""
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{ds.source}: the model cannot take these inputs: one sample is {list(ds.x.shape[1:])}"
+                         f"{how}; the model said: {first}") from None
+    finally:
+        model.train(was)
 
 
 def class_list(text: str, names: Sequence[str], option: str) -> List[int]:
@@ -253,13 +303,14 @@ def run_restructure(run, opts: RestructureOptions, model, slices, keep: List[int
     if opts.finetune_epochs:
         if tr is None:
             raise UsageError("--finetune-epochs needs --data (the training data of the kept classes)")
-        new, _ = finetune(new, bar(run, tr, "finetune", shuffle=True), epochs=opts.finetune_epochs, lr=opts.lr)
+        with train_bar(run, tr, "finetune") as data:
+            new, _ = finetune(new, data, epochs=opts.finetune_epochs, lr=opts.lr)
         res["accuracy_finetuned"] = acc(new.predict, te, run, keep, "eval finetuned")
     if opts.compress is not None:
         if tr is None:
             raise UsageError("--compress needs --data (the training data of the kept classes)")
-        new, rep = compress(new, bar(run, tr, "compress", shuffle=True), opts.compress,
-                            method=opts.compress_method, lr=opts.lr,
-                            eval_data=bar(run, te or tr, "eval compress"))
+        with train_bar(run, tr, "compress") as data:
+            new, rep = compress(new, data, opts.compress, method=opts.compress_method, lr=opts.lr,
+                                eval_data=bar(run, te or tr, "eval compress"))
         res["compress"] = {k: v for k, v in rep.as_dict().items() if k != "history"}
     return new, res

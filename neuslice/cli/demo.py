@@ -22,7 +22,7 @@ from ..io.modelfile import save_model
 from ..maintain import incremental, readapt
 from ..models import build, fit
 from . import report
-from .common import RestructureOptions, RunOptions, acc, bar, run_restructure
+from .common import RestructureOptions, RunOptions, acc, bar, run_restructure, train_bar
 from .report import make_slices, slices_summary
 
 __all__ = ["DemoConfig", "run_demo"]
@@ -66,9 +66,9 @@ def _maintenance(cfg: DemoConfig, run: RunOptions, model, slices, train: Dataset
     out = {"restructure": res}
     new_tr, new_te = (Dataset(_corrupt(d.x, cfg.seed), d.y, d.class_names, f"{d.source} shifted, noisy")
                       .subset(keep) for d in (train, test))
-    _, rep = readapt(model, slices, bar(run, new_tr, "readapt", shuffle=True),
-                     epochs=min(cfg.readapt_epochs, cfg.epochs), lr=cfg.readapt_lr,
-                     eval_data=bar(run, test, "eval clean"), new_eval_data=bar(run, new_te, "eval new"))
+    with train_bar(run, new_tr, "readapt") as data:
+        _, rep = readapt(model, slices, data, epochs=min(cfg.readapt_epochs, cfg.epochs), lr=cfg.readapt_lr,
+                         eval_data=bar(run, test, "eval clean"), new_eval_data=bar(run, new_te, "eval new"))
     out["readapt"] = {**rep.as_dict(), "new_samples": f"digits {keep} shifted by (1, 1) pixels plus N(0, 0.1^2) noise"}
     a, b = list(cfg.task_a), list(cfg.task_b)
     model_a = fit(build(cfg.model, seed=cfg.seed).to(cfg.device), bar(run, train.subset(a), "train task A", shuffle=True),
@@ -76,10 +76,10 @@ def _maintenance(cfg: DemoConfig, run: RunOptions, model, slices, train: Dataset
     prof_a = neuslice.profile(model_a, bar(run, train.subset(a), "profile task A"), train.num_classes,
                               class_names=train.class_names, progress=False)
     slices_a = neuslice.semantic_slice(prof_a, slices.metric, cfg.incremental_theta, classes=a)
-    _, rep = incremental(model_a, slices_a, bar(run, train.subset(b), "incremental", shuffle=True),
-                         new_classes=b, epochs=min(cfg.incremental_epochs, cfg.epochs), lr=cfg.incremental_lr,
-                         eval_data=bar(run, test.subset(a), "eval task A"),
-                         new_eval_data=bar(run, test.subset(b), "eval task B"))
+    with train_bar(run, train.subset(b), "incremental") as data:
+        _, rep = incremental(model_a, slices_a, data, new_classes=b, epochs=min(cfg.incremental_epochs, cfg.epochs),
+                             lr=cfg.incremental_lr, eval_data=bar(run, test.subset(a), "eval task A"),
+                             new_eval_data=bar(run, test.subset(b), "eval task B"))
     out["incremental"] = rep.as_dict()
     return out
 

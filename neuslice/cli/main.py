@@ -19,6 +19,7 @@ import torch
 from .._errors import NeusliceError
 from .._version import __version__
 from ..engine.metrics import METRICS
+from ..io.data import parse_normalize
 from . import commands
 from .common import UsageError, default_threads, check_outputs
 
@@ -59,6 +60,9 @@ _POSITIVE_INT = _checked(int, lambda v: v >= 1, "an integer >= 1")
 _COUNT = _checked(int, lambda v: v >= 0, "an integer >= 0")
 _METRIC_LIST = _checked(lambda t: [m.strip() for m in t.split(",")], lambda v: bool(v) and set(v) <= set(METRICS),
                         f"a comma-separated subset of {', '.join(METRICS)}")
+_NORMALIZE = _checked(parse_normalize, lambda v: all(math.isfinite(m) for m in v[0]) and
+                      all(math.isfinite(d) and d > 0 for d in v[1]),
+                      "MEAN,STD or M1,...,MC,S1,...,SC: an even count of numbers, stds > 0")
 _SHAPE = _checked(str, lambda t: all(s.strip().isdigit() and int(s) >= 1 for s in t.split(",")),
                   "comma-separated positive integers, e.g. 1,28,28")
 
@@ -104,6 +108,17 @@ def _data_opts(p, required: bool = True, what: str = "data") -> None:
                         "holding one, an .npz with x and y, or an image folder tree (one folder per class)")
     p.add_argument("--classes", help="class names, comma-separated or @FILE (one per line); a label outside "
                                      "them is an error")
+    _input_opts(p)
+
+
+def _input_opts(p) -> None:
+    """How every data option of the command is read: normalisation and a class subset."""
+    p.add_argument("--normalize", metavar="MEAN,STD", type=_NORMALIZE,
+                   help="standardise the inputs, (x - mean) / std: MEAN,STD for every channel (e.g. 0.1307,0.3081) "
+                        "or M1,...,MC,S1,...,SC per channel (C means, then C stds); applies to every data option")
+    p.add_argument("--data-classes", metavar="CLASSES",
+                   help="keep only these classes (indices or names, comma-separated) of every data option; labels "
+                        "keep their class ids")
 
 
 def _train_opts(p, epochs: int, lr: float) -> None:
@@ -195,6 +210,10 @@ def _parsers_maintain(sub) -> None:
     p.add_argument("--replay-data", help="task-A training data for --replay")
     p.add_argument("--test-a", help="task-A test data")
     p.add_argument("--test-b", help="task-B test data")
+    p.add_argument("--objective", default="task", choices=("task", "joint"),
+                   help="task: each sample's cross-entropy over its own task's logits; joint: over old and new "
+                        "classes together (default: task)")
+    p.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd"))
     _train_opts(p, 10, 3e-3)
     p.add_argument("--out", default="incremental.safetensors", help="model file to write")
     _common(p)
@@ -218,6 +237,7 @@ def _parsers_output(sub) -> None:
     _model_opts(p, required=False)
     p.add_argument("--test-data", help="test data for the accuracy/compression curves")
     p.add_argument("--classes", help="class names of --test-data")
+    _input_opts(p)
     p.add_argument("--results", nargs="*", help="model files written by restructure/readapt/incremental, or "
                                                 "their --json output")
     p.add_argument("--out", default="neuslice-report", help="report folder (default: ./neuslice-report)")

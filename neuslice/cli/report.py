@@ -19,7 +19,7 @@ import torch
 from .progress import Progress
 
 __all__ = ["THETAS", "RATIOS", "REPORT_FILES", "make_slices", "slices_summary", "default_subsets", "accuracy_curves",
-           "load_results", "write_report", "figures_of", "print_layers", "print_summary"]
+           "load_results", "maintenance_bars", "write_report", "figures_of", "print_layers", "print_summary"]
 
 THETAS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
 RATIOS = (0.1, 0.2, 0.3, 0.5, 0.7, 0.9)
@@ -180,9 +180,11 @@ def print_summary(s: Dict) -> None:
               f"{r['orig_acc_before']:.4f} → {r['orig_acc_after']:.4f}")
     if "incremental" in m:
         r = m["incremental"]
-        print(f"{'incremental':<13}task A {r['old_classes']}: {r['task_a_acc_before']:.4f} → "
-              f"{r['task_a_acc_after']:.4f}; task B {r['new_classes']}: {r['task_b_acc_before']:.4f} → "
-              f"{r['task_b_acc_after']:.4f} ({r['free_fraction']:.1%} neurons free at theta {r['theta']})")
+        sliced = f", task-A slice {_num(r.get('task_a_acc_slice'))}" if "task_a_acc_slice" in r else ""
+        print(f"{'incremental':<13}task A {r['old_classes']}: original model {_num(r['task_a_acc_before'])}"
+              f"{sliced}, after learning B {_num(r['task_a_acc_after'])}; task B {r['new_classes']}: original model "
+              f"{_num(r['task_b_acc_before'])}, after learning B {_num(r['task_b_acc_after'])} "
+              f"({r['free_fraction']:.1%} neurons free at theta {r['theta']})")
     print(f"({s['seconds']} s)")
 
 
@@ -263,17 +265,40 @@ def fig_curves(curves: Dict[str, List[Dict]], path: Path) -> str:
     return _save(fig, path)
 
 
-def _bars(ax, title: str, labels: List[str], before: List, after: List, names=("before", "after")) -> None:
-    xs = range(len(labels))
-    for off, vals, name in ((-0.2, before, names[0]), (0.2, after, names[1])):
-        ax.bar([x + off for x in xs], [0.0 if v is None else v for v in vals], width=0.38, label=name)
+def _bars(ax, title: str, labels: List[str], series: Dict[str, List]) -> None:
+    """Grouped bars: one group per label, one bar per series ``{name: values}`` (None: "n/a")."""
+    xs, width = range(len(labels)), 0.8 / len(series)
+    for j, (name, vals) in enumerate(series.items()):
+        off = (j - (len(series) - 1) / 2) * width
+        ax.bar([x + off for x in xs], [0.0 if v is None else v for v in vals], width=width * 0.95, label=name)
         for x, v in zip(xs, vals):
             ax.text(x + off, 0.02 if v is None else v + 0.02, "n/a" if v is None else f"{v:.2f}", ha="center",
                     fontsize=6)
     ax.set_xticks(list(xs), labels, fontsize=7)
     ax.set_ylim(0, 1.3)
     ax.set_title(title, fontsize=8)
-    ax.legend(fontsize=7, loc="upper center", ncol=2)
+    ax.legend(fontsize=6, loc="upper center", ncol=len(series))
+
+
+def maintenance_bars(t: str, r: Dict) -> tuple:
+    """``(title, group labels, {series: values})`` of the maintenance figure's panel for task ``t``: each bar
+    names the model it scores (restructured and fine-tuned apart; the original model, the task-A slice and
+    the slice after learning B apart)."""
+    if t == "restructure":
+        kept = 1.0 - r["compression_rate"]
+        series = {"original": [1.0, r["accuracy_original"]], "restructured": [kept, r["accuracy_restructured"]]}
+        if r.get("accuracy_finetuned") is not None:
+            series["fine-tuned"] = [kept, r["accuracy_finetuned"]]
+        return f"restructure: keep {r['classes']}", ["params (share)", "accuracy"], series
+    if t == "readapt":
+        return (f"readapt: {r['trainable_fraction']:.0%} of params trained", ["new samples", "original data"],
+                {"before": [r["new_acc_before"], r["orig_acc_before"]],
+                 "after": [r["new_acc_after"], r["orig_acc_after"]]})
+    series = {"original model": [r["task_a_acc_before"], r["task_b_acc_before"]]}
+    if r.get("task_a_acc_slice") is not None:
+        series["task-A slice"] = [r["task_a_acc_slice"], None]
+    series["after learning B"] = [r["task_a_acc_after"], r["task_b_acc_after"]]
+    return f"incremental: theta {r['theta']}", ["task A", "task B"], series
 
 
 def fig_maintenance(m: Dict[str, Dict], path: Path) -> str:
@@ -281,18 +306,7 @@ def fig_maintenance(m: Dict[str, Dict], path: Path) -> str:
     tasks = [t for t in _KEYS if t in m]
     fig, axes = plt.subplots(1, len(tasks), figsize=(3.8 * len(tasks), 3.4), squeeze=False)
     for ax, t in zip(axes[0], tasks):
-        r = m[t]
-        if t == "restructure":
-            kept = 1.0 - r["compression_rate"]
-            after = r["accuracy_finetuned"] if r.get("accuracy_finetuned") is not None else r["accuracy_restructured"]
-            _bars(ax, f"restructure: keep {r['classes']}", ["params (share)", "accuracy"],
-                  [1.0, r["accuracy_original"]], [kept, after], ("original", "restructured"))
-        elif t == "readapt":
-            _bars(ax, f"readapt: {r['trainable_fraction']:.0%} of params trained", ["new samples", "original data"],
-                  [r["new_acc_before"], r["orig_acc_before"]], [r["new_acc_after"], r["orig_acc_after"]])
-        else:
-            _bars(ax, f"incremental: theta {r['theta']}", ["task A", "task B"],
-                  [r["task_a_acc_before"], r["task_b_acc_before"]], [r["task_a_acc_after"], r["task_b_acc_after"]])
+        _bars(ax, *maintenance_bars(t, m[t]))
         ax.set_ylabel("fraction")
     return _save(fig, path)
 
@@ -328,7 +342,9 @@ _CAPTIONS = {
                   "each outlined block is one semantic group.",
     "curves": "Accuracy on the kept classes against the fraction of parameters the slice removes, for global, "
               "category-wise and semantic slicing (means over class pairs; masked models, no fine-tuning).",
-    "maintenance": "Maintenance results: restructuring, re-adaptation and incremental development.",
+    "maintenance": "Maintenance results: restructuring (the original model, the restructured model before any "
+                   "fine-tuning, and fine-tuned when it was), re-adaptation, and incremental development (task A: "
+                   "the original model, its task-A slice, and that slice after learning task B).",
 }
 
 

@@ -13,17 +13,22 @@ Formats (``load_data(spec)``):
   header before it is decoded).
 
 Images become float32 ``[N, C, H, W]`` (``[N, 1, H, W]`` for grey images) scaled to [0, 1] when stored
-as bytes; labels int64 ``[N]``. A malformed file raises :class:`DataFileError` naming the file and the
-problem.
+as bytes; labels int64 ``[N]``. An ``.npz`` ``x`` of shape ``[N, H, W]`` is read as grey images
+``[N, 1, H, W]`` (a note in :attr:`Dataset.notes` says so). A malformed file raises
+:class:`DataFileError` naming the file and the problem. Float inputs that look neither scaled to [0, 1]
+nor standardised give a :class:`UnscaledDataWarning`; ``normalize=(mean, std)`` (or
+:meth:`Dataset.normalize`) standardises per channel, and ``classes=`` (or :meth:`Dataset.subset`) keeps a
+class subset with its class ids.
 
 """
 from __future__ import annotations
 
 import gzip
 import os
+import warnings
 import zipfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
@@ -34,7 +39,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from .._errors import NeusliceError
 from .digits import DIGITS_CLASSES, load_digits
 
-__all__ = ["DataFileError", "Dataset", "load_data", "data_paths", "read_idx", "load_idx_pair", "load_npz",
+__all__ = ["DataFileError", "UnscaledDataWarning", "Dataset", "parse_normalize", "load_data", "data_paths", "read_idx", "load_idx_pair", "load_npz",
            "load_image_folder", "parse_classes", "IMAGE_SUFFIXES", "MAX_IMAGE_PIXELS"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
@@ -50,13 +55,19 @@ class DataFileError(NeusliceError, ValueError):
     """A data file is malformed (bad magic number, truncated, counts that disagree, labels out of range)."""
 
 
+class UnscaledDataWarning(UserWarning):
+    """Float inputs whose range says they were neither scaled to [0, 1] nor standardised."""
+
+
 @dataclass
 class Dataset:
-    """Inputs float32 ``x [N, ...]``, labels int64 ``y [N]``, K class names, and where it came from."""
+    """Inputs float32 ``x [N, ...]``, labels int64 ``y [N]``, K class names, where it came from, and notes on
+    how it was read (e.g. ``[N, H, W]`` taken as grey images ``[N, 1, H, W]``)."""
     x: torch.Tensor
     y: torch.Tensor
     class_names: List[str]
     source: str
+    notes: List[str] = field(default_factory=list)
 
     @property
     def num_classes(self) -> int:
@@ -67,8 +78,26 @@ class Dataset:
         return DataLoader(TensorDataset(self.x, self.y), batch_size=batch_size, shuffle=shuffle, generator=gen)
 
     def subset(self, classes: Sequence[int]) -> "Dataset":
+        """The samples labelled in ``classes`` (class indices); labels keep their class ids."""
         keep = torch.isin(self.y, torch.as_tensor(list(classes), dtype=torch.int64))
-        return Dataset(self.x[keep], self.y[keep], self.class_names, f"{self.source} (classes {list(classes)})")
+        return Dataset(self.x[keep], self.y[keep], self.class_names, f"{self.source} (classes {list(classes)})",
+                       list(self.notes))
+
+    def normalize(self, mean, std) -> "Dataset":
+        """``(x - mean) / std`` per channel (axis 1): ``mean``/``std`` are numbers (every channel) or sequences of
+        one value per channel. Returns a new Dataset."""
+        m, s = (torch.as_tensor(v, dtype=torch.float32).flatten() for v in (mean, std))
+        channels = self.x.shape[1] if self.x.dim() >= 2 else 1
+        for name, v in (("mean", m), ("std", s)):
+            if v.numel() not in (1, channels):
+                raise ValueError(f"{self.source}: normalize {name} has {v.numel()} values; the data has {channels} "
+                                 f"channel(s) (x {list(self.x.shape)}): give 1 or {channels}")
+        if not bool(torch.isfinite(m).all()) or not bool((s > 0).all()) or not bool(torch.isfinite(s).all()):
+            raise ValueError(f"{self.source}: normalize needs finite means and stds > 0, got {m.tolist()}, {s.tolist()}")
+        shape = [1, -1] + [1] * (self.x.dim() - 2)
+        x = (self.x - m.view(shape)) / s.view(shape) if self.x.dim() >= 2 else (self.x - m) / s
+        return Dataset(x, self.y, self.class_names, self.source,
+                       self.notes + [f"normalized with mean {m.tolist()} and std {s.tolist()}"])
 
 
 def _fail(path, problem: str) -> DataFileError:
@@ -154,7 +183,8 @@ def load_idx_pair(images) -> Tuple[torch.Tensor, torch.Tensor, str]:
 
 
 def load_npz(path) -> Tuple[torch.Tensor, torch.Tensor, Optional[List[str]]]:
-    """``(x, y, class names or None)`` from an ``.npz`` with ``x`` ``[N, ...]`` and ``y`` ``[N]`` (no pickles)."""
+    """``(x, y, class names or None)`` from an ``.npz`` with ``x`` ``[N, ...]`` and ``y`` ``[N]`` (no pickles), as
+    stored (see :func:`load_data` for ``[N, H, W]``)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
@@ -264,6 +294,46 @@ def _digits(spec: str) -> Tuple[torch.Tensor, torch.Tensor, List[str]]:
     return x, y, list(DIGITS_CLASSES)
 
 
+def parse_normalize(text: str) -> Tuple[List[float], List[float]]:
+    """``--normalize``: ``"MEAN,STD"`` (every channel) or ``"M1,…,MC,S1,…,SC"`` (C means, then C stds)."""
+    try:
+        vals = [float(v) for v in text.split(",")]
+    except ValueError:
+        vals = []
+    if not vals or len(vals) % 2:
+        raise ValueError(f"--normalize must be MEAN,STD or, per channel, M1,...,MC,S1,...,SC (an even count of "
+                         f"numbers), got {text!r}")
+    half = len(vals) // 2
+    return vals[:half], vals[half:]
+
+
+def _grey(x: torch.Tensor, source: str, notes: List[str]) -> torch.Tensor:
+    """An ``.npz`` ``x [N, H, W]`` as grey images ``[N, 1, H, W]`` (noted in ``notes``)."""
+    if x.dim() != 3:
+        return x
+    notes.append(f"{source}: x is {list(x.shape)} [N, H, W]; read as grey images {[x.shape[0], 1, *x.shape[1:]]} "
+                 "[N, 1, H, W]")
+    return x.unsqueeze(1)
+
+
+def _check_scale(x: torch.Tensor, source: str, normalized: bool) -> None:
+    """Warn when float inputs are neither in about [0, 1] nor standardised (mean about 0, std about 1)."""
+    if x.numel() == 0:
+        return
+    lo, hi = float(x.min()), float(x.max())
+    if lo >= -1.5 and hi <= 1.5:
+        return
+    mean, std = float(x.mean()), float(x.std()) if x.numel() > 1 else 0.0
+    if abs(mean) <= 1.0 and std <= 2.5:
+        return
+    how = ("the normalisation given does not standardise it" if normalized else
+           "scale it to [0, 1] (e.g. divide by 255) or standardise it (--normalize MEAN,STD; "
+           "normalize=(mean, std) in Python)")
+    warnings.warn(f"{source}: the inputs look unscaled: values in [{lo:.4g}, {hi:.4g}], mean {mean:.4g}, std "
+                  f"{std:.4g} (expected about [0, 1], or mean 0 and std 1 when standardised); {how}",
+                  UnscaledDataWarning, stacklevel=3)
+
+
 def _read_any(spec: str) -> Tuple[torch.Tensor, torch.Tensor, Optional[List[str]], str]:
     if spec == "digits" or spec.startswith("digits:"):
         x, y, names = _digits(spec)
@@ -308,10 +378,19 @@ def data_paths(spec: str) -> List[Path]:
     return [path]
 
 
-def load_data(spec: str, class_names: Optional[Sequence[str]] = None) -> Dataset:
+def load_data(spec: str, class_names: Optional[Sequence[str]] = None, *, normalize=None,
+              classes: Optional[Sequence[int]] = None) -> Dataset:
     """Read data set ``spec`` (see the module doc). ``class_names`` declares the K classes: a label ``>= K``
-    is then an error naming the file; without it the file's own names, else ``0 … max label``."""
+    is then an error naming the file; without it the file's own names, else ``0 … max label``.
+
+    ``normalize``: ``(mean, std)``, numbers or per-channel sequences (:meth:`Dataset.normalize`). ``classes``:
+    class indices to keep (:meth:`Dataset.subset`; labels keep their class ids). An ``.npz`` ``x [N, H, W]``
+    becomes ``[N, 1, H, W]`` (see ``notes``); float inputs that look unscaled warn
+    (:class:`UnscaledDataWarning`)."""
     x, y, names, labels_src = _read_any(spec)
+    notes: List[str] = []
+    if spec.endswith(".npz"):
+        x = _grey(x, spec, notes)
     if y.numel() == 0:
         raise _fail(labels_src, "holds no sample")
     top = int(y.max())
@@ -322,4 +401,12 @@ def load_data(spec: str, class_names: Optional[Sequence[str]] = None) -> Dataset
                                 f"allow labels 0…{len(declared) - 1}")
     if declared is None:
         declared = [str(k) for k in range(top + 1)]
-    return Dataset(x, y, [str(c) for c in declared], spec)
+    ds = Dataset(x, y, [str(c) for c in declared], spec, notes)
+    if classes is not None:
+        ds = ds.subset(classes)
+        if ds.y.numel() == 0:
+            raise _fail(labels_src, f"holds no sample of the classes {list(classes)}")
+    if normalize is not None:
+        ds = ds.normalize(*normalize)
+    _check_scale(ds.x, spec, normalize is not None)
+    return ds

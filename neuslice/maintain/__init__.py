@@ -10,10 +10,13 @@ alike: ``data`` (training batches), ``eval_data`` (held-out data of the task the
 - :func:`compress`: magnitude pruning (global, uniform+, erk, lamp) in prune → fine-tune iterations;
 - :func:`readapt`: critical-neuron tuning on new samples;
 - :func:`incremental` → :class:`TaskAwareModel`: new classes learnt in non-critical neurons.
+
+:func:`on_train_step` installs a callback that every operator's training loop calls after each step with a
+:class:`TrainStep` (epoch, step, loss), e.g. for a progress display.
 """
 from __future__ import annotations
 
-from ._common import evaluate
+from ._common import TrainStep, evaluate, on_train_step
 from .compress import METHODS, CompressReport, compress
 from .incremental import IncrementalReport, TaskAwareModel, incremental
 from .readapt import ReadaptReport, readapt
@@ -21,4 +24,4 @@ from .restructure import FinetuneReport, RestructuredModel, RestructureReport, f
 
 __all__ = ["RestructuredModel", "restructure", "RestructureReport", "finetune", "FinetuneReport", "compress",
            "CompressReport", "METHODS", "readapt", "ReadaptReport", "incremental", "IncrementalReport",
-           "TaskAwareModel", "evaluate"]
+           "TaskAwareModel", "evaluate", "TrainStep", "on_train_step"]

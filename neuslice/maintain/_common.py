@@ -8,7 +8,9 @@ import copy
 import functools
 import math
 import warnings
-from dataclasses import asdict
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import asdict, dataclass
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
@@ -25,7 +27,7 @@ from ..engine.slices import Slices
 
 __all__ = ["check_module", "check_slices", "plan_of", "head_module", "scan_labels", "fit_masked", "NormGuard",
            "param_count", "evaluate", "head_inputs", "check_positive", "check_training", "chain_norms", "rebind",
-           "restricted_predict", "score", "Report", "renamed_kwargs", "with_replay"]
+           "restricted_predict", "score", "Report", "renamed_kwargs", "with_replay", "TrainStep", "on_train_step"]
 
 
 def renamed_kwargs(fn: str, **renames: str):
@@ -237,6 +239,36 @@ class NormGuard:
         self._handles = []
 
 
+@dataclass
+class TrainStep:
+    """What :func:`fit_masked` tells its step callback after each optimizer step: the epoch (1-based) of
+    ``epochs``, the step (1-based) within the epoch of ``steps`` (None when the data has no length), and the
+    step's loss."""
+    epoch: int
+    epochs: int
+    step: int
+    steps: Optional[int]
+    loss: float
+
+
+_ON_STEP: ContextVar[Optional[Callable[[TrainStep], None]]] = ContextVar("neuslice_on_train_step", default=None)
+
+
+@contextmanager
+def on_train_step(callback: Callable[[TrainStep], None]):
+    """Within the ``with`` block, every training loop of the maintenance operators (finetune, compress, readapt,
+    incremental) calls ``callback(TrainStep)`` after each optimizer step, e.g. to show the epoch and the loss::
+
+        with neuslice.maintain.on_train_step(lambda s: print(s.epoch, s.step, s.loss)):
+            neuslice.finetune(model, data, epochs=3)
+    """
+    token = _ON_STEP.set(callback)
+    try:
+        yield callback
+    finally:
+        _ON_STEP.reset(token)
+
+
 def _step(opt: str, p: Tensor, mask: Tensor, state: dict, lr: float, momentum: float, weight_decay: float,
           step: int) -> None:
     g = p.grad
@@ -252,15 +284,19 @@ def _step(opt: str, p: Tensor, mask: Tensor, state: dict, lr: float, momentum: f
 def fit_masked(model: nn.Module, data: Iterable, masks: Dict[str, Optional[Tensor]], *, epochs: int, lr: float,
                optimizer: str = "adamw", momentum: float = 0.9, weight_decay: float = 0.0,
                loss_fn: Callable[[nn.Module, object, Tensor], Tensor] = None,
-               frozen_norms: Optional[Dict[nn.Module, Tensor]] = None, seed: int = 0) -> int:
+               frozen_norms: Optional[Dict[nn.Module, Tensor]] = None, seed: int = 0,
+               on_step: Optional[Callable[[TrainStep], None]] = None) -> int:
     """Train ``model`` in place; returns the number of optimizer steps.
 
     ``masks``: ``{parameter name: bool mask}`` with the mask ``[param.shape[0]]`` (per neuron),
     ``param.shape`` (per weight) or None (all trainable). Parameters not named are frozen: no step at all.
     Every step is ``ops.masked_sgd_`` or ``ops.masked_adamw_``, so frozen entries and their optimizer
     state never move. ``loss_fn(model, inputs, labels)`` gives the scalar loss (cross-entropy by default).
-    ``frozen_norms``: see :class:`NormGuard`; None freezes nothing.
+    ``frozen_norms``: see :class:`NormGuard`; None freezes nothing. ``on_step(TrainStep)`` is called after each
+    step (default: the callback of an enclosing :func:`on_train_step`, if any).
     """
+    on_step = on_step or _ON_STEP.get()
+    per_epoch = len(data) if hasattr(data, "__len__") else None
     params = dict(model.named_parameters())
     full = {n: (torch.ones(params[n].shape[0], dtype=torch.bool, device=params[n].device) if m is None
                 else m.to(params[n].device)) for n, m in masks.items()}
@@ -278,17 +314,20 @@ def fit_masked(model: nn.Module, data: Iterable, masks: Dict[str, Optional[Tenso
             guard.train_mode()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            for _ in range(epochs):
-                for x, y in data:
+            for epoch in range(1, epochs + 1):
+                for i, (x, y) in enumerate(data, 1):
                     for p in params.values():
                         p.grad = None
-                    loss_fn(model, x, y).backward()
+                    loss = loss_fn(model, x, y)
+                    loss.backward()
                     steps += 1
                     for n, m in train.items():
                         if params[n].grad is not None:
                             _step(optimizer, params[n], m, states[n], lr, momentum, weight_decay, steps)
                     if guard is not None:
                         guard.restore()
+                    if on_step is not None:
+                        on_step(TrainStep(epoch, epochs, i, per_epoch, float(loss.detach())))
     finally:
         if guard is not None:
             guard.remove()

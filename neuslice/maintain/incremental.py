@@ -83,7 +83,13 @@ class TaskAwareModel(nn.Module):
 @dataclass
 class IncrementalReport(C.Report):
     """Numbers of one :func:`incremental` run; accuracies are fractions (None where no data was given):
-    ``task_a_acc_*`` on ``eval_data``, ``task_b_acc_*`` on ``new_eval_data``."""
+    ``task_a_acc_*`` on ``eval_data``, ``task_b_acc_*`` on ``new_eval_data``.
+
+    Task A: ``task_a_acc_before`` is the original model (every neuron, logits of A); ``task_a_acc_slice`` the
+    task-A slice before learning B (``model(x, task=A)``: free neurons zeroed); ``task_a_acc_after`` the
+    task-A slice after learning B, bit-identical to ``task_a_acc_slice`` by construction. The step from
+    ``before`` to ``slice`` is the price of slicing, not forgetting. Task B: the original model
+    (``before``; its new-class head rows untrained) and ``model(x, task=B)`` after learning B."""
     old_classes: List[int]
     new_classes: List[int]
     theta: float
@@ -97,6 +103,7 @@ class IncrementalReport(C.Report):
     task_b_acc_before: Optional[float]
     task_b_acc_after: Optional[float]
     free_by_layer: Dict[str, int]   # free (trainable) neurons per sliced layer
+    task_a_acc_slice: Optional[float] = None
 
 
 def _warn_no_free_head_input(fn: str, plan, head_name: str, free: Dict[str, int], objective: str) -> None:
@@ -270,6 +277,7 @@ def incremental(model: nn.Module, slices: Slices, data, *, new_classes, replay: 
     a, b = task_names
     out = TaskAwareModel(net, C.rebind(plan, net), frozen, {a: old, b: new}, a, slices.class_names).eval()
     acc_a0, acc_b0 = _task_acc(model, eval_data, old), _task_acc(model, new_eval_data, new)
+    acc_a_slice = _task_acc(out, eval_data, old, a)   # before training: net is still the original's copy
     loss = task_loss(head.out_features, [old, new], objective)
     train, replayed = _training_data(fn, data, replay, replay_data, seed)
     steps = C.fit_masked(net, train, masks, epochs=epochs, lr=lr, optimizer=optimizer, momentum=momentum,
@@ -278,5 +286,5 @@ def incremental(model: nn.Module, slices: Slices, data, *, new_classes, replay: 
     nfree = sum(int((~f).sum()) for f in frozen.values())
     report = IncrementalReport(old, new, slices.value, nfree / sum(f.numel() for f in frozen.values()), ntrain,
                                C.param_count(model), steps, replayed, acc_a0, _task_acc(out, eval_data, old, a),
-                               acc_b0, _task_acc(out, new_eval_data, new, b), free_by_layer)
+                               acc_b0, _task_acc(out, new_eval_data, new, b), free_by_layer, acc_a_slice)
     return out, report
