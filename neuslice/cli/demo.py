@@ -41,8 +41,9 @@ class DemoConfig:
     batch_size: int = 64
     keep: Tuple[int, ...] = (3, 8)   # restructure and re-adapt to these classes
     restructure: RestructureOptions = None   # default: physical, one fine-tune epoch at lr 0.01
-    readapt_epochs: int = 5          # at most this many (and at most `epochs`)
-    readapt_lr: float = 1e-3
+    readapt_epochs: int = 10         # readapt's defaults (README, "Re-adapt quality"); at most `epochs`
+    readapt_lr: float = 3e-3
+    readapt_replay: float = 0.5      # old (clean, all-class) training samples per new sample
     task_a: Tuple[int, ...] = (0, 1, 2, 3, 4)
     task_b: Tuple[int, ...] = (5, 6, 7, 8, 9)
     incremental_theta: float = 0.7   # Θ of task A's slices: lower than `theta` leaves free neurons for task B
@@ -68,6 +69,7 @@ def _maintenance(cfg: DemoConfig, run: RunOptions, model, slices, train: Dataset
                       .subset(keep) for d in (train, test))
     with train_bar(run, new_tr, "readapt") as data:
         _, rep = readapt(model, slices, data, epochs=min(cfg.readapt_epochs, cfg.epochs), lr=cfg.readapt_lr,
+                         replay=cfg.readapt_replay, replay_data=bar(run, train, "replay"),
                          eval_data=bar(run, test, "eval clean"), new_eval_data=bar(run, new_te, "eval new"))
     out["readapt"] = {**rep.as_dict(), "new_samples": f"digits {keep} shifted by (1, 1) pixels plus N(0, 0.1^2) noise"}
     a, b = list(cfg.task_a), list(cfg.task_b)
