@@ -449,8 +449,15 @@ def test_layer_selection_by_name_type_and_predicate():
     loader = small_loader(40, 40)
     by_name = neuslice.profile(model, loader, K, layers=["features.4"], metrics=("avg",), progress=False)
     assert by_name.layer_names == ["features.4"]
-    by_type = neuslice.profile(model, loader, K, layers=nn.Linear, metrics=("avg",), progress=False)
-    assert by_type.layer_names == ["head"]          # chosen explicitly, the head is allowed
+    # a type or a predicate never selects the head (docs/method.md §1); its name does
+    with pytest.raises(ValueError, match=r"no sliceable layer.*other than the head \['head'\], which only its name"):
+        neuslice.profile(model, loader, K, layers=nn.Linear, metrics=("avg",), progress=False)
+    by_type = neuslice.profile(model, loader, K, layers=(nn.Conv2d, nn.Linear), metrics=("avg",), progress=False)
+    assert by_type.layer_names == ["features.0", "features.4"]
+    assert neuslice.profile(model, loader, K, layers=lambda n, m: True, metrics=("avg",),
+                            progress=False).layer_names == ["features.0", "features.4"]
+    named = neuslice.profile(model, loader, K, layers=["head", nn.Conv2d], metrics=("avg",), progress=False)
+    assert named.layer_names == ["features.0", "features.4", "head"]
     by_pred = neuslice.profile(model, loader, K, layers=lambda n, m: m.out_channels == 16 if
                                isinstance(m, nn.Conv2d) else False, metrics=("avg",), progress=False)
     assert by_pred.layer_names == ["features.0"]
@@ -512,7 +519,7 @@ def test_layer_output_not_batch_first_is_an_error():
 def test_model_without_sliceable_layer_and_unknown_layer_names():
     head_only = nn.Sequential(nn.Flatten(), nn.Linear(64, K))
     with pytest.raises(ValueError, match=r"neuslice.profile: no sliceable layer: expected at least one Conv1d/2d/3d "
-                                         r"or Linear module \(other than the head \['1'\]\)"):
+                                         r"or Linear module \(other than the head \['1'\], which only its name selects\)"):
         neuslice.profile(head_only, small_loader(10, 10), K, progress=False)
     with pytest.raises(ValueError, match=r"neuslice.profile: unknown layer name\(s\) \['nope'\]; expected .*"
                                          r"'features.0'"):

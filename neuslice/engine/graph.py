@@ -83,6 +83,9 @@ class Plan:
     coupled: List[List[str]]
     trace_error: Optional[str]
     probed: bool = False                 # untraceable: layers, calls and head came from a probe forward
+    # Conv/Linear modules never called in forward (traced graph or probe; unknown otherwise): not sliced
+    unused: List[str] = field(default_factory=list)
+    named: frozenset = frozenset()       # layers the user named (layers=[...]): never excluded silently
 
 
 def _neurons(m: nn.Module) -> int:
@@ -284,15 +287,23 @@ def _heads(gm, modules) -> List[str]:
     return heads
 
 
-def _select(fn: str, candidates: Dict[str, nn.Module], layers: LayerSpec, heads: List[str]) -> List[str]:
+def _select(fn: str, candidates: Dict[str, nn.Module], layers: LayerSpec, heads: List[str],
+            uncalled: Sequence[str] = ()) -> Tuple[List[str], frozenset]:
+    """``(names, named)``: the sliced layers and those of them the user named (docs/method.md §1). Types and
+    predicates never select the head; a name does."""
+    named: frozenset = frozenset()
     if layers is None:
         names = [n for n in candidates if n not in heads]
     elif callable(layers) and not isinstance(layers, type):
-        names = [n for n, m in candidates.items() if layers(n, m)]
+        names = [n for n, m in candidates.items() if n not in heads and layers(n, m)]
     else:
         specs = [layers] if isinstance(layers, (str, type)) else list(layers)
         if isinstance(layers, tuple) and all(isinstance(s, type) for s in layers):
             specs = [layers]
+        never = [s for s in specs if isinstance(s, str) and s in uncalled]
+        if never:
+            raise ValueError(f"{fn}: layer(s) {never} are never called in forward (unused), so they have no "
+                             f"neurons to profile; choose layers= among {list(candidates)}")
         unknown = [s for s in specs if isinstance(s, str) and s not in candidates]
         if unknown:
             raise ValueError(f"{fn}: unknown layer name(s) {unknown}; expected names of Conv/Linear modules "
@@ -301,13 +312,14 @@ def _select(fn: str, candidates: Dict[str, nn.Module], layers: LayerSpec, heads:
         if bad:
             raise TypeError(f"{fn}: layers must be names, module types or a predicate (name, module) -> bool, "
                             f"got {bad!r}")
+        named = frozenset(s for s in specs if isinstance(s, str))
         names = [n for n, m in candidates.items()
-                 if any(s == n if isinstance(s, str) else isinstance(m, s) for s in specs)]
+                 if n in named or (n not in heads and any(not isinstance(s, str) and isinstance(m, s) for s in specs))]
     if not names:
         raise ValueError(f"{fn}: no sliceable layer: expected at least one Conv1d/2d/3d or Linear module "
-                         f"(other than the head {heads}) selected by layers={layers!r}; "
-                         f"the model has {list(candidates) or 'none'}")
-    return names
+                         f"(other than the head {heads}, which only its name selects) selected by "
+                         f"layers={layers!r}; the model has {list(candidates) or 'none'}")
+    return names, named
 
 
 def _order_consumers(name: str, n: int, leaves: List[Tuple[str, nn.Module]], i: int) -> List[Tuple[str, int]]:
@@ -382,7 +394,9 @@ def _discover(model: nn.Module, layers: LayerSpec = None, *, tap: str = "auto", 
         consumers, uf, calls = {}, _Union(), {}
         candidates = {n: m for n, m in modules.items() if isinstance(m, LAYER_TYPES) and n not in excluded}
         heads = list(candidates)[-1:]
-    names = _select(fn, candidates, layers, heads)
+    uncalled = [n for n, m in modules.items() if isinstance(m, LAYER_TYPES) and n not in excluded
+                and n not in candidates] if (gm is not None or run is not None) else []
+    names, named = _select(fn, candidates, layers, heads, uncalled)
     leaves = [(n, m) for n, m in modules.items() if n and not list(m.children())]
     leaf_index = {n: i for i, (n, _) in enumerate(leaves)}
     nodes: Dict[str, list] = {}
@@ -408,7 +422,7 @@ def _discover(model: nn.Module, layers: LayerSpec = None, *, tap: str = "auto", 
     for name in names:
         groups.setdefault(uf.find(name), []).append(name)
     coupled = [g for g in groups.values() if len(g) > 1 and len({_neurons(modules[x]) for x in g}) == 1]
-    return Plan(infos, heads, coupled, err, probed=gm is None and run is not None)
+    return Plan(infos, heads, coupled, err, probed=gm is None and run is not None, unused=uncalled, named=named)
 
 
 def _same_chain(fn: str, name: str, chains: list) -> tuple:
