@@ -5,6 +5,8 @@ One forward serves both gradients: every nonlinearity module's output is routed 
 (``switch.on = False``: the plain gradient g) or replaces the local derivative by Δout/Δin where
 |Δin| > 1e-7 (``switch.on = True``: the multiplier m). Reference inputs and outputs of each
 nonlinearity come from one forward of the baseline, indexed by call order (shared modules work).
+A block that gradient checkpointing recomputes in the backward gets the multipliers of the forward call
+with the same input (docs/method.md §2), so the recompute saves what the forward saved.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from typing import Dict, List
 import torch
 from torch import nn
 
-from .hooks import activation_modules
+from .hooks import activation_modules, in_backward
 
 __all__ = ["Rescale", "EPS"]
 
@@ -49,6 +51,7 @@ class Rescale:
         self.switch = _Switch()
         self._refs: Dict[int, List[tuple]] = {}
         self._calls: Dict[int, int] = {}
+        self._done: Dict[int, List[tuple]] = {}    # per module, per call of this forward: (input, ratio, use)
         self._recording = False
         self.modules = activation_modules(model)
         self._handles = [model.register_forward_pre_hook(self._reset)]
@@ -60,7 +63,8 @@ class Rescale:
             raise
 
     def _reset(self, module, args):
-        self._calls = {}
+        if not in_backward():
+            self._calls, self._done = {}, {}
 
     def record(self, on: bool) -> None:
         self._recording = on
@@ -71,6 +75,12 @@ class Rescale:
         if not args or not isinstance(args[0], torch.Tensor) or not isinstance(out, torch.Tensor):
             return None
         k = id(module)
+        if in_backward() and not self._recording:     # a checkpointed block recomputed: the same call's ratio
+            x = args[0].detach()
+            for seen, ratio, use in self._done.get(k, []):
+                if seen.shape == x.shape and torch.equal(seen, x):
+                    return _Rescale.apply(out, args[0], ratio, use, self.switch)
+            return None
         idx = self._calls.get(k, 0)
         self._calls[k] = idx + 1
         inp = args[0]
@@ -87,6 +97,7 @@ class Rescale:
         use = d_in.abs() > EPS
         ratio = torch.where(use, (out.detach() - ref_out) / torch.where(use, d_in, torch.ones_like(d_in)),
                             torch.zeros_like(d_in))
+        self._done.setdefault(k, []).append((inp.detach(), ratio, use))
         return _Rescale.apply(out, inp, ratio, use, self.switch)
 
     def remove(self) -> None:

@@ -13,7 +13,7 @@ from torch import nn
 
 from .graph import ACTIVATIONS, LayerInfo
 
-__all__ = ["ChainHooks", "no_inplace", "per_neuron", "zero_outside"]
+__all__ = ["ChainHooks", "in_backward", "no_inplace", "per_neuron", "zero_outside"]
 
 
 def per_neuron(m: torch.Tensor, like: torch.Tensor, last: bool) -> torch.Tensor:
@@ -58,7 +58,11 @@ class ChainHooks:
     (``point="end"``) produces its output; a tensor returned replaces that output. A layer called
     more than once per forward reports every call (docs/method.md §1); ``calls[i]`` counts the calls
     of layer ``i`` since the model's forward began. A tap after a functional nonlinearity
-    (``tap_stage == len(chain)``) is found by handing the chain's output on as a :class:`_Watch`."""
+    (``tap_stage == len(chain)``) is found by handing the chain's output on as a :class:`_Watch`.
+
+    Gradient checkpointing recomputes blocks during the backward (docs/method.md §2): those calls still
+    reach ``on_point`` (a mask must be applied to the recompute too), but they are not counted in
+    ``calls`` and do not restart the forward; ``on_point`` tells them apart with :func:`in_backward`."""
 
     def __init__(self, model: nn.Module, infos: Sequence[LayerInfo],
                  on_point: Callable[[int, torch.Tensor], Optional[torch.Tensor]], point: str = "tap"):
@@ -75,7 +79,8 @@ class ChainHooks:
                 per_module.setdefault(name, []).append((i, j, kind, _matcher(info.functional_target)))
         self._handles = []
         try:
-            self._handles.append(model.register_forward_pre_hook(lambda m, a: self.reset()))
+            restart = lambda m, a: None if in_backward() else self.reset()    # noqa: E731
+            self._handles.append(model.register_forward_pre_hook(restart))
             for name, entries in per_module.items():
                 self._handles.append(modules[name].register_forward_hook(self._hook(entries)))
         except BaseException:
@@ -93,7 +98,7 @@ class ChainHooks:
                     if k is None:
                         continue
                     del pend[k]
-                else:
+                elif not in_backward():
                     self.calls[i] += 1
                 cur = out if result is None else result
                 if kind == "point":
@@ -118,6 +123,12 @@ class ChainHooks:
             h.remove()
         self._handles = []
         self.reset()
+
+
+def in_backward() -> bool:
+    """Whether autograd is running a backward on this thread: a forward hook firing now is gradient
+    checkpointing recomputing a block (docs/method.md §2), not a forward of the model."""
+    return torch._C._current_graph_task_id() != -1
 
 
 class no_inplace:
