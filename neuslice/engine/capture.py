@@ -3,6 +3,7 @@ whose gradient is taken, and the view of a tapped output that ``neuslice.ops.acc
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -125,6 +126,40 @@ def warn_unseen(fn: str, plan: Plan, tap: str) -> None:
                       f"({plan.trace_error}), so a functional nonlinearity after them (F.relu, torch.tanh, "
                       "x.relu(), …) cannot be seen and avg/var would read its input. Use nonlinearity modules "
                       "(nn.ReLU, …), or pass tap='layer' to read the layer outputs", stacklevel=3)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's model inside ``DistributedDataParallel`` / ``DataParallel`` (docs/method.md §1): hooks go on
+    it and layer names carry no ``module.`` prefix, so a profile from the wrapper is the bare model's."""
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
+
+
+def drop_unused(fn: str, plan: Plan, no_grad: Sequence[str] = (), stacklevel: int = 4) -> Plan:
+    """``plan`` without the layers ``no_grad`` (called, but no gradient of the target reaches them), after
+    one warning naming those and the Conv/Linear modules never called in forward (docs/method.md §1). Named
+    layers (``layers=[...]``) are never dropped: naming an unused one is an error."""
+    named = [n for n in no_grad if n in plan.named]
+    if named:
+        raise ValueError(f"{fn}: layer(s) {named} were named in layers= but no gradient reaches them (their "
+                         "output does not reach the loss: unused); choose layers= without them or profile "
+                         "without gradient metrics")
+    unused = list(plan.unused) + list(no_grad)
+    if not unused:
+        return plan
+    why = [f"never called in forward: {list(plan.unused)}"] if plan.unused else []
+    why += [f"called, but no gradient reaches them: {list(no_grad)}"] if no_grad else []
+    warnings.warn(f"{fn}: unused layer(s) are excluded and not in the profile ({'; '.join(why)})",
+                  stacklevel=stacklevel)
+    if not no_grad:
+        return plan
+    gone = set(no_grad)
+    if all(i.name in gone for i in plan.layers):
+        raise RuntimeError(f"{fn}: no gradient of the target reached any sliced layer {list(gone)}")
+    coupled = [g for g in ([n for n in grp if n not in gone] for grp in plan.coupled) if len(g) > 1]
+    return dataclasses.replace(plan, layers=[i for i in plan.layers if i.name not in gone], coupled=coupled,
+                               unused=unused)
 
 
 def nonfinite_what(e: Exception) -> str:

@@ -18,11 +18,11 @@ from .. import ops
 from .._errors import NonFiniteError
 from ..ops.reference import acc_dtype
 from .capture import (GRADIENT_METRICS, call_model, call_views, check_calls, check_labels, check_metrics,
-                      check_num_classes, dl_forms, layer_entries, model_device, new_stats, nonfinite_what, target_of,
-                      to_device, warn_unseen)
+                      check_num_classes, dl_forms, drop_unused, layer_entries, model_device, new_stats, nonfinite_what,
+                      target_of, to_device, unwrap, warn_unseen)
 from .deeplift import Rescale
 from .graph import discover, head_entries
-from .hooks import ChainHooks, activation_modules, no_inplace
+from .hooks import ChainHooks, activation_modules, in_backward, no_inplace
 from .slices import Profile
 
 __all__ = ["profile"]
@@ -33,6 +33,7 @@ class _Offline:
 
     def __init__(self, fn, model, plan, k, metrics, target, baseline):
         self.fn, self.model, self.plan, self.k = fn, model, plan, k
+        self.kept = plan                # the plan without unused layers, once the first batch has run
         self.target, self.baseline = target, baseline
         self.grad = any(m in GRADIENT_METRICS for m in metrics)
         self.want_dl = "deeplift" in metrics
@@ -58,6 +59,8 @@ class _Offline:
                 h.remove()
 
     def _on_tap(self, i: int, t):
+        if in_backward():               # gradient checkpointing recomputes a block: its taps were read in forward
+            return None
         if self.grad and not self.recording and isinstance(t, Tensor) and t.is_floating_point() \
                 and not t.requires_grad:
             t = t.detach().requires_grad_(True)   # frozen upstream: the tap becomes the leaf
@@ -123,8 +126,15 @@ class _Offline:
                         mults = self._grad(tgt, retain=False)
                     finally:
                         self.rescale.switch.on = False
+        if self.num_batches == 0:       # the first batch tells which layers no gradient reaches: unused
+            dead = [i.name for i, g in zip(self.plan.layers, grads) if self.grad and all(v is None for v in g)]
+            self.kept = drop_unused(self.fn, self.plan, dead)
+            for name in dead:
+                del self.totals[name]
         partial = {}
         for info, ts, g, m, r in zip(self.plan.layers, self.taps, grads, mults, refs):
+            if info.name not in self.totals:
+                continue
             xv, cl, gv = call_views(self.fn, info, ts, y, g)
             mv = None if m is None else call_views(self.fn, info, ts, y, m)[2]
             partial[info.name] = self._accumulate(info, xv.detach(), cl, gv, mv, r, y)
@@ -136,7 +146,15 @@ class _Offline:
     def _grad(self, tgt: Tensor, retain: bool) -> List[List[Optional[Tensor]]]:
         """The gradient at every call's tap, grouped per layer (None: that call does not reach ``tgt``)."""
         flat = [t for ts in self.taps for t in ts]
-        gs = iter(torch.autograd.grad(tgt, flat, retain_graph=retain, allow_unused=True))
+        try:
+            gs = iter(torch.autograd.grad(tgt, flat, retain_graph=retain, allow_unused=True))
+        except RuntimeError as e:
+            if "incompatible with .grad()" not in str(e) and "not compatible with .grad()" not in str(e):
+                raise
+            raise RuntimeError(f"{self.fn}: the model uses reentrant gradient checkpointing (use_reentrant=True), "
+                               "which torch runs only under .backward(), and profile takes gradients with "
+                               "torch.autograd.grad: pass use_reentrant=False to checkpoint, or profile in the "
+                               "training loop with neuslice.Profiler (docs/method.md §2)") from None
         return [[next(gs) for _ in ts] for ts in self.taps]
 
     def _accumulate(self, info, x, cl, gv, mv, r, y) -> Dict[str, Tensor]:
@@ -243,6 +261,7 @@ def profile(model: nn.Module, data: Iterable, num_classes: int, *, layers=None,
     fn = "neuslice.profile"
     if not isinstance(model, nn.Module):
         raise TypeError(f"{fn}: model must be a torch.nn.Module, got {type(model).__name__}")
+    model = unwrap(model)
     metrics = check_metrics(fn, metrics)
     names = check_num_classes(fn, num_classes, class_names)
     if target not in ("logit", "loss"):
@@ -274,7 +293,8 @@ def profile(model: nn.Module, data: Iterable, num_classes: int, *, layers=None,
         print(file=sys.stderr)
     if run.num_batches == 0:
         raise ValueError(f"{fn}: data yielded no batch")
-    forms = run.forms
+    plan = run.kept
+    forms = {i.name: run.forms[i.name] for i in plan.layers if i.name in run.forms}
     return Profile(layer_entries(plan, forms), names, run.totals, metrics=metrics, target=target,
                    deeplift=_overall(forms) if "deeplift" in metrics else None, num_batches=run.num_batches,
                    coupled=plan.coupled, heads=head_entries(model, plan))

@@ -17,9 +17,10 @@ from .. import ops
 from .._errors import NeusliceError, NonFiniteError
 from ..ops.reference import acc_dtype
 from .capture import (GRADIENT_METRICS, tap_view, call_model, call_views, check_calls, check_labels, check_metrics,
-                      check_num_classes, layer_entries, model_device, new_stats, nonfinite_what, warn_unseen)
+                      check_num_classes, drop_unused, layer_entries, model_device, new_stats, nonfinite_what, unwrap,
+                      warn_unseen)
 from .graph import discover, head_entries, traceable
-from .hooks import ChainHooks
+from .hooks import ChainHooks, in_backward
 from .slices import Profile
 
 __all__ = ["Profiler"]
@@ -49,6 +50,12 @@ class Profiler:
     otherwise by one extra forward (eval mode, no grad) of the first batch's input, when its forward
     starts; the layers, their call counts and the head come from it. A layer called more than once per
     forward is accumulated over all its calls when the block ends (docs/method.md §2).
+
+    Training loops as users write them (docs/method.md §1, §2): a model wrapped in ``DistributedDataParallel``
+    (or ``DataParallel``) is profiled as the bare model (names without ``module.``; merge ranks with
+    :meth:`~neuslice.Profile.all_reduce`); blocks recomputed by gradient checkpointing count once; under
+    ``torch.autocast`` the statistics still accumulate in float32 and float64. Layers that are never called,
+    or that no gradient reaches in the first batch, are left out with one warning.
     """
 
     def __init__(self, model: nn.Module, num_classes: int, *, layers=None,
@@ -59,6 +66,7 @@ class Profiler:
             raise TypeError(f"{fn}: model must be a torch.nn.Module, got {type(model).__name__}")
         if on_nonfinite not in ("raise", "skip"):
             raise ValueError(f"{fn}: on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
+        model = unwrap(model)
         self.metrics = check_metrics(fn, metrics)
         self.class_names = check_num_classes(fn, num_classes, class_names)
         self.model, self.k, self.on_nonfinite = model, num_classes, on_nonfinite
@@ -148,6 +156,15 @@ class Profiler:
         b.forwards += 1
         return None
 
+    def _narrow(self, plan) -> None:
+        """Adopt ``plan``, the current one without its unused layers (after the first batch)."""
+        keep = {i.name for i in plan.layers}
+        self.refs = [r for r, i in zip(self.refs, self.plan.layers) if i.name in keep]
+        self.totals = {n: st for n, st in self.totals.items() if n in keep}
+        self._hooks.remove()
+        self.plan = plan
+        self._hooks = ChainHooks(self.model, plan.layers, self._on_tap)
+
     @staticmethod
     def _check_baseline(baseline) -> None:
         if not isinstance(baseline, Tensor) or baseline.dim() < 1 or baseline.shape[0] != 1:
@@ -199,6 +216,8 @@ class _Batch:
         self.forwards = 0
         self.ntaps: Dict[int, int] = {}
         self.seen, self.graded = set(), set()
+        # per layer: calls run without grad (reentrant checkpointing) that await their recompute's tap
+        self.awaiting: Dict[int, List[int]] = {}
         self.errors: List[Exception] = []
         self.error_layers: List[int] = []   # layer of each non-finite error: report the first in forward order
 
@@ -208,6 +227,9 @@ class _Batch:
 
     def on_tap(self, i: int, t) -> None:
         info = self.p.plan.layers[i]
+        if in_backward():
+            self._recomputed(i, t)
+            return
         if self.forwards > 1:
             self.errors.append(NeusliceError(f"{self.FN}: layer {info.name!r} ran in a second forward in one batch "
                                              "block; open one block per forward"))
@@ -221,6 +243,12 @@ class _Batch:
             self.errors.append(e)
             return
         calls = self.saved.setdefault(i, [])
+        if self.p.grad and not t.requires_grad and not torch.is_grad_enabled():
+            x = t.detach()                  # reentrant checkpointing: the recompute's tap gets the gradient
+            calls.append((x, x._version))
+            self.awaiting.setdefault(i, []).append(len(calls) - 1)
+            self.ntaps[i] = self.ntaps.get(i, 0) + 1
+            return
         if self.p.grad and not t.requires_grad:
             self.errors.append(NeusliceError(f"{self.FN}: layer {info.name!r}'s output (at {info.tap!r}) does not "
                                              "require grad, so no gradient can reach it; unfreeze something "
@@ -231,6 +259,19 @@ class _Batch:
         self.ntaps[i] = self.ntaps.get(i, 0) + 1
         if self.p.grad:
             t.register_hook(self._grad_hook(i, len(calls) - 1))
+
+    def _recomputed(self, i: int, t) -> None:
+        """Layer ``i`` tapped again while gradient checkpointing recomputes a block in the backward (docs/method.md
+        §2). Non-reentrant: the forward's taps receive the gradients, so the recompute is ignored. Reentrant: the
+        forward ran without grad and the gradient arrives at the recompute's tap (the same values, the RNG state
+        restored); it takes the place of one waiting call, so the block still counts once."""
+        waiting = self.awaiting.get(i)
+        if self.p._batch is not self or not waiting or not isinstance(t, Tensor) or not t.requires_grad:
+            return
+        c = waiting.pop(0)
+        x = t.detach()
+        self.saved[i][c] = (x, x._version)
+        t.register_hook(self._grad_hook(i, c))
 
     def _grad_hook(self, i: int, c: int):
         def hook(g: Tensor) -> None:
@@ -275,7 +316,15 @@ class _Batch:
                                               "changed"))
             self.error_layers.append(i)
 
-    def _problems(self) -> List[Exception]:
+    def _unused(self) -> List[int]:
+        """In the first batch, the layers tapped that no gradient reached while others got theirs: their output
+        does not reach the loss (docs/method.md §1)."""
+        if not self.p.grad or self.p.num_batches or self.errors or not self.graded or self.forwards > 1:
+            return []
+        return [i for i in sorted(self.seen) if i not in self.graded and i not in self.grads
+                and not self.awaiting.get(i)]
+
+    def _problems(self, unused: Sequence[int]) -> List[Exception]:
         hooks = self.p._hooks
         for i, info in enumerate(self.p.plan.layers):
             if i in self.seen and self.forwards <= 1:
@@ -286,7 +335,14 @@ class _Batch:
         order = sorted(range(len(self.error_layers)), key=lambda j: self.error_layers[j])
         out = [self.errors[j] for j in order] + [e for e in self.errors if not isinstance(e, NonFiniteError)]
         for i, info in enumerate(self.p.plan.layers):
-            if i not in self.seen:
+            if i in unused:
+                continue
+            if self.awaiting.get(i):
+                out.append(NeusliceError(f"{self.FN}: layer {info.name!r}'s output (at {info.tap!r}) was computed "
+                                         "without grad (torch.no_grad, or a checkpointed block that was not "
+                                         "recomputed), so no gradient reached it; call loss.backward() inside the "
+                                         "block, or profile without gradient metrics"))
+            elif i not in self.seen:
                 out.append(NeusliceError(f"{self.FN}: layer {info.name!r} was not tapped at {info.tap!r} in this "
                                          "batch: run the model's forward inside the block"))
             elif self.p.grad and i not in self.graded and not self.errors:
@@ -305,7 +361,8 @@ class _Batch:
             return False
         if self.p.plan is None:
             raise NeusliceError(f"{self.FN}: the model's forward did not run inside the block")
-        problems = self._problems()
+        unused = self._unused()
+        problems = self._problems(unused)
         self.saved.clear()
         self.grads.clear()
         if problems:
@@ -314,6 +371,9 @@ class _Batch:
                 warnings.warn(f"{problems[0]} (skipped; {self.p.skipped} batch(es) skipped so far)", stacklevel=2)
                 return False
             raise problems[0]
+        plan = self.p.plan
+        if self.p.num_batches == 0:
+            plan = drop_unused(self.FN, plan, [plan.layers[i].name for i in unused], stacklevel=3)
         dl, grad = "deeplift" in self.p.metrics, self.p.grad
         for i, st in self.stats.items():
             tot = self.p.totals[self.p.plan.layers[i].name]
@@ -321,5 +381,7 @@ class _Batch:
                 if (s == "taylor_sum" and not grad) or (s == "deeplift_sum" and not dl):
                     continue
                 tot[s].add_(v)
+        if plan is not self.p.plan:
+            self.p._narrow(plan)
         self.p.num_batches += 1
         return False
