@@ -16,6 +16,7 @@ import neuslice
 from neuslice import Profile
 from neuslice.engine.slices import STATS
 from slicing_fixtures import small_loader, trained
+from tolerances import ACCUMULATE, assert_close
 
 K = 10
 
@@ -50,6 +51,34 @@ def _worker(rank, port, threads, model_path, out_dir):
         dist.destroy_process_group()
 
 
+def _ddp_worker(rank, port, threads, model_path, out_dir):
+    """Each rank runs the Profiler over its half in a DDP training step (no optimizer step: fixed weights)."""
+    import torch.nn.functional as F
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(_model(model_path))
+        with neuslice.Profiler(ddp, K) as prof:
+            for x, y in _halves()[rank]:
+                with prof.batch(y):
+                    F.cross_entropy(ddp(x), y, reduction="sum").backward()
+        p = prof.profile()
+        p.all_reduce()
+        p.save(os.path.join(out_dir, f"ddp{rank}.safetensors"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(worker, model_path, out_dir):
+    ctx = mp.spawn(worker, args=(_free_port(), torch.get_num_threads(), model_path, out_dir), nprocs=2, join=False)
+    deadline = time.monotonic() + 150
+    while not ctx.join(timeout=2):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("the two gloo ranks did not finish in 150 s")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -61,14 +90,7 @@ def test_two_gloo_ranks_get_the_single_process_result_exactly(tmp_path):
     model = trained()
     model_path = str(tmp_path / "model.safetensors")
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, model_path)
-    ctx = mp.spawn(_worker, args=(_free_port(), torch.get_num_threads(), model_path, str(tmp_path)), nprocs=2,
-                   join=False)
-    deadline = time.monotonic() + 150
-    while not ctx.join(timeout=2):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("the two gloo ranks did not finish in 150 s")
+    _spawn(_worker, model_path, str(tmp_path))
     model = _model(model_path)
     a, b = (neuslice.profile(model, h, K, progress=False) for h in _halves())
     merged = a + b
@@ -89,3 +111,27 @@ def test_all_reduce_without_an_initialised_process_group():
     p = neuslice.profile(trained(), small_loader(20, 20), K, metrics=("avg",), progress=False)
     with pytest.raises(RuntimeError, match="Profile.all_reduce: torch.distributed is not initialised"):
         p.all_reduce()
+
+
+@pytest.mark.slow
+def test_profiler_under_ddp_equals_the_bare_model(tmp_path):
+    """docs/method.md §1: a DDP-wrapped model is profiled as the bare model (no ``module.`` prefix); the ranks'
+    profiles merged by all_reduce equal one Profiler over all batches of the bare model."""
+    import torch.nn.functional as F
+    model = trained()
+    model_path = str(tmp_path / "model.safetensors")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, model_path)
+    _spawn(_ddp_worker, model_path, str(tmp_path))
+    bare = _model(model_path)
+    with neuslice.Profiler(bare, K) as prof:
+        for x, y in _halves()[0] + _halves()[1]:
+            with prof.batch(y):
+                F.cross_entropy(bare(x), y, reduction="sum").backward()
+    want = prof.profile()
+    for rank in (0, 1):
+        got = Profile.load(tmp_path / f"ddp{rank}.safetensors", model=bare)
+        assert got.layer_names == want.layer_names == ["features.0", "features.4"]
+        assert got.num_batches == 4
+        for n in got.layer_names:
+            for s in ("count", "act_sum", "act_sq", "taylor_sum"):
+                assert_close(got.stats[n][s], want.stats[n][s], ACCUMULATE, torch.float64, f"rank {rank} {n}/{s}")

@@ -9,8 +9,10 @@ import neuslice
 import neuslice.models as M
 from helpers import TokenNet, token_data
 from slicing_fixtures import F32, loaders, small_loader, stats_close, trained
+from tolerances import ACCUMULATE, AUTOCAST_BF16, assert_normwise_close, tol
 
 K = 10
+F64 = tol(ACCUMULATE, torch.float64)
 
 
 def _hooks_of(model):
@@ -201,3 +203,138 @@ def test_per_token_labels_in_a_training_loop():
     want = neuslice.profile(model, data, 4, metrics=("avg", "var", "taylor"), target="loss", progress=False)
     assert float(prof.profile().counts.sum()) == 12 * 5
     stats_close(prof.profile().stats, want.stats, keys=["count", "act_sum", "act_sq", "taylor_sum"])
+
+
+# -- training loops as users write them (docs/method.md §1, §2) ------------------------------------------------
+class _Encoder(torch.nn.Module):
+    """An encoder whose default pooler runs in forward, but whose output the classifier below ignores."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc0, self.act = torch.nn.Linear(64, 16), torch.nn.ReLU()
+        self.pooler, self.pool_act = torch.nn.Linear(16, 16), torch.nn.Tanh()
+
+    def forward(self, x):
+        h = self.act(self.fc0(x.flatten(1)))
+        return h, self.pool_act(self.pooler(h))
+
+
+class _Classifier(torch.nn.Module):
+    def __init__(self, untraceable=False):
+        super().__init__()
+        torch.manual_seed(3)
+        self.encoder, self.spare, self.head = _Encoder(), torch.nn.Linear(16, 16), torch.nn.Linear(16, K)
+        self.untraceable = untraceable
+
+    def forward(self, x):
+        if self.untraceable and bool(x.sum() > -1e30):           # data-dependent: fx cannot trace it
+            x = x + 0
+        hidden, _pooled = self.encoder(x)
+        return self.head(hidden)
+
+
+@pytest.mark.parametrize("untraceable", [False, True])
+def test_unused_layers_are_excluded_with_one_warning(untraceable):
+    model, loader = _Classifier(untraceable).eval(), small_loader(60, 30)
+    with pytest.warns(UserWarning, match=r"unused layer\(s\) are excluded and not in the profile") as rec:
+        with neuslice.Profiler(model, K, metrics=("avg", "var", "taylor")) as prof:
+            for x, y in loader:
+                with prof.batch(y):
+                    F.cross_entropy(model(x), y, reduction="sum").backward()
+    unused = [str(w.message) for w in rec if "unused layer" in str(w.message)]
+    assert len(unused) == 1, unused
+    assert "never called in forward: ['spare']" in unused[0]
+    assert "no gradient reaches them: ['encoder.pooler']" in unused[0]
+    got = prof.profile()
+    assert got.layer_names == ["encoder.fc0"] and got.num_batches == 2
+    with pytest.warns(UserWarning, match=r"unused layer.*\['spare'\].*\['encoder.pooler'\]") as rec:
+        want = neuslice.profile(model, loader, K, metrics=("avg", "var", "taylor"), target="loss", progress=False)
+    assert len([w for w in rec if "unused layer" in str(w.message)]) == 1
+    assert want.layer_names == ["encoder.fc0"]
+    stats_close(got.stats, want.stats, keys=["count", "act_sum", "act_sq", "taylor_sum"])
+    # named explicitly, an unused layer is an error naming it
+    x, y = next(iter(loader))
+    with pytest.raises(ValueError, match=r"\['encoder.pooler'\] were named in layers= but no gradient reaches"):
+        neuslice.profile(model, [(x, y)], K, layers=["encoder.fc0", "encoder.pooler"], progress=False)
+    with neuslice.Profiler(model, K, layers=["encoder.fc0", "encoder.pooler"]) as prof:
+        with pytest.raises(ValueError, match=r"\['encoder.pooler'\] were named in layers= but no gradient"):
+            with prof.batch(y):
+                F.cross_entropy(model(x), y).backward()
+    with pytest.raises(ValueError, match=r"layer\(s\) \['spare'\] are never called in forward \(unused\)"):
+        neuslice.profile(model, [(x, y)], K, layers=["spare"], progress=False)
+    assert _hooks_of(model) == 0
+
+
+class _Checkpointed(torch.nn.Module):
+    """Two blocks; ``mode`` None runs them plainly, else through torch.utils.checkpoint (reentrant or not)."""
+
+    def __init__(self, mode):
+        super().__init__()
+        torch.manual_seed(4)
+        self.fc0, self.act0 = torch.nn.Linear(64, 16), torch.nn.ReLU()
+        self.fc1, self.act1 = torch.nn.Linear(16, 16), torch.nn.GELU()
+        self.fc2, self.act2 = torch.nn.Linear(16, 16), torch.nn.ReLU()
+        self.head = torch.nn.Linear(16, K)
+        self.mode = mode
+
+    def block(self, h):
+        return self.act2(self.fc2(self.act1(self.fc1(h))))
+
+    def forward(self, x):
+        h = self.act0(self.fc0(x.flatten(1)))
+        if self.mode is None:
+            return self.head(self.block(h))
+        return self.head(torch.utils.checkpoint.checkpoint(self.block, h, use_reentrant=self.mode == "reentrant"))
+
+
+def _loop(model, loader, metrics=("avg", "var", "taylor")):
+    with neuslice.Profiler(model, K, metrics=metrics) as prof:
+        for x, y in loader:
+            with prof.batch(y):
+                F.cross_entropy(model(x), y, reduction="sum").backward()
+    assert _hooks_of(model) == 0
+    return prof.profile()
+
+
+@pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad")   # torch's, in profile's no-grad forward
+@pytest.mark.parametrize("mode", ["non-reentrant", "reentrant"])
+def test_gradient_checkpointing_counts_each_block_once(mode):
+    loader = [(x.double(), y) for x, y in small_loader(60, 30)]
+    want = _loop(_Checkpointed(None).double().train(), loader)
+    got = _loop(_Checkpointed(mode).double().train(), loader)
+    assert got.layer_names == want.layer_names == ["fc0", "fc1", "fc2"] and got.num_batches == 2
+    stats_close(got.stats, want.stats, **F64)
+    if mode == "non-reentrant":                      # offline too, DeepLIFT's Rescale included
+        kw = dict(metrics=("avg", "var", "taylor", "deeplift"), progress=False)
+        stats_close(neuslice.profile(_Checkpointed(mode).double(), loader, K, **kw).stats,
+                    neuslice.profile(_Checkpointed(None).double(), loader, K, **kw).stats, **F64)
+    else:                                            # torch runs it only under .backward(): said so
+        with pytest.raises(RuntimeError, match=r"reentrant gradient checkpointing.*use_reentrant=False"):
+            neuslice.profile(_Checkpointed(mode).double(), loader, K, progress=False)
+
+
+def test_autocast_bf16_accumulates_in_float32_and_float64(monkeypatch):
+    model, loader = trained(), small_loader(120, 40)
+    seen = []
+    real = neuslice.ops.accumulate_
+
+    def spy(x, g, *args):
+        seen.append((x.dtype, None if g is None else g.dtype, args[-1].dtype))
+        return real(x, g, *args)
+
+    def loop(autocast):
+        with neuslice.Profiler(model, K) as prof:
+            for x, y in loader:
+                with prof.batch(y), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                    F.cross_entropy(model(x).float(), y, reduction="sum").backward()
+        return prof.profile()
+
+    monkeypatch.setattr(neuslice.ops, "accumulate_", spy)
+    got = loop(True)
+    assert seen and all(s == (torch.bfloat16, torch.bfloat16, torch.float32) for s in seen), set(seen)
+    monkeypatch.undo()
+    want = loop(False)
+    for n in want.layer_names:
+        for s, tol_ in AUTOCAST_BF16.items():
+            assert got.stats[n][s].dtype == torch.float64
+            assert_normwise_close(got.stats[n][s], want.stats[n][s], tol_, f"{n}/{s}")
