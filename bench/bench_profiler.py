@@ -7,6 +7,13 @@
 2. ``neuslice.profile`` (per-class taylor for all 4 layers) against Captum's
    ``LayerGradientXActivation`` + a per-class aggregation (one Captum call per layer, as its docs show;
    also with Captum's layer list, one call for all layers). Target: ≥ 5× faster than per-layer Captum.
+3. ``neuslice.profile`` against the class count K: the same MLP (4096 hidden neurons, a K-output head) on the
+   same 256 samples whose labels are drawn from the first 6 classes, K = 6, 100, 1000, with the per-batch
+   buffers holding the classes present (``present``) and, for comparison, all K classes (``all K``, the path
+   before). Each case runs in a fresh subprocess (Linux): peak memory = the peak resident set (``VmHWM``, reset
+   through /proc/self/clear_refs just before) over the first ``profile`` call less the resident set before it,
+   less the float64 totals ([K, N] × 5 stats, which do grow with K); time = the
+   median of the following calls. Results: bench/results/profile_classes.md (NEUSLICE_BENCH_NAME).
 
 Run:  python -m pytest bench/bench_profiler.py --benchmark-enable -s -q
 (or   python bench/bench_profiler.py   for the table alone).
@@ -16,6 +23,8 @@ from __future__ import annotations
 
 import os
 import statistics
+import subprocess
+import sys
 import time
 from typing import Callable, Dict
 
@@ -176,10 +185,70 @@ def test_profile_vs_captum(benchmark):
     assert speedup["captum, one call per layer"] >= 5.0, f"only {speedup['captum, one call per layer']:.2f}x"
 
 
+# ---------------------------------------------------------------------------------------------
+# 3. neuslice.profile memory and time against the class count K
+
+CLASSES, HIDDEN = (6, 100, 1000), 2048
+
+
+def _classes_case(k: int, impl: str) -> str:
+    """One case, run in a fresh process: ``"<peak bytes beyond the totals> <median seconds> <totals bytes>"``."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, HIDDEN), torch.nn.ReLU(), torch.nn.Linear(HIDDEN, HIDDEN),
+                                torch.nn.ReLU(), torch.nn.Linear(HIDDEN, k)).eval()
+    x, y = torch.randn(256, 256), torch.randint(0, 6, (256,))
+    batches = [(x[i:i + 64], y[i:i + 64]) for i in range(0, 256, 64)]
+    if impl == "all K":
+        from neuslice.engine import profile as offline
+        offline.present_classes = lambda y: (torch.arange(k), y)
+    model(x[:64])                                                   # allocator and kernels warm
+    run = lambda: neuslice.profile(model, batches, k, metrics=("avg", "var", "taylor"), progress=False)
+    before = _rss("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:                 # reset the high-water mark VmHWM to now
+        f.write("5")
+    run()
+    peak = _rss("VmHWM") - before
+    totals = 2 * k * (4 * HIDDEN + 1) * 8                     # 2 layers: 4 [K, N] + count [K], float64
+    secs = statistics.median(_timed(run) for _ in range(3))
+    return f"{peak - totals} {secs} {totals}"
+
+
+def _rss(field: str) -> int:
+    """``VmRSS`` (resident now) or ``VmHWM`` (its peak since the last reset) of this process, in bytes (Linux)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def test_profile_memory_and_time_against_class_count():
+    from harness import TABLE
+    res = {}
+    for k in CLASSES:
+        for impl in ("present", "all K"):
+            out = subprocess.run([sys.executable, __file__, "--classes", str(k), impl], check=True,
+                                 capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout
+            peak, secs, totals = out.split()[-3:]
+            res[k, impl] = float(peak), float(secs)
+            TABLE.add("profile, 256 samples of 6 classes", f"K={k}", impl, 1, float(secs),
+                      peak_mb_beyond_totals=float(peak) / 2**20, totals_mb=float(totals) / 2**20)
+            print(f"K={k:5d} {impl:8s} {float(secs) * 1e3:8.1f} ms   peak beyond totals "
+                  f"{float(peak) / 2**20:8.1f} MiB   totals {float(totals) / 2**20:7.1f} MiB")
+    # the batch buffers of K=1000 ([1000, 4096] float32 × 5) are 78 MiB: the present path stays far below
+    assert res[1000, "present"][0] < res[1000, "all K"][0] - 40 * 2**20
+
+
 def _print(title, t, base):
     print(f"\n{title}\n" + "\n".join(f"  {k:32s} {v * 1e3:9.1f} ms   {v / t[base]:6.3f}x" for k, v in t.items()))
 
 
-if __name__ == "__main__":
+if __name__ == "__main__" and sys.argv[1:2] == ["--classes"]:
+    print(_classes_case(int(sys.argv[2]), sys.argv[3]))
+elif __name__ == "__main__":
     for title, (fns, _), base in (("step", _step_fns(), "bare"), ("profile", _profile_fns(), "neuslice.profile")):
         _print(title, interleaved(fns), base)

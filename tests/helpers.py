@@ -59,3 +59,29 @@ def token_data(per_token: bool):
     tok = torch.randint(0, 20, (12, 5), generator=g)
     y = tok % 4 if per_token else tok[:, 0] % 4
     return [(tok[:6], y[:6]), (tok[6:], y[6:])]
+
+
+class WideHead(nn.Module):
+    """Flatten → Linear(64, 12) → ReLU → Poison → Linear(12, 10) → ReLU → Linear(10, K): a K-output MLP for
+    profiling with many classes, most of them absent from a batch. ``poison = True`` makes the activations
+    between the two hidden layers infinite, so the second layer's tap is non-finite and the first's is not."""
+
+    def __init__(self, k: int):
+        super().__init__()
+        torch.manual_seed(4)
+        self.fc1, self.act1 = nn.Linear(64, 12), nn.ReLU()
+        self.fc2, self.act2 = nn.Linear(12, 10), nn.ReLU()
+        self.head = nn.Linear(10, k)
+        self.poison = False
+
+    def forward(self, x):
+        h = self.act1(self.fc1(x.flatten(1)))
+        if self.poison:
+            h = h * float("inf")
+        return self.head(self.act2(self.fc2(h)))
+
+
+def spread_labels(y: torch.Tensor, k: int) -> torch.Tensor:
+    """Labels in ``[0, 10)`` as classes of ``[0, k)``: c mod k for k ≤ 10; c·(k // 10) + 1 otherwise, so with
+    k = 500 a batch holds at most 10 of the 500 classes, none of them class 0."""
+    return y % k if k <= 10 else y * (k // 10) + 1

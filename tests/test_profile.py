@@ -10,7 +10,7 @@ from torch import nn
 
 import neuslice
 from neuslice.engine.slices import STATS
-from helpers import TokenNet as _TokenNet, token_data as _token_data
+from helpers import TokenNet as _TokenNet, WideHead, spread_labels, token_data as _token_data
 from slicing_fixtures import F32, relu_cnn, small_loader, stats_close, trained
 
 K = 10
@@ -45,6 +45,67 @@ def _hand_stats(model, loader, taps, target="logit", deeplift_mults=None):
 
 def _stats(p):
     return p.stats
+
+
+def _all_classes(monkeypatch, module, k):
+    """The per-batch path before classes-present buffers: every class counts as present, so each batch
+    accumulates into [K, N] buffers with the labels as they are."""
+    monkeypatch.setattr(module, "present_classes", lambda y: (torch.arange(k, device=y.device), y))
+
+
+def _wide_data(k):
+    x, y = next(iter(small_loader(60, 60)))
+    y = spread_labels(y, k)
+    return [(x[:25], y[:25]), (x[25:], y[25:])]
+
+
+@pytest.mark.parametrize("k", [3, 500])
+def test_batch_buffers_hold_the_classes_present_and_give_the_full_buffers_numbers(k, monkeypatch):
+    """Per batch only the classes present get buffer rows (memory and time do not grow with K), and the
+    profile is the one [K, N] buffers gave, to the bit: the statistics are sums, each row added once."""
+    from neuslice.engine import profile as offline
+    model, data = WideHead(k).eval(), _wide_data(k)
+    rows = []
+    real = neuslice.ops.accumulate_
+    monkeypatch.setattr(neuslice.ops, "accumulate_", lambda *a: (rows.append(a[5].shape[0]), real(*a))[1])
+    new = neuslice.profile(model, data, k, progress=False)
+    assert new.deeplift == "rescale" and len(rows) == 2 * 2 * 2
+    assert rows == [len(y.unique()) for _, y in data for _ in range(4)] and max(rows) <= min(k, 10)
+    _all_classes(monkeypatch, offline, k)
+    old = neuslice.profile(model, data, k, progress=False)
+    assert (old.counts.sum(), (new.counts > 0).sum()) == (60, min(k, 10))
+    stats_close(new.stats, old.stats, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("k", [4, 300])
+def test_per_token_labels_with_absent_classes_equal_the_full_buffers(k, monkeypatch):
+    from neuslice.engine import profile as offline
+    model = _TokenNet(pooled=False).eval()
+    model.head = nn.Linear(8, k)
+    data = [(tok, y if k == 4 else y * 70 + 9) for tok, y in _token_data(per_token=True)]   # 4 of 300 present
+    new = neuslice.profile(model, data, k, progress=False)
+    assert float(new.counts.sum()) == 60 and int((new.counts > 0).sum()) == 4
+    _all_classes(monkeypatch, offline, k)
+    stats_close(new.stats, neuslice.profile(model, data, k, progress=False).stats, rtol=0, atol=0)
+
+
+def test_a_batch_non_finite_in_its_second_layer_changes_no_total():
+    """All or nothing: the first layer's sums of a rejected batch never reach the totals."""
+    from neuslice.engine.graph import discover
+    from neuslice.engine.profile import _Offline
+    model, ((x, y), (x2, y2)) = WideHead(500).eval(), _wide_data(500)
+    plan = discover(model, None, tap="auto", fn="t", run=lambda: model(x))
+    run = _Offline("t", model, plan, 500, ("avg", "var"), "logit", None)
+    try:
+        run.batch(x, y)
+        before = {n: {s: v.clone() for s, v in st.items()} for n, st in run.totals.items()}
+        model.poison = True
+        with pytest.raises(neuslice.NonFiniteError, match=r"layer 'fc2'.*no statistic changed"):
+            run.batch(x2, y2)
+    finally:
+        run.close()
+    assert list(run.totals) == ["fc1", "fc2"] and run.num_batches == 1
+    stats_close(run.totals, before, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("target", ["logit", "loss"])

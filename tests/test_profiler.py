@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import neuslice
 import neuslice.models as M
-from helpers import TokenNet, token_data
+from helpers import TokenNet, WideHead, spread_labels, token_data
 from slicing_fixtures import F32, loaders, small_loader, stats_close, trained
 from tolerances import ACCUMULATE, AUTOCAST_BF16, assert_normwise_close, tol
 
@@ -160,6 +160,51 @@ def test_non_finite_batch_changes_nothing():
     assert skip.skipped == 1 and skip.num_batches == 0
     prof.close()
     skip.close()
+
+
+def _profiled(model, data, k, metrics=("avg", "var", "taylor", "deeplift"), skip=False):
+    with neuslice.Profiler(model, k, metrics=metrics, on_nonfinite="skip" if skip else "raise") as prof:
+        for x, y in data:
+            with prof.batch(y):
+                out = model(x)
+                F.cross_entropy(out.reshape(-1, k), y.reshape(-1), reduction="sum").backward()
+    return prof.profile()
+
+
+@pytest.mark.parametrize("k, per_token", [(3, False), (500, False), (4, True), (300, True)])
+def test_batch_buffers_hold_the_classes_present_and_give_the_full_buffers_numbers(k, per_token, monkeypatch):
+    """Only the classes present get batch buffer rows; the totals are the ones [K, N] buffers gave, to the bit."""
+    from neuslice.engine import profiler as online
+    if per_token:
+        model = TokenNet(pooled=False)
+        model.head = torch.nn.Linear(8, k)
+        data = [(tok, y if k == 4 else y * 70 + 9) for tok, y in token_data(per_token=True)]
+    else:
+        (x, y), = small_loader(60, 60)
+        model, y = WideHead(k), spread_labels(y, k)
+        data = [(x[:25], y[:25]), (x[25:], y[25:])]
+    rows = []
+    real = neuslice.ops.accumulate_
+    monkeypatch.setattr(neuslice.ops, "accumulate_", lambda *a: (rows.append(a[5].shape[0]), real(*a))[1])
+    new = _profiled(model, data, k)
+    assert rows == [len(y.unique()) for _, y in data for _ in range(2)]
+    assert int((new.counts > 0).sum()) == min(k, 4 if per_token else 10)
+    monkeypatch.setattr(online, "present_classes", lambda y: (torch.arange(k, device=y.device), y))
+    stats_close(new.stats, _profiled(model, data, k).stats, rtol=0, atol=0)
+
+
+def test_a_batch_non_finite_in_its_second_layer_changes_no_total():
+    """All or nothing: the first layer's sums of a skipped batch never reach the totals."""
+    (x, y), = small_loader(60, 60)
+    model, y = WideHead(500), spread_labels(y, 500)
+    good = _profiled(model, [(x[:25], y[:25])], 500, metrics=("avg", "var"))
+    poisoned = WideHead(500)
+    real = poisoned.forward
+    poisoned.forward = lambda x: (setattr(poisoned, "poison", len(x) == 35), real(x))[1]
+    with pytest.warns(UserWarning, match=r"layer 'fc2'.*skipped; 1 batch"):
+        both = _profiled(poisoned, [(x[:25], y[:25]), (x[25:], y[25:])], 500, metrics=("avg", "var"), skip=True)
+    assert both.num_batches == 1
+    stats_close(both.stats, good.stats, rtol=0, atol=0)
 
 
 def test_deeplift_with_a_baseline_is_gradient_times_delta():

@@ -171,6 +171,26 @@ def new_stats(k: int, n: int, dtype: torch.dtype, device) -> Dict[str, Tensor]:
     return {s: torch.zeros((k,) if s == "count" else (k, n), dtype=dtype, device=device) for s in STATS}
 
 
+def present_classes(labels: Tensor) -> Tuple[Tensor, Tensor]:
+    """``(present, compact)``: the classes in a batch's ``labels`` (sorted, unique, ``[Kp]`` with Kp ≤ B, or
+    ≤ B·T per token) and ``labels`` as indices into ``present`` (same shape). A batch accumulates into
+    ``new_stats(Kp, ...)`` with the compact labels and is added to the ``[K, N]`` totals by
+    :func:`add_present`, so its memory and time do not grow with K (docs/method.md §2)."""
+    present, compact = torch.unique(labels, sorted=True, return_inverse=True)
+    return present, compact.reshape(labels.shape)
+
+
+def add_present(totals: Dict[str, Tensor], batch: Dict[str, Tensor], present: Tensor,
+                skip: Sequence[str] = ()) -> None:
+    """Add a batch's ``[Kp, ...]`` sums into the rows ``present`` of the float64 ``[K, ...]`` totals (each
+    row once: the same numbers as adding a ``[K, ...]`` batch buffer whose absent rows are zero)."""
+    for s, v in batch.items():
+        if s in skip:
+            continue
+        tot = totals[s]
+        tot.index_add_(0, present.to(tot.device), v.to(device=tot.device, dtype=tot.dtype))
+
+
 def layer_entries(plan: Plan, deeplift: Dict[str, str]) -> List[dict]:
     return [{**layer_entry(i.name, i.module), "n": i.n, "tap": i.tap, "tap_source": i.tap_source,
              "deeplift": deeplift.get(i.name)} for i in plan.layers]

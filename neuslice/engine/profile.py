@@ -3,7 +3,8 @@ Every statistic is added by ``neuslice.ops.accumulate_``; ``neuslice.Profiler`` 
 the same inside a user's training loop.
 
 A batch is all-or-nothing: each layer's sums go into batch-local buffers first, and the profile's
-float64 totals change only after every layer of the batch succeeded.
+float64 totals change only after every layer of the batch succeeded. The batch buffers hold only the
+classes present in the batch (``capture.present_classes``), so they do not grow with K.
 """
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ from torch import Tensor, nn
 from .. import ops
 from .._errors import NonFiniteError
 from ..ops.reference import acc_dtype
-from .capture import (GRADIENT_METRICS, call_model, call_views, check_calls, check_labels, check_metrics,
-                      check_num_classes, dl_forms, drop_unused, layer_entries, model_device, new_stats, nonfinite_what,
-                      target_of, to_device, unwrap, warn_unseen)
+from .capture import (GRADIENT_METRICS, add_present, call_model, call_views, check_calls, check_labels,
+                      check_metrics, check_num_classes, dl_forms, drop_unused, layer_entries, model_device, new_stats,
+                      nonfinite_what, present_classes, target_of, to_device, unwrap, warn_unseen)
 from .deeplift import Rescale
 from .graph import discover, head_entries
 from .hooks import ChainHooks, activation_modules, in_backward, no_inplace
@@ -131,16 +132,16 @@ class _Offline:
             self.kept = drop_unused(self.fn, self.plan, dead)
             for name in dead:
                 del self.totals[name]
+        present, yc = present_classes(y)                       # [Kp, N] batch buffers, Kp = classes present
         partial = {}
         for info, ts, g, m, r in zip(self.plan.layers, self.taps, grads, mults, refs):
             if info.name not in self.totals:
                 continue
             xv, cl, gv = call_views(self.fn, info, ts, y, g)
             mv = None if m is None else call_views(self.fn, info, ts, y, m)[2]
-            partial[info.name] = self._accumulate(info, xv.detach(), cl, gv, mv, r, y)
+            partial[info.name] = self._accumulate(info, xv.detach(), cl, gv, mv, r, yc, len(present))
         for name, st in partial.items():                        # all layers succeeded: commit
-            for s, v in st.items():
-                self.totals[name][s].add_(v)
+            add_present(self.totals[name], st, present)
         self.num_batches += 1
 
     def _grad(self, tgt: Tensor, retain: bool) -> List[List[Optional[Tensor]]]:
@@ -157,14 +158,15 @@ class _Offline:
                                "training loop with neuslice.Profiler (docs/method.md §2)") from None
         return [[next(gs) for _ in ts] for ts in self.taps]
 
-    def _accumulate(self, info, x, cl, gv, mv, r, y) -> Dict[str, Tensor]:
-        st = new_stats(self.k, info.n, acc_dtype(x.dtype), x.device)
+    def _accumulate(self, info, x, cl, gv, mv, r, y, kp) -> Dict[str, Tensor]:
+        """The batch's sums ``[kp, N]`` of one layer; ``y`` are compact labels in ``[0, kp)``."""
+        st = new_stats(kp, info.n, acc_dtype(x.dtype), x.device)
         try:
             if mv is None:   # m = g: one call gives taylor (ref None) and deeplift (ref r) alike
                 ops.accumulate_(x, gv, r, y, cl, st["count"], st["act_sum"], st["act_sq"], st["taylor_sum"],
                                 st["deeplift_sum"])
             else:
-                junk = new_stats(self.k, info.n, acc_dtype(x.dtype), x.device)
+                junk = new_stats(kp, info.n, acc_dtype(x.dtype), x.device)
                 ops.accumulate_(x, gv, None, y, cl, st["count"], st["act_sum"], st["act_sq"], st["taylor_sum"],
                                 junk["deeplift_sum"])
                 ops.accumulate_(x, mv, r, y, cl, junk["count"], junk["act_sum"], junk["act_sq"],

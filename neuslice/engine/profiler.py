@@ -8,7 +8,7 @@ altered. DeepLIFT here is gradient × Δ (m = g), as the profile records.
 from __future__ import annotations
 
 import warnings
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -16,9 +16,9 @@ from torch import Tensor, nn
 from .. import ops
 from .._errors import NeusliceError, NonFiniteError
 from ..ops.reference import acc_dtype
-from .capture import (GRADIENT_METRICS, tap_view, call_model, call_views, check_calls, check_labels, check_metrics,
-                      check_num_classes, drop_unused, layer_entries, model_device, new_stats, nonfinite_what, unwrap,
-                      warn_unseen)
+from .capture import (GRADIENT_METRICS, add_present, tap_view, call_model, call_views, check_calls, check_labels,
+                      check_metrics, check_num_classes, drop_unused, layer_entries, model_device, new_stats,
+                      nonfinite_what, present_classes, unwrap, warn_unseen)
 from .graph import discover, head_entries, traceable
 from .hooks import ChainHooks, in_backward
 from .slices import Profile
@@ -210,7 +210,8 @@ class _Batch:
 
     def __init__(self, prof: Profiler, labels: Tensor):
         self.p, self.labels = prof, labels
-        self.stats: Dict[int, Dict[str, Tensor]] = {}
+        self.stats: Dict[int, Dict[str, Tensor]] = {}    # per layer: [Kp, N] sums over the classes present
+        self.compact: Optional[Tuple[Tensor, Tensor]] = None   # present_classes(labels), on the labels' device
         self.saved: Dict[int, List[tuple]] = {}          # per layer, per call: (tap, tap version)
         self.grads: Dict[int, Dict[int, Tensor]] = {}   # per layer: {call: gradient}
         self.forwards = 0
@@ -304,11 +305,14 @@ class _Batch:
 
     def _acc(self, i: int, x: Tensor, cl: bool, g: Optional[Tensor]) -> None:
         info = self.p.plan.layers[i]
-        st = self.stats.setdefault(i, new_stats(self.p.k, info.n, acc_dtype(x.dtype), x.device))
+        if self.compact is None or self.compact[1].device != self.labels.device:
+            self.compact = present_classes(self.labels)
+        present, yc = self.compact
+        st = self.stats.setdefault(i, new_stats(len(present), info.n, acc_dtype(x.dtype), x.device))
         r = self.p.refs[i]
         r = None if r is None else r.to(device=x.device, dtype=x.dtype)
         try:
-            ops.accumulate_(x, g, r, self.labels, cl, st["count"], st["act_sum"], st["act_sq"], st["taylor_sum"],
+            ops.accumulate_(x, g, r, yc, cl, st["count"], st["act_sum"], st["act_sq"], st["taylor_sum"],
                             st["deeplift_sum"])
         except NonFiniteError as e:
             self.errors.append(NonFiniteError(f"{self.FN}: layer {info.name!r} (tapped at {info.tap!r}): "
@@ -374,13 +378,10 @@ class _Batch:
         plan = self.p.plan
         if self.p.num_batches == 0:
             plan = drop_unused(self.FN, plan, [plan.layers[i].name for i in unused], stacklevel=3)
-        dl, grad = "deeplift" in self.p.metrics, self.p.grad
+        skip = [s for s, off in (("taylor_sum", not self.p.grad), ("deeplift_sum", "deeplift" not in self.p.metrics))
+                if off]
         for i, st in self.stats.items():
-            tot = self.p.totals[self.p.plan.layers[i].name]
-            for s, v in st.items():
-                if (s == "taylor_sum" and not grad) or (s == "deeplift_sum" and not dl):
-                    continue
-                tot[s].add_(v)
+            add_present(self.p.totals[self.p.plan.layers[i].name], st, self.compact[0], skip)
         if plan is not self.p.plan:
             self.p._narrow(plan)
         self.p.num_batches += 1
