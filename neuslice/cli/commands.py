@@ -11,13 +11,13 @@ import neuslice
 
 from ..engine.graph import discover
 from ..engine.slices import Profile, Slices
+from ..io import container
 from ..io.modelfile import save_model
 from ..maintain import RestructuredModel, TaskAwareModel, incremental, readapt
 from ..maintain._common import head_module
 from . import report
 from .common import (RestructureOptions, UsageError, acc, bar, class_list, emit, factory_of, head_outputs, kv,
-                     load_data_of, load_model_of, model_args, resolve_device, run_restructure, train_bar,
-                     write_text_atomic)
+                     load_data_of, load_model_of, model_args, resolve_device, run_restructure, train_bar)
 from .demo import DemoConfig, run_demo
 from .report import make_slices, print_layers, print_summary, slices_summary
 
@@ -167,7 +167,7 @@ def cmd_predict(args) -> int:
                                       if _scored(ds, c) else None for t, c in tasks.items()}
     if args.out:
         lines = ["index,label,prediction"] + [f"{i},{int(y)},{int(p)}" for i, (y, p) in enumerate(zip(ds.y, preds))]
-        write_text_atomic(args.out, "\n".join(lines) + "\n")
+        container.write_atomic("neuslice predict", args.out, ("\n".join(lines) + "\n").encode())
         result["predictions"] = str(args.out)
     return emit(args, result, kv)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import sys
 import warnings
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from .report import REPORT_FILES
 
 __all__ = ["UsageError", "RunOptions", "RestructureOptions", "run_restructure", "bar", "train_bar", "model_args",
            "load_model_of", "factory_of", "load_data_of", "check_inputs", "say", "default_threads", "resolve_device",
-           "head_outputs", "class_list", "acc", "emit", "kv", "example_input", "check_outputs", "write_text_atomic"]
+           "head_outputs", "class_list", "acc", "emit", "kv", "example_input", "check_outputs"]
 
 
 @dataclass
@@ -172,21 +171,6 @@ def check_outputs(args) -> None:
                 what = "" if t == out else f" (its {os.path.basename(t)})"
                 raise UsageError(f"--out {out}{what} is the input {option} {path}: writing it would destroy that "
                                  "input; choose another --out")
-
-
-def write_text_atomic(path, text: str) -> None:
-    """Write ``text`` to ``path`` whole or not at all: a new temporary file in the same folder (created with
-    mode 0666, so the umask applies as to any new file), then ``os.replace``."""
-    path = os.fspath(path)
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".neuslice-{secrets.token_hex(8)}.tmp")
-    try:
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def say(args, kind: str, text: str) -> None:

@@ -26,7 +26,7 @@ from torch import nn
 from .._errors import NeusliceError
 
 __all__ = ["FORMAT_VERSION", "FileFormatError", "SignatureError", "write", "read", "expect", "Fields",
-           "layer_entry", "signature", "check_model", "compare_layers"]
+           "layer_entry", "signature", "check_model", "compare_layers", "write_atomic"]
 
 # 2: the sha256 covers the whole file (1: the tensor payload only); layer sets record the model's head
 FORMAT_VERSION = 2
@@ -174,9 +174,14 @@ def _os_error(fn: str, path: str, e: OSError, tmp: Optional[str]) -> OSError:
 
 def write(fn: str, path, kind: str, tensors: Dict[str, torch.Tensor], meta: dict) -> None:
     """Write ``tensors`` (any device; saved from CPU copies) and ``meta`` atomically to ``path``
-    (docs/method.md §5): a temporary file in the target's folder, ``fsync``, rename. A symlink at ``path``
-    stays and its target is replaced; the file's mode follows the umask; errors name ``path``."""
-    blob = encode(kind, tensors, meta)
+    (docs/method.md §5), as :func:`write_atomic` does."""
+    write_atomic(fn, path, encode(kind, tensors, meta))
+
+
+def write_atomic(fn: str, path, blob: bytes) -> None:
+    """``blob`` to ``path`` whole or not at all: a temporary file in the target's folder, ``fsync``, rename.
+    A symlink at ``path`` stays and its target is replaced; the file's mode follows the umask; errors name
+    ``path``; temporary files of dead writers in that folder are removed first."""
     path = os.fspath(path)
     target = os.path.realpath(path)
     folder = os.path.dirname(target)
