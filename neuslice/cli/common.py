@@ -101,15 +101,9 @@ def load_model_of(args):
     return model.to(device)
 
 
-@torch.no_grad()
 def head_outputs(model, ds) -> int:
-    """How many classes ``model`` scores: the last axis of its output on one sample of ``ds``."""
-    was = model.training
-    model.eval()
-    try:
-        out = call_model(model, ds.x[:1])
-    finally:
-        model.train(was)
+    """How many classes ``model`` scores: the last axis of its output on samples of ``ds``."""
+    out = check_inputs(model, ds)
     if not isinstance(out, torch.Tensor) or out.dim() < 2:
         raise ValueError(f"the model's output on one sample of {ds.source} is "
                          f"{type(out).__name__ if not isinstance(out, torch.Tensor) else list(out.shape)}, "
@@ -203,14 +197,15 @@ def load_data_of(args, spec: Optional[str], names: Optional[Sequence[str]] = Non
     return ds
 
 
-def check_inputs(model, ds) -> None:
-    """Run ``model`` on two samples of ``ds``: an error naming the data, its shape and how it was read, instead of
-    a layer's error deep in the run, when the model cannot take them."""
+def check_inputs(model, ds):
+    """Run ``model`` (in eval mode, on its device) on two samples of ``ds`` and return its output: an error
+    naming the data, its shape and how it was read, instead of a layer's error deep in the run, when the model
+    cannot take them."""
     was = model.training
     model.eval()
     try:
         with torch.no_grad():
-            model(ds.x[:2])
+            return call_model(model, ds.x[:2])
     except (RuntimeError, ValueError, TypeError) as e:
         how = f" ({'; '.join(ds.notes)})" if ds.notes else ""
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
