@@ -30,6 +30,7 @@ from typing import Optional
 import torch
 
 from neuslice._errors import raise_for_status
+from neuslice.ops._layout import pending_extras
 
 try:
     from triton.runtime.interpreter import InterpretedFunction
@@ -78,8 +79,10 @@ def refuse(op: str, args: tuple) -> Optional[str]:
     why = _device_refusal(tensors) or _dtype_refusal(args[0].dtype, args[0].device)
     if why:
         return why
-    if op == "accumulate_" and not all(t.is_contiguous() for t in args[5:]):
+    if op == "accumulate_" and not all(t.is_contiguous() for t in args[5:10] if t is not None):
         return "needs contiguous statistics tensors"
+    if op == "accumulate_" and pending_extras(args):
+        return pending_extras(args)
     if op in _MUTATED and not all(_upd.rows_view(args[i]) is not None for i in _MUTATED[op]):
         return "needs param and optimizer state whose trailing dims collapse to one (a view [rows, cols])"
     return None
@@ -90,7 +93,8 @@ def _on_device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
-def accumulate_(x, grad, ref, labels, channels_last, count, act_sum, act_sq, taylor_sum, deeplift_sum):
+def accumulate_(x, grad, ref, labels, channels_last, count, act_sum, act_sq, taylor_sum, deeplift_sum,
+                valid=None, ignore_index=-100):
     with _on_device(x):
         status = _acc.accumulate(x, grad, ref, labels, channels_last, count, act_sum, act_sq, taylor_sum,
                                  deeplift_sum, interpret=INTERPRETED)

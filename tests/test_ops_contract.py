@@ -62,8 +62,8 @@ def test_schemas_are_the_contract():
     schemas = {op: str(getattr(torch.ops.neuslice, op).default._schema) for op in OP_ARGS}
     assert schemas["accumulate_"] == (
         "neuslice::accumulate_(Tensor x, Tensor? grad, Tensor? ref, Tensor labels, bool channels_last, "
-        "Tensor(a!) count, Tensor(b!) act_sum, Tensor(c!) act_sq, Tensor(d!) taylor_sum, "
-        "Tensor(e!) deeplift_sum) -> ()")
+        "Tensor(a!) count, Tensor(b!)? act_sum, Tensor(c!)? act_sq, Tensor(d!)? taylor_sum, "
+        "Tensor(e!)? deeplift_sum, Tensor? valid=None, int ignore_index=-100) -> ()")
     assert schemas["select"] == "neuslice::select(Tensor scores, float theta) -> Tensor"
     assert schemas["select_topk"] == "neuslice::select_topk(Tensor scores, float ratio) -> Tensor"
     assert schemas["masked_sgd_"].startswith("neuslice::masked_sgd_(Tensor(a!) param, Tensor grad, "

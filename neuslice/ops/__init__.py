@@ -3,7 +3,8 @@
 Ops (schemas as registered):
 
 - ``neuslice::accumulate_(Tensor x, Tensor? grad, Tensor? ref, Tensor labels, bool channels_last,
-  Tensor(a!) count, Tensor(b!) act_sum, Tensor(c!) act_sq, Tensor(d!) taylor_sum, Tensor(e!) deeplift_sum) -> ()``
+  Tensor(a!) count, Tensor(b!)? act_sum, Tensor(c!)? act_sq, Tensor(d!)? taylor_sum, Tensor(e!)? deeplift_sum,
+  Tensor? valid=None, int ignore_index=-100) -> ()``
 - ``neuslice::select(Tensor scores, float theta) -> Tensor``
 - ``neuslice::select_topk(Tensor scores, float ratio) -> Tensor``
 - ``neuslice::masked_sgd_(Tensor(a!) param, Tensor grad, Tensor(b!) momentum_buf, Tensor mask,
@@ -177,7 +178,7 @@ def _direct(args, mutated) -> bool:
     if any(type(t) is not Tensor for t in tensors):
         return False
     # (An inference tensor among them raises in the kernel's checks on either path: see _check_outputs.)
-    return not any(args[i].requires_grad for i in mutated)
+    return not any(args[i] is not None and args[i].requires_grad for i in mutated)
 
 
 def _custom_op(qualname: str, *, mutates_args, schema: str):
@@ -197,16 +198,19 @@ def _custom_op(qualname: str, *, mutates_args, schema: str):
         sig = inspect.signature(kernel)
         mutated = tuple(list(sig.parameters).index(m) for m in mutates_args)
         op, scalars = qualname.split("::")[1], _scalar_args(opdef._opoverload._schema)
+        nparams = len(sig.parameters)
 
         @functools.wraps(kernel)
         def front(*args, **kwargs):
-            if kwargs:
-                args = sig.bind(*args, **kwargs).args
+            if kwargs or len(args) < nparams:
+                bound = sig.bind(*args, **kwargs)
+                bound.apply_defaults()
+                args = bound.args
             args = _checked_scalars(op, args, scalars)
             if _direct(args, mutated):
                 out = kernel(*args)
                 if mutated:
-                    torch.autograd.graph.increment_version([args[i] for i in mutated])
+                    torch.autograd.graph.increment_version([args[i] for i in mutated if args[i] is not None])
                 return out
             return opdef(*args)
 
@@ -219,7 +223,7 @@ def _custom_op(qualname: str, *, mutates_args, schema: str):
 # ---------------------------------------------------------------------------------------------
 # accumulate_
 
-def _check_accumulate(x, grad, ref, labels, channels_last, stats, *, data: bool) -> None:
+def _check_accumulate(x, grad, ref, labels, channels_last, stats, valid, ignore_index, *, data: bool) -> None:
     op = "accumulate_"
     if x.dtype not in _FLOATS:
         _fail(op, f"x must be float32, float64, float16 or bfloat16, got {x.dtype}", TypeError)
@@ -250,29 +254,40 @@ def _check_accumulate(x, grad, ref, labels, channels_last, stats, *, data: bool)
             _fail(op, f"per-token labels must be [B, S] = [{b}, {s}], got {_shape(labels)}")
     elif tuple(labels.shape) != (b,):
         _fail(op, f"labels must be [B] = [{b}] (or [B, S] per token), got {_shape(labels)}")
+    if valid is not None:
+        if valid.dtype != torch.bool:
+            _fail(op, f"valid must be bool [B, S] (True = the position counts), got {valid.dtype}", TypeError)
+        if valid.device != x.device or tuple(valid.shape) != (b, s):
+            _fail(op, f"valid must be [B, S] = [{b}, {s}] on {x.device}, got {_shape(valid)} on {valid.device}")
     count = stats[0]
     want = acc_dtype(x.dtype)
-    if count.dim() != 1 or count.shape[0] < 1:
-        _fail(op, f"count must be [K] with K >= 1, got {_shape(count)}")
+    if count is None or count.dim() != 1 or count.shape[0] < 1:
+        _fail(op, f"count must be [K] with K >= 1, got {'None' if count is None else _shape(count)}")
     k = count.shape[0]
     for name, t in zip(_STATS, stats):
+        if t is None:
+            continue
         if t.dtype != want:
             _fail(op, f"{name} must be {want} for x of {x.dtype}, got {t.dtype}", TypeError)
         _check_same(op, name, t, x, "x", (k,) if name == "count" else (k, n))
     if data and labels.numel() > 0:
         lo, hi = torch.stack(torch.aminmax(labels)).tolist()  # one device read, not two
         if lo < 0 or hi >= k:
-            bad = lo if lo < 0 else hi
-            _fail(op, f"labels must lie in [0, {k}) (K = count.shape[0]), got label {bad}")
+            bad = labels[(labels != ignore_index) & ((labels < 0) | (labels >= k))]
+            if bad.numel():
+                _fail(op, f"labels must lie in [0, {k}) (K = count.shape[0]) or equal ignore_index "
+                          f"({ignore_index}), got label {int(bad[0])}")
 
 
 @_custom_op("neuslice::accumulate_", mutates_args=_STATS, schema=(
     "(Tensor x, Tensor? grad, Tensor? ref, Tensor labels, bool channels_last, Tensor(a!) count, "
-    "Tensor(b!) act_sum, Tensor(c!) act_sq, Tensor(d!) taylor_sum, Tensor(e!) deeplift_sum) -> ()"))
+    "Tensor(b!)? act_sum, Tensor(c!)? act_sq, Tensor(d!)? taylor_sum, Tensor(e!)? deeplift_sum, "
+    "Tensor? valid=None, int ignore_index=-100) -> ()"))
 def accumulate_(x: Tensor, grad: Optional[Tensor], ref: Optional[Tensor], labels: Tensor,
-                channels_last: bool, count: Tensor, act_sum: Tensor, act_sq: Tensor,
-                taylor_sum: Tensor, deeplift_sum: Tensor) -> None:
-    """Add one batch to one layer's per-class statistics (docs/method.md), in place.
+                channels_last: bool, count: Tensor, act_sum: Optional[Tensor], act_sq: Optional[Tensor],
+                taylor_sum: Optional[Tensor], deeplift_sum: Optional[Tensor], valid: Optional[Tensor] = None,
+                ignore_index: int = -100) -> None:
+    """Add one batch to one layer's per-class statistics (docs/method.md §2), in place.
 
     Args:
         x: activations, ``[B, N, S]`` (``[B, S, N]`` when ``channels_last``; ``[B, N]`` means S = 1);
@@ -282,28 +297,35 @@ def accumulate_(x: Tensor, grad: Optional[Tensor], ref: Optional[Tensor], labels
         ref: reference activation ``[N, S]`` or ``[N]``, x's dtype; None means zero.
         labels: int64 ``[B]``, or ``[B, S]`` per token (channels_last only; each token counts as a sample).
         count: ``[K]``; act_sum, act_sq, taylor_sum, deeplift_sum: ``[K, N]``; float32 (float64 for
-            float64 x), on x's device.
+            float64 x), on x's device. Each of the four sums may be None: that statistic is not kept.
+        valid: None, or bool ``[B, S]``: False marks a position that does not count (padding). A sample's
+            mean is over its valid positions, its Taylor/DeepLIFT sums run over them only, and a sample
+            with no valid position is not counted. Values at invalid positions are never read.
+        ignore_index: a label equal to it is skipped (the sample, or per token the token, counts nowhere).
 
     Raises ValueError/TypeError on bad arguments (docs/architecture.md, "The op contract") and
-    NonFiniteError on a non-finite activation or gradient; in every case no statistic is changed.
-    An empty batch (B = 0) changes nothing; with no neurons (N = 0) only ``count`` grows.
+    NonFiniteError on a non-finite activation or gradient at a counted position; in every case no
+    statistic is changed. An empty batch (B = 0) changes nothing; with no neurons (N = 0) only ``count`` grows.
     """
     stats = (count, act_sum, act_sq, taylor_sum, deeplift_sum)
-    _check_accumulate(x, grad, ref, labels, channels_last, stats, data=True)
-    _check_outputs("accumulate_", stats, _STATS, (x, grad, ref, labels), ("x", "grad", "ref", "labels"))
+    _check_accumulate(x, grad, ref, labels, channels_last, stats, valid, ignore_index, data=True)
+    present = [(t, nm) for t, nm in zip(stats, _STATS) if t is not None]
+    _check_outputs("accumulate_", [t for t, _ in present], [nm for _, nm in present],
+                   (x, grad, ref, labels, valid), ("x", "grad", "ref", "labels", "valid"))
     b, n, _ = bns(x, channels_last)
     if b == 0:
         return
     if n == 0:  # no neurons: only count grows, counted by the reference for every backend
-        reference.accumulate_(x, grad, ref, labels, channels_last, *stats)
+        reference.accumulate_(x, grad, ref, labels, channels_last, *stats, valid, ignore_index)
         return
-    _dispatch.call("accumulate_", x, grad, ref, labels, channels_last, *stats)
+    _dispatch.call("accumulate_", x, grad, ref, labels, channels_last, *stats, valid, ignore_index)
 
 
 @accumulate_.register_fake
-def _accumulate_fake(x, grad, ref, labels, channels_last, count, act_sum, act_sq, taylor_sum, deeplift_sum):
+def _accumulate_fake(x, grad, ref, labels, channels_last, count, act_sum, act_sq, taylor_sum, deeplift_sum,
+                     valid=None, ignore_index=-100):
     _check_accumulate(x, grad, ref, labels, channels_last, (count, act_sum, act_sq, taylor_sum, deeplift_sum),
-                      data=False)
+                      valid, ignore_index, data=False)
 
 
 # ---------------------------------------------------------------------------------------------

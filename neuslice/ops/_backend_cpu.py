@@ -14,6 +14,7 @@ import torch  # noqa: F401  (before _C: torch's libgomp then serves the kernels 
 from .. import _C
 from .._errors import raise_for_status
 from ._native import accumulate_args, masked_param, ptr, scores_for_kernel, select_args
+from ._layout import pending_extras
 from .reference import topk_count
 
 __all__ = ["refuse", "accumulate_", "select", "select_topk", "masked_sgd_", "masked_adamw_"]
@@ -29,9 +30,9 @@ def refuse(op: str, args: tuple) -> Optional[str]:
     if any(t.device.type != "cpu" for t in tensors):
         return "runs CPU tensors only"
     if op == "accumulate_":
-        if not _contiguous(*args[5:]):
+        if not _contiguous(*(t for t in args[5:10] if t is not None)):
             return "needs contiguous statistics tensors"
-        return None
+        return pending_extras(args)
     if op in ("select", "select_topk"):
         return None
     param = args[0]
@@ -42,7 +43,8 @@ def refuse(op: str, args: tuple) -> Optional[str]:
     return None
 
 
-def accumulate_(x, grad, ref, labels, channels_last, count, act_sum, act_sq, taylor_sum, deeplift_sum):
+def accumulate_(x, grad, ref, labels, channels_last, count, act_sum, act_sq, taylor_sum, deeplift_sum,
+                valid=None, ignore_index=-100):
     args = accumulate_args(x, grad, ref, labels, channels_last, (count, act_sum, act_sq, taylor_sum, deeplift_sum))
     status = _C.accumulate_cpu(args, nthreads=torch.get_num_threads())
     raise_for_status("accumulate_", status, "cpu", num_classes=count.shape[0])

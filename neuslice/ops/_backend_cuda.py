@@ -17,7 +17,7 @@ import torch
 
 from .. import _C
 from .._errors import raise_for_status
-from ._layout import bns
+from ._layout import bns, pending_extras
 from ._native import DTYPE_CODES, accumulate_args, ptr, scores_for_kernel, select_args
 from .reference import topk_count
 
@@ -51,7 +51,9 @@ def refuse(op: str, args: tuple) -> Optional[str]:
         return (f"the CUDA runtime compiled into neuslice._C ({_C.cuda_runtime_version()}) sees no GPU "
                 "(is the driver older than that runtime?)")
     if op == "accumulate_":
-        x, stats = args[0], args[5:]
+        x, stats = args[0], args[5:10]
+        if pending_extras(args):
+            return pending_extras(args)
         if x.dtype not in DTYPE_CODES:
             return f"reads float32/float64/float16/bfloat16 activations, got {x.dtype}"
         if not all(t.is_contiguous() for t in stats):
@@ -98,7 +100,8 @@ def _check_launch(op: str, rc: int, what: str) -> None:
         raise RuntimeError(f"neuslice.{op}: the cuda kernel launch failed (status {rc}); {what}")
 
 
-def accumulate_(x, grad, ref, labels, channels_last, count, act_sum, act_sq, taylor_sum, deeplift_sum):
+def accumulate_(x, grad, ref, labels, channels_last, count, act_sum, act_sq, taylor_sum, deeplift_sum,
+                valid=None, ignore_index=-100):
     dev = x.device
     with torch.cuda.device(dev):
         stream = torch.cuda.current_stream(dev).cuda_stream

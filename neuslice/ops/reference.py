@@ -31,36 +31,59 @@ def _ref_ns(ref: Optional[torch.Tensor], n: int, s: int, dtype: torch.dtype) -> 
     return r.unsqueeze(-1).expand(n, s) if r.dim() == 1 else r
 
 
-def accumulate_(x, grad, ref, labels, channels_last, count, act_sum, act_sq, taylor_sum, deeplift_sum):
-    """The per-class statistics of one batch (docs/method.md); see :func:`neuslice.ops.accumulate_` for shapes."""
+def accumulate_(x, grad, ref, labels, channels_last, count, act_sum, act_sq, taylor_sum, deeplift_sum,
+                valid=None, ignore_index=-100):
+    """The per-class statistics of one batch (docs/method.md §2); see :func:`neuslice.ops.accumulate_` for shapes.
+
+    Positions where ``valid`` is False and samples (tokens, per-token) labelled ``ignore_index`` are
+    never read; a sample without a valid position is not counted. A statistic given as None is not kept."""
     acc = acc_dtype(x.dtype)
     xf = as_bns(x, channels_last).to(acc)                      # [B, N, S]
     gf = None if grad is None else as_bns(grad, channels_last).to(acc)
     n, s = xf.shape[1], xf.shape[2]
     r = _ref_ns(ref, n, s, acc)
+    vm = valid
     if labels.dim() == 2:                                       # per token: each token a sample
         bs = labels.numel()                                     # B*S spelled out: -1 is ambiguous when N = 0
         xf = xf.permute(0, 2, 1).reshape(bs, n, 1)
         gf = None if gf is None else gf.permute(0, 2, 1).reshape(bs, n, 1)
         r = None if r is None else r.t().reshape(1, s, n).expand(labels.shape[0], -1, -1).reshape(bs, n, 1)
+        vm = None if vm is None else vm.reshape(bs, 1)
         labels = labels.reshape(-1)
-    xbar = xf.mean(-1)
+    keep = labels != ignore_index
+    if vm is not None:
+        keep = keep & vm.any(1)
+    if not bool(keep.all()):
+        xf, labels = xf[keep], labels[keep]
+        gf = None if gf is None else gf[keep]
+        if r is not None and r.dim() == 3:                      # per token: each token's own ref
+            r = r[keep]
+        vm = None if vm is None else vm[keep]
+    if vm is None:
+        xbar = xf.mean(-1)
+    else:                                                       # padding is never read, NaN included
+        w = vm.unsqueeze(1)                                     # [B, 1, S]
+        zero = torch.zeros((), dtype=acc, device=xf.device)
+        xf = torch.where(w, xf, zero)
+        gf = None if gf is None else torch.where(w, gf, zero)
+        xbar = xf.sum(-1) / vm.sum(1, keepdim=True).to(acc)
     xsq = xbar * xbar
     if not (torch.isfinite(xf).all() and torch.isfinite(xsq).all()):
         raise NonFiniteError("neuslice.accumulate_: non-finite value in x; no statistic was changed")
+    taylor = deeplift = None
     if gf is not None:
         taylor = (xf * gf).sum(-1).abs()
         delta = xf if r is None else xf - r
+        if vm is not None and r is not None:
+            delta = torch.where(vm.unsqueeze(1), delta, torch.zeros((), dtype=acc, device=xf.device))
         deeplift = (delta * gf).sum(-1).abs()
         if not (torch.isfinite(gf).all() and torch.isfinite(taylor).all() and torch.isfinite(deeplift).all()):
             raise NonFiniteError("neuslice.accumulate_: non-finite value in grad (or in x*grad); "
                                  "no statistic was changed")
     count.index_add_(0, labels, torch.ones(labels.shape[0], dtype=count.dtype, device=count.device))
-    act_sum.index_add_(0, labels, xbar)
-    act_sq.index_add_(0, labels, xsq)
-    if gf is not None:
-        taylor_sum.index_add_(0, labels, taylor)
-        deeplift_sum.index_add_(0, labels, deeplift)
+    for out, v in ((act_sum, xbar), (act_sq, xsq), (taylor_sum, taylor), (deeplift_sum, deeplift)):
+        if out is not None and v is not None:
+            out.index_add_(0, labels, v)
 
 
 def _sorted_desc(scores: torch.Tensor):
