@@ -213,14 +213,31 @@ def to_device(x, device):
 
 
 def call_model(model: nn.Module, x):
-    """``model`` on one batch's inputs, moved to the model's device first: a tensor is ``model(x)``, a
-    tuple/list ``model(*x)``, a dict ``model(**x)``."""
+    """``model``'s logits on one batch's inputs, moved to the model's device first: a tensor is ``model(x)``,
+    a tuple/list ``model(*x)``, a dict ``model(**x)``; the output is read by :func:`logits_of`."""
     x = to_device(x, model_device(model))
     if isinstance(x, dict):
-        return model(**x)
+        return logits_of(model(**x))
     if isinstance(x, (list, tuple)):
-        return model(*x)
-    return model(x)
+        return logits_of(model(*x))
+    return logits_of(model(x))
+
+
+def logits_of(out):
+    """The logits in a model's output: a tensor as it is; an output object with a ``logits`` tensor (the
+    model-library convention, e.g. a Hugging Face ``SequenceClassifierOutput``) its ``logits``; a mapping
+    its ``"logits"`` entry; a tuple/list its first element. Anything else is returned unchanged (the
+    caller's check names it)."""
+    if isinstance(out, Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    if isinstance(out, dict) and isinstance(out.get("logits"), Tensor):
+        return out["logits"]
+    if isinstance(out, (list, tuple)) and out and isinstance(out[0], Tensor):
+        return out[0]
+    return out
 
 
 def target_of(fn: str, out, labels: Tensor, target: str) -> Tensor:
