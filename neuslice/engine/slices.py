@@ -28,6 +28,11 @@ _DEEPLIFT = ("rescale", "gradient")
 _MODES = ("global", "category", "semantic")
 
 
+def _attention_meta(attention) -> dict:
+    """The ``attention`` field, written only when there are blocks (files without attention stay as before)."""
+    return {"attention": [_heads.to_entry(a) for a in attention]} if attention else {}
+
+
 class _LayerSet(abc.ABC):
     """What a Profile and a Slices share: per-layer entries (``layers``) and ``class_names``."""
 
@@ -194,7 +199,7 @@ class Profile(_LayerSet):
         meta = {"layers": self.layers, "class_names": self.class_names, "metrics": list(self.metrics),
                 "target": self.target, "deeplift": self.deeplift, "num_batches": self.num_batches,
                 "coupled": self.coupled, "heads": self.heads, "signature": self.signature,
-                "attention": [_heads.to_entry(a) for a in self.attention]}
+                **_attention_meta(self.attention)}
         _io.write("neuslice.Profile.save", path, "profile", tensors, meta)
 
     @classmethod
@@ -315,7 +320,7 @@ class Slices(_LayerSet):
         meta = {"layers": self.layers, "class_names": self.class_names, "mode": self.mode, "metric": self.metric,
                 "value": self.value, "share": self.share, "tau": self.tau, "min_keep": self.min_keep,
                 "coupled": self.coupled, "heads": self.heads, "signature": self.signature,
-                "attention": [_heads.to_entry(a) for a in self.attention]}
+                **_attention_meta(self.attention)}
         _io.write("neuslice.Slices.save", path, "slices", tensors, meta)
 
     @classmethod
