@@ -213,8 +213,7 @@ def test_attention_survives_save_and_load_and_old_files_load(tmp_path):
     meta = {k: v for k, v in doc.items() if k not in ("attention", "format_version", "kind")}
     _io.write("t", tmp_path / "old.safetensors", "slices", tensors, meta)
     assert neuslice.Slices.load(tmp_path / "old.safetensors").attention == []
-    bad = dict(meta, attention=[dict(heads._to_entry(s.attention[0]) if hasattr(heads, "_to_entry") else
-                                     heads.to_entry(s.attention[0]), heads=3)])
+    bad = dict(meta, attention=[dict(heads.to_entry(s.attention[0]), heads=3)])
     _io.write("t", tmp_path / "bad.safetensors", "slices", tensors, bad)
     with pytest.raises(neuslice.FileFormatError, match=r"field 'attention\[0\].heads' must be a multiple of kv_heads"):
         neuslice.Slices.load(tmp_path / "bad.safetensors")
@@ -245,3 +244,16 @@ def test_a_partly_sliced_attention_is_refused_by_name():
                                          r"\['m.vit.layers.0.attention.k_proj', 'm.vit.layers.0.attention.v_proj'\] are not "
                                          r"sliced"):
         neuslice.restructure(model, s, KEEP, example_inputs=d[0][0])
+
+
+@pytest.mark.parametrize("mode", ["global", "category"])
+def test_ratio_modes_select_whole_heads(mode):
+    model, d, prof, _ = sliced("llama")
+    s = (neuslice.global_slice(prof, "avg", 0.5) if mode == "global" else neuslice.category_slice(prof, "avg", 0.5))
+    for a in s.attention:
+        for layer, idx in heads.segments(a):
+            c = s.critical_sets[layer][:, idx.flatten()].view(s.num_classes, *idx.shape)
+            assert bool((c == c[..., :1]).all()) and bool(c[..., 0].sum(1).eq(1).all())   # ⌈0.5·2⌉ = 1 kv group
+    phys, _ = neuslice.restructure(model, s, KEEP, example_inputs=d[0][0])
+    masked, _ = neuslice.restructure(model, s, KEEP, mode="mask")
+    torch.testing.assert_close(run(phys, d[2][0]), run(masked, d[2][0]), rtol=1e-4, atol=1e-5)

@@ -4,7 +4,9 @@
 its layer → norm → activation chain, and restricts the logits to T. ``physical`` mode builds a smaller
 module: our code decides which neurons go (the slice), Torch-Pruning's dependency graph removes them with
 everything coupled to them (the next layers' reading weights, BatchNorm entries, residual adds,
-depthwise convolutions, flatten into Linear), and the head keeps only the rows of T. Output ``i`` of the
+depthwise convolutions, flatten into Linear), and the head keeps only the rows of T. With attention blocks
+recorded (a transformer), whole heads and FFN neurons are cut along the plan's couplings instead
+(``_surgery``); the residual width never changes. Output ``i`` of the
 result is class ``T[i]``; the result carries that class map. The input model is never modified.
 """
 from __future__ import annotations
