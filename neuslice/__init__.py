@@ -18,7 +18,7 @@ from .ops._info import backend_info
 from .io.container import FileFormatError, SignatureError
 from .engine.profiler import Profiler
 from . import maintain
-from .maintain import RestructuredModel, TaskAwareModel, compress, finetune, incremental, readapt, restructure
+from .maintain import RestructuredModel, TaskAwareModel, compress, finetune, incremental, readapt, removable_layers, restructure
 from .engine.metrics import METRICS
 from .engine.profile import profile
 from .engine.slices import Profile, Slices
@@ -27,5 +27,5 @@ from .engine.slicing import category_slice, global_slice, semantic_slice
 from ._version import __version__
 __all__ = ["ops", "backend_info", "NeusliceError", "NonFiniteError", "BackendError", "FileFormatError",
            "SignatureError", "profile", "Profiler", "Profile", "Slices", "METRICS", "global_slice",
-           "category_slice", "semantic_slice", "maintain", "restructure", "finetune", "compress", "readapt",
+           "category_slice", "semantic_slice", "maintain", "restructure", "removable_layers", "finetune", "compress", "readapt",
            "incremental", "RestructuredModel", "TaskAwareModel", "__version__"]

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..io.container import SignatureError, check_model as _check_names, compare_layers, layer_entry
 
-__all__ = ["LayerInfo", "Plan", "discover", "head_entries", "check_model", "LAYER_TYPES", "ACTIVATIONS"]
+__all__ = ["LayerInfo", "Attention", "Plan", "discover", "head_entries", "check_model", "LAYER_TYPES", "ACTIVATIONS"]
 
 LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -76,6 +76,23 @@ class LayerInfo:
         return tuple(self.module.weight.shape)
 
 
+@dataclass(frozen=True)
+class Attention:
+    """One attention block, found from what the model does (docs/method.md §1).
+
+    Head ``h`` uses query channels ``q[1] + h*head_dim ... + head_dim - 1`` of layer ``q[0]``; its key/value
+    head is ``h // (heads // kv_heads)``, using channels ``k[1] + kvh*head_dim ...`` (and ``v[1] + ...``) of
+    their layers; ``out``'s input columns ``h*head_dim ...`` belong to head ``h``."""
+    module: str                  # qualified name of the module whose forward contains it ("" if none)
+    q: Tuple[str, int]           # (Linear layer name, first channel of the queries in its output)
+    k: Tuple[str, int]           # same for keys   (fused qkv: same layer as q, offset = hidden)
+    v: Tuple[str, int]           # same for values
+    out: str                     # the Linear reading the heads' concatenated context (o_proj / output.dense)
+    heads: int                   # query heads
+    head_dim: int
+    kv_heads: int                # key/value heads (== heads without grouped-query attention)
+
+
 @dataclass
 class Plan:
     layers: List[LayerInfo]
@@ -86,6 +103,10 @@ class Plan:
     # Conv/Linear modules never called in forward (traced graph or probe; unknown otherwise): not sliced
     unused: List[str] = field(default_factory=list)
     named: frozenset = frozenset()       # layers the user named (layers=[...]): never excluded silently
+    attention: List[Attention] = field(default_factory=list)   # attention blocks (docs/method.md §1)
+    # layer name -> what its neurons' channels feed that forbids changing their number (e.g. "the residual add
+    # before LayerNorm 'encoder.layer.0.output.LayerNorm'"): profiled and masked, never physically narrowed
+    residual: Dict[str, str] = field(default_factory=dict)
 
 
 def _neurons(m: nn.Module) -> int:

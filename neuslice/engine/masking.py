@@ -9,6 +9,7 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor, nn
 
+from . import heads as _heads
 from .graph import discover
 from .hooks import ChainHooks, zero_outside
 
@@ -43,6 +44,8 @@ def compression_rate(slices, model: nn.Module, classes, *, restrict_head: bool =
     idx = slices.class_indices(fn, classes)
     plan = discover(model, slices.layer_names, fn=fn)
     modules = dict(model.named_modules())
+    blocks = _heads.active(slices.attention or plan.attention, slices.layer_names)
+    in_blocks = {a.q[0] for a in blocks} | {a.k[0] for a in blocks} | {a.v[0] for a in blocks}
     removed: Dict[int, Tensor] = {}
     for info in plan.layers:
         r = ~keep[info.name].cpu()
@@ -54,8 +57,13 @@ def compression_rate(slices, model: nn.Module, classes, *, restrict_head: bool =
             for p in modules[name].parameters(recurse=False):
                 if p.dim() == 1 and p.shape[0] == info.n:
                     _mark(removed, p, r)
-        for cname, cols in info.consumers:
-            _mark_consumer(removed, modules[cname], r, cols)
+        if info.name not in in_blocks:      # q, k, v are read through their heads: the out projection below
+            for cname, cols in info.consumers:
+                _mark_consumer(removed, modules[cname], r, cols)
+    for a in blocks:                        # a head (unit) is gone when none of its q, k, v channels is kept
+        gone = ~_heads.unit_keep(a, {n: keep[n].cpu().unsqueeze(0) for n in (a.q[0], a.k[0], a.v[0])})[0]
+        if bool(gone.any()):
+            _mark(removed, modules[a.out].weight, (slice(None), _heads.out_columns(a)[gone].flatten()))
     if restrict_head and len(plan.heads) == 1:
         head = modules[plan.heads[0]]
         rows = torch.ones(slices.num_classes, dtype=torch.bool)

@@ -299,7 +299,7 @@ def profile(model: nn.Module, data: Iterable, num_classes: int, *, layers=None,
     forms = {i.name: run.forms[i.name] for i in plan.layers if i.name in run.forms}
     return Profile(layer_entries(plan, forms), names, run.totals, metrics=metrics, target=target,
                    deeplift=_overall(forms) if "deeplift" in metrics else None, num_batches=run.num_batches,
-                   coupled=plan.coupled, heads=head_entries(model, plan))
+                   coupled=plan.coupled, heads=head_entries(model, plan), attention=plan.attention)
 
 
 def _overall(forms: Dict[str, str]) -> str:

@@ -106,7 +106,8 @@ class Profiler:
         dl = {i.name: "gradient" for i in self.plan.layers} if "deeplift" in self.metrics else {}
         return Profile(layer_entries(self.plan, dl), self.class_names, stats, metrics=self.metrics, target="loss",
                        deeplift="gradient" if dl else None, num_batches=self.num_batches,
-                       coupled=self.plan.coupled, heads=head_entries(self.model, self.plan))
+                       coupled=self.plan.coupled, heads=head_entries(self.model, self.plan),
+                       attention=self.plan.attention)
 
     def reset(self) -> None:
         """Zero the accumulated statistics."""

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..io import container as _io
-from . import masking, merge, metrics as _metrics
+from . import heads as _heads, masking, merge, metrics as _metrics
 from .graph import check_model
 from .classes import ClassSpec, class_indices
 
@@ -26,6 +26,11 @@ _COMPAT = ("num_classes", "metrics", "target", "deeplift")
 _BASE_METRICS = ("avg", "var", "taylor", "deeplift")
 _DEEPLIFT = ("rescale", "gradient")
 _MODES = ("global", "category", "semantic")
+
+
+def _attention_meta(attention) -> dict:
+    """The ``attention`` field, written only when there are blocks (files without attention stay as before)."""
+    return {"attention": [_heads.to_entry(a) for a in attention]} if attention else {}
 
 
 class _LayerSet(abc.ABC):
@@ -64,12 +69,13 @@ class _LayerSet(abc.ABC):
 
     @staticmethod
     def _common_fields(f: _io.Fields, layer_keys: dict):
-        """What both files hold: layers, heads, class names (K), coupled groups; the signature checked."""
+        """What both files hold: layers, heads, class names (K), coupled groups, attention blocks (optional:
+        none in a file written before they were recorded); the signature checked."""
         layers = f.layers("layers", layer_keys)
         heads = f.heads()
         f.signature(layers, heads)
         names = f.names(f.get("class_names"), "class_names")
-        return layers, heads, names, f.coupled("coupled", layers)
+        return layers, heads, names, f.coupled("coupled", layers), _heads.blocks_of(f.attention("attention", layers))
 
 
 class Profile(_LayerSet):
@@ -86,14 +92,17 @@ class Profile(_LayerSet):
         coupled: lists of layer names whose channels must stay equal in number (residual adds,
             depthwise convolutions): slicing keeps their union.
         heads: the model's head layer(s) (``name``, ``type``, ``n``), part of the signature; empty when unknown.
+        attention: the model's attention blocks (:class:`~neuslice.engine.graph.Attention`); slicing selects
+            whole heads in those whose q, k and v layers are all sliced (docs/method.md §4).
     """
 
     def __init__(self, layers: List[dict], class_names: Sequence[str], stats: Dict[str, Dict[str, Tensor]], *,
                  metrics: Sequence[str], target: str, deeplift: Optional[str], num_batches: int = 0,
-                 coupled: Sequence[Sequence[str]] = (), heads: Sequence[dict] = ()):
+                 coupled: Sequence[Sequence[str]] = (), heads: Sequence[dict] = (), attention: Sequence = ()):
         self.layers = [dict(e) for e in layers]
         self.heads = [dict(h) for h in heads]
         self.coupled = [list(g) for g in coupled]
+        self.attention = _heads.blocks_of(attention)
         self.class_names = [str(c) for c in class_names]
         self.stats = stats
         self.metrics = tuple(metrics)
@@ -144,7 +153,7 @@ class Profile(_LayerSet):
                  for n in self.layer_names}
         return Profile(self.layers, self.class_names, stats, metrics=self.metrics, target=self.target,
                        deeplift=self.deeplift, num_batches=self.num_batches + other.num_batches,
-                       coupled=self.coupled, heads=self.heads)
+                       coupled=self.coupled, heads=self.heads, attention=self.attention)
 
     def all_reduce(self, group=None) -> "Profile":
         """Sum this profile over the ranks of ``torch.distributed`` ``group`` in place; returns self.
@@ -181,7 +190,7 @@ class Profile(_LayerSet):
         stats = {n: {k: v.to(device, copy=True) for k, v in s.items()} for n, s in self.stats.items()}
         return Profile(self.layers, self.class_names, stats, metrics=self.metrics, target=self.target,
                        deeplift=self.deeplift, num_batches=self.num_batches, coupled=self.coupled,
-                       heads=self.heads)
+                       heads=self.heads, attention=self.attention)
 
     # -- files -----------------------------------------------------------------------------
     def save(self, path) -> None:
@@ -189,7 +198,8 @@ class Profile(_LayerSet):
         tensors = {f"{i}.{k}": v for i, n in enumerate(self.layer_names) for k, v in self.stats[n].items()}
         meta = {"layers": self.layers, "class_names": self.class_names, "metrics": list(self.metrics),
                 "target": self.target, "deeplift": self.deeplift, "num_batches": self.num_batches,
-                "coupled": self.coupled, "heads": self.heads, "signature": self.signature}
+                "coupled": self.coupled, "heads": self.heads, "signature": self.signature,
+                **_attention_meta(self.attention)}
         _io.write("neuslice.Profile.save", path, "profile", tensors, meta)
 
     @classmethod
@@ -204,7 +214,7 @@ class Profile(_LayerSet):
         layer_keys = {"tap": f.str,
                       "tap_source": lambda v, field: f.str(v, field, ("graph", "module order", "layer")),
                       "deeplift": lambda v, field: f.str(v, field, _DEEPLIFT, none=True)}
-        layers, heads, names, coupled = cls._common_fields(f, layer_keys)
+        layers, heads, names, coupled, attention = cls._common_fields(f, layer_keys)
         metrics = f.names(f.get("metrics"), "metrics", choices=_BASE_METRICS)
         deeplift = f.str(f.get("deeplift"), "deeplift", _DEEPLIFT, none=True)
         if (deeplift is None) != ("deeplift" not in metrics):
@@ -218,7 +228,7 @@ class Profile(_LayerSet):
         f.no_other_tensors()
         prof = cls(layers, names, stats, metrics=metrics, target=f.str(f.get("target"), "target", ("logit", "loss")),
                    deeplift=deeplift, num_batches=f.int(f.get("num_batches"), "num_batches"), coupled=coupled,
-                   heads=heads)
+                   heads=heads, attention=attention)
         if model is not None:
             prof.check_model(fn, model)
         return prof
@@ -234,6 +244,8 @@ class Slices(_LayerSet):
         mode: ``"global"``, ``"category"`` or ``"semantic"``; metric; value: p (ratio) or Θ;
         share (ρ), tau (τ), min_keep; coupled: lists of layer names whose channels are kept as one.
         heads: the model's head layer(s) (``name``, ``type``, ``n``), part of the signature; empty when unknown.
+        attention: the model's attention blocks (from the profile); in those whose q, k and v layers are all
+            sliced, every critical set is constant on each head (key/value group) (docs/method.md §4).
     """
 
     CATEGORIES = merge.CATEGORIES
@@ -241,9 +253,10 @@ class Slices(_LayerSet):
     def __init__(self, layers: List[dict], class_names: Sequence[str], critical: Dict[str, Tensor], sliced: Tensor,
                  scores: Dict[str, Tensor], *, mode: str, metric: str, value: float, share: float = 0.5,
                  tau: float = 0.5, min_keep: int = 1, coupled: Sequence[Sequence[str]] = (),
-                 heads: Sequence[dict] = ()):
+                 heads: Sequence[dict] = (), attention: Sequence = ()):
         self.layers = [dict(e) for e in layers]
         self.heads = [dict(h) for h in heads]
+        self.attention = _heads.blocks_of(attention)
         self.class_names = [str(c) for c in class_names]
         self.critical_sets = critical
         self.sliced = sliced
@@ -306,7 +319,8 @@ class Slices(_LayerSet):
             tensors[f"{i}.scores"] = self.scores[n]
         meta = {"layers": self.layers, "class_names": self.class_names, "mode": self.mode, "metric": self.metric,
                 "value": self.value, "share": self.share, "tau": self.tau, "min_keep": self.min_keep,
-                "coupled": self.coupled, "heads": self.heads, "signature": self.signature}
+                "coupled": self.coupled, "heads": self.heads, "signature": self.signature,
+                **_attention_meta(self.attention)}
         _io.write("neuslice.Slices.save", path, "slices", tensors, meta)
 
     @classmethod
@@ -318,7 +332,7 @@ class Slices(_LayerSet):
         fn = "neuslice.Slices.load"
         tensors, doc = _io.read(fn, path, "slices")
         f = _io.Fields(fn, path, "slices", doc, tensors)
-        layers, heads, names, coupled = cls._common_fields(f, {})
+        layers, heads, names, coupled, attention = cls._common_fields(f, {})
         k = len(names)
         crit = {e["name"]: f.tensor(f"{i}.critical", [k, e["n"]], torch.bool) for i, e in enumerate(layers)}
         scores = {e["name"]: f.tensor(f"{i}.scores", [k, e["n"]], torch.float64) for i, e in enumerate(layers)}
@@ -328,7 +342,7 @@ class Slices(_LayerSet):
                   metric=f.str(f.get("metric"), "metric", _metrics.METRICS),
                   value=f.number(f.get("value"), "value", 0.0, 1.0, open_lo=True),
                   share=f.number(f.get("share"), "share", 0.0, 1.0), tau=f.number(f.get("tau"), "tau", 0.0, 1.0),
-                  min_keep=f.int(f.get("min_keep"), "min_keep"), coupled=coupled, heads=heads)
+                  min_keep=f.int(f.get("min_keep"), "min_keep"), coupled=coupled, heads=heads, attention=attention)
         if model is not None:
             out.check_model(fn, model)
         return out

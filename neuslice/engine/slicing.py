@@ -1,6 +1,8 @@
 """Global, category-wise and semantic slicing, and the merge of critical sets (docs/method.md §4).
 
-Selection goes through ``neuslice.ops.select`` (cumulative Θ) and ``neuslice.ops.select_topk`` (p).
+Selection goes through ``neuslice.ops.select`` (cumulative Θ) and ``neuslice.ops.select_topk`` (p). When the
+profile records attention blocks whose q, k and v layers are all sliced, those layers are selected by whole
+heads (key/value groups under grouped-query attention): :mod:`neuslice.engine.heads`.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
+from . import heads as _heads
 from .metrics import check_metric
 from .slices import Profile, Slices
 
@@ -55,13 +58,30 @@ def _couple(crit: Dict[str, Tensor], coupled: Sequence[Sequence[str]]) -> Dict[s
     return crit
 
 
+def _select_rows(profile: Profile, rows: Dict[str, Tensor], select, min_keep: int) -> Dict[str, Tensor]:
+    """Per layer, ``select(rows [R, N]) -> bool [R, N]`` with min_keep; layers of the profile's attention blocks
+    whose q, k and v are all sliced are selected by units (docs/method.md §4 "Head units")."""
+    crit = {name: _min_keep(select(r), r, min_keep) for name, r in rows.items()}
+    for a in _heads.active(profile.attention, list(rows)):
+        u = _heads.unit_scores(a, rows).contiguous()
+        _heads.expand(a, _min_keep(select(u), u, min_keep), crit)
+    return crit
+
+
+def _units_whole(profile: Profile, crit: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    """After coupling, a unit is kept wherever any of its channels is (so every mask stays constant on units)."""
+    for a in _heads.active(profile.attention, list(crit)):
+        _heads.expand(a, _heads.unit_keep(a, crit), crit)
+    return crit
+
+
 def _build(profile: Profile, crit: Dict[str, Tensor], sliced_idx: List[int], scores, **kw) -> Slices:
     sliced = torch.zeros(profile.num_classes, dtype=torch.bool)
     sliced[sliced_idx] = True
-    crit = _couple({n: c.cpu() for n, c in crit.items()}, profile.coupled)
+    crit = _units_whole(profile, _couple({n: c.cpu() for n, c in crit.items()}, profile.coupled))
     layers = [{k: e[k] for k in ("name", "type", "weight_shape", "n")} for e in profile.layers]
     return Slices(layers, profile.class_names, crit, sliced, {n: s.double().cpu() for n, s in scores.items()},
-                  coupled=profile.coupled, heads=profile.heads, **kw)
+                  coupled=profile.coupled, heads=profile.heads, attention=profile.attention, **kw)
 
 
 def global_slice(profile: Profile, metric: str, ratio: float, *, min_keep: int = 1) -> Slices:
@@ -72,12 +92,10 @@ def global_slice(profile: Profile, metric: str, ratio: float, *, min_keep: int =
     _check_common(fn, profile, metric, ratio, "ratio", min_keep)
     agn = profile.class_agnostic(metric)
     k = profile.num_classes
-    crit, scores = {}, {}
-    for name, s in agn.items():
-        row = s.unsqueeze(0).contiguous()
-        sel = _min_keep(ops.select_topk(row, float(ratio)), row, min_keep)
-        crit[name] = sel.expand(k, -1).clone()
-        scores[name] = row.expand(k, -1)
+    rows = {name: s.unsqueeze(0).contiguous() for name, s in agn.items()}
+    sel = _select_rows(profile, rows, lambda r: ops.select_topk(r, float(ratio)), min_keep)
+    crit = {name: sel[name].expand(k, -1).clone() for name in rows}
+    scores = {name: rows[name].expand(k, -1) for name in rows}
     return _build(profile, crit, list(range(k)), scores, mode="global", metric=metric, value=ratio,
                   min_keep=min_keep)
 
@@ -110,10 +128,10 @@ def semantic_slice(profile: Profile, metric: str, theta: float, *, share: float 
 
 def _per_class(profile, metric, idx, select, min_keep, **kw) -> Slices:
     scores = profile.score(metric)
+    sel = _select_rows(profile, {name: s[idx].contiguous() for name, s in scores.items()}, select, min_keep)
     crit = {}
     for name, s in scores.items():
-        rows = s[idx].contiguous()
         c = torch.zeros(s.shape, dtype=torch.bool, device=s.device)
-        c[idx] = _min_keep(select(rows), rows, min_keep)
+        c[idx] = sel[name]
         crit[name] = c
     return _build(profile, crit, idx, scores, metric=metric, min_keep=min_keep, **kw)

@@ -416,6 +416,41 @@ class Fields:
             out.append(names)
         return out
 
+    def attention(self, key: str, layers: Sequence[dict]) -> List[dict]:
+        """Attention blocks (docs/method.md §5): ``module`` (a string, may be empty), ``q``/``k``/``v``
+        (``[layer name, first channel]``), ``out`` (a layer name), ``heads``, ``head_dim``, ``kv_heads`` (≥ 1,
+        ``heads`` a multiple of ``kv_heads``); a q/k/v layer that is sliced must hold the block's channels.
+        A file without the field (written before it existed) has none."""
+        if key not in self.doc:
+            return []
+        width = {e["name"]: e["n"] for e in layers}
+        out = []
+        for i, e in enumerate(self.list(self.get(key), key)):
+            f = f"{key}[{i}]"
+            if not isinstance(e, dict):
+                raise self.error(f, f"must be an object, got {_short(e)}")
+            module = self.get("module", f"{f}.module", e)
+            if not isinstance(module, str):
+                raise self.error(f"{f}.module", f"must be a string, got {_short(module)}")
+            entry = {"module": module}
+            for n in ("heads", "head_dim", "kv_heads"):
+                entry[n] = self.int(self.get(n, f"{f}.{n}", e), f"{f}.{n}", 1)
+            if entry["heads"] % entry["kv_heads"]:
+                raise self.error(f"{f}.heads", f"must be a multiple of kv_heads ({entry['kv_heads']}), got "
+                                               f"{entry['heads']}")
+            for n, count in (("q", entry["heads"]), ("k", entry["kv_heads"]), ("v", entry["kv_heads"])):
+                pair = self.list(self.get(n, f"{f}.{n}", e), f"{f}.{n}")
+                if len(pair) != 2:
+                    raise self.error(f"{f}.{n}", f"must be [layer name, first channel], got {_short(pair)}")
+                name, off = self.str(pair[0], f"{f}.{n}[0]"), self.int(pair[1], f"{f}.{n}[1]")
+                if name in width and off + count * entry["head_dim"] > width[name]:
+                    raise self.error(f"{f}.{n}", f"needs channels {off}..{off + count * entry['head_dim'] - 1} of "
+                                                 f"layer {name!r}, which has {width[name]}")
+                entry[n] = [name, off]
+            entry["out"] = self.str(self.get("out", f"{f}.out", e), f"{f}.out")
+            out.append(entry)
+        return out
+
     def tensor(self, key: str, shape: List[int], dtype) -> torch.Tensor:
         self.used.add(key)
         return expect(self.fn, self.path, self.tensors, key, shape, dtype)

@@ -20,8 +20,8 @@ from ._common import TrainStep, evaluate, on_train_step
 from .compress import METHODS, CompressReport, compress
 from .incremental import IncrementalReport, TaskAwareModel, incremental
 from .readapt import ReadaptReport, readapt
-from .restructure import FinetuneReport, RestructuredModel, RestructureReport, finetune, restructure
+from .restructure import FinetuneReport, RestructuredModel, RestructureReport, finetune, removable_layers, restructure
 
 __all__ = ["RestructuredModel", "restructure", "RestructureReport", "finetune", "FinetuneReport", "compress",
            "CompressReport", "METHODS", "readapt", "ReadaptReport", "incremental", "IncrementalReport",
-           "TaskAwareModel", "evaluate", "TrainStep", "on_train_step"]
+           "TaskAwareModel", "removable_layers", "evaluate", "TrainStep", "on_train_step"]

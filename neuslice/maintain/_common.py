@@ -92,9 +92,10 @@ def rebind(plan: Plan, module: nn.Module) -> List[LayerInfo]:
     return infos
 
 
-def plan_of(fn: str, slices: Slices, model: nn.Module) -> Plan:
-    """The sliced layers of ``model`` named by ``slices``, with chains and consumers (see ``_graph``)."""
-    return discover(model, slices.layer_names, fn=fn)
+def plan_of(fn: str, slices: Slices, model: nn.Module, run: Optional[Callable[[], object]] = None) -> Plan:
+    """The sliced layers of ``model`` named by ``slices``, with chains and consumers (see ``_graph``); ``run``
+    (one forward of real inputs) lets discovery watch the model where tracing fails."""
+    return discover(model, slices.layer_names, fn=fn, run=run)
 
 
 def head_module(fn: str, plan: Plan, model: nn.Module, num_classes: int) -> Tuple[str, nn.Linear]:

@@ -18,8 +18,9 @@ from typing import Dict, List, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..engine.graph import Plan
+from ..engine.graph import Attention, Plan
 from ..engine.capture import call_model
+from . import _surgery
 
 __all__ = ["physical"]
 
@@ -117,20 +118,26 @@ def _cut_head(tp, dg, module, head_name: str, classes: Sequence[int]) -> None:
 
 
 def physical(fn: str, model: nn.Module, plan: Plan, keep: Dict[str, Tensor], classes: Sequence[int],
-             example_inputs, masked: nn.Module) -> nn.Module:
+             example_inputs, masked: nn.Module, attention: Sequence[Attention] = ()) -> nn.Module:
     """A pruned deep copy of ``model`` keeping the neurons ``keep`` (``{layer: bool [N]}``) and the head rows
-    ``classes`` (sorted); checked against ``masked`` (the mask-mode model) on ``example_inputs``."""
-    shared = [i.name for i in plan.layers if i.calls > 1]
+    ``classes`` (sorted); checked against ``masked`` (the mask-mode model) on ``example_inputs``. With
+    attention blocks recorded (a transformer), the cut follows the plan's couplings (:mod:`._surgery`);
+    otherwise Torch-Pruning's dependency graph finds them."""
+    shared = [i.name for i in plan.layers if i.calls > 1 and bool((~keep[i.name]).any())]
     if shared:
         raise ValueError(f"{fn}: cannot remove the neurons of layer {shared[0]!r} physically: it is called more "
                          "than once in forward (shared weights), and its calls' consumers are not cut as one. "
                          f"Exclude {shared[0]!r} from the sliced layers (neuslice.profile(..., layers=...)) or use "
                          "mode='mask', which zeroes every call")
-    tp = _tp()
-    module = copy.deepcopy(model).eval()
-    dg = _build(fn, tp, module, example_inputs)
-    _prune_layers(fn, tp, dg, module, plan, keep)
-    _cut_head(tp, dg, module, plan.heads[0], classes)
+    _surgery.check_residual(fn, plan, {i.name: ~keep[i.name].cpu() for i in plan.layers})
+    if attention:
+        module, _ = _surgery.physical(fn, model, plan, keep, plan.heads[0], classes, attention, example_inputs)
+    else:
+        tp = _tp()
+        module = copy.deepcopy(model).eval()
+        dg = _build(fn, tp, module, example_inputs)
+        _prune_layers(fn, tp, dg, module, plan, keep)
+        _cut_head(tp, dg, module, plan.heads[0], classes)
     module.eval()
     with torch.no_grad():
         got, want = call_model(module, example_inputs), call_model(masked, example_inputs)

@@ -4,7 +4,9 @@
 its layer → norm → activation chain, and restricts the logits to T. ``physical`` mode builds a smaller
 module: our code decides which neurons go (the slice), Torch-Pruning's dependency graph removes them with
 everything coupled to them (the next layers' reading weights, BatchNorm entries, residual adds,
-depthwise convolutions, flatten into Linear), and the head keeps only the rows of T. Output ``i`` of the
+depthwise convolutions, flatten into Linear), and the head keeps only the rows of T. With attention blocks
+recorded (a transformer), whole heads and FFN neurons are cut along the plan's couplings instead
+(``_surgery``); the residual width never changes. Output ``i`` of the
 result is class ``T[i]``; the result carries that class map. The input model is never modified.
 """
 from __future__ import annotations
@@ -17,13 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..engine.graph import LayerInfo, Plan
+from ..engine import heads as _heads
+from ..engine.graph import LayerInfo, Plan, discover
 from ..engine.hooks import ChainHooks, zero_outside
 from ..engine.capture import call_model
 from ..engine.slices import Slices
 from . import _common as C
 
-__all__ = ["RestructuredModel", "RestructureReport", "FinetuneReport", "restructure", "finetune"]
+__all__ = ["RestructuredModel", "RestructureReport", "FinetuneReport", "restructure", "finetune", "removable_layers"]
 
 class RestructuredModel(nn.Module):
     """A classifier serving the classes T of a larger model: ``forward(x) -> logits [B, |T|]`` (float32),
@@ -149,7 +152,7 @@ def restructure(model: nn.Module, slices: Slices, classes, *, mode: str = "physi
         raise ValueError(f"{fn}: mode must be 'mask' or 'physical', got {mode!r}")
     C.check_slices(fn, slices, model)
     idx = slices.class_indices(fn, classes)
-    plan = C.plan_of(fn, slices, model)
+    plan = C.plan_of(fn, slices, model, run=None if example_inputs is None else lambda: call_model(model, example_inputs))
     C.head_module(fn, plan, model, slices.num_classes)
     keep = slices.mask(idx)
     masked = _mask_model(fn, model, slices, idx, keep, plan).eval()
@@ -159,10 +162,30 @@ def restructure(model: nn.Module, slices: Slices, classes, *, mode: str = "physi
         raise ValueError(f"{fn}: physical mode needs example_inputs (one input batch, e.g. x[:2]) to trace the "
                          "model's dependency graph; got None")
     from . import _prune
-    module = _prune.physical(fn, model, plan, keep, idx, example_inputs, masked)
+    module = _prune.physical(fn, model, plan, keep, idx, example_inputs, masked,
+                             attention=slices.attention or plan.attention)
     out = RestructuredModel(module, idx, masked.class_names, mode="physical", original_params=C.param_count(model),
                             kept=_kept(plan, keep)).eval()
     return out, RestructureReport.of(out)
+
+
+def removable_layers(model: nn.Module, example_inputs) -> List[str]:
+    """The sliceable layers whose neurons ``restructure(mode="physical")`` can remove, for ``profile(...,
+    layers=...)``: every Conv/Linear but the head, less those whose width is the residual stream's
+    (``Plan.residual``: attention out projections, FFN output layers, ...), less the q/k/v layers of an
+    attention block that cannot be sliced whole. ``example_inputs``: one input batch (the layers are found by
+    what the model does on it). See docs/method.md §6 "Restructure"."""
+    fn = "neuslice.removable_layers"
+    C.check_module(fn, model)
+    plan = discover(model, None, fn=fn, run=lambda: call_model(model, example_inputs))
+    names = [i.name for i in plan.layers]
+    whole = {x for a in _heads.active(plan.attention, names) for x in (a.q[0], a.k[0], a.v[0])}
+    part = {x for a in plan.attention for x in (a.q[0], a.k[0], a.v[0])} - whole
+    out = [n for n in names if n not in plan.residual and n not in part]
+    if not out:
+        raise ValueError(f"{fn}: no layer of the model can be narrowed physically: every sliceable layer writes "
+                         f"into the residual stream ({dict(list(plan.residual.items())[:3])}); use mode='mask'")
+    return out
 
 
 def _loss(model: RestructuredModel, x, y: Tensor) -> Tensor:
