@@ -3,7 +3,7 @@
 Two sources give the same :class:`Flow`: the traced graph (:func:`from_fx`) and one probe forward
 (:func:`record`): forward hooks on every module and a ``TorchFunctionMode`` that records the torch
 calls made outside leaf modules, linked by tensor identity. On it, shared by both sources:
-:func:`chains` (the per-neuron modules after a layer, its nonlinearity found by evidence),
+:func:`chain_of` (the per-neuron modules after a layer, its nonlinearity found by evidence),
 :func:`sources` (consumers and coupled layers, for the probe), :func:`residual` (layers writing a
 stream normalised by a LayerNorm-like module) and :func:`attention` (q·k and v → out, head counts
 from the view of each projection into ``[..., H, D]``).
@@ -51,7 +51,6 @@ class Node:
 @dataclass
 class Flow:
     nodes: List[Node] = field(default_factory=list)
-    modules: Dict[str, nn.Module] = field(default_factory=dict)
     output: object = None                   # the model output as Refs (probe) or the output node's args
 
     def users(self) -> Dict[Ref, List[int]]:
@@ -98,7 +97,7 @@ def canonical(f) -> str:
 class _Recorder(TorchFunctionMode):
     def __init__(self, model: nn.Module, evidence: Callable):
         super().__init__()
-        self.flow = Flow(modules=dict(model.named_modules()))
+        self.flow = Flow()
         self.ids: Dict[int, _R] = {}
         self.keep: List[torch.Tensor] = []  # outputs stay alive so that ids stay unique during the probe
         self.leaf_depth = 0
@@ -238,7 +237,7 @@ def leaf_evidence(module: nn.Module, args, kwargs, out) -> frozenset:
 def from_fx(gm, modules: Dict[str, nn.Module], classes: Dict[str, tuple]) -> Flow:
     """The traced graph as a :class:`Flow`; module evidence from torch's own classes (``classes``:
     tag -> module types); shapes unknown."""
-    flow = Flow(modules=modules)
+    flow = Flow()
     where: Dict[object, _R] = {}
 
     def m(x):
@@ -372,7 +371,7 @@ _CARRY_CALLS = {"dropout", "contiguous", "clone", "to", "float", "half", "type_a
                 "cat", "flatten", "transpose", "permute"}
 
 
-def residual(flow: Flow, users, layers: Dict[str, int]) -> Dict[str, str]:
+def residual(flow: Flow, users, layers: Dict[str, int], is_layer: Callable[[str], bool]) -> Dict[str, str]:
     """Layers whose channels reach, unchanged in number (pass-through modules, dropout, residual adds,
     concatenation along other dims, flatten/transpose of conv channels), a LayerNorm-like module (one
     whose every output channel depends on all its input channels) over those channels: ``{layer: text}``
@@ -393,7 +392,7 @@ def residual(flow: Flow, users, layers: Dict[str, int]) -> Dict[str, str]:
                 u = flow.nodes[j]
                 shape = u.shapes[0] if u.shapes else None
                 if u.kind == "module":
-                    if u.target in layers or u.target in flow.modules and isinstance(flow.modules[u.target], _LAYERS):
+                    if u.target in layers or is_layer(u.target):
                         continue
                     if "mixes" in u.tags and (shape is None or shape[-1] == n):
                         found = (u, add)
@@ -410,12 +409,12 @@ def residual(flow: Flow, users, layers: Dict[str, int]) -> Dict[str, str]:
         if found is not None:
             ln, add = found
             what = f"LayerNorm-like module {ln.target!r} ({ln.cls})"
-            out[node.target] = (f"the residual add in {add.scope or 'the model'!r} before {what}" if add is not None
+            where = f"{add.scope!r}" if add.scope else "the model's forward"
+            out[node.target] = (f"the residual add in {where} before {what}" if add is not None
                                 else f"{what}, which normalises over its channels")
     return out
 
 
-_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _SPLITS = {"split", "chunk", "split_with_sizes", "unbind"}
 _MATMUL = {"matmul", "bmm", "einsum", "baddbmm"}
 

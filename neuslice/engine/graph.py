@@ -379,6 +379,28 @@ def _order_consumers(name: str, n: int, leaves: List[Tuple[str, nn.Module]], i: 
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
+# the last probe forward recorded per model (operations and shapes, no tensors): where tracing fails, a later
+# discovery given only layer names (Slices.apply, maintenance) reads it instead of guessing by module order
+_FLOWS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _store_flow(model: nn.Module, flow):
+    try:
+        _FLOWS[model] = (_fingerprint(model), flow)
+    except TypeError:                                   # a model that cannot be weakly referenced
+        pass
+    return flow
+
+
+def _stored_flow(model: nn.Module):
+    """The flow of ``model``'s last probe forward, while its modules are the same objects and shapes."""
+    try:
+        hit = _FLOWS.get(model)
+    except TypeError:
+        return None
+    return hit[1] if hit is not None and hit[0] == _fingerprint(model) else None
+
+
 def _fingerprint(model: nn.Module) -> tuple:
     return tuple((n, id(m), type(m), tuple(getattr(m, "weight", torch.empty(0)).shape))
                  for n, m in model.named_modules())
@@ -431,8 +453,8 @@ def _discover(model: nn.Module, layers: LayerSpec = None, *, tap: str = "auto", 
         consumers, uf, calls = _flow(gm, modules)
         heads = _heads(gm, modules)
         candidates = {n: modules[n] for n in modules if n in calls}
-    elif run is not None:
-        flow = record(model, run)
+    elif run is not None or _stored_flow(model) is not None:
+        flow = _stored_flow(model) if run is None else _store_flow(model, record(model, run))
         calls, heads = _probe_calls(model, flow)
         candidates = {n: modules[n] for n in calls}
     else:
@@ -446,7 +468,7 @@ def _discover(model: nn.Module, layers: LayerSpec = None, *, tap: str = "auto", 
     if flow is not None:
         users = flow.users()
         widths = {n: _neurons(m) for n, m in candidates.items()}
-        residual = dataflow.residual(flow, users, widths)
+        residual = dataflow.residual(flow, users, widths, lambda x: isinstance(modules.get(x), LAYER_TYPES))
         attention = _attention(flow, widths, modules)
         if gm is not None:
             consumers, uf, calls = _flow(gm, modules, frozenset(residual))
@@ -489,7 +511,7 @@ def _discover(model: nn.Module, layers: LayerSpec = None, *, tap: str = "auto", 
     for name in names:
         groups.setdefault(uf.find(name), []).append(name)
     coupled = [g for g in groups.values() if len(g) > 1 and len({_neurons(modules[x]) for x in g}) == 1]
-    return Plan(infos, heads, coupled, err, probed=gm is None and run is not None, unused=uncalled, named=named,
+    return Plan(infos, heads, coupled, err, probed=gm is None and flow is not None, unused=uncalled, named=named,
                 attention=attention, residual={n: residual[n] for n in candidates if n in residual})
 
 
