@@ -409,7 +409,7 @@ def residual(flow: Flow, users, layers: Dict[str, int], is_layer: Callable[[str]
         if found is not None:
             ln, add = found
             what = f"LayerNorm-like module {ln.target!r} ({ln.cls})"
-            where = f"{add.scope!r}" if add.scope else "the model's forward"
+            where = (repr(add.scope) if add.scope else "the model's forward") if add is not None else ""
             out[node.target] = (f"the residual add in {where} before {what}" if add is not None
                                 else f"{what}, which normalises over its channels")
     return out

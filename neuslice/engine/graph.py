@@ -410,8 +410,9 @@ def discover(model: nn.Module, layers: LayerSpec = None, *, tap: str = "auto", f
              run: Optional[Callable[[], object]] = None, _probe: bool = False) -> Plan:
     """:func:`_discover`, cached per model while its modules stay the same objects and shapes (tracing
     costs ~10 ms; evaluation loops call this once per slice). Only name lists and None are cached, and a
-    cached :class:`Plan` is shared between callers: treat it as read-only. A plan that needed the probe
-    ``run`` is not cached (it depends on the input)."""
+    cached :class:`Plan` is shared between callers: treat it as read-only. Only plans from the traced graph
+    are cached: a plan from a probe depends on the input, and one from module order is replaced by the
+    model's next probe (:func:`_stored_flow`)."""
     names = tuple(layers) if isinstance(layers, (list, tuple)) and all(isinstance(x, str) for x in layers) else None
     if (layers is not None and names is None) or _probe:
         return _discover(model, layers, tap=tap, fn=fn, run=run, _probe=_probe)
@@ -424,7 +425,7 @@ def discover(model: nn.Module, layers: LayerSpec = None, *, tap: str = "auto", f
     if hit is not None and hit[0] == fp:
         return hit[1]
     plan = _discover(model, layers, tap=tap, fn=fn, run=run)
-    if not plan.probed:
+    if plan.trace_error is None:                        # an untraced plan may change with the next probe
         entry[key] = (fp, plan)
     return plan
 
