@@ -124,7 +124,9 @@ def test_hand_written_transformer_plan(pre, sdpa):
         assert layers["blocks.0.attn.q"].consumers == [] and layers["blocks.0.attn.k"].consumers == []
         assert set(plan.residual) == {"embed"} | {f"blocks.{b}.{l}" for b in range(2) for l in ("attn.o", "ffn2")}
         assert "LayerNorm" in plan.residual["blocks.0.ffn2"] and "blocks.0.ffn2" in layers
-        assert plan.coupled == []                          # residual adds couple nothing (they are in residual)
+        # post-LN: each add's sum is normalised, only the embedding and the first add couple; pre-LN: the
+        # stream's writers are one group
+        assert sorted(map(sorted, plan.coupled)) == ([sorted(plan.residual)] if pre else [["blocks.0.attn.o", "embed"]])
 
 
 @pytest.mark.parametrize("name", ["tiny_post_matmul", "digits_resnet"])
@@ -271,11 +273,11 @@ def test_model_library_plan(arch):
             assert r in plan.residual and "LayerNorm-like module" in plan.residual[r]
         assert ffn1 not in plan.residual and q[0] not in plan.residual
     assert len(plan.attention) == 2
-    if arch == "llama":
-        assert sorted(map(sorted, plan.coupled)) == [[_f("model.layers.{b}.mlp.gate_proj", b),
-                                                      _f("model.layers.{b}.mlp.up_proj", b)] for b in range(2)]
-    else:
-        assert plan.coupled == []
+    gate_up = [[_f("model.layers.{b}.mlp.gate_proj", b), _f("model.layers.{b}.mlp.up_proj", b)] for b in range(2)]
+    # pre-LayerNorm models (all but BERT): the residual stream's writers are one coupled group
+    # (a ViT's patch embedding reaches the stream through a transpose, which couples nothing)
+    stream = [] if arch == "bert" else [sorted(r for r in plan.residual if "patch" not in r)]
+    assert sorted(map(sorted, plan.coupled)) == sorted((gate_up if arch == "llama" else []) + stream)
 
 
 def test_bert_eager_attention_is_found_as_with_sdpa():
@@ -381,3 +383,18 @@ def test_conv1d_to_linear_leaves_other_modules_alone():
     neuslice.conv1d_to_linear(model)
     assert [type(m) for m in model] == [nn.Linear, nn.Linear, NotT, nn.Embedding]
     torch.testing.assert_close(model[2](model[1](model[0](x))), want)
+
+
+def test_an_in_place_activation_is_a_tap_not_a_pass_through():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.act, self.head = nn.Linear(4, 6), nn.ReLU(inplace=True), nn.Linear(6, 3)
+
+        def forward(self, x):
+            if bool(x.sum() > -1e9):
+                x = x * 1
+            return self.head(self.act(self.fc(x)))
+    model, x = Net().eval(), torch.randn(5, 4)
+    plan = discover(model, run=lambda: model(x))
+    assert plan.layers[0].chain == ["fc", "act"] and plan.layers[0].tap == "act"

@@ -211,6 +211,8 @@ def leaf_evidence(module: nn.Module, args, kwargs, out) -> frozenset:
     if len(xs) != 1 or not isinstance(out, torch.Tensor) or not isinstance(args[0], torch.Tensor):
         return frozenset()
     x = args[0]
+    if out is x and getattr(module, "inplace", False):  # its input is already overwritten: no evidence
+        return frozenset()
     if out.shape != x.shape or not x.is_floating_point() or x.dim() < 1 or x.shape[-1] < 2 or x.numel() == 0:
         return frozenset({"pass"}) if out is x else frozenset()
     if out is x or torch.equal(out, x):
@@ -304,11 +306,11 @@ def chain_of(flow: Flow, users, i: int, is_layer: Callable[[str], bool]) -> Tupl
             if "norm" in u.tags and not seen_norm and len(chain) == 1:
                 chain.append(u.target)
                 seen_norm = True
-            elif "pass" in u.tags:
-                chain.append(u.target)
-            elif "elementwise" in u.tags:
+            elif "elementwise" in u.tags:            # before "pass": an in-place ReLU returns its input
                 chain.append(u.target)
                 return chain, True, None
+            elif "pass" in u.tags:
+                chain.append(u.target)
             else:
                 break
         else:
@@ -329,7 +331,7 @@ _FLATTEN = {"flatten", "view", "reshape"}
 
 
 def sources(flow: Flow, is_layer: Callable[[str], bool], add_consumer: Callable, depthwise: Callable[[str], bool],
-            preserve_module: Callable[[Node], bool], flatten_module: Callable[[Node], bool], skip_union: set):
+            preserve_module: Callable[[Node], bool], flatten_module: Callable[[Node], bool]):
     """Channel sources per tensor, as ``graph._flow`` on the traced graph: ``(consumers, unions, calls)``."""
     src: Dict[_R, frozenset] = {}
     flat: Dict[_R, frozenset] = {}
@@ -356,7 +358,7 @@ def sources(flow: Flow, is_layer: Callable[[str], bool], add_consumer: Callable,
         elif node.target in _ELEMENTWISE:
             s_new = frozenset().union(*(src.get(a, frozenset()) for a in ins))
             f_new = frozenset().union(*(flat.get(a, frozenset()) for a in ins))
-            if len(s_new) > 1 and not (node.target.startswith("add") and s_new <= skip_union):
+            if len(s_new) > 1:
                 unions.append(s_new)
         elif node.target in _PRESERVE:
             s_new, f_new = s0, f0

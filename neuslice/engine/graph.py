@@ -206,9 +206,8 @@ def _is_depthwise(m: nn.Module) -> bool:
     return isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and m.groups > 1 and m.groups == m.in_channels
 
 
-def _flow(gm, modules, skip: frozenset = frozenset()):
-    """Channel sources per node; returns (consumers, coupled union, call counts). An add joining only
-    layers of ``skip`` (residual writers, :attr:`Plan.residual`) couples nothing."""
+def _flow(gm, modules):
+    """Channel sources per node; returns (consumers, coupled union, call counts)."""
     src: Dict[object, frozenset] = {}
     flat: Dict[object, frozenset] = {}
     consumers: Dict[str, List[Tuple[str, int]]] = {}
@@ -236,7 +235,7 @@ def _flow(gm, modules, skip: frozenset = frozenset()):
             if t in _ELEMENTWISE or (node.op == "call_method" and t in _ELEMENTWISE_METHODS):
                 s_new = frozenset().union(*(src.get(a, frozenset()) for a in ins))
                 f_new = frozenset().union(*(flat.get(a, frozenset()) for a in ins))
-                if len(s_new) > 1 and not (canonical(t).startswith("add") and s_new <= skip):
+                if len(s_new) > 1:
                     uf.union(s_new)
             elif t in _PRESERVE_FUNCS or (node.op == "call_method" and t in _PRESERVE_METHODS):
                 s_new, f_new = s0, f0
@@ -471,10 +470,8 @@ def _discover(model: nn.Module, layers: LayerSpec = None, *, tap: str = "auto", 
         widths = {n: _neurons(m) for n, m in candidates.items()}
         residual = dataflow.residual(flow, users, widths, lambda x: isinstance(modules.get(x), LAYER_TYPES))
         attention = _attention(flow, widths, modules)
-        if gm is not None:
-            consumers, uf, calls = _flow(gm, modules, frozenset(residual))
-        else:
-            consumers, uf, calls = _probe_flow(flow, modules, candidates, frozenset(residual))
+        if gm is None:
+            consumers, uf, calls = _probe_flow(flow, modules, candidates)
         for a in attention:                         # v's channels are out's input columns, one each
             if a.v[1] == 0 and a.kv_heads == a.heads and widths.get(a.v[0]) == a.heads * a.head_dim \
                     and a.v[0] not in (a.q[0], a.k[0]) and (a.out, 1) not in consumers.get(a.v[0], []):
@@ -530,7 +527,7 @@ def _attention(flow, widths: Dict[str, int], modules) -> List[Attention]:
     return out
 
 
-def _probe_flow(flow, modules, candidates, skip: frozenset):
+def _probe_flow(flow, modules, candidates):
     """:func:`_flow` on a recorded probe forward: the same rules, modules classified by evidence."""
     def add_consumer(consumers, name, s0, f0):
         _add_consumer(consumers, name, modules[name], s0, f0, modules)
@@ -541,8 +538,7 @@ def _probe_flow(flow, modules, candidates, skip: frozenset):
 
     is_layer = lambda x: x in candidates   # noqa: E731
     consumers, unions, calls = dataflow.sources(flow, is_layer, add_consumer, lambda x: _is_depthwise(modules[x]),
-                                                preserve, lambda nd: isinstance(modules[nd.target], nn.Flatten),
-                                                skip)
+                                                preserve, lambda nd: isinstance(modules[nd.target], nn.Flatten))
     uf = _Union()
     for u in unions:
         uf.union(u)
