@@ -23,9 +23,10 @@ from .engine.metrics import METRICS
 from .engine.profile import profile
 from .engine.slices import Profile, Slices
 from .engine.slicing import category_slice, global_slice, semantic_slice
+from .engine.compat import conv1d_to_linear
 
 from ._version import __version__
 __all__ = ["ops", "backend_info", "NeusliceError", "NonFiniteError", "BackendError", "FileFormatError",
            "SignatureError", "profile", "Profiler", "Profile", "Slices", "METRICS", "global_slice",
            "category_slice", "semantic_slice", "maintain", "restructure", "removable_layers", "finetune", "compress", "readapt",
-           "incremental", "RestructuredModel", "TaskAwareModel", "__version__"]
+           "incremental", "RestructuredModel", "TaskAwareModel", "conv1d_to_linear", "__version__"]

@@ -332,7 +332,7 @@ def test_taps_found_for_shared_modules_and_by_module_order(kind):
     want = neuslice.profile(base, loader, K, progress=False)
     got = neuslice.profile(model, loader, K, progress=False)
     assert [e["tap"] for e in got.layers] == (["act", "act"] if kind == "shared" else ["act", "act2"])
-    assert {e["tap_source"] for e in got.layers} == {"graph" if kind == "shared" else "module order"}
+    assert {e["tap_source"] for e in got.layers} == {"graph" if kind == "shared" else "probe"}
     stats_close(got.stats, want.stats, rtol=0, atol=0)
 
 
@@ -366,22 +366,41 @@ class _UntracedFunctional(nn.Module):
         return self.head(F.relu(self.fc2(F.relu(self.fc1(x)))))
 
 
-def test_untraceable_functional_nonlinearity_warns_naming_the_layers():
+def test_untraceable_functional_nonlinearity_is_seen_by_the_probe_forward():
+    """docs/method.md §1: where tracing fails, the probe forward records the functional F.relu after each
+    layer, so the tap is after it (as on the traced graph) and nothing warns."""
     model = _UntracedFunctional().eval()
     loader = small_loader(60, 30)
-    with pytest.warns(UserWarning, match=r"neuslice.profile: layer\(s\) \['fc1', 'fc2'\] are tapped at their own "
-                                         r"output: the model cannot be traced"):
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         prof = neuslice.profile(model, loader, K, metrics=("avg",), progress=False)
-    assert [e["tap"] for e in prof.layers] == ["fc1", "fc2"]
-    with pytest.warns(UserWarning, match=r"neuslice.Profiler: layer\(s\) \['fc1', 'fc2'\] are tapped"):
         with neuslice.Profiler(model, K, metrics=("avg",)) as p:
             x, y = next(iter(loader))
             with p.batch(y):
                 model(x)
-    import warnings
+    assert [e["tap"] for e in prof.layers] == ["relu(fc1)", "relu(fc2)"]
+    assert [e["tap_source"] for e in prof.layers] == ["probe", "probe"]
+    assert [i.tap for i in p.plan.layers] == ["relu(fc1)", "relu(fc2)"]
+    # the same statistics as the traceable twin, read after the function
+    model2 = _UntracedFunctional().eval()
+    model2.load_state_dict(model.state_dict())
+    want = neuslice.profile(_Traced(model2), loader, K, metrics=("avg",), progress=False)
+    stats_close(prof.stats, want.stats, rtol=0, atol=0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")                  # tap='layer' asks for the layer output: no warning
         neuslice.profile(model, loader, K, metrics=("avg",), tap="layer", progress=False)
+
+
+class _Traced(nn.Module):
+    """``_UntracedFunctional``'s layers, traceable (no data-dependent branch)."""
+
+    def __init__(self, m):
+        super().__init__()
+        self.fc1, self.fc2, self.head = m.fc1, m.fc2, m.head
+
+    def forward(self, x):
+        return self.head(F.relu(self.fc2(F.relu(self.fc1(x.flatten(1))))))
 
 
 class _HeadFirst(nn.Module):
@@ -499,9 +518,9 @@ def test_calls_followed_by_different_modules_are_refused_naming_the_layer():
         neuslice.profile(model, small_loader(20, 20), K, progress=False)
     prof = neuslice.profile(model, small_loader(20, 20), K, layers=["fc0"], metrics=("avg",), progress=False)
     assert prof.layer_names == ["fc0"]
-    untraced = _Twice(untraceable=True, last_bare=True).eval()
-    with pytest.raises(RuntimeError, match=r"layer 'shared' was called 2 times in one forward but tapped at 'act' "
-                                           r"only 1 times"):
+    untraced = _Twice(untraceable=True, last_bare=True).eval()       # the probe forward sees the same
+    with pytest.raises(ValueError, match=r"neuslice.profile: layer 'shared' is called 2 times in forward and its "
+                                         r"calls are followed by different .*choose layers= without 'shared'"):
         neuslice.profile(untraced, small_loader(20, 20), K, progress=False)
 
 

@@ -121,7 +121,7 @@ def warn_unseen(fn: str, plan: Plan, tap: str) -> None:
     """Warn once where a model cannot be traced and a layer is read at its own output: a functional
     nonlinearity after it would go unseen (docs/method.md §1)."""
     names = [i.name for i in plan.layers if i.tap_stage == 0]
-    if tap == "auto" and plan.trace_error is not None and names:
+    if tap == "auto" and plan.trace_error is not None and not plan.probed and names:
         warnings.warn(f"{fn}: layer(s) {names} are tapped at their own output: the model cannot be traced "
                       f"({plan.trace_error}), so a functional nonlinearity after them (F.relu, torch.tanh, "
                       "x.relu(), …) cannot be seen and avg/var would read its input. Use nonlinearity modules "

@@ -9,6 +9,7 @@ probe forward (:func:`probe`), never from registration order.
 from __future__ import annotations
 
 import operator
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -18,8 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..io.container import SignatureError, check_model as _check_names, compare_layers, layer_entry
+from . import dataflow
+from .compat import transposed_linears
+from .dataflow import canonical
 
-__all__ = ["LayerInfo", "Attention", "Plan", "discover", "head_entries", "check_model", "LAYER_TYPES", "ACTIVATIONS"]
+__all__ = ["LayerInfo", "Plan", "Attention", "discover", "head_entries", "check_model", "LAYER_TYPES", "ACTIVATIONS"]
 
 LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -80,14 +84,14 @@ class LayerInfo:
 class Attention:
     """One attention block, found from what the model does (docs/method.md §1).
 
-    Head ``h`` uses query channels ``q[1] + h*head_dim ... + head_dim - 1`` of layer ``q[0]``; its key/value
-    head is ``h // (heads // kv_heads)``, using channels ``k[1] + kvh*head_dim ...`` (and ``v[1] + ...``) of
-    their layers; ``out``'s input columns ``h*head_dim ...`` belong to head ``h``."""
+    Head ``h`` uses query channels ``q[1] + h*head_dim … + head_dim - 1`` of layer ``q[0]``; its key/value
+    head is ``h // (heads // kv_heads)``, using channels ``k[1] + kvh*head_dim …`` (and ``v``) of their
+    layers; ``out``'s input columns ``h*head_dim …`` belong to head ``h``."""
     module: str                  # qualified name of the module whose forward contains it ("" if none)
     q: Tuple[str, int]           # (Linear layer name, first channel of the queries in its output)
-    k: Tuple[str, int]           # same for keys   (fused qkv: same layer as q, offset = hidden)
+    k: Tuple[str, int]           # same for keys (fused qkv: same layer as q, offset = hidden)
     v: Tuple[str, int]           # same for values
-    out: str                     # the Linear reading the heads' concatenated context (o_proj / output.dense)
+    out: str                     # the Linear reading the heads' concatenated context
     heads: int                   # query heads
     head_dim: int
     kv_heads: int                # key/value heads (== heads without grouped-query attention)
@@ -103,9 +107,8 @@ class Plan:
     # Conv/Linear modules never called in forward (traced graph or probe; unknown otherwise): not sliced
     unused: List[str] = field(default_factory=list)
     named: frozenset = frozenset()       # layers the user named (layers=[...]): never excluded silently
-    attention: List[Attention] = field(default_factory=list)   # attention blocks (docs/method.md §1)
-    # layer name -> what its neurons' channels feed that forbids changing their number (e.g. "the residual add
-    # before LayerNorm 'encoder.layer.0.output.LayerNorm'"): profiled and masked, never physically narrowed
+    attention: List[Attention] = field(default_factory=list)
+    # layer -> what its channels feed that forbids changing their number (the residual add / LayerNorm)
     residual: Dict[str, str] = field(default_factory=dict)
 
 
@@ -256,40 +259,47 @@ def _add_consumer(consumers, name, m, s0, f0, modules) -> None:
 
 
 def probe(model: nn.Module, run: Callable[[], object]) -> Tuple[Dict[str, int], List[str]]:
-    """One forward ``run()`` (eval mode, no grad; modes restored) with a hook on every Conv/Linear:
+    """One forward ``run()`` (eval mode, no grad; modes restored), recorded (:func:`record`):
     ``({layer: calls}, heads)`` with the layers in module order. The head is the layer whose output
     *is* the model's output (its first tensor), else the last layer called (docs/method.md §1)."""
-    calls: Dict[str, int] = {}
-    outs: Dict[int, str] = {}
-    last: List[str] = []
+    flow = record(model, run)
+    return _probe_calls(model, flow)
 
-    def hook(name):
-        def h(module, args, out):
-            calls[name] = calls.get(name, 0) + 1
-            last[:] = [name]
-            if isinstance(out, torch.Tensor):
-                outs[id(out)] = name
-        return h
 
+def record(model: nn.Module, run: Callable[[], object]) -> "dataflow.Flow":
+    """One probe forward as a :class:`~neuslice.engine.dataflow.Flow`, each leaf module call classified by
+    evidence (:func:`~neuslice.engine.dataflow.leaf_evidence`) and by torch's own classes."""
+    def evidence(m, args, kwargs, out):
+        return dataflow.leaf_evidence(m, args, kwargs, out) | _class_tags(m)
+    return dataflow.record(model, run, evidence)[0]
+
+
+def _class_tags(m: nn.Module) -> frozenset:
+    return frozenset(t for t, types in _CLASS_TAGS.items() if isinstance(m, types))
+
+
+_CLASS_TAGS = {"norm": NORMS, "pass": PASS, "elementwise": ACTIVATIONS,
+               "mixes": (nn.LayerNorm, nn.GroupNorm) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())}
+
+
+def _probe_calls(model: nn.Module, flow) -> Tuple[Dict[str, int], List[str]]:
     excluded = _mha_children(model)
-    modules = [(n, m) for n, m in model.named_modules() if isinstance(m, LAYER_TYPES) and n not in excluded]
-    training = {m: m.training for m in model.modules()}
-    handles = []
-    try:
-        handles = [m.register_forward_hook(hook(n)) for n, m in modules]
-        model.eval()
-        with torch.no_grad():
-            out = run()
-    finally:
-        for h in handles:
-            h.remove()
-        for m, t in training.items():
-            m.training = t
-    while isinstance(out, (list, tuple)) and out:
+    names = [n for n, m in model.named_modules() if isinstance(m, LAYER_TYPES) and n not in excluded]
+    wanted = set(names)
+    calls: Dict[str, int] = {}
+    last: List[str] = []
+    for node in flow.nodes:
+        if node.kind == "module" and node.target in wanted:
+            calls[node.target] = calls.get(node.target, 0) + 1
+            last[:] = [node.target]
+    out = flow.output
+    while isinstance(out, tuple) and not isinstance(out, dataflow._R) and out:
         out = out[0]
-    head = outs.get(id(out)) if isinstance(out, torch.Tensor) else None
-    heads = [head] if head is not None else last
-    return {n: calls[n] for n, _ in modules if n in calls}, heads
+    head = None
+    if isinstance(out, dataflow._R):
+        node = flow.nodes[out[0]]
+        head = node.target if node.kind == "module" and node.target in wanted else None
+    return {n: calls[n] for n in names if n in calls}, ([head] if head is not None else last)
 
 
 def _heads(gm, modules) -> List[str]:
@@ -309,7 +319,7 @@ def _heads(gm, modules) -> List[str]:
 
 
 def _select(fn: str, candidates: Dict[str, nn.Module], layers: LayerSpec, heads: List[str],
-            uncalled: Sequence[str] = ()) -> Tuple[List[str], frozenset]:
+            uncalled: Sequence[str] = (), model: Optional[nn.Module] = None) -> Tuple[List[str], frozenset]:
     """``(names, named)``: the sliced layers and those of them the user named (docs/method.md §1). Types and
     predicates never select the head; a name does."""
     named: frozenset = frozenset()
@@ -336,11 +346,22 @@ def _select(fn: str, candidates: Dict[str, nn.Module], layers: LayerSpec, heads:
         named = frozenset(s for s in specs if isinstance(s, str))
         names = [n for n, m in candidates.items()
                  if n in named or (n not in heads and any(not isinstance(s, str) and isinstance(m, s) for s in specs))]
+    transposed = transposed_linears(model) if model is not None else []
     if not names:
         raise ValueError(f"{fn}: no sliceable layer: expected at least one Conv1d/2d/3d or Linear module "
                          f"(other than the head {heads}, which only its name selects) selected by "
-                         f"layers={layers!r}; the model has {list(candidates) or 'none'}")
+                         f"layers={layers!r}; the model has {list(candidates) or 'none'}"
+                         + (_transposed_hint(transposed) if transposed else ""))
+    if transposed:
+        warnings.warn(f"{fn}: {_transposed_hint(transposed)[2:]}; they are not sliced", stacklevel=4)
     return names, named
+
+
+def _transposed_hint(names: List[str]) -> str:
+    shown = names[:4] + (["…"] if len(names) > 4 else [])
+    return (f"; {len(names)} module(s) compute a linear layer with a transposed [in, out] weight (x @ W + b, "
+            f"e.g. transformers' Conv1D) and are not Linear: {shown}; convert them first with "
+            "neuslice.conv1d_to_linear(model)")
 
 
 def _order_consumers(name: str, n: int, leaves: List[Tuple[str, nn.Module]], i: int) -> List[Tuple[str, int]]:
@@ -357,20 +378,43 @@ def _order_consumers(name: str, n: int, leaves: List[Tuple[str, nn.Module]], i: 
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
+# the last probe forward recorded per model (operations and shapes, no tensors): where tracing fails, a later
+# discovery given only layer names (Slices.apply, maintenance) reads it instead of guessing by module order
+_FLOWS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _store_flow(model: nn.Module, flow):
+    try:
+        _FLOWS[model] = (_fingerprint(model), flow)
+    except TypeError:                                   # a model that cannot be weakly referenced
+        pass
+    return flow
+
+
+def _stored_flow(model: nn.Module):
+    """The flow of ``model``'s last probe forward, while its modules are the same objects and shapes."""
+    try:
+        hit = _FLOWS.get(model)
+    except TypeError:
+        return None
+    return hit[1] if hit is not None and hit[0] == _fingerprint(model) else None
+
+
 def _fingerprint(model: nn.Module) -> tuple:
     return tuple((n, id(m), type(m), tuple(getattr(m, "weight", torch.empty(0)).shape))
                  for n, m in model.named_modules())
 
 
 def discover(model: nn.Module, layers: LayerSpec = None, *, tap: str = "auto", fn: str = "neuslice",
-             run: Optional[Callable[[], object]] = None) -> Plan:
+             run: Optional[Callable[[], object]] = None, _probe: bool = False) -> Plan:
     """:func:`_discover`, cached per model while its modules stay the same objects and shapes (tracing
     costs ~10 ms; evaluation loops call this once per slice). Only name lists and None are cached, and a
-    cached :class:`Plan` is shared between callers: treat it as read-only. A plan that needed the probe
-    ``run`` is not cached (it depends on the input)."""
+    cached :class:`Plan` is shared between callers: treat it as read-only. Only plans from the traced graph
+    are cached: a plan from a probe depends on the input, and one from module order is replaced by the
+    model's next probe (:func:`_stored_flow`)."""
     names = tuple(layers) if isinstance(layers, (list, tuple)) and all(isinstance(x, str) for x in layers) else None
-    if layers is not None and names is None:
-        return _discover(model, layers, tap=tap, fn=fn, run=run)
+    if (layers is not None and names is None) or _probe:
+        return _discover(model, layers, tap=tap, fn=fn, run=run, _probe=_probe)
     try:
         entry = _CACHE.setdefault(model, {})
     except TypeError:                                   # a model that cannot be weakly referenced
@@ -380,13 +424,13 @@ def discover(model: nn.Module, layers: LayerSpec = None, *, tap: str = "auto", f
     if hit is not None and hit[0] == fp:
         return hit[1]
     plan = _discover(model, layers, tap=tap, fn=fn, run=run)
-    if not plan.probed:
+    if plan.trace_error is None:                        # an untraced plan may change with the next probe
         entry[key] = (fp, plan)
     return plan
 
 
 def _discover(model: nn.Module, layers: LayerSpec = None, *, tap: str = "auto", fn: str = "neuslice",
-              run: Optional[Callable[[], object]] = None) -> Plan:
+              run: Optional[Callable[[], object]] = None, _probe: bool = False) -> Plan:
     """Find the sliced layers of ``model`` (docs/method.md §1).
 
     Args:
@@ -402,22 +446,36 @@ def _discover(model: nn.Module, layers: LayerSpec = None, *, tap: str = "auto", 
         raise ValueError(f"{fn}: tap must be 'auto' or 'layer', got {tap!r}")
     modules = dict(model.named_modules())
     excluded = _mha_children(model)
-    gm, err = _trace(model)
+    gm, err = (None, "the probe forward was asked for") if _probe else _trace(model)
+    flow = None
     if gm is not None:
+        flow = dataflow.from_fx(gm, modules, _CLASS_TAGS)
         consumers, uf, calls = _flow(gm, modules)
         heads = _heads(gm, modules)
         candidates = {n: modules[n] for n in modules if n in calls}
-    elif run is not None:
-        consumers, uf = {}, _Union()
-        calls, heads = probe(model, run)
+    elif run is not None or _stored_flow(model) is not None:
+        flow = _stored_flow(model) if run is None else _store_flow(model, record(model, run))
+        calls, heads = _probe_calls(model, flow)
         candidates = {n: modules[n] for n in calls}
     else:
         consumers, uf, calls = {}, _Union(), {}
         candidates = {n: m for n, m in modules.items() if isinstance(m, LAYER_TYPES) and n not in excluded}
         heads = list(candidates)[-1:]
     uncalled = [n for n, m in modules.items() if isinstance(m, LAYER_TYPES) and n not in excluded
-                and n not in candidates] if (gm is not None or run is not None) else []
-    names, named = _select(fn, candidates, layers, heads, uncalled)
+                and n not in candidates] if flow is not None else []
+    names, named = _select(fn, candidates, layers, heads, uncalled, model)
+    residual, attention, users = {}, [], None
+    if flow is not None:
+        users = flow.users()
+        widths = {n: _neurons(m) for n, m in candidates.items()}
+        residual = dataflow.residual(flow, users, widths, lambda x: isinstance(modules.get(x), LAYER_TYPES))
+        attention = _attention(flow, widths, modules)
+        if gm is None:
+            consumers, uf, calls = _probe_flow(flow, modules, candidates)
+        for a in attention:                         # v's channels are out's input columns, one each
+            if a.v[1] == 0 and a.kv_heads == a.heads and widths.get(a.v[0]) == a.heads * a.head_dim \
+                    and a.v[0] not in (a.q[0], a.k[0]) and (a.out, 1) not in consumers.get(a.v[0], []):
+                consumers.setdefault(a.v[0], []).append((a.out, 1))
     leaves = [(n, m) for n, m in modules.items() if n and not list(m.children())]
     leaf_index = {n: i for i, (n, _) in enumerate(leaves)}
     nodes: Dict[str, list] = {}
@@ -433,6 +491,14 @@ def _discover(model: nn.Module, layers: LayerSpec = None, *, tap: str = "auto", 
             if fnode is not None:
                 functional, target = _is_act_node(fnode), fnode.target
             source, cons = "graph", list(dict.fromkeys(consumers.get(name, [])))
+        elif flow is not None:
+            is_layer = lambda x: x in modules and isinstance(modules[x], LAYER_TYPES)   # noqa: E731
+            calls_of = [i for i, nd in enumerate(flow.nodes) if nd.kind == "module" and nd.target == name]
+            chain, act, fnode = _same_chain(fn, name, [dataflow.chain_of(flow, users, i, is_layer)
+                                                      for i in calls_of])
+            if fnode is not None:
+                functional, target = canonical(fnode.target).rstrip("_"), fnode.target
+            source, cons = "probe", list(dict.fromkeys(consumers.get(name, [])))
         else:
             chain, act = _order_chain(name, n, leaves, leaf_index[name])
             source, cons = "module order", _order_consumers(name, n, leaves, leaf_index[name])
@@ -443,7 +509,40 @@ def _discover(model: nn.Module, layers: LayerSpec = None, *, tap: str = "auto", 
     for name in names:
         groups.setdefault(uf.find(name), []).append(name)
     coupled = [g for g in groups.values() if len(g) > 1 and len({_neurons(modules[x]) for x in g}) == 1]
-    return Plan(infos, heads, coupled, err, probed=gm is None and run is not None, unused=uncalled, named=named)
+    return Plan(infos, heads, coupled, err, probed=gm is None and flow is not None, unused=uncalled, named=named,
+                attention=attention, residual={n: residual[n] for n in candidates if n in residual})
+
+
+def _attention(flow, widths: Dict[str, int], modules) -> List[Attention]:
+    """:func:`dataflow.attention`'s blocks whose heads are consistent (q, k, v the same head_dim; k and v
+    the same heads, dividing q's; ``out`` reading heads·head_dim columns), as :class:`Attention`."""
+    out: List[Attention] = []
+    for scope, q, k, v, o in dataflow.attention(flow, widths):
+        ok = (q.dim == k.dim == v.dim and k.heads == v.heads and k.heads and q.heads % k.heads == 0
+              and isinstance(modules[o], nn.Linear) and modules[o].in_features == q.heads * q.dim)
+        a = Attention(scope, (q.layer, q.offset), (k.layer, k.offset), (v.layer, v.offset), o, q.heads, q.dim,
+                      k.heads)
+        if ok and a not in out:
+            out.append(a)
+    return out
+
+
+def _probe_flow(flow, modules, candidates):
+    """:func:`_flow` on a recorded probe forward: the same rules, modules classified by evidence."""
+    def add_consumer(consumers, name, s0, f0):
+        _add_consumer(consumers, name, modules[name], s0, f0, modules)
+
+    def preserve(node) -> bool:
+        m = modules[node.target]
+        return isinstance(m, NORMS + PASS + ACTIVATIONS + _POOLS) or bool(node.tags & {"pass", "elementwise"})
+
+    is_layer = lambda x: x in candidates   # noqa: E731
+    consumers, unions, calls = dataflow.sources(flow, is_layer, add_consumer, lambda x: _is_depthwise(modules[x]),
+                                                preserve, lambda nd: isinstance(modules[nd.target], nn.Flatten))
+    uf = _Union()
+    for u in unions:
+        uf.union(u)
+    return consumers, uf, calls
 
 
 def _same_chain(fn: str, name: str, chains: list) -> tuple:

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from . import heads as _heads
-from .graph import discover
+from .graph import _stored_flow, discover, traceable
 from .hooks import ChainHooks, zero_outside
 
 __all__ = ["compression_rate", "MaskedModel"]
@@ -76,26 +76,53 @@ def compression_rate(slices, model: nn.Module, classes, *, restrict_head: bool =
 
 
 class MaskedModel:
-    """Context manager from :meth:`Slices.apply`: zeroes the neurons outside the slice; yields the model."""
+    """Context manager from :meth:`Slices.apply`: zeroes the neurons outside the slice; yields the model.
+
+    Where the model cannot be traced and no probe forward of it was recorded yet (``profile``,
+    ``Profiler``), the layers' chains are found on the first forward inside the context: one probe
+    forward of that call's inputs (docs/method.md §1), then the masks apply to that call and every later
+    one. ``plan`` is None until then."""
 
     def __init__(self, slices, model: nn.Module, classes):
-        fn = "neuslice.Slices.apply"
+        fn = self._fn = "neuslice.Slices.apply"
         slices.check_model(fn, model)
         self.masks = slices.mask(classes)
-        self.plan = discover(model, slices.layer_names, fn=fn)
+        self._names = slices.layer_names
+        self.plan = discover(model, self._names, fn=fn) if traceable(model) or _stored_flow(model) is not None \
+            else None
         self.model = model
         self._hooks: Optional[ChainHooks] = None
+        self._root = None
+        self._probing = False
 
     def _on_end(self, i: int, t: Tensor) -> Tensor:
         info = self.plan.layers[i]
         return zero_outside(t, self.masks[info.name], info.module)
 
-    def __enter__(self) -> nn.Module:
+    def _first(self, module, args, kwargs):
+        """Root pre-hook: on the first forward of an untraced model, probe it with these inputs, then mask."""
+        if self._probing or self._hooks is not None:
+            return None
+        self._probing = True
+        try:
+            self.plan = discover(self.model, self._names, fn=self._fn, run=lambda: self.model(*args, **kwargs))
+        finally:
+            self._probing = False
         self._hooks = ChainHooks(self.model, self.plan.layers, self._on_end, point="end")
+        return None
+
+    def __enter__(self) -> nn.Module:
+        if self.plan is not None:
+            self._hooks = ChainHooks(self.model, self.plan.layers, self._on_end, point="end")
+        else:
+            self._root = self.model.register_forward_pre_hook(self._first, with_kwargs=True)
         return self.model
 
     def __exit__(self, *exc) -> bool:
         if self._hooks is not None:
             self._hooks.remove()
             self._hooks = None
+        if self._root is not None:
+            self._root.remove()
+            self._root = None
         return False

@@ -83,7 +83,7 @@ class Profile(_LayerSet):
 
     Attributes:
         layers: one dict per layer: ``name``, ``type``, ``weight_shape``, ``n`` (neurons), ``tap`` (module
-            whose output was read), ``tap_source`` (``"graph"``, ``"module order"`` or ``"layer"``),
+            whose output was read), ``tap_source`` (``"graph"``, ``"probe"``, ``"module order"`` or ``"layer"``),
             ``deeplift`` (``"rescale"`` or ``"gradient"``: gradient × Δ).
         stats: ``{layer: {stat: Tensor}}``; ``count`` float64 ``[K]``, the others float64 ``[K, N]``.
         class_names: K names. metrics: the metrics whose statistics were collected.
@@ -212,7 +212,7 @@ class Profile(_LayerSet):
         tensors, doc = _io.read(fn, path, "profile")
         f = _io.Fields(fn, path, "profile", doc, tensors)
         layer_keys = {"tap": f.str,
-                      "tap_source": lambda v, field: f.str(v, field, ("graph", "module order", "layer")),
+                      "tap_source": lambda v, field: f.str(v, field, ("graph", "probe", "module order", "layer")),
                       "deeplift": lambda v, field: f.str(v, field, _DEEPLIFT, none=True)}
         layers, heads, names, coupled, attention = cls._common_fields(f, layer_keys)
         metrics = f.names(f.get("metrics"), "metrics", choices=_BASE_METRICS)
