@@ -10,6 +10,7 @@ transformers = pytest.importorskip("transformers")
 
 import neuslice
 from neuslice.engine import graph, heads
+from neuslice.engine.capture import call_model
 from neuslice.engine.graph import Attention
 from neuslice.io import container as _io
 
@@ -20,98 +21,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 KEEP = [0, 2]
 
 
-def conv1d_to_linear(model):   # replaced by neuslice.conv1d_to_linear at merge
-    from transformers.pytorch_utils import Conv1D
-    for m in list(model.modules()):
-        for name, c in list(m.named_children()):
-            if isinstance(c, Conv1D):
-                lin = nn.Linear(*c.weight.shape)
-                lin.weight.data, lin.bias.data = c.weight.data.T.contiguous(), c.bias.data.clone()
-                setattr(m, name, lin)
-    return model
-
-
-# -- filled by runtime discovery at merge ---------------------------------------------------------------
-# Until the probe branch is merged, Plan.attention / Plan.residual / the gate-up coupling and the q/k/v
-# chains are written here by hand for the four test architectures.
-_ARCH = {  # (block prefix regex, attention module, q, k, v (name, offset), out, ffn1s, ffn2, layernorm)
-    "bert": (r"bert\.encoder\.layer\.\d+", "attention.self", ("attention.self.query", 0),
-             ("attention.self.key", 0), ("attention.self.value", 0), "attention.output.dense",
-             ["intermediate.dense"], "output.dense", ("attention.output.LayerNorm", "output.LayerNorm")),
-    "gpt2": (r"transformer\.h\.\d+", "attn", ("attn.c_attn", 0), ("attn.c_attn", H.HIDDEN),
-             ("attn.c_attn", 2 * H.HIDDEN), "attn.c_proj", ["mlp.c_fc"], "mlp.c_proj", ("ln_2", "ln_1")),
-    "llama": (r"model\.layers\.\d+", "self_attn", ("self_attn.q_proj", 0), ("self_attn.k_proj", 0),
-              ("self_attn.v_proj", 0), "self_attn.o_proj", ["mlp.gate_proj", "mlp.up_proj"], "mlp.down_proj",
-              ("post_attention_layernorm", "input_layernorm")),
-    "vit": (r"vit\.layers\.\d+", "attention", ("attention.q_proj", 0), ("attention.k_proj", 0),
-            ("attention.v_proj", 0), "attention.o_proj", ["mlp.fc1"], "mlp.fc2",
-            ("layernorm_after", "layernorm_before")),
-}
-_KIND = {"bert": "bert", "gpt2": "gpt2", "llama": "llama", "vit": "vit"}
-
-
-def hand_plan(model, plan):
-    kind = _KIND.get(getattr(getattr(model, "config", None), "model_type", None))
-    if kind is None:
-        return plan
-    pat, mod, q, k, v, out, ffn1, ffn2, (ln_a, ln_f) = _ARCH[kind]
-    cfg = model.config
-    nh = cfg.num_attention_heads
-    kvh = getattr(cfg, "num_key_value_heads", None) or nh
-    hd = H.HIDDEN // nh
-    names = dict(model.named_modules())
-    blocks = sorted({m.group(0) for n in names for m in [re.match(r"(?:m\.)?" + pat + "$", n)] if m})
-    attention, residual, coupled = [], {}, []
-    infos = {i.name: i for i in plan.layers}
-    for b in blocks:
-        attention.append(Attention(f"{b}.{mod}", (f"{b}.{q[0]}", q[1]), (f"{b}.{k[0]}", k[1]),
-                                   (f"{b}.{v[0]}", v[1]), f"{b}.{out}", nh, hd, kvh))
-        residual[f"{b}.{out}"] = f"the residual add before LayerNorm '{b}.{ln_a}'"
-        residual[f"{b}.{ffn2}"] = f"the residual add before LayerNorm '{b}.{ln_f}'"
-        for x in (q, k, v):
-            info = infos.get(f"{b}.{x[0]}")
-            if info is not None:
-                info.chain, info.tap_stage = [info.name], 0
-        for f in ffn1:
-            info = infos.get(f"{b}.{f}")
-            if info is not None:
-                info.consumers = [(f"{b}.{ffn2}", 1)] if f != "mlp.gate_proj" else []
-        if len(ffn1) == 2 and all(f"{b}.{f}" in infos for f in ffn1):
-            coupled.append([f"{b}.{f}" for f in ffn1])
-    if kind == "vit":
-        residual["m.vit.embeddings.patch_embeddings.projection"] = "the residual add before LayerNorm " \
-                                                                  "'m.vit.layers.0.layernorm_before'"
-    plan.attention, plan.residual = attention, {n: t for n, t in residual.items()}
-    plan.coupled = plan.coupled + coupled
-    return plan
-
-
-@pytest.fixture(autouse=True)
-def _hand_discovery(monkeypatch):   # filled by runtime discovery at merge
-    real = graph._discover
-    monkeypatch.setattr(graph, "_discover", lambda model, *a, **kw: hand_plan(model, real(model, *a, **kw)))
-    graph._CACHE.clear()
-    yield
-    graph._CACHE.clear()
-# ---------------------------------------------------------------------------------------------------------
-
-
-class Logits(nn.Module):
-    """The classifier's logits tensor (neuslice's models return logits; HF models return a ModelOutput)."""
-
-    def __init__(self, m):
-        super().__init__()
-        self.m, self.config = m, m.config
-
-    def forward(self, x=None, **kw):
-        return (self.m(**kw) if x is None else self.m(x, **kw)).logits
-
-
 def build(arch):
     model, batch = H.ARCHITECTURES[arch]()
     if arch == "gpt2":
-        conv1d_to_linear(model)
-    return Logits(model).eval(), batch
+        neuslice.conv1d_to_linear(model)
+    return model, batch
 
 
 def data(batch, arch, n=4, seed=0):
@@ -132,11 +46,7 @@ def sliced(arch, theta=0.3, layers="removable"):
 
 def run(model, x):
     with torch.no_grad():
-        return model(**x) if isinstance(x, dict) else model(x)
-
-
-def logits(out):
-    return out
+        return call_model(model, x)
 
 
 @pytest.mark.parametrize("arch", list(H.ARCHITECTURES))
@@ -148,7 +58,7 @@ def test_physical_removes_heads_and_ffn_neurons_and_equals_mask_mode(arch):
     masked, _ = neuslice.restructure(model, s, KEEP, mode="mask")
     phys, rep = neuslice.restructure(model, s, KEEP, example_inputs=d[0][0])
     assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())
-    ym, yp = logits(run(masked, x)), logits(run(phys, x))
+    ym, yp = (run(masked, x)), (run(phys, x))
     assert yp.shape == ym.shape == (6, 2)
     assert (yp - ym).abs().max() <= 1e-4 * ym.abs().max()
     total = sum(p.numel() for p in model.parameters())
@@ -187,11 +97,11 @@ def test_slices_are_constant_on_heads_and_kv_groups(arch):
     handles = [dict(model.named_modules())[n].register_forward_hook(
         lambda m, a, o, k=keep[n]: o * k.to(o.dtype)) for n in keep]
     try:
-        want = logits(run(model, d[0][0]))[:, KEEP]
+        want = (run(model, d[0][0]))[:, KEEP]
     finally:
         for h in handles:
             h.remove()
-    torch.testing.assert_close(logits(run(masked, d[0][0])), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close((run(masked, d[0][0])), want, rtol=1e-5, atol=1e-6)
 
 
 def test_unit_score_normalises_each_layer():
@@ -226,22 +136,23 @@ def test_attention_survives_save_and_load_and_old_files_load(tmp_path):
 def test_narrowing_the_residual_stream_is_an_error_naming_the_layernorm():
     model, d, prof, s = sliced("bert", layers=None)
     with pytest.raises(ValueError, match=r"neuslice.restructure: cannot remove the neurons of layer "
-                                         r"'m.bert.encoder.layer.0.attention.output.dense' physically: its outputs feed "
-                                         r"the residual add before LayerNorm 'm.bert.encoder.layer.0.attention.output."
-                                         r"LayerNorm'.*neuslice.removable_layers"):
+                                         r"'bert.encoder.layer.0.attention.output.dense' physically: its outputs feed "
+                                         r"the residual add in 'bert.encoder.layer.0.attention.output' before LayerNorm-like "
+                                         r"module 'bert.encoder.layer.0.attention.output.LayerNorm' \(LayerNorm\)"
+                                         r".*neuslice.removable_layers"):
         neuslice.restructure(model, s, KEEP, example_inputs=d[0][0])
     assert neuslice.restructure(model, s, KEEP, mode="mask")[0](**d[0][0]).shape == (6, 2)
     names = neuslice.removable_layers(model, d[0][0])
-    assert "m.bert.encoder.layer.0.attention.output.dense" not in names and "m.bert.encoder.layer.0.output.dense" \
-        not in names and "m.bert.encoder.layer.0.attention.self.value" in names and "classifier" not in names
+    assert "bert.encoder.layer.0.attention.output.dense" not in names and "bert.encoder.layer.0.output.dense" \
+        not in names and "bert.encoder.layer.0.attention.self.value" in names and "classifier" not in names
 
 
 def test_a_partly_sliced_attention_is_refused_by_name():
-    model, d, prof, s = sliced("vit", layers=["m.vit.layers.0.attention.q_proj", "m.vit.layers.0.mlp.fc1"])
+    model, d, prof, s = sliced("vit", layers=["vit.layers.0.attention.q_proj", "vit.layers.0.mlp.fc1"])
     assert not s.attention or not heads.active(s.attention, s.layer_names)
-    with pytest.raises(ValueError, match=r"layer 'm.vit.layers.0.attention.q_proj' physically: it holds q/k/v channels "
-                                         r"of the attention 'm.vit.layers.0.attention', whose layers "
-                                         r"\['m.vit.layers.0.attention.k_proj', 'm.vit.layers.0.attention.v_proj'\] are not "
+    with pytest.raises(ValueError, match=r"layer 'vit.layers.0.attention.q_proj' physically: it holds q/k/v channels "
+                                         r"of the attention 'vit.layers.0.attention', whose layers "
+                                         r"\['vit.layers.0.attention.k_proj', 'vit.layers.0.attention.v_proj'\] are not "
                                          r"sliced"):
         neuslice.restructure(model, s, KEEP, example_inputs=d[0][0])
 

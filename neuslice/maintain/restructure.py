@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from ..engine import heads as _heads
 from ..engine.graph import LayerInfo, Plan, discover
 from ..engine.hooks import ChainHooks, zero_outside
-from ..engine.capture import call_model
+from ..engine.capture import call_model, logits_of
 from ..engine.slices import Slices
 from . import _common as C
 
@@ -67,10 +67,10 @@ class RestructuredModel(nn.Module):
 
     def forward(self, *args, **kwargs) -> Tensor:
         if self.mode == "physical":
-            return self.module(*args, **kwargs)
+            return logits_of(self.module(*args, **kwargs))
         hooks = ChainHooks(self.module, self._infos, self._zero, point="end")
         try:
-            out = self.module(*args, **kwargs)
+            out = logits_of(self.module(*args, **kwargs))
         finally:
             hooks.remove()
         return out[..., self.class_map]
