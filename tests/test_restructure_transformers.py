@@ -168,3 +168,13 @@ def test_ratio_modes_select_whole_heads(mode):
     phys, _ = neuslice.restructure(model, s, KEEP, example_inputs=d[0][0])
     masked, _ = neuslice.restructure(model, s, KEEP, mode="mask")
     torch.testing.assert_close(run(phys, d[2][0]), run(masked, d[2][0]), rtol=1e-4, atol=1e-5)
+
+
+def test_compression_rate_of_a_model_never_run_needs_example_inputs():
+    model, d, prof, s = sliced("bert")
+    want = s.compression_rate(model, KEEP)
+    fresh, _ = build("bert")                                    # same weights, never probed in this process
+    with pytest.raises(ValueError, match=r"cannot be traced .* has not been run through neuslice in this process.*"
+                                         r"pass example_inputs="):
+        s.compression_rate(fresh, KEEP)
+    assert s.compression_rate(fresh, KEEP, example_inputs=d[0][0]) == want

@@ -4,7 +4,6 @@ whose gradient is taken, and the view of a tapped output that ``neuslice.ops.acc
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -14,6 +13,7 @@ from torch import Tensor, nn
 
 from ..io.container import layer_entry
 from .graph import LayerInfo, Plan
+from .calls import call_model, logits_of, model_device, to_device  # noqa: F401  (re-exported)
 from .metrics import METRICS
 from .slices import STATS
 
@@ -194,50 +194,6 @@ def add_present(totals: Dict[str, Tensor], batch: Dict[str, Tensor], present: Te
 def layer_entries(plan: Plan, deeplift: Dict[str, str]) -> List[dict]:
     return [{**layer_entry(i.name, i.module), "n": i.n, "tap": i.tap, "tap_source": i.tap_source,
              "deeplift": deeplift.get(i.name)} for i in plan.layers]
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """Where ``model``'s first parameter (or buffer) lives; CPU for a model with neither."""
-    first = next(itertools.chain(model.parameters(), model.buffers()), None)
-    return torch.device("cpu") if first is None else first.device
-
-
-def to_device(x, device):
-    if isinstance(x, Tensor):
-        return x.to(device)
-    if isinstance(x, (list, tuple)):
-        return type(x)(to_device(v, device) for v in x)
-    if isinstance(x, dict):
-        return {k: to_device(v, device) for k, v in x.items()}
-    return x
-
-
-def call_model(model: nn.Module, x):
-    """``model``'s logits on one batch's inputs, moved to the model's device first: a tensor is ``model(x)``,
-    a tuple/list ``model(*x)``, a dict ``model(**x)``; the output is read by :func:`logits_of`."""
-    x = to_device(x, model_device(model))
-    if isinstance(x, dict):
-        return logits_of(model(**x))
-    if isinstance(x, (list, tuple)):
-        return logits_of(model(*x))
-    return logits_of(model(x))
-
-
-def logits_of(out):
-    """The logits in a model's output: a tensor as it is; an output object with a ``logits`` tensor (the
-    model-library convention, e.g. a Hugging Face ``SequenceClassifierOutput``) its ``logits``; a mapping
-    its ``"logits"`` entry; a tuple/list its first element. Anything else is returned unchanged (the
-    caller's check names it)."""
-    if isinstance(out, Tensor):
-        return out
-    logits = getattr(out, "logits", None)
-    if isinstance(logits, Tensor):
-        return logits
-    if isinstance(out, dict) and isinstance(out.get("logits"), Tensor):
-        return out["logits"]
-    if isinstance(out, (list, tuple)) and out and isinstance(out[0], Tensor):
-        return out[0]
-    return out
 
 
 def target_of(fn: str, out, labels: Tensor, target: str) -> Tensor:

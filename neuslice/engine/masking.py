@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from . import heads as _heads
 from .graph import _stored_flow, discover, traceable
+from .calls import call_model
 from .hooks import ChainHooks, zero_outside
 
 __all__ = ["compression_rate", "MaskedModel"]
@@ -36,13 +37,23 @@ def _mark_consumer(removed, c: nn.Module, r: Tensor, cols: int) -> None:
         _mark(removed, c.weight, (slice(g * out_per, (g + 1) * out_per), ch % in_per))
 
 
-def compression_rate(slices, model: nn.Module, classes, *, restrict_head: bool = True) -> float:
-    """Fraction of ``model``'s parameters removed by slicing for ``classes`` (docs/method.md §4), in [0, 1]."""
+def compression_rate(slices, model: nn.Module, classes, *, restrict_head: bool = True, example_inputs=None) -> float:
+    """Fraction of ``model``'s parameters removed by slicing for ``classes`` (docs/method.md §4), in [0, 1].
+
+    Which weights read a neuron comes from the traced graph, else from the model's last probe forward in
+    this process (``profile``, ``Profiler``, ``Slices.apply``), else from one forward of ``example_inputs``.
+    A model that can be neither traced nor probed is refused: module order is not evidence of who reads
+    a layer (docs/method.md §1)."""
     fn = "neuslice.Slices.compression_rate"
     slices.check_model(fn, model)
     keep = slices.mask(classes)
     idx = slices.class_indices(fn, classes)
-    plan = discover(model, slices.layer_names, fn=fn)
+    run = None if example_inputs is None else (lambda: call_model(model, example_inputs))
+    plan = discover(model, slices.layer_names, fn=fn, run=run)
+    if plan.trace_error is not None and not plan.probed and _stored_flow(model) is None:
+        raise ValueError(f"{fn}: the model cannot be traced ({plan.trace_error}) and has not been run through "
+                         "neuslice in this process, so which weights read each sliced layer is unknown; pass "
+                         "example_inputs= (one batch of model inputs)")
     modules = dict(model.named_modules())
     blocks = _heads.active(slices.attention or plan.attention, slices.layer_names)
     in_blocks = {a.q[0] for a in blocks} | {a.k[0] for a in blocks} | {a.v[0] for a in blocks}

@@ -299,11 +299,15 @@ class Slices(_LayerSet):
         """Semantic groups: average-linkage clusters of the sliced classes on 1 − S, cut below ``tau``."""
         return merge.groups(self)
 
-    def compression_rate(self, model: nn.Module, classes: ClassSpec, *, restrict_head: bool = True) -> float:
+    def compression_rate(self, model: nn.Module, classes: ClassSpec, *, restrict_head: bool = True,
+                         example_inputs=None) -> float:
         """Fraction of ``model``'s parameters that belong to neurons outside the slice of ``classes``
-        (incoming weights, bias, norm entries, the next layers' reading weights; with ``restrict_head``,
-        also the head rows of the other classes)."""
-        return masking.compression_rate(self, model, classes, restrict_head=restrict_head)
+        (incoming weights, bias, norm entries, the next layers' reading weights, attention heads' output
+        columns; with ``restrict_head``, also the head rows of the other classes): exactly what physical
+        restructure removes. An untraceable model not yet run through neuslice in this process needs
+        ``example_inputs`` (one batch) to find who reads each layer."""
+        return masking.compression_rate(self, model, classes, restrict_head=restrict_head,
+                                        example_inputs=example_inputs)
 
     def apply(self, model: nn.Module, classes: ClassSpec):
         """Context manager: ``model`` computes with every neuron outside the slice of ``classes`` zeroed
