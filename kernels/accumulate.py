@@ -9,6 +9,19 @@ a token (one position). For every unit the kernel reduces its positions in regis
 sum (x-r)*g, float32), takes the per-unit mean, square and absolute values, and adds them into the
 unit's class -- without materialising ``x*g`` or any ``[B, N]`` intermediate.
 
+Positions and units that do not count (issue 13; the definitions are ``neuslice.ops.accumulate_``'s):
+    ``valid`` (bool ``[B, S]``, any strides, read in place as bytes) masks the loads of x, grad and
+    ref, so an invalid position is never read (a NaN there reaches nothing); a sample's mean divides
+    by its number of valid positions ``|V_b|`` (one ``valid.sum(1)`` on the device, read once per
+    unit). Units that are skipped -- label ``ignore_index``; per sample no valid position; per token
+    ``valid[b, s]`` False -- get the sort key K, so they follow every counted unit; the number of
+    counted units is read by the kernel from the device (no host sync), and units past it are never
+    read. Their segment (label K) is never committed. Per token, ``valid`` is only used to skip
+    tokens (a token is one position).
+Statistics not kept (None): constexpr flags; they get no staging plane and are never stored.
+    x-bar^2 (and |taylor|, |deeplift| whenever grad is given) are still reduced in registers, since
+    the non-finite check below runs on them whatever is kept (as the reference checks).
+
 Class sums: label-sorted segmented reduction, atomics only per segment flush.
     Units are visited in label order (``torch.sort(labels, stable=True)`` on the device: B or B*S
     int64 keys, ~0.1% of the bytes of x at the benchmark shapes). Each program owns a contiguous run
@@ -31,9 +44,10 @@ makes the unit's float32 sums non-finite (inf, or nan: 0 * inf = nan); the per-u
 per class (x-bar^2, |taylor|, |deeplift|) are >= 0, so the segment's sum stays non-finite and is
 tested once per flush. (A finite batch whose class sum of x-bar^2 overflows float32 is rejected
 too; the reference would add inf there.) Flags go to a device status word.
-Commit only if clean: the pass adds into a zeroed staging buffer ``[4, D, N]`` (D = min(K, units),
-one row per label segment); a second tiny kernel adds staging into the statistics only when the
-status word is 0, so a rejected batch changes nothing. The host reads the status once (one sync
+Commit only if clean: the pass adds into a zeroed staging buffer ``[nq, D, N]`` (nq = the statistics
+kept, D = min(K + 1, units): one row per label segment, + 1 for the skipped units); a second tiny
+kernel adds staging into the statistics only when the status word is 0, so a rejected batch changes
+nothing. The host reads the status once (one sync
 per call, needed to raise the error).
 """
 from __future__ import annotations
@@ -53,27 +67,25 @@ _F32_MAX = tl.constexpr(3.4028234663852886e38)  # largest finite float32
 
 
 @triton.jit
-def _unit_sums(x_ptr, g_ptr, r_ptr, v_ptr, b, s0, mask_t, offs_n, mask_n, S_UNIT,
+def _unit_sums(x_ptr, g_ptr, r_ptr, v_ptr, nv_ptr, b, s0, mask_t, offs_n, mask_n, S_UNIT,
                sxb, sxs, sxn, sgb, sgs, sgn, srn, srs, svb, svs,
                HAS_GRAD: tl.constexpr, HAS_REF: tl.constexpr, HAS_VALID: tl.constexpr,
                BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Per unit of the tile: sum_s x, sum_s x*g, sum_s (x-r)*g over its valid positions ([T, N] fp32),
-    and the number of those positions ([T] fp32). Accumulated elementwise over the position loop and
-    reduced once (no cross-warp reduction per step). A position with valid False is never loaded
-    (masked loads), so a NaN there reaches nothing."""
+    """Per unit of the tile: x-bar (the mean over its valid positions), sum_s x*g, sum_s (x-r)*g over
+    them; [T, N] fp32. Accumulated elementwise over the position loop and reduced once (no cross-warp
+    reduction per step). A position with valid False is never loaded (masked loads), so a NaN there
+    reaches nothing. The mask is loaded in the tile's own [T, S, N] layout (stride 0 along n): a
+    [T, S] load broadcast afterwards needs a layout conversion (169 vs 158 registers, sm_90)."""
     ax = tl.zeros([BLOCK_T, BLOCK_S, BLOCK_N], tl.float32)
     axg = tl.zeros([BLOCK_T, BLOCK_S, BLOCK_N], tl.float32)
     adg = tl.zeros([BLOCK_T, BLOCK_S, BLOCK_N], tl.float32)
-    av = tl.zeros([BLOCK_T, BLOCK_S], tl.float32)
     for s_start in range(0, S_UNIT, BLOCK_S):
         offs_s = s_start + tl.arange(0, BLOCK_S)
         pos = s0[:, None] + offs_s[None, :]                                   # [T, S] int64
-        mts = mask_t[:, None] & (offs_s < S_UNIT)[None, :]
-        if HAS_VALID:
-            vo = (b * svb)[:, None] + pos * svs
-            mts = mts & (tl.load(v_ptr + vo, mask=mts, other=0) != 0)
-            av += mts.to(tl.float32)
-        m = mts[:, :, None] & mask_n[None, None, :]
+        m = (mask_t[:, None] & (offs_s < S_UNIT)[None, :])[:, :, None] & mask_n[None, None, :]
+        if HAS_VALID:   # loaded in the tile's own layout (stride 0 along n): a broadcast read, no shuffle
+            vo = (b * svb)[:, None, None] + (pos * svs)[:, :, None] + (offs_n * 0)[None, None, :]
+            m = m & (tl.load(v_ptr + vo, mask=m, other=0) != 0)
         xo = (b * sxb)[:, None, None] + (pos * sxs)[:, :, None] + (offs_n * sxn)[None, None, :]
         xv = tl.load(x_ptr + xo, mask=m, other=0.0).to(tl.float32)
         ax += xv
@@ -88,7 +100,7 @@ def _unit_sums(x_ptr, g_ptr, r_ptr, v_ptr, b, s0, mask_t, offs_n, mask_n, S_UNIT
     sxg = tl.sum(axg, axis=1)
     sdg = tl.sum(adg, axis=1) if HAS_REF else sxg
     if HAS_VALID:
-        nv = tl.maximum(tl.sum(av, axis=1), 1.0)                 # kept units have >= 1 valid position
+        nv = tl.load(nv_ptr + b, mask=mask_t, other=1).to(tl.float32)   # |V_b| >= 1 for a counted unit
     else:
         nv = tl.zeros([BLOCK_T], tl.float32) + S_UNIT
     return tl.sum(ax, axis=1) / nv[:, None], sxg, sdg
@@ -159,7 +171,7 @@ def _segment_add(stage_ptr, cnt_ptr, segs, mask_t, xbar, sxg, sdg, ax, aq, at, a
 
 
 @triton.jit
-def _accumulate_kernel(x_ptr, g_ptr, r_ptr, v_ptr, order_ptr, seg_ptr, kept_ptr, stage_ptr, cnt_ptr, status_ptr,
+def _accumulate_kernel(x_ptr, g_ptr, r_ptr, v_ptr, nv_ptr, order_ptr, seg_ptr, kept_ptr, stage_ptr, cnt_ptr, status_ptr,
                        U, N, S, S_UNIT, PLANE, CHUNK, N_BLOCKS,
                        sxb, sxs, sxn, sgb, sgs, sgn, srn, srs, svb, svs,
                        PER_TOKEN: tl.constexpr, HAS_GRAD: tl.constexpr, HAS_REF: tl.constexpr,
@@ -192,7 +204,7 @@ def _accumulate_kernel(x_ptr, g_ptr, r_ptr, v_ptr, order_ptr, seg_ptr, kept_ptr,
         else:
             b = unit
             s0 = unit * 0
-        xbar, sxg, sdg = _unit_sums(x_ptr, g_ptr, r_ptr, v_ptr, b, s0, mask_t, offs_n, mask_n, S_UNIT,
+        xbar, sxg, sdg = _unit_sums(x_ptr, g_ptr, r_ptr, v_ptr, nv_ptr, b, s0, mask_t, offs_n, mask_n, S_UNIT,
                                     sxb, sxs, sxn, sgb, sgs, sgn, srn, srs, svb, svs,
                                     HAS_GRAD, HAS_REF, HAS_VALID, BLOCK_T, BLOCK_S, BLOCK_N)
         ax, aq, at, ad, ac, cur, bad = _segment_add(stage_ptr, cnt_ptr, segs, mask_t, xbar, sxg, sdg,
@@ -249,7 +261,9 @@ def default_config(units: int, n: int, s_unit: int, interpret: bool, sm_count: i
     until there are >= 4 programs per SM. Tiles: [1, BLOCK_S, BLOCK_N] of 4096 elements per sample
     (S > 1), [16, 1, 128] tokens otherwise, 8 warps. Register counts from an sm_90 compile
     (cuobjdump, no GPU run): 128 (98 without ref) per thread per sample, 234 per token, no spills;
-    4 warps spilled in the token case (255 + 152 bytes of stack). Interpreter: as few programs as
+    4 warps spilled in the token case (255 + 152 bytes of stack). With a valid mask, per sample at the
+    transformer shape: 158 (tests/triton_aot.py, ptxas -v; a .maxnreg of 128 compiles without spills,
+    whether it is faster is for bench/gpu_check.py to say). Interpreter: as few programs as
     possible (each costs ~1 ms).
     """
     if interpret:
@@ -338,10 +352,11 @@ def accumulate(x, grad, ref, labels, channels_last, count, act_sum, act_sq, tayl
     rs = ref_strides_ns(ref if has_ref else None)
     v = valid.view(torch.uint8) if has_valid else x        # bool read as bytes, in place, any strides
     vs = (v.stride(0), v.stride(1)) if has_valid else (0, 0)
+    nv = valid.sum(1, dtype=torch.int32) if has_valid else kept     # |V_b|, the divisor of the mean
     grid = (n_blocks * triton.cdiv(units, cfg["CHUNK"]),)
     flags = dict(KEEP_SUM=keeps[0], KEEP_SQ=keeps[1], KEEP_TAYLOR=keeps[2], KEEP_DL=keeps[3])
     _accumulate_kernel[grid](
-        x, g, r, v, order, seg, kept, stage, cnt, status, units, n, s, s_unit, d * n, cfg["CHUNK"], n_blocks,
+        x, g, r, v, nv, order, seg, kept, stage, cnt, status, units, n, s, s_unit, d * n, cfg["CHUNK"], n_blocks,
         *_strides_bsn(x, channels_last), *_strides_bsn(g, channels_last), *rs, *vs,
         PER_TOKEN=per_token, HAS_GRAD=has_grad, HAS_REF=has_ref, HAS_VALID=has_valid, **flags,
         BLOCK_T=cfg["BLOCK_T"], BLOCK_S=cfg["BLOCK_S"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"])
