@@ -225,6 +225,16 @@ def test_accumulate_two_dim_x_with_valid(force_backend):
     _check_accumulate(x, g, _randn(33), labels, False, 3, force_backend, valid=valid)
 
 
+@pytest.mark.parametrize("layout", ["channels_first", "channels_last"])
+def test_accumulate_valid_expanded_views(force_backend, layout):
+    """Masks with stride 0 (expand()ed: one row for every sample, or one flag per sample) are read in place."""
+    x, grad, ref, labels, cl = _inputs(5, 23, 6, layout, "grad+ref[N,S]", torch.float32)
+    row = torch.tensor([1, 1, 0, 1, 0, 0], dtype=torch.bool, device=DEVICE)
+    col = torch.tensor([1, 0, 1, 1, 0], dtype=torch.bool, device=DEVICE)
+    for valid in (row[None, :].expand(5, 6), col[:, None].expand(5, 6)):
+        _check_accumulate(x, grad, ref, labels, cl, 4, force_backend, valid=valid)
+
+
 @pytest.mark.parametrize("layout", ["channels_first", "channels_last per-token"])
 def test_accumulate_nothing_counted_changes_nothing(force_backend, layout):
     """Every position invalid, or every label ignored: no statistic moves, count included."""
