@@ -15,7 +15,10 @@ be read once / median time. Results: bench/results/gpu_check_<device>_<date>.{js
 table prints last. Exit status 1 when a correctness check fails.
 
 Cases: the foundation benchmark shapes (float32) and the large-model shape (channels-last
-B=16, S=2048, N=14336, bfloat16; per-sample and per-token labels). The dry run maps bfloat16 to
+B=16, S=2048, N=14336, bfloat16; per-sample and per-token labels); then accumulate_'s padding
+arguments (issue 13): right-padded sequences (a ``valid`` mask, NaN in the padding, one sample all
+padding) with labels ``ignore_index`` (-100), per sample and per token, and taylor kept alone (the
+other sums None). The dry run maps bfloat16 to
 float16 (the interpreter has no bfloat16) and times with perf_counter instead of do_bench.
 """
 from __future__ import annotations
@@ -33,6 +36,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BACKENDS = ("triton", "cuda")
 K = 10
+IGNORE = -100  # accumulate_'s ignore_index in the padded cases
+STATS = ("count", "act_sum", "act_sq", "taylor_sum", "deeplift_sum")
 GPU_SHAPES = {
     "conv B=128 N=256 S=196": dict(b=128, n=256, s=196, cl=False),
     "linear B=1024 N=4096": dict(b=1024, n=4096, s=0, cl=False),
@@ -40,12 +45,22 @@ GPU_SHAPES = {
     "transformer CL B=8 S=512 N=3072 per-token": dict(b=8, n=3072, s=512, cl=True, tok=True),
     "large CL B=16 S=2048 N=14336 bf16": dict(b=16, n=14336, s=2048, cl=True, bf16=True),
     "large CL B=16 S=2048 N=14336 bf16 per-token": dict(b=16, n=14336, s=2048, cl=True, bf16=True, tok=True),
+    "transformer CL B=8 S=512 N=3072 padded+ignore": dict(b=8, n=3072, s=512, cl=True, pad=True, ignore=True),
+    "transformer CL B=8 S=512 N=3072 per-token padded+ignore": dict(b=8, n=3072, s=512, cl=True, tok=True, pad=True,
+                                                                     ignore=True),
+    "large CL B=16 S=2048 N=14336 bf16 padded, taylor only": dict(b=16, n=14336, s=2048, cl=True, bf16=True,
+                                                                   pad=True, keep=("count", "taylor_sum")),
 }
 DRY_SHAPES = {
     "conv B=4 N=9 S=5": dict(b=4, n=9, s=5, cl=False),
     "linear B=6 N=11": dict(b=6, n=11, s=0, cl=False),
     "transformer CL B=3 S=4 N=10 per-token": dict(b=3, n=10, s=4, cl=True, tok=True),
     "large CL B=2 S=6 N=13 bf16->f16": dict(b=2, n=13, s=6, cl=True, bf16=True),
+    "transformer CL B=3 S=4 N=10 padded+ignore": dict(b=3, n=10, s=4, cl=True, pad=True, ignore=True),
+    "transformer CL B=3 S=4 N=10 per-token padded+ignore": dict(b=3, n=10, s=4, cl=True, tok=True, pad=True,
+                                                                 ignore=True),
+    "large CL B=4 S=6 N=13 bf16->f16 padded, taylor only": dict(b=4, n=13, s=6, cl=True, bf16=True, pad=True,
+                                                                 keep=("count", "taylor_sum")),
 }
 
 
@@ -113,23 +128,45 @@ def _accumulate_case(torch, shape: dict, dev: str, dry: bool):
     grad = torch.randn(dims, generator=g, device=dev, dtype=dtype)
     tok = shape.get("tok", False)
     labels = torch.randint(0, K, (b, s) if tok else (b,), generator=g, device=dev)
+    if shape.get("ignore"):  # about 1 label in 8 is ignore_index
+        labels[torch.rand(labels.shape, generator=g, device=dev) < 0.125] = IGNORE
+    keep = shape.get("keep", STATS)
     stats = [torch.zeros(K, device=dev)] + [torch.zeros(K, n, device=dev) for _ in range(4)]
-    args = (x, grad, None, labels, cl, *stats)
+    stats = [t if name in keep else None for t, name in zip(stats, STATS)]
+    valid = None
+    if shape.get("pad"):  # right-padded sequences of random lengths, the first all padding; NaN there
+        lengths = torch.randint(1, s + 1, (b,), generator=g, device=dev)
+        lengths[0] = 0
+        valid = torch.arange(s, device=dev)[None, :] < lengths[:, None]
+        (x if cl else x.transpose(1, 2))[~valid] = float("nan")
+    extra = (valid, IGNORE) if (valid is not None or shape.get("ignore")) else ()
+    args = (x, grad, None, labels, cl, *stats, *extra)
     red = None if s == 0 else (1 if cl else 2)
 
     def composite(st):  # taylor + the activation statistics, as a user writes them in torch
         xs, gs, lab = (x.reshape(-1, n), grad.reshape(-1, n), labels.reshape(-1)) if tok else (x, grad, labels)
-        xbar = xs if (tok or red is None) else xs.mean(red)
-        prod = xs * gs if (tok or red is None) else (xs * gs).sum(red)
+        if tok or red is None:
+            xbar, prod = xs, xs * gs
+            if extra:
+                kept = (lab != IGNORE) if valid is None else (lab != IGNORE) & valid.reshape(-1)
+                xbar, prod, lab = xbar[kept], prod[kept], lab[kept]
+        elif not extra:
+            xbar, prod = xs.mean(red), (xs * gs).sum(red)
+        else:  # padding out of every sum (a where, since it may hold NaN), ignored / empty samples dropped
+            w = torch.ones(b, s, dtype=torch.bool, device=dev) if valid is None else valid
+            wm = w.unsqueeze(2 if cl else 1)
+            xm, gm = torch.where(wm, xs, 0.0), torch.where(wm, gs, 0.0)
+            xbar, prod = xm.sum(red) / w.sum(1, keepdim=True).clamp_min(1), (xm * gm).sum(red)
+            kept = (lab != IGNORE) & w.any(1)
+            xbar, prod, lab = xbar[kept], prod[kept], lab[kept]
         st[0].index_add_(0, lab, torch.ones(lab.shape[0], device=dev))
-        st[1].index_add_(0, lab, xbar.float())
-        st[2].index_add_(0, lab, (xbar * xbar).float())
-        st[3].index_add_(0, lab, prod.abs().float())
-        st[4].index_add_(0, lab, prod.abs().float())
+        for i, v in ((1, xbar), (2, xbar * xbar), (3, prod.abs()), (4, prod.abs())):
+            if st[i] is not None:
+                st[i].index_add_(0, lab, v.float())
 
-    nbytes = 2 * x.numel() * x.element_size() + labels.numel() * 8
-    return dict(op="accumulate_", args=args, mutated=(5, 6, 7, 8, 9), composite=composite, nbytes=nbytes,
-                dtype=dtype)
+    nbytes = 2 * x.numel() * x.element_size() + labels.numel() * 8 + (0 if valid is None else valid.numel())
+    return dict(op="accumulate_", args=args, mutated=tuple(5 + i for i, t in enumerate(stats) if t is not None),
+                composite=composite, nbytes=nbytes, dtype=dtype)
 
 
 def _select_case(torch, op: str, dev: str, r: int, n: int):
@@ -196,9 +233,6 @@ def _cases(torch, dev: str, dry: bool):
 # ---------------------------------------------------------------------------------------------
 # correctness
 
-STATS = ("count", "act_sum", "act_sq", "taylor_sum", "deeplift_sum")
-
-
 def _clone(case) -> list:
     args = list(case["args"])
     for i in case["mutated"]:
@@ -210,9 +244,9 @@ def _sum_rule(torch, case, got, fails, tol) -> tuple:
     """docs/architecture.md (Tests): a sum may pass at <= 2x the error of the torch composite (input dtype) vs float64."""
     from neuslice.ops import reference
     x, grad, ref, labels, cl = case["args"][:5]
-    oracle = [t.double() * 0 for t in case["args"][5:]]
-    reference.accumulate_(x.double(), grad.double(), None, labels, cl, *oracle)
-    comp = [t.clone() * 0 for t in case["args"][5:]]
+    oracle = [None if t is None else t.double() * 0 for t in case["args"][5:10]]
+    reference.accumulate_(x.double(), grad.double(), None, labels, cl, *oracle, *case["args"][10:])
+    comp = [None if t is None else t.clone() * 0 for t in case["args"][5:10]]
     case["composite"](comp)
     atol = tol.ACCUMULATE[case["dtype"]][1]
     for i in fails:
@@ -231,6 +265,8 @@ def _compare(torch, case, got, want, out, want_out, tol) -> tuple:
     if op == "accumulate_":
         fails = []
         for i in range(5, 10):
+            if want[i] is None:  # a statistic not kept
+                continue
             try:
                 tol.assert_close(got[i], want[i], tol.ACCUMULATE, case["dtype"])
             except AssertionError:

@@ -30,7 +30,6 @@ from typing import Optional
 import torch
 
 from neuslice._errors import raise_for_status
-from neuslice.ops._layout import pending_extras
 
 try:
     from triton.runtime.interpreter import InterpretedFunction
@@ -81,8 +80,6 @@ def refuse(op: str, args: tuple) -> Optional[str]:
         return why
     if op == "accumulate_" and not all(t.is_contiguous() for t in args[5:10] if t is not None):
         return "needs contiguous statistics tensors"
-    if op == "accumulate_" and pending_extras(args):
-        return pending_extras(args)
     if op in _MUTATED and not all(_upd.rows_view(args[i]) is not None for i in _MUTATED[op]):
         return "needs param and optimizer state whose trailing dims collapse to one (a view [rows, cols])"
     return None
@@ -97,7 +94,7 @@ def accumulate_(x, grad, ref, labels, channels_last, count, act_sum, act_sq, tay
                 valid=None, ignore_index=-100):
     with _on_device(x):
         status = _acc.accumulate(x, grad, ref, labels, channels_last, count, act_sum, act_sq, taylor_sum,
-                                 deeplift_sum, interpret=INTERPRETED)
+                                 deeplift_sum, valid, ignore_index, interpret=INTERPRETED)
     code = 0 if status is None else int(status.item())
     raise_for_status("accumulate_", code, "triton", num_classes=count.shape[0])
 

@@ -22,6 +22,7 @@ from tolerances import ACCUMULATE, MASKED_UPDATE, assert_close
 pytest.importorskip("triton")
 from neuslice import BackendError, NonFiniteError, ops
 from neuslice.ops import _dispatch, reference  # noqa: E402
+from neuslice.ops._layout import as_bns  # noqa: E402
 from neuslice._triton import accumulate as tacc, backend, masked_update as tupd, select as tsel  # noqa: E402
 
 DEVICE = "cpu" if backend.INTERPRETED else "cuda"
@@ -56,15 +57,58 @@ def _inputs(b, n, s, layout, mode, dtype, k=4):
     return x, grad, ref, labels, cl
 
 
-def _check_accumulate(x, grad, ref, labels, cl, k, force_backend, filled=True):
+STATS = ("count", "act_sum", "act_sq", "taylor_sum", "deeplift_sum")
+
+
+def _check_accumulate(x, grad, ref, labels, cl, k, force_backend, filled=True, valid=None, ignore_index=-100,
+                      kept=STATS):
+    """triton (forced, through the op) against reference on the same starting statistics; a statistic
+    not in ``kept`` is passed as None to both."""
     n = x.shape[-1] if (cl or x.dim() == 2) else x.shape[1]
-    want = _stats(k, n, filled)
-    got = [t.clone() for t in want]
-    reference.accumulate_(x, grad, ref, labels, cl, *want)
+    want = [t if name in kept else None for t, name in zip(_stats(k, n, filled), STATS)]
+    got = [None if t is None else t.clone() for t in want]
+    reference.accumulate_(x, grad, ref, labels, cl, *want, valid, ignore_index)
     force_backend("triton")
-    ops.accumulate_(x, grad, ref, labels, cl, *got)
-    for name, a, e in zip(("count", "act_sum", "act_sq", "taylor_sum", "deeplift_sum"), got, want):
-        assert_close(a, e, ACCUMULATE, x.dtype, msg=name)
+    ops.accumulate_(x, grad, ref, labels, cl, *got, valid, ignore_index)
+    for name, a, e in zip(STATS, got, want):
+        if e is not None:
+            assert_close(a, e, ACCUMULATE, x.dtype, msg=name)
+    return got
+
+
+IGNORE = -100
+
+
+def _extras(b, n, s, layout, mode, dtype, valid_kind, ignore, k=4, ignore_index=IGNORE):
+    """An accumulate_ case with a valid mask and ignored labels, poisoned where nothing may be read:
+    x is NaN and grad inf at every position that does not count (invalid, or its sample / token
+    ignored), and ref[N, S] is inf at every position no counted unit reads."""
+    x, grad, ref, labels, cl = _inputs(b, n, s, layout, mode, dtype, k)
+    per_token = labels.dim() == 2
+    if valid_kind is None:
+        valid = None
+    elif valid_kind == "all true":
+        valid = torch.ones(b, s, dtype=torch.bool, device=DEVICE)
+    elif valid_kind == "all false":
+        valid = torch.zeros(b, s, dtype=torch.bool, device=DEVICE)
+    else:  # random, a non-contiguous view, one row with no valid position, one with a single one
+        valid = (torch.rand(s, b, generator=GEN) < 0.6).to(DEVICE).t()
+        valid[0] = False
+        valid[-1] = False
+        valid[-1, s // 2] = True
+    if ignore:
+        drop = (torch.rand(labels.shape, generator=GEN) < 0.3).to(DEVICE)
+        drop.view(-1)[0] = True
+        labels = torch.where(drop, torch.full_like(labels, ignore_index), labels)
+    counted = torch.ones(b, s, dtype=torch.bool, device=DEVICE) if valid is None else valid.clone()
+    counted &= (labels != ignore_index) if per_token else (labels != ignore_index)[:, None]
+    xs = as_bns(x, cl).permute(0, 2, 1)                      # [B, S, N] views: poison by position
+    xs[~counted] = float("nan")
+    if grad is not None:
+        as_bns(grad, cl).permute(0, 2, 1)[~counted] = float("inf")
+    if ref is not None and ref.dim() == 2:
+        ref[:, ~counted.any(0)] = float("inf")
+    return x, grad, ref, labels, cl, valid, counted
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,6 +187,143 @@ def test_accumulate_rejects_non_finite_and_changes_nothing(force_backend, where,
         ops.accumulate_(x, grad, ref, labels, cl, *stats)
     for a, b in zip(stats, before):
         assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# valid masks, ignore_index, statistics not kept (issue 13): poisoned inputs prove what is never read
+
+LAYOUTS = ["channels_first", "channels_last", "channels_last per-token"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("mode", ["x only", "grad+ref[N,S]", "grad+ref[N]"])
+@pytest.mark.parametrize("valid_kind,ignore", [("random", True), ("random", False), ("all true", True),
+                                               (None, True)], ids=["random+ignore", "random", "all-true+ignore",
+                                                                   "no-mask+ignore"])
+def test_accumulate_valid_and_ignore_index_match_reference(force_backend, layout, mode, valid_kind, ignore):
+    x, grad, ref, labels, cl, valid, counted = _extras(7, 37, 5, layout, mode, torch.float32, valid_kind, ignore)
+    got = _check_accumulate(x, grad, ref, labels, cl, 4, force_backend, valid=valid, ignore_index=IGNORE)
+    assert all(torch.isfinite(t).all() for t in got)                     # the poison reached nothing
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_accumulate_valid_float16_and_other_ignore_index(force_backend, layout):
+    """float16 inputs; ignore_index a class index (0): that class is never counted."""
+    x, grad, ref, labels, cl, valid, _ = _extras(6, 21, 4, layout, "grad+ref[N,S]", torch.float16, "random",
+                                                 True, k=3, ignore_index=0)
+    got = _check_accumulate(x, grad, ref, labels, cl, 3, force_backend, filled=False, valid=valid, ignore_index=0)
+    assert float(got[0][0]) == 0.0 and got[0].sum() > 0
+
+
+def test_accumulate_two_dim_x_with_valid(force_backend):
+    """x [B, N] (S = 1): valid [B, 1] drops whole samples."""
+    x, g = _randn(9, 33), _randn(9, 33)
+    valid = torch.tensor([1, 0, 1, 1, 0, 1, 1, 1, 0], dtype=torch.bool, device=DEVICE)[:, None]
+    labels = torch.tensor([2, 0, 1, IGNORE, 2, 0, 0, 1, 1], device=DEVICE)
+    x[~valid[:, 0]] = float("nan")
+    x[3] = float("inf")
+    _check_accumulate(x, g, _randn(33), labels, False, 3, force_backend, valid=valid)
+
+
+@pytest.mark.parametrize("layout", ["channels_first", "channels_last"])
+def test_accumulate_valid_expanded_views(force_backend, layout):
+    """Masks with stride 0 (expand()ed: one row for every sample, or one flag per sample) are read in place."""
+    x, grad, ref, labels, cl = _inputs(5, 23, 6, layout, "grad+ref[N,S]", torch.float32)
+    row = torch.tensor([1, 1, 0, 1, 0, 0], dtype=torch.bool, device=DEVICE)
+    col = torch.tensor([1, 0, 1, 1, 0], dtype=torch.bool, device=DEVICE)
+    for valid in (row[None, :].expand(5, 6), col[:, None].expand(5, 6)):
+        _check_accumulate(x, grad, ref, labels, cl, 4, force_backend, valid=valid)
+
+
+@pytest.mark.parametrize("layout", ["channels_first", "channels_last per-token"])
+def test_accumulate_nothing_counted_changes_nothing(force_backend, layout):
+    """Every position invalid, or every label ignored: no statistic moves, count included."""
+    for valid_kind, ignore in (("all false", False), (None, True)):
+        x, grad, ref, labels, cl, valid, _ = _extras(4, 9, 3, layout, "grad+ref[N,S]", torch.float32, valid_kind,
+                                                     False)
+        if ignore:
+            labels = torch.full_like(labels, IGNORE)
+            x.fill_(float("nan"))
+        stats = _stats(4, 9, filled=True)
+        before = [t.clone() for t in stats]
+        force_backend("triton")
+        ops.accumulate_(x, grad, ref, labels, cl, *stats, valid, IGNORE)
+        for a, b in zip(stats, before):
+            assert torch.equal(a, b)
+
+
+KEPT = [(), ("act_sum",), ("act_sq",), ("taylor_sum",), ("deeplift_sum",), ("act_sum", "act_sq"),
+        ("taylor_sum", "deeplift_sum"), ("act_sq", "taylor_sum", "deeplift_sum"),
+        ("act_sum", "taylor_sum", "deeplift_sum"), ("act_sum", "act_sq", "deeplift_sum"),
+        ("act_sum", "act_sq", "taylor_sum")]
+
+
+@pytest.mark.parametrize("layout", ["channels_first", "channels_last per-token"])
+@pytest.mark.parametrize("kept", KEPT, ids=lambda k: "+".join(k) or "count-only")
+def test_accumulate_statistics_not_kept(force_backend, layout, kept):
+    """Each of the four sums None (alone, in pairs, all but one, all): the others still match."""
+    x, grad, ref, labels, cl, valid, _ = _extras(6, 19, 4, layout, "grad+ref[N,S]", torch.float32, "random", True, k=3)
+    _check_accumulate(x, grad, ref, labels, cl, 3, force_backend, valid=valid, kept=("count",) + kept)
+
+
+def test_accumulate_grad_statistics_without_grad_left_unchanged(force_backend):
+    """taylor_sum / deeplift_sum given with grad None stay as they were; grad given with both None is fine."""
+    x, _, _, labels, cl, valid, _ = _extras(5, 11, 3, "channels_first", "x only", torch.float32, "random", True, k=3)
+    got = _check_accumulate(x, None, None, labels, cl, 3, force_backend, valid=valid,
+                            kept=("count", "act_sq", "taylor_sum"))
+    stats = _stats(3, 11, filled=True)
+    before = stats[3].clone()
+    force_backend("triton")
+    ops.accumulate_(x, None, None, labels, cl, *stats, valid, IGNORE)
+    assert torch.equal(stats[3], before)
+    x, grad, ref, labels, cl, valid, _ = _extras(5, 11, 3, "channels_first", "grad+ref[N]", torch.float32,
+                                                 "random", True, k=3)
+    _check_accumulate(x, grad, ref, labels, cl, 3, force_backend, valid=valid, kept=("count", "act_sum", "act_sq"))
+    assert got[0].sum() > 0
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+def test_accumulate_valid_and_ignore_across_tiles_and_chunks(per_token):
+    """Small blocks: skipped units sorted last, chunks that hold only skipped units, a chunk boundary
+    inside the last counted segment, position tails under the mask."""
+    layout = "channels_last per-token" if per_token else "channels_first"
+    x, grad, ref, labels, cl, valid, _ = _extras(11, 20, 5, layout, "grad+ref[N,S]", torch.float32, "random", True,
+                                                 k=3)
+    want = _stats(3, 20, True)
+    got = [t.clone() for t in want]
+    reference.accumulate_(x, grad, ref, labels, cl, *want, valid, IGNORE)
+    cfg = dict(BLOCK_N=16, BLOCK_S=2, BLOCK_T=2, CHUNK=4 if per_token else 2)
+    status = tacc.accumulate(x, grad, ref, labels, cl, *got, valid, IGNORE, interpret=backend.INTERPRETED,
+                             config=cfg)
+    assert int(status.item()) == 0
+    for name, a, e in zip(STATS, got, want):
+        assert_close(a, e, ACCUMULATE, torch.float32, msg=name)
+
+
+@pytest.mark.parametrize("where", ["nan in x", "inf in grad", "inf in ref"])
+@pytest.mark.parametrize("layout", ["channels_first", "channels_last per-token"])
+@pytest.mark.parametrize("kept", [STATS, ("count",)], ids=["all", "count-only"])
+def test_accumulate_non_finite_at_a_counted_position_rejected(force_backend, where, layout, kept):
+    """Padding is poisoned throughout; one non-finite value at a counted position is still an error,
+    whichever statistics are kept (the oracle checks grad whenever it is given), and changes nothing."""
+    x, grad, ref, labels, cl, valid, counted = _extras(6, 13, 4, layout, "grad+ref[N,S]", torch.float32, "random",
+                                                       True, k=3)
+    b, s = counted.nonzero()[len(counted.nonzero()) // 2].tolist()
+    if where == "inf in ref":
+        ref[3, s] = float("inf")
+    else:
+        target = x if where == "nan in x" else grad
+        as_bns(target, cl)[b, 3, s] = float(where.split()[0])
+    stats = [t if name in kept else None for t, name in zip(_stats(3, 13, filled=True), STATS)]
+    before = [None if t is None else t.clone() for t in stats]
+    with pytest.raises(NonFiniteError, match="no statistic was changed"):   # the oracle agrees
+        reference.accumulate_(x, grad, ref, labels, cl, *[None if t is None else t.clone() for t in stats],
+                              valid, IGNORE)
+    force_backend("triton")
+    with pytest.raises(NonFiniteError, match="accumulate_.*no statistic was changed"):
+        ops.accumulate_(x, grad, ref, labels, cl, *stats, valid, IGNORE)
+    for a, b_ in zip(stats, before):
+        assert a is None or torch.equal(a, b_)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,7 +479,7 @@ def test_kernels_compile_for_gpu_without_one(arch):
     if out.returncode != 0 and "ptxas" in out.stderr and "No such file" in out.stderr:
         pytest.skip("Triton's ptxas is not available here")
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "compiled 8 kernels, 8 with every integer argument specialised to 1" in out.stdout
+    assert "compiled 9 kernels, 9 with every integer argument specialised to 1" in out.stdout
 
 
 @pytest.mark.slow
@@ -316,7 +497,7 @@ def test_gpu_check_dry_run(tmp_path):
                                                        ("cli predict --device cpu", "ok")]
     rows = [r for r in rows if r["impl"] != "cli"]
     cases = {r["case"] for r in rows}
-    assert len(cases) == 12                                               # 4 accumulate, 4 select, 4 optimizer
+    assert len(cases) == 15                          # 7 accumulate (3 with valid/ignore_index/None), 4 select, 4 optimizer
     assert {r["case"] for r in rows if r["impl"] == "triton" and r["check"] == "PASS" and r["ms"] > 0} == cases
     for r in rows:
         if r["impl"] == "cuda":                                           # CPU tensors: refused, with a reason

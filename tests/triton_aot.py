@@ -21,8 +21,8 @@ from neuslice._triton import masked_update as U
 from neuslice._triton import select as S
 
 FLOATS = {"lr", "momentum", "weight_decay", "decay", "w1", "beta2", "one_m_beta2", "eps", "step_size", "bc2_sqrt"}
-acc = dict(x_ptr="*bf16", g_ptr="*bf16", r_ptr="*bf16", order_ptr="*i64", seg_ptr="*i32", stage_ptr="*fp32",
-           cnt_ptr="*fp32", status_ptr="*i32")
+acc = dict(x_ptr="*bf16", g_ptr="*bf16", r_ptr="*bf16", v_ptr="*u8", nv_ptr="*i32", order_ptr="*i64", seg_ptr="*i32",
+           kept_ptr="*i32", stage_ptr="*fp32", cnt_ptr="*fp32", status_ptr="*i32")
 com = dict(stage_ptr="*fp32", cnt_ptr="*fp32", label_ptr="*i64", status_ptr="*i32", count_ptr="*fp32",
            s0_ptr="*fp32", s1_ptr="*fp32", s2_ptr="*fp32", s3_ptr="*fp32")
 sel = dict(s_ptr="*fp16", out_ptr="*u8", target_ptr="*fp64")
@@ -33,11 +33,19 @@ def cfg(*shape):
     return {k: v for k, v in A.default_config(*shape, interpret=False).items() if k.startswith("BLOCK")}
 
 
+ALL = dict(KEEP_SUM=True, KEEP_SQ=True, KEEP_TAYLOR=True, KEEP_DL=True)
 cases = [  # (kernel, pointer types, constexprs, warps) as the launchers pick them at the benchmark shapes
-    (A._accumulate_kernel, acc, dict(PER_TOKEN=True, HAS_GRAD=True, HAS_REF=True, **cfg(32768, 14336, 1)), 8),
-    (A._accumulate_kernel, acc, dict(PER_TOKEN=False, HAS_GRAD=True, HAS_REF=True, **cfg(16, 14336, 2048)), 8),
-    (A._accumulate_kernel, acc, dict(PER_TOKEN=False, HAS_GRAD=False, HAS_REF=False, **cfg(128, 256, 196)), 8),
-    (A._commit_kernel, com, dict(HAS_GRAD=True, BLOCK_N=128), 4),
+    (A._accumulate_kernel, acc, dict(PER_TOKEN=True, HAS_GRAD=True, HAS_REF=True, HAS_VALID=False, **ALL,
+                                     **cfg(32768, 14336, 1)), 8),
+    (A._accumulate_kernel, acc, dict(PER_TOKEN=False, HAS_GRAD=True, HAS_REF=True, HAS_VALID=False, **ALL,
+                                     **cfg(16, 14336, 2048)), 8),
+    (A._accumulate_kernel, acc, dict(PER_TOKEN=False, HAS_GRAD=False, HAS_REF=False, HAS_VALID=False,
+                                     **dict(ALL, KEEP_TAYLOR=False, KEEP_DL=False), **cfg(128, 256, 196)), 8),
+    # padded sequences (valid mask read per position), taylor kept alone
+    (A._accumulate_kernel, acc, dict(PER_TOKEN=False, HAS_GRAD=True, HAS_REF=True, HAS_VALID=True,
+                                     KEEP_SUM=False, KEEP_SQ=False, KEEP_TAYLOR=True, KEEP_DL=False,
+                                     **cfg(16, 14336, 2048)), 8),
+    (A._commit_kernel, com, dict(BLOCK_N=128, **ALL), 4),
     (S._select_kernel, sel, dict(TOPK=False, SINGLE=True, BLOCK=S.default_block(4096, False)), 8),
     (S._select_kernel, sel, dict(TOPK=True, SINGLE=False, BLOCK=S.default_block(65536, False)), 8),
     (U._masked_sgd_kernel, upd, dict(HAS_WD=True, HAS_MOMENTUM=True, BLOCK_R=1, BLOCK_C=1024), 4),
