@@ -254,6 +254,8 @@ def _check_accumulate(x, grad, ref, labels, channels_last, stats, valid, ignore_
             _fail(op, f"per-token labels must be [B, S] = [{b}, {s}], got {_shape(labels)}")
     elif tuple(labels.shape) != (b,):
         _fail(op, f"labels must be [B] = [{b}] (or [B, S] per token), got {_shape(labels)}")
+    if not -2 ** 63 <= ignore_index < 2 ** 63:
+        _fail(op, f"ignore_index must fit int64 (the labels' dtype), got {ignore_index}")
     if valid is not None:
         if valid.dtype != torch.bool:
             _fail(op, f"valid must be bool [B, S] (True = the position counts), got {valid.dtype}", TypeError)
