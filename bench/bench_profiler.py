@@ -7,13 +7,14 @@
 2. ``neuslice.profile`` (per-class taylor for all 4 layers) against Captum's
    ``LayerGradientXActivation`` + a per-class aggregation (one Captum call per layer, as its docs show;
    also with Captum's layer list, one call for all layers). Target: ≥ 5× faster than per-layer Captum.
-3. ``neuslice.profile`` against the class count K: the same MLP (4096 hidden neurons, a K-output head) on the
-   same 256 samples whose labels are drawn from the first 6 classes, K = 6, 100, 1000, with the per-batch
-   buffers holding the classes present (``present``) and, for comparison, all K classes (``all K``, the path
-   before). Each case runs in a fresh subprocess (Linux): peak memory = the peak resident set (``VmHWM``, reset
-   through /proc/self/clear_refs just before) over the first ``profile`` call less the resident set before it,
-   less the float64 totals ([K, N] × 5 stats, which do grow with K); time = the
-   median of the following calls. Results: bench/results/profile_classes.md (NEUSLICE_BENCH_NAME).
+3. ``neuslice.profile`` against the class count K: an MLP (4096 hidden neurons) on the same 256 samples whose
+   labels are drawn from the first 6 classes, K = 6, 100, 1000: the same model profiled with ``num_classes=K``
+   (per-batch buffers of the classes present, and, for comparison, of all K classes: the path before), and a
+   model whose head has K outputs (with its bare forward+backward timed beside). Each case runs in a fresh
+   subprocess (Linux): peak memory = the peak resident set (``VmHWM``, reset through /proc/self/clear_refs just
+   before) over the first ``profile`` call less the resident set before it, less the float64 totals (the kept
+   statistics, which do grow with K); time = the median of the following calls. Results:
+   bench/results/profile_classes.md (written by the test, with its command).
 
 Run:  python -m pytest bench/bench_profiler.py --benchmark-enable -s -q
 (or   python bench/bench_profiler.py   for the table alone).
@@ -189,29 +190,45 @@ def test_profile_vs_captum(benchmark):
 # 3. neuslice.profile memory and time against the class count K
 
 CLASSES, HIDDEN = (6, 100, 1000), 2048
+IMPLS = ("present", "all K", "K-output head")
+CLASSES_CMD = "OMP_NUM_THREADS=1 python -m pytest bench/bench_profiler.py -k class_count -s -q"
 
 
 def _classes_case(k: int, impl: str) -> str:
-    """One case, run in a fresh process: ``"<peak bytes beyond the totals> <median seconds> <totals bytes>"``."""
+    """One case, run in a fresh process: ``"<peak bytes beyond the totals> <profile s> <bare s> <totals bytes>"``.
+
+    ``present`` and ``all K``: the same model (a 6-output head) for every K, profiled with ``num_classes=K``, so
+    only the profiler sees K (``all K``: per-batch buffers of all K classes, the path before). ``K-output head``:
+    the head has K outputs, so the model's own forward and backward grow with K too; ``bare`` is that pass alone
+    (forward, gradient of the logit target at the two taps), timed interleaved with ``profile``."""
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(256, HIDDEN), torch.nn.ReLU(), torch.nn.Linear(HIDDEN, HIDDEN),
-                                torch.nn.ReLU(), torch.nn.Linear(HIDDEN, k)).eval()
+                                torch.nn.ReLU(), torch.nn.Linear(HIDDEN, k if impl == "K-output head" else 6)).eval()
     x, y = torch.randn(256, 256), torch.randint(0, 6, (256,))
     batches = [(x[i:i + 64], y[i:i + 64]) for i in range(0, 256, 64)]
     if impl == "all K":
         from neuslice.engine import profile as offline
         offline.present_classes = lambda y, ignore_index=-100: (torch.arange(k), y)
     model(x[:64])                                                   # allocator and kernels warm
-    run = lambda: neuslice.profile(model, batches, k, metrics=("avg", "var", "taylor"), progress=False)
+    metrics = ("avg", "var", "taylor")
+    run = lambda: neuslice.profile(model, batches, k, metrics=metrics, progress=False)
+
+    def bare():
+        for xb, yb in batches:
+            h1 = model[1](model[0](xb)).detach().requires_grad_(True)
+            h2 = model[3](model[2](h1))
+            torch.autograd.grad(model[4](h2).gather(1, yb[:, None]).sum(), [h1, h2])
+
     before = _rss("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:                 # reset the high-water mark VmHWM to now
         f.write("5")
-    run()
+    prof = run()
     peak = _rss("VmHWM") - before
-    totals = 2 * k * (4 * HIDDEN + 1) * 8                     # 2 layers: 4 [K, N] + count [K], float64
-    secs = statistics.median(_timed(run) for _ in range(3))
-    return f"{peak - totals} {secs} {totals}"
+    totals = sum(v.numel() * v.element_size() for st in prof.stats.values() for v in st.values())
+    assert totals == 2 * k * (3 * HIDDEN + 1) * 8                 # count + act_sum, act_sq, taylor_sum: what is kept
+    t = interleaved({"profile": run, "bare": bare}, rounds=5)
+    return f"{peak - totals} {t['profile']} {t['bare']} {totals}"
 
 
 def _rss(field: str) -> int:
@@ -220,26 +237,39 @@ def _rss(field: str) -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
 
 
-def _timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
-
-
 def test_profile_memory_and_time_against_class_count():
-    from harness import TABLE
+    """Done when (issue 13): K = 1000 profiles in <= 1.1x the time of K = 6, peak memory beyond the statistics
+    within 1.1x too. Writes bench/results/profile_classes.md."""
     res = {}
     for k in CLASSES:
-        for impl in ("present", "all K"):
+        for impl in IMPLS:
             out = subprocess.run([sys.executable, __file__, "--classes", str(k), impl], check=True,
                                  capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout
-            peak, secs, totals = out.split()[-3:]
-            res[k, impl] = float(peak), float(secs)
-            TABLE.add("profile, 256 samples of 6 classes", f"K={k}", impl, 1, float(secs),
-                      peak_mb_beyond_totals=float(peak) / 2**20, totals_mb=float(totals) / 2**20)
-            print(f"K={k:5d} {impl:8s} {float(secs) * 1e3:8.1f} ms   peak beyond totals "
-                  f"{float(peak) / 2**20:8.1f} MiB   totals {float(totals) / 2**20:7.1f} MiB")
-    # the batch buffers of K=1000 ([1000, 4096] float32 × 5) are 78 MiB: the present path stays far below
+            peak, secs, bare, totals = (float(v) for v in out.split()[-4:])
+            res[k, impl] = peak, secs, bare, totals
+            print(f"K={k:5d} {impl:14s} profile {secs * 1e3:8.1f} ms  bare {bare * 1e3:8.1f} ms  peak beyond totals "
+                  f"{peak / 2**20:8.1f} MiB   totals {totals / 2**20:7.1f} MiB")
+    lines = [f"# profile_classes ({time.strftime('%Y-%m-%d')})", "",
+             f"command: `{CLASSES_CMD}` (each case in a fresh process; times: medians of 5 interleaved rounds; peak: "
+             "VmHWM over the first call less VmRSS before it, less the float64 totals kept). torch "
+             f"{torch.__version__}, 1 thread. Model: MLP 256-{HIDDEN}-{HIDDEN}-head, 256 samples of 6 classes in 4 "
+             "batches, metrics avg, var, taylor (kept: count, act_sum, act_sq, taylor_sum).", "",
+             "`present`/`all K`: the same model (6-output head) for every K, `num_classes=K`: only the profiler sees "
+             "K (`all K`: per-batch buffers of all K classes, the path before). `K-output head`: the model's head has "
+             "K outputs, so its own pass grows with K; `bare` = that forward + backward to the taps alone.", "",
+             "| K | impl | profile ms | vs K=6 | bare pass ms | peak beyond totals MiB | vs K=6 | totals MiB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for impl in IMPLS:
+        p6, s6 = res[6, impl][0], res[6, impl][1]
+        for k in CLASSES:
+            peak, secs, bare, totals = res[k, impl]
+            lines.append(f"| {k} | {impl} | {secs * 1e3:.1f} | {secs / s6:.2f}x | {bare * 1e3:.1f} | "
+                         f"{peak / 2**20:.1f} | {peak / p6:.2f}x | {totals / 2**20:.1f} |")
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "profile_classes.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    # the batch buffers of K=1000 ([1000, 2048] float32 x 4, 2 layers) are 62 MiB: the present path stays far below
     assert res[1000, "present"][0] < res[1000, "all K"][0] - 40 * 2**20
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import mmap
 import warnings
 from collections.abc import Mapping
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -260,6 +261,29 @@ def nonfinite_what(e: Exception) -> str:
 def new_stats(k: int, n: int, dtype: torch.dtype, device, keep: Sequence[str] = STATS) -> Dict[str, Tensor]:
     """Zeroed statistics ``keep`` (``count`` always): ``count [k]``, the others ``[k, n]``."""
     return {s: torch.zeros((k,) if s == "count" else (k, n), dtype=dtype, device=device)
+            for s in STATS if s == "count" or s in keep}
+
+
+_LAZY_BYTES = 1 << 20
+
+
+def _lazy_zeros(shape: Tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """A zero CPU tensor whose pages are mapped on first write (an anonymous mapping, as calloc gives): a
+    ``[K, N]`` total costs time and resident memory only for the rows written, i.e. the classes seen."""
+    nbytes = torch.empty((), dtype=dtype).element_size()
+    for d in shape:
+        nbytes *= d
+    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).view(shape)   # the tensor keeps the mapping
+
+
+def new_totals(k: int, n: int, device, keep: Sequence[str] = STATS) -> Dict[str, Tensor]:
+    """The float64 totals of one layer (:func:`new_stats` of ``keep``). On the CPU a large ``[K, N]`` total is
+    mapped lazily (:func:`_lazy_zeros`), so creating, filling and freeing the totals costs time and memory in
+    proportion to the classes present in the data, not to K (docs/method.md §2, Precision)."""
+    device = torch.device(device)
+    if device.type != "cpu" or k * n * 8 < _LAZY_BYTES:
+        return new_stats(k, n, torch.float64, device, keep)
+    return {s: (torch.zeros(k, dtype=torch.float64) if s == "count" else _lazy_zeros((k, n), torch.float64))
             for s in STATS if s == "count" or s in keep}
 
 

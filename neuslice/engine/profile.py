@@ -22,8 +22,8 @@ from .._errors import NonFiniteError
 from ..ops.reference import acc_dtype
 from .capture import (GRADIENT_METRICS, add_present, batch_mask, call_model, call_valid, call_views, check_calls,
                       check_ignore_index, check_labels, check_metrics, check_num_classes, compact_ignore, dl_forms,
-                      drop_unused, layer_entries, model_device, new_stats, nonfinite_what, present_classes, target_of,
-                      to_device, unwrap, warn_unmasked, warn_unseen)
+                      drop_unused, layer_entries, model_device, new_stats, new_totals, nonfinite_what,
+                      present_classes, target_of, to_device, unwrap, warn_unmasked, warn_unseen)
 from .deeplift import Rescale
 from .graph import discover, head_entries
 from .hooks import ChainHooks, activation_modules, in_backward, no_inplace
@@ -44,7 +44,7 @@ class _Offline:
         self.want_dl = "deeplift" in metrics
         self.device = model_device(model)
         self.keep = kept_stats(metrics)     # count and the statistics the metrics need, nothing else
-        self.totals = {i.name: new_stats(k, i.n, torch.float64, self.device, self.keep) for i in plan.layers}
+        self.totals = {i.name: new_totals(k, i.n, self.device, self.keep) for i in plan.layers}
         self.missed: Dict[str, list] = {}   # layers with positions a mask could not apply to (warned once)
         self.warned = False
         self.taps: List[List[Tensor]] = [[] for _ in plan.layers]     # one tensor per call of the layer

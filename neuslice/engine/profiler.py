@@ -19,8 +19,8 @@ from .._errors import NeusliceError, NonFiniteError
 from ..ops.reference import acc_dtype
 from .capture import (GRADIENT_METRICS, add_present, call_model, call_valid, call_views, check_calls,
                       check_ignore_index, check_labels, check_mask, check_metrics, check_num_classes, compact_ignore,
-                      drop_unused, layer_entries, model_device, new_stats, nonfinite_what, present_classes, tap_view,
-                      unwrap, warn_unmasked, warn_unseen)
+                      drop_unused, layer_entries, model_device, new_stats, new_totals, nonfinite_what,
+                      present_classes, tap_view, unwrap, warn_unmasked, warn_unseen)
 from .graph import discover, head_entries, traceable
 from .hooks import ChainHooks, in_backward
 from .metrics import kept_stats
@@ -132,7 +132,7 @@ class Profiler:
         """Zero the accumulated statistics."""
         dev = model_device(self.model)
         layers = self.plan.layers if self.plan is not None else []
-        self.totals = {i.name: new_stats(self.k, i.n, torch.float64, dev, self.keep) for i in layers}
+        self.totals = {i.name: new_totals(self.k, i.n, dev, self.keep) for i in layers}
         self.num_batches = 0
 
     def close(self) -> None:
