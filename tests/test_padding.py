@@ -342,7 +342,9 @@ def test_vit_taps_that_do_not_fit_the_mask_are_named_in_one_warning():
         got = neuslice.profile(model, [({"pixel_values": x}, y, mask)], K, metrics=("avg",), progress=False)
     msgs = [str(r.message) for r in w if "applies to taps" in str(r.message)]
     assert len(msgs) == 1 and "[4, 17, " in msgs[0] and got.layer_names[0] in msgs[0]
-    plain = neuslice.profile(model, [({"pixel_values": x}, y)], K, metrics=("avg",), progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain = neuslice.profile(model, [({"pixel_values": x}, y)], K, metrics=("avg",), progress=False)
     _same(got, plain)
 
 
@@ -374,3 +376,28 @@ def test_ignore_index_of_its_own_and_samples_all_ignored():
     want = neuslice.profile(model, [(tok[keep], y[keep])], 4, metrics=("avg", "taylor"), progress=False)
     _same(got, want)
     assert float(got.counts[2]) == 0
+
+
+class _Masked(TokenNet):
+    def forward(self, tok, attention_mask):                     # the mask passed positionally, model ignores it
+        return super().forward(tok)
+
+
+def test_profiler_reads_an_attention_mask_passed_by_position():
+    model = _Masked(pooled=True).eval()
+    batches = _token_batches(False)
+
+    def run(explicit):
+        with neuslice.Profiler(model, 4, metrics=("avg", "taylor")) as p:
+            for tok, y, mask in batches:
+                with p.batch(y, mask=mask if explicit else None):
+                    F.cross_entropy(model(tok, mask.long()), y, reduction="sum").backward()
+        model.zero_grad(set_to_none=True)
+        return p.profile()
+
+    got, want = run(False), run(True)
+    _same(got, want)
+    # the mask has padding, so reading it matters: without it the statistics differ
+    nomask = neuslice.profile(model, [((tok, torch.ones_like(m, dtype=torch.long)), y) for tok, y, m in batches], 4,
+                              metrics=("avg",), target="loss", progress=False)
+    assert not torch.allclose(nomask.stats["ffn2"]["act_sum"], got.stats["ffn2"]["act_sum"])
