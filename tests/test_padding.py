@@ -74,7 +74,8 @@ def _padded(seqs, ys, per_token=False, bs=3):
         ids[i, :len(s)], am[i, :len(s)] = s, 1
         if per_token:
             y[i, :len(s)] = yy
-    return [({"input_ids": ids[i:i + bs], "attention_mask": am[i:i + bs]}, y[i:i + bs]) for i in range(0, len(seqs), bs)]
+    return [({"input_ids": ids[i:i + bs], "attention_mask": am[i:i + bs]}, y[i:i + bs])
+            for i in range(0, len(seqs), bs)]
 
 
 def _bucketed(seqs, ys):
@@ -355,7 +356,8 @@ def test_bad_masks_and_ignore_index_are_refused_naming_what_came():
         neuslice.profile(model, [(tok, y, mask[:4])], 4, progress=False)
     with pytest.raises(TypeError, match=r"neuslice.profile: mask must be bool .* or integer 0/1, got torch.float32"):
         neuslice.profile(model, [(tok, y, mask.float())], 4, progress=False)
-    with pytest.raises(ValueError, match=r"mask must hold 0 \(padding\) and 1 \(a token\) only, got values in \[0, 2\]"):
+    with pytest.raises(ValueError, match=r"mask must hold 0 \(padding\) and 1 \(a token\) only, got values "
+                                         r"in \[0, 2\]"):
         neuslice.profile(model, [(tok, y, mask.long() * 2)], 4, progress=False)
     with pytest.raises(TypeError, match=r"neuslice.profile: ignore_index must be an int .* got bool True"):
         neuslice.profile(model, [(tok, y)], 4, ignore_index=True, progress=False)
