@@ -2,8 +2,7 @@
 
 ``Profile``: per layer, the docs/method.md §2 sums (float64): ``count [K]`` and those of ``act_sum``, ``act_sq``,
 ``taylor_sum``, ``deeplift_sum`` ``[K, N]`` that its metrics need (``metrics.kept_stats``). Sums merge by
-addition (``p1 + p2``,
-:meth:`Profile.all_reduce`). ``Slices``: per layer, the critical sets ``bool [K, N]`` of a slicing run.
+addition (``p1 + p2``, :meth:`Profile.all_reduce`). ``Slices``: per layer, the critical sets ``bool [K, N]`` of a slicing run.
 """
 from __future__ import annotations
 
