@@ -7,13 +7,14 @@
 2. ``neuslice.profile`` (per-class taylor for all 4 layers) against Captum's
    ``LayerGradientXActivation`` + a per-class aggregation (one Captum call per layer, as its docs show;
    also with Captum's layer list, one call for all layers). Target: ≥ 5× faster than per-layer Captum.
-3. ``neuslice.profile`` against the class count K: the same MLP (4096 hidden neurons, a K-output head) on the
-   same 256 samples whose labels are drawn from the first 6 classes, K = 6, 100, 1000, with the per-batch
-   buffers holding the classes present (``present``) and, for comparison, all K classes (``all K``, the path
-   before). Each case runs in a fresh subprocess (Linux): peak memory = the peak resident set (``VmHWM``, reset
-   through /proc/self/clear_refs just before) over the first ``profile`` call less the resident set before it,
-   less the float64 totals ([K, N] × 5 stats, which do grow with K); time = the
-   median of the following calls. Results: bench/results/profile_classes.md (NEUSLICE_BENCH_NAME).
+3. ``neuslice.profile`` against the class count K: an MLP (4096 hidden neurons) on the same 256 samples whose
+   labels are drawn from the first 6 classes, K = 6, 100, 1000: the same model profiled with ``num_classes=K``
+   (per-batch buffers of the classes present, and, for comparison, of all K classes: the path before), and a
+   model whose head has K outputs (with its bare forward+backward timed beside). Each case runs in a fresh
+   subprocess (Linux) for its memory: the peak resident set (``VmHWM``, reset through /proc/self/clear_refs just
+   before) over the first ``profile`` call less the resident set before it, statistics included; times: every
+   case and bare pass interleaved in this process (medians). Results: bench/results/profile_classes.md
+   (written by the test, with its command).
 
 Run:  python -m pytest bench/bench_profiler.py --benchmark-enable -s -q
 (or   python bench/bench_profiler.py   for the table alone).
@@ -189,29 +190,53 @@ def test_profile_vs_captum(benchmark):
 # 3. neuslice.profile memory and time against the class count K
 
 CLASSES, HIDDEN = (6, 100, 1000), 2048
+IMPLS = ("present", "all K", "K-output head")
+CLASSES_CMD = "OMP_NUM_THREADS=1 python -m pytest bench/bench_profiler.py -k class_count -s -q"
 
 
-def _classes_case(k: int, impl: str) -> str:
-    """One case, run in a fresh process: ``"<peak bytes beyond the totals> <median seconds> <totals bytes>"``."""
-    torch.set_num_threads(1)
+def _classes_setup(k: int, impl: str):
+    """``(run, bare)`` of one case. ``present`` and ``all K``: the same model (a 6-output head) for every K,
+    profiled with ``num_classes=K``, so only the profiler sees K (``all K``: per-batch buffers of all K classes,
+    the path before). ``K-output head``: the head has K outputs, so the model's own forward and backward grow
+    with K too; ``bare`` is that pass alone (forward, gradient of the logit target at the two taps)."""
+    from neuslice.engine import profile as offline
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(256, HIDDEN), torch.nn.ReLU(), torch.nn.Linear(HIDDEN, HIDDEN),
-                                torch.nn.ReLU(), torch.nn.Linear(HIDDEN, k)).eval()
+                                torch.nn.ReLU(), torch.nn.Linear(HIDDEN, k if impl == "K-output head" else 6)).eval()
     x, y = torch.randn(256, 256), torch.randint(0, 6, (256,))
     batches = [(x[i:i + 64], y[i:i + 64]) for i in range(0, 256, 64)]
-    if impl == "all K":
-        from neuslice.engine import profile as offline
-        offline.present_classes = lambda y: (torch.arange(k), y)
+    present = offline.present_classes
+
+    def run():
+        if impl == "all K":
+            offline.present_classes = lambda y, ignore_index=-100: (torch.arange(k), y)
+        try:
+            return neuslice.profile(model, batches, k, metrics=("avg", "var", "taylor"), progress=False)
+        finally:
+            offline.present_classes = present
+
+    def bare():
+        for xb, yb in batches:
+            h1 = model[1](model[0](xb)).detach().requires_grad_(True)
+            h2 = model[3](model[2](h1))
+            torch.autograd.grad(model[4](h2).gather(1, yb[:, None]).sum(), [h1, h2])
+
     model(x[:64])                                                   # allocator and kernels warm
-    run = lambda: neuslice.profile(model, batches, k, metrics=("avg", "var", "taylor"), progress=False)
+    return run, bare
+
+
+def _classes_peak(k: int, impl: str) -> str:
+    """Run in a fresh process: ``"<peak RSS growth over the first profile call> <bytes of the kept totals>"``."""
+    torch.set_num_threads(1)
+    run, _ = _classes_setup(k, impl)
     before = _rss("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:                 # reset the high-water mark VmHWM to now
         f.write("5")
-    run()
+    prof = run()
     peak = _rss("VmHWM") - before
-    totals = 2 * k * (4 * HIDDEN + 1) * 8                     # 2 layers: 4 [K, N] + count [K], float64
-    secs = statistics.median(_timed(run) for _ in range(3))
-    return f"{peak - totals} {secs} {totals}"
+    totals = sum(v.numel() * v.element_size() for st in prof.stats.values() for v in st.values())
+    assert totals == 2 * k * (3 * HIDDEN + 1) * 8                 # count + act_sum, act_sq, taylor_sum: what is kept
+    return f"{peak} {totals}"
 
 
 def _rss(field: str) -> int:
@@ -220,27 +245,49 @@ def _rss(field: str) -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
 
 
-def _timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
-
-
 def test_profile_memory_and_time_against_class_count():
-    from harness import TABLE
-    res = {}
+    """Done when (issue 13): K = 1000 profiles in <= 1.1x the time of K = 6, peak memory beyond the statistics
+    within 1.1x too. Writes bench/results/profile_classes.md."""
+    mem = {}
     for k in CLASSES:
-        for impl in ("present", "all K"):
+        for impl in IMPLS:
             out = subprocess.run([sys.executable, __file__, "--classes", str(k), impl], check=True,
                                  capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout
-            peak, secs, totals = out.split()[-3:]
-            res[k, impl] = float(peak), float(secs)
-            TABLE.add("profile, 256 samples of 6 classes", f"K={k}", impl, 1, float(secs),
-                      peak_mb_beyond_totals=float(peak) / 2**20, totals_mb=float(totals) / 2**20)
-            print(f"K={k:5d} {impl:8s} {float(secs) * 1e3:8.1f} ms   peak beyond totals "
-                  f"{float(peak) / 2**20:8.1f} MiB   totals {float(totals) / 2**20:7.1f} MiB")
-    # the batch buffers of K=1000 ([1000, 4096] float32 × 5) are 78 MiB: the present path stays far below
-    assert res[1000, "present"][0] < res[1000, "all K"][0] - 40 * 2**20
+            mem[k, impl] = tuple(float(v) for v in out.split()[-2:])
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cases = {(k, impl): _classes_setup(k, impl) for k in CLASSES for impl in IMPLS}
+        fns = {f"{key} {w}": f for key, (run, bare) in cases.items() for w, f in (("profile", run), ("bare", bare))}
+        t = interleaved(fns, rounds=max(5, ROUNDS))
+    finally:
+        torch.set_num_threads(prev)
+    lines = [f"# profile_classes ({time.strftime('%Y-%m-%d')})", "",
+             f"command: `{CLASSES_CMD}`. torch {torch.__version__}, 1 thread. Model: MLP 256-{HIDDEN}-{HIDDEN}-head, "
+             "256 samples of 6 classes in 4 batches, metrics avg, var, taylor (kept: count, act_sum, act_sq, "
+             f"taylor_sum). Times: medians of {max(5, ROUNDS)} rounds, every case and its bare pass interleaved "
+             "in one process. Peak: growth of the resident set (VmHWM) over the first call, in a fresh process "
+             "per case, statistics included (the CPU totals are mapped lazily: only rows written are resident).",
+             "", "`present`/`all K`: the same model (6-output head) for every K, `num_classes=K`: only the profiler "
+             "sees K (`all K`: per-batch buffers of all K classes, the path before). `K-output head`: the model's "
+             "head has K outputs, so its own pass grows with K; `bare` = that forward + backward to the taps alone.",
+             "", "| K | impl | profile ms | vs K=6 | bare pass ms | peak MiB (statistics included) | vs K=6 | "
+             "kept statistics MiB |", "|---|---|---|---|---|---|---|---|"]
+    res = {}
+    for impl in IMPLS:
+        for k in CLASSES:
+            secs, bare = t[f"{(k, impl)} profile"], t[f"{(k, impl)} bare"]
+            peak, totals = mem[k, impl]
+            res[k, impl] = secs, peak
+            s6, p6 = res[6, impl]
+            lines.append(f"| {k} | {impl} | {secs * 1e3:.1f} | {secs / s6:.2f}x | {bare * 1e3:.1f} | "
+                         f"{peak / 2**20:.1f} | {peak / p6:.2f}x | {totals / 2**20:.1f} |")
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "profile_classes.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    # the batch buffers of K=1000 ([1000, 2048] float32 x 3 + count, 2 layers) are 47 MiB: present stays far below
+    assert res[1000, "present"][1] < res[1000, "all K"][1] - 30 * 2**20
 
 
 def _print(title, t, base):
@@ -248,7 +295,7 @@ def _print(title, t, base):
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--classes"]:
-    print(_classes_case(int(sys.argv[2]), sys.argv[3]))
+    print(_classes_peak(int(sys.argv[2]), sys.argv[3]))
 elif __name__ == "__main__":
     for title, (fns, _), base in (("step", _step_fns(), "bare"), ("profile", _profile_fns(), "neuslice.profile")):
         _print(title, interleaved(fns), base)

@@ -89,11 +89,65 @@ def test_metric_errors():
                                          r"\('avg', 'var', 'taylor', 'deeplift', 'ens'\)"):
         p.score("taylr")
     p.metrics = ("avg", "var", "taylor")
-    with pytest.raises(ValueError, match=r"metric 'ens' needs the deeplift statistics, but this profile "
-                                         r"collected metrics \('avg', 'var', 'taylor'\)"):
+    with pytest.raises(ValueError, match=r"metric 'ens' needs the statistic\(s\) \['deeplift_sum'\], but this "
+                                         r"profile kept only \['count', 'act_sum', 'act_sq', 'taylor_sum'\] \(it was "
+                                         r"made for metrics \('avg', 'var', 'taylor'\)"):
         p.score("ens")
     for s in STATS:
         p.stats["l"][s].zero_()
     with pytest.raises(ValueError, match="class_agnostic: the profile holds no sample"):
         p.class_agnostic("avg")
     assert math.isnan(float(p.score("avg")["l"][0, 0]))
+
+
+@pytest.mark.parametrize("metrics, kept", [
+    (("avg",), ("count", "act_sum")), (("var",), ("count", "act_sum", "act_sq")), (("taylor",), ("count", "taylor_sum")),
+    (("deeplift",), ("count", "deeplift_sum")), (("ens",), STATS)])
+def test_a_profile_keeps_only_the_statistics_its_metrics_need(metrics, kept, tmp_path):
+    """docs/method.md §3: memory in proportion to what is asked; what is not kept is refused by name, in score,
+    slicing and in the file (which holds only the kept statistics and loads back)."""
+    model, loader = trained(), small_loader(40, 20)
+    prof = neuslice.profile(model, loader, 10, metrics=metrics, progress=False)
+    assert prof.statistics == kept and all(tuple(st) == kept for st in prof.stats.values())
+    full = neuslice.profile(model, loader, 10, metrics=("ens",), progress=False)
+    for m in neuslice.METRICS:
+        if all(s in kept for s in neuslice.engine.metrics.NEEDS[m]):
+            for n in prof.layer_names:                                  # the same numbers as keeping all
+                torch.testing.assert_close(prof.score(m)[n], full.score(m)[n], equal_nan=True)
+        else:
+            with pytest.raises(ValueError, match=rf"metric '{m}' needs the statistic\(s\)"):
+                prof.score(m)
+            with pytest.raises(ValueError, match=rf"metric '{m}' needs the statistic\(s\)"):
+                neuslice.global_slice(prof, m, ratio=0.5)
+    prof.save(tmp_path / "p.nsp")
+    back = Profile.load(tmp_path / "p.nsp", model)
+    assert back.statistics == kept
+    for n in prof.layer_names:
+        for s in kept:
+            assert torch.equal(back.stats[n][s], prof.stats[n][s])
+    assert (prof + back).statistics == kept
+
+
+def test_files_with_every_statistic_still_load_and_merge_with_kept_ones(tmp_path):
+    """Files of older versions hold all five statistics whatever the metrics: they load as they are; their
+    gradient statistics count only for the metrics collected; a sum with a newer profile keeps the common ones."""
+    p = _synthetic()
+    p.metrics = ("avg", "var")
+    p.deeplift = None
+    for e in p.layers:
+        e["deeplift"] = None
+    p.save(tmp_path / "old.nsp")
+    old = Profile.load(tmp_path / "old.nsp")
+    assert old.statistics == STATS
+    torch.testing.assert_close(old.score("var")["l"], p.score("var")["l"], equal_nan=True)
+    with pytest.raises(ValueError, match=r"metric 'taylor' needs the statistic\(s\) \['taylor_sum'\], but this "
+                                         r"profile kept only \['count', 'act_sum', 'act_sq'\]"):
+        old.score("taylor")
+    new = Profile(old.layers, old.class_names, {"l": {s: old.stats["l"][s].clone() for s in STATS[:3]}},
+                  metrics=("avg", "var"), target="logit", deeplift=None)
+    both = old + new
+    assert both.statistics == STATS[:3]
+    torch.testing.assert_close(both.stats["l"]["act_sq"], 2 * old.stats["l"]["act_sq"])
+    with pytest.raises(ValueError, match=r"every layer must hold count and the same statistics"):
+        Profile(old.layers, old.class_names, {"l": {"act_sum": old.stats["l"]["act_sum"]}}, metrics=("avg",),
+                target="logit", deeplift=None)

@@ -50,7 +50,7 @@ def _stats(p):
 def _all_classes(monkeypatch, module, k):
     """The per-batch path before classes-present buffers: every class counts as present, so each batch
     accumulates into [K, N] buffers with the labels as they are."""
-    monkeypatch.setattr(module, "present_classes", lambda y: (torch.arange(k, device=y.device), y))
+    monkeypatch.setattr(module, "present_classes", lambda y, ignore_index=-100: (torch.arange(k, device=y.device), y))
 
 
 def _wide_data(k):
@@ -275,8 +275,9 @@ def test_forward_only_without_gradient_metrics():
     model.head.register_forward_hook(lambda m, a, o: NoBackward.apply(o))
     prof = neuslice.profile(model, small_loader(60, 30), K, metrics=("avg", "var"), progress=False)
     assert grad_modes == [False, False]
-    assert all(float(prof.stats[n]["taylor_sum"].abs().sum()) == 0 for n in prof.layer_names)
-    with pytest.raises(ValueError, match="needs the taylor statistics"):
+    assert prof.statistics == ("count", "act_sum", "act_sq")          # only what avg and var read
+    assert all(set(prof.stats[n]) == {"count", "act_sum", "act_sq"} for n in prof.layer_names)
+    with pytest.raises(ValueError, match=r"metric 'taylor' needs the statistic\(s\) \['taylor_sum'\]"):
         prof.score("taylor")
 
 
@@ -628,7 +629,10 @@ def test_non_finite_batch_names_the_layer():
     with pytest.raises(neuslice.NonFiniteError, match=r"neuslice.profile: layer 'features.0' \(tapped at "
                                                       r"'features.2'\).*non-finite.*no statistic changed"):
         neuslice.profile(model, [(x, y)], K, progress=False)
-    with pytest.raises(ValueError, match=r"data must yield \(inputs, labels\) pairs, got tuple of length 3"):
+    with pytest.raises(ValueError, match=r"data must yield \(inputs, labels\) or \(inputs, labels, mask\), got "
+                                         r"tuple of length 4"):
+        neuslice.profile(model, [(x, y, y, y)], K, progress=False)
+    with pytest.raises(ValueError, match=r"mask must be \[B, T\] with B = 10 \(the labels' batch size\), got \[10\]"):
         neuslice.profile(model, [(x, y, y)], K, progress=False)
     with pytest.raises(TypeError, match=r"labels must be an integer tensor \(class indices\), got torch.float32"):
         neuslice.profile(model, [(x, y.float())], K, progress=False)

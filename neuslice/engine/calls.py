@@ -4,6 +4,7 @@ out of whatever it returns. Below everything else in the engine, so any module m
 from __future__ import annotations
 
 import itertools
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
@@ -22,16 +23,16 @@ def to_device(x, device):
         return x.to(device)
     if isinstance(x, (list, tuple)):
         return type(x)(to_device(v, device) for v in x)
-    if isinstance(x, dict):
+    if isinstance(x, Mapping):                 # a dict, or a tokenizer's BatchEncoding (a UserDict)
         return {k: to_device(v, device) for k, v in x.items()}
     return x
 
 
 def call_model(model: nn.Module, x):
     """``model``'s logits on one batch's inputs, moved to the model's device first: a tensor is ``model(x)``,
-    a tuple/list ``model(*x)``, a dict ``model(**x)``; the output is read by :func:`logits_of`."""
+    a tuple/list ``model(*x)``, a mapping ``model(**x)``; the output is read by :func:`logits_of`."""
     x = to_device(x, model_device(model))
-    if isinstance(x, dict):
+    if isinstance(x, Mapping):
         return logits_of(model(**x))
     if isinstance(x, (list, tuple)):
         return logits_of(model(*x))
@@ -48,7 +49,7 @@ def logits_of(out):
     logits = getattr(out, "logits", None)
     if isinstance(logits, Tensor):
         return logits
-    if isinstance(out, dict) and isinstance(out.get("logits"), Tensor):
+    if isinstance(out, Mapping) and isinstance(out.get("logits"), Tensor):
         return out["logits"]
     if isinstance(out, (list, tuple)) and out and isinstance(out[0], Tensor):
         return out[0]

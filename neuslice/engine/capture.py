@@ -4,7 +4,9 @@ whose gradient is taken, and the view of a tapped output that ``neuslice.ops.acc
 from __future__ import annotations
 
 import dataclasses
+import mmap
 import warnings
+from collections.abc import Mapping
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -14,8 +16,7 @@ from torch import Tensor, nn
 from ..io.container import layer_entry
 from .graph import LayerInfo, Plan
 from .calls import call_model, logits_of, model_device, to_device  # noqa: F401  (re-exported)
-from .metrics import METRICS
-from .slices import STATS
+from .metrics import METRICS, STATS
 
 GRADIENT_METRICS = ("taylor", "deeplift")
 
@@ -32,8 +33,16 @@ def check_metrics(fn: str, metrics: Sequence[str]) -> Tuple[str, ...]:
     return tuple(m for m in ("avg", "var", "taylor", "deeplift") if m in metrics)
 
 
-def check_labels(fn: str, labels, num_classes: int) -> Tensor:
-    """``labels`` as int64 ``[B]`` or ``[B, T]`` in ``[0, num_classes)``; raises naming ``fn`` otherwise."""
+def check_ignore_index(fn: str, ignore_index) -> int:
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"{fn}: ignore_index must be an int (the label of samples/tokens that do not count), "
+                        f"got {type(ignore_index).__name__} {ignore_index!r}")
+    return ignore_index
+
+
+def check_labels(fn: str, labels, num_classes: int, ignore_index: int = -100) -> Tensor:
+    """``labels`` as int64 ``[B]`` or ``[B, T]`` in ``[0, num_classes)`` or equal to ``ignore_index`` (skipped);
+    raises naming ``fn`` otherwise."""
     if not isinstance(labels, Tensor):
         raise TypeError(f"{fn}: labels must be an integer tensor [B] or [B, T], got {type(labels).__name__}")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
@@ -41,12 +50,48 @@ def check_labels(fn: str, labels, num_classes: int) -> Tensor:
     if labels.dim() not in (1, 2):
         raise ValueError(f"{fn}: labels must be [B] (per sample) or [B, T] (per token), got {list(labels.shape)}")
     if labels.numel():
-        lo, hi = int(labels.min()), int(labels.max())
+        lo, hi = torch.stack(torch.aminmax(labels)).tolist()
         if lo < 0 or hi >= num_classes:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"{fn}: labels must lie in [0, {num_classes}) (num_classes={num_classes}), "
-                             f"got label {bad}")
+            bad = labels[(labels != ignore_index) & ((labels < 0) | (labels >= num_classes))]
+            if bad.numel():
+                raise ValueError(f"{fn}: labels must lie in [0, {num_classes}) (num_classes={num_classes}) or equal "
+                                 f"ignore_index ({ignore_index}), got label {int(bad[0])}")
     return labels.long()
+
+
+def check_mask(fn: str, mask, labels: Tensor, what: str = "mask") -> Tensor:
+    """A batch's valid positions as bool ``[B, T]`` (True = the position counts; docs/method.md §2): ``mask``
+    bool, or integer 0/1 (``attention_mask``: 1 = token, 0 = padding), with B the labels' batch size."""
+    hint = ("; pass an explicit bool [B, T] mask (True = the position counts) as the batch's third element "
+            "(profile) or mask= (Profiler.batch)") if what == "attention_mask" else ""
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"{fn}: {what} must be a bool or integer tensor [B, T], got {type(mask).__name__}")
+    if mask.dim() != 2 or mask.shape[0] != labels.shape[0]:
+        raise ValueError(f"{fn}: {what} must be [B, T] with B = {labels.shape[0]} (the labels' batch size), got "
+                         f"{list(mask.shape)}{hint}")
+    if labels.dim() == 2 and mask.shape[1] != labels.shape[1]:
+        raise ValueError(f"{fn}: {what} {list(mask.shape)} and per-token labels {list(labels.shape)} must have the "
+                         "same T")
+    if mask.dtype == torch.bool:
+        return mask
+    if mask.dtype.is_complex or (mask.dtype.is_floating_point and what != "attention_mask"):
+        raise TypeError(f"{fn}: {what} must be bool (True = the position counts) or integer 0/1, got {mask.dtype}")
+    if mask.numel():
+        lo, hi = torch.stack(torch.aminmax(mask)).tolist()
+        if lo < 0 or hi > 1:
+            raise ValueError(f"{fn}: {what} must hold 0 (padding) and 1 (a token) only, got values in "
+                             f"[{lo}, {hi}]{hint}")
+    return mask != 0
+
+
+def batch_mask(fn: str, inputs, mask, labels: Tensor) -> Optional[Tensor]:
+    """The valid positions of one batch (docs/method.md §2): ``mask`` when given, else the ``attention_mask``
+    of a mapping of inputs (the Hugging Face convention), else None (every position counts)."""
+    if mask is not None:
+        return check_mask(fn, mask, labels)
+    if isinstance(inputs, Mapping) and inputs.get("attention_mask") is not None:
+        return check_mask(fn, inputs["attention_mask"], labels, "attention_mask")
+    return None
 
 
 def check_num_classes(fn: str, num_classes, class_names) -> List[str]:
@@ -97,6 +142,41 @@ def join_calls(fn: str, info: LayerInfo, views: Sequence[Tuple[Tensor, bool]], l
     return torch.cat([x.unsqueeze(2) if x.dim() == 2 else x for x, _ in views], 2), False
 
 
+def call_valid(fn: str, info: LayerInfo, ts: Sequence[Tensor], labels: Tensor,
+               mask: Optional[Tensor]) -> Tuple[Optional[Tensor], bool, Optional[list]]:
+    """``(valid, applied, missed)`` for a layer's taps ``ts`` (one per call) and a batch's mask ``[B, T]``:
+    accumulate_'s ``valid`` ``[B, S]`` (the calls joined along s as :func:`call_views` joins them; None where
+    it would be all True), whether the mask applied to some call, and the tap shape of a call with positions
+    it could not apply to (else None).
+
+    ``mask`` applies to every call whose tap is ``[B, T, N]`` (channels-last) with the mask's T. A call of
+    another shape keeps all its positions, except that a sample without any valid position counts nowhere
+    (so every layer counts the same samples)."""
+    if mask is None:
+        return None, False, None
+    if mask.device != labels.device:
+        mask = mask.to(labels.device)
+    b, t = mask.shape
+    sample: Optional[Tensor] = None            # per sample: has a valid position, [B, 1]
+    parts, applied, any_false, missed = [], False, False, None
+    for tap in ts:
+        x, cl = tap_view(fn, info, tap, labels)
+        s = x.shape[1] if cl else (1 if x.dim() == 2 else x.shape[2])
+        if cl and tap.dim() == 3 and tap.shape[1] == t:
+            parts.append(mask)
+            applied = True
+            continue
+        if tap.dim() >= 3 and missed is None:
+            missed = list(tap.shape)
+        if sample is None:
+            sample = mask.any(1, keepdim=True)
+            any_false = not bool(sample.all())
+        parts.append(sample.expand(b, s))
+    if not applied and not any_false:
+        return None, False, missed
+    return (parts[0] if len(parts) == 1 else torch.cat(parts, 1)), applied, missed
+
+
 def call_views(fn: str, info: LayerInfo, ts: Sequence[Tensor], labels: Tensor,
                grads: Optional[Sequence[Optional[Tensor]]] = None) -> Tuple[Tensor, bool, Optional[Tensor]]:
     """``(x, channels_last, g)``: a layer's taps ``ts`` (one per call) and their gradients joined along s;
@@ -126,6 +206,17 @@ def warn_unseen(fn: str, plan: Plan, tap: str) -> None:
                       f"({plan.trace_error}), so a functional nonlinearity after them (F.relu, torch.tanh, "
                       "x.relu(), …) cannot be seen and avg/var would read its input. Use nonlinearity modules "
                       "(nn.ReLU, …), or pass tap='layer' to read the layer outputs", stacklevel=3)
+
+
+def warn_unmasked(fn: str, missed: Dict[str, list], t: int, stacklevel: int = 3) -> None:
+    """Warn (once per run: the caller remembers) that a batch's mask ``[B, T]`` could not apply to the
+    positions of the layers ``missed`` (name: tap shape), whose taps are not ``[B, T, N]``, or (``missed``
+    empty) to any layer (docs/method.md §2)."""
+    where = (f"every position of layer(s) {missed} (name: tap shape) still counts" if missed else
+             "no sliced layer has such a tap, so it changes nothing")
+    warnings.warn(f"{fn}: the mask of valid positions [B, {t}] (attention_mask, or mask=) applies to taps "
+                  f"[B, {t}, N] only; {where} (a sample without any valid position counts nowhere)",
+                  stacklevel=stacklevel)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -167,17 +258,54 @@ def nonfinite_what(e: Exception) -> str:
     return str(e).split(": ", 1)[-1].split(";")[0]
 
 
-def new_stats(k: int, n: int, dtype: torch.dtype, device) -> Dict[str, Tensor]:
-    return {s: torch.zeros((k,) if s == "count" else (k, n), dtype=dtype, device=device) for s in STATS}
+def new_stats(k: int, n: int, dtype: torch.dtype, device, keep: Sequence[str] = STATS) -> Dict[str, Tensor]:
+    """Zeroed statistics ``keep`` (``count`` always): ``count [k]``, the others ``[k, n]``."""
+    return {s: torch.zeros((k,) if s == "count" else (k, n), dtype=dtype, device=device)
+            for s in STATS if s == "count" or s in keep}
 
 
-def present_classes(labels: Tensor) -> Tuple[Tensor, Tensor]:
+_LAZY_BYTES = 1 << 20
+
+
+def _lazy_zeros(shape: Tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """A zero CPU tensor whose pages are mapped on first write (an anonymous mapping, as calloc gives): a
+    ``[K, N]`` total costs time and resident memory only for the rows written, i.e. the classes seen."""
+    nbytes = torch.empty((), dtype=dtype).element_size()
+    for d in shape:
+        nbytes *= d
+    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).view(shape)   # the tensor keeps the mapping
+
+
+def new_totals(k: int, n: int, device, keep: Sequence[str] = STATS) -> Dict[str, Tensor]:
+    """The float64 totals of one layer (:func:`new_stats` of ``keep``). On the CPU a large ``[K, N]`` total is
+    mapped lazily (:func:`_lazy_zeros`), so creating, filling and freeing the totals costs time and memory in
+    proportion to the classes present in the data, not to K (docs/method.md §2, Precision)."""
+    device = torch.device(device)
+    if device.type != "cpu" or k * n * 8 < _LAZY_BYTES:
+        return new_stats(k, n, torch.float64, device, keep)
+    return {s: (torch.zeros(k, dtype=torch.float64) if s == "count" else _lazy_zeros((k, n), torch.float64))
+            for s in STATS if s == "count" or s in keep}
+
+
+def compact_ignore(ignore_index: int) -> int:
+    """The label that marks a skipped sample/token among the compact labels of :func:`present_classes`."""
+    return ignore_index if ignore_index < 0 else -1
+
+
+def present_classes(labels: Tensor, ignore_index: int = -100) -> Tuple[Tensor, Tensor]:
     """``(present, compact)``: the classes in a batch's ``labels`` (sorted, unique, ``[Kp]`` with Kp ≤ B, or
-    ≤ B·T per token) and ``labels`` as indices into ``present`` (same shape). A batch accumulates into
-    ``new_stats(Kp, ...)`` with the compact labels and is added to the ``[K, N]`` totals by
-    :func:`add_present`, so its memory and time do not grow with K (docs/method.md §2)."""
-    present, compact = torch.unique(labels, sorted=True, return_inverse=True)
-    return present, compact.reshape(labels.shape)
+    ≤ B·T per token; ``ignore_index`` is no class) and ``labels`` as indices into ``present`` (same shape;
+    skipped ones are ``compact_ignore(ignore_index)``). A batch accumulates into ``new_stats(Kp, ...)`` with the
+    compact labels and is added to the ``[K, N]`` totals by :func:`add_present`, so its memory and time do not
+    grow with K (docs/method.md §2)."""
+    keep = labels != ignore_index
+    if bool(keep.all()):
+        present, compact = torch.unique(labels, sorted=True, return_inverse=True)
+        return present, compact.reshape(labels.shape)
+    present, inv = torch.unique(labels[keep], sorted=True, return_inverse=True)
+    compact = torch.full_like(labels, compact_ignore(ignore_index))
+    compact[keep] = inv
+    return present, compact
 
 
 def add_present(totals: Dict[str, Tensor], batch: Dict[str, Tensor], present: Tensor,
@@ -196,14 +324,22 @@ def layer_entries(plan: Plan, deeplift: Dict[str, str]) -> List[dict]:
              "deeplift": deeplift.get(i.name)} for i in plan.layers]
 
 
-def target_of(fn: str, out, labels: Tensor, target: str) -> Tensor:
-    """The scalar whose gradient is taken: Σ_b f_{y_b} (``"logit"``) or Σ_b loss_b (``"loss"``)."""
+def target_of(fn: str, out, labels: Tensor, target: str, ignore_index: int = -100,
+              mask: Optional[Tensor] = None) -> Tensor:
+    """The scalar whose gradient is taken: Σ_b f_{y_b} (``"logit"``) or Σ_b loss_b (``"loss"``), over the
+    samples (tokens) that count: labels equal to ``ignore_index`` and, per token, positions where ``mask``
+    ``[B, T]`` is False are left out (docs/method.md §2)."""
     if not isinstance(out, Tensor) or out.dim() != labels.dim() + 1 or out.shape[:-1] != labels.shape:
         shape = list(out.shape) if isinstance(out, Tensor) else type(out).__name__
         want = "[B, K]" if labels.dim() == 1 else "[B, T, K] (per-token labels)"
         raise ValueError(f"{fn}: the model output must be logits {want} matching labels {list(labels.shape)}, "
                          f"got {shape}")
-    if int(labels.max()) >= out.shape[-1]:
+    keep = labels != ignore_index
+    if labels.dim() == 2 and mask is not None:
+        keep = keep & mask.to(keep.device)
+    if not bool(keep.all()):
+        out, labels = out[keep], labels[keep]                 # [M, K], [M]: the samples/tokens that count
+    if labels.numel() and int(labels.max()) >= out.shape[-1]:
         raise ValueError(f"{fn}: label {int(labels.max())} has no logit: the model gives {out.shape[-1]} outputs")
     if target == "logit":
         return out.gather(-1, labels.unsqueeze(-1)).sum()

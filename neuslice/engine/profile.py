@@ -4,7 +4,9 @@ the same inside a user's training loop.
 
 A batch is all-or-nothing: each layer's sums go into batch-local buffers first, and the profile's
 float64 totals change only after every layer of the batch succeeded. The batch buffers hold only the
-classes present in the batch (``capture.present_classes``), so they do not grow with K.
+classes present in the batch (``capture.present_classes``), so they do not grow with K, and only the
+statistics the metrics need (``metrics.kept_stats``). Padding (``attention_mask``, or a batch's third
+element) and labels equal to ``ignore_index`` are left out inside the op (``valid``, ``ignore_index``).
 """
 from __future__ import annotations
 
@@ -18,12 +20,14 @@ from torch import Tensor, nn
 from .. import ops
 from .._errors import NonFiniteError
 from ..ops.reference import acc_dtype
-from .capture import (GRADIENT_METRICS, add_present, call_model, call_views, check_calls, check_labels,
-                      check_metrics, check_num_classes, dl_forms, drop_unused, layer_entries, model_device, new_stats,
-                      nonfinite_what, present_classes, target_of, to_device, unwrap, warn_unseen)
+from .capture import (GRADIENT_METRICS, add_present, batch_mask, call_model, call_valid, call_views, check_calls,
+                      check_ignore_index, check_labels, check_metrics, check_num_classes, compact_ignore, dl_forms,
+                      drop_unused, layer_entries, model_device, new_stats, new_totals, nonfinite_what,
+                      present_classes, target_of, to_device, unwrap, warn_unmasked, warn_unseen)
 from .deeplift import Rescale
 from .graph import discover, head_entries
 from .hooks import ChainHooks, activation_modules, in_backward, no_inplace
+from .metrics import kept_stats
 from .slices import Profile
 
 __all__ = ["profile"]
@@ -32,14 +36,17 @@ __all__ = ["profile"]
 class _Offline:
     """State of one ``profile`` pass. Hooks: DeepLIFT's Rescale first, then the taps."""
 
-    def __init__(self, fn, model, plan, k, metrics, target, baseline):
-        self.fn, self.model, self.plan, self.k = fn, model, plan, k
+    def __init__(self, fn, model, plan, k, metrics, target, baseline, ignore_index=-100):
+        self.fn, self.model, self.plan, self.k, self.ignore_index = fn, model, plan, k, ignore_index
         self.kept = plan                # the plan without unused layers, once the first batch has run
         self.target, self.baseline = target, baseline
         self.grad = any(m in GRADIENT_METRICS for m in metrics)
         self.want_dl = "deeplift" in metrics
         self.device = model_device(model)
-        self.totals = {i.name: new_stats(k, i.n, torch.float64, self.device) for i in plan.layers}
+        self.keep = kept_stats(metrics)     # count and the statistics the metrics need, nothing else
+        self.totals = {i.name: new_totals(k, i.n, self.device, self.keep) for i in plan.layers}
+        self.missed: Dict[str, list] = {}   # layers with positions a mask could not apply to (warned once)
+        self.warned = False
         self.taps: List[List[Tensor]] = [[] for _ in plan.layers]     # one tensor per call of the layer
         self.refs: Optional[Tuple[object, List[Tensor]]] = None
         self.recording = False
@@ -108,9 +115,12 @@ class _Offline:
         self.refs = (key, refs)
         return refs
 
-    def batch(self, x, labels) -> None:
-        """Profile one batch: forward, the target's gradient(s) at the taps, then accumulate."""
-        y = check_labels(self.fn, labels, self.k).to(self.device)
+    def batch(self, x, labels, mask=None) -> None:
+        """Profile one batch: forward, the target's gradient(s) at the taps, then accumulate. ``mask``: the
+        valid positions ``[B, T]`` (else the inputs' ``attention_mask``, if any; docs/method.md §2)."""
+        y = check_labels(self.fn, labels, self.k, self.ignore_index).to(self.device)
+        mask = batch_mask(self.fn, x, mask, y)
+        mask = None if mask is None else mask.to(self.device)
         x = to_device(x, self.device)
         refs = self._ensure_ref(x) if self.want_dl else [None] * len(self.taps)
         with torch.set_grad_enabled(self.grad):
@@ -119,7 +129,7 @@ class _Offline:
                 call_views(self.fn, info, ts, y)                 # shape errors before the backward
             grads = mults = [None] * len(self.taps)
             if self.grad:
-                tgt = target_of(self.fn, out, y, self.target)
+                tgt = target_of(self.fn, out, y, self.target, self.ignore_index, mask)
                 grads = self._grad(tgt, retain=self.rescale is not None)
                 if self.rescale is not None:
                     self.rescale.switch.on = True
@@ -132,14 +142,23 @@ class _Offline:
             self.kept = drop_unused(self.fn, self.plan, dead)
             for name in dead:
                 del self.totals[name]
-        present, yc = present_classes(y)                       # [Kp, N] batch buffers, Kp = classes present
-        partial = {}
+        present, yc = present_classes(y, self.ignore_index)    # [Kp, N] batch buffers, Kp = classes present
+        partial, applied, missed = {}, False, {}
         for info, ts, g, m, r in zip(self.plan.layers, self.taps, grads, mults, refs):
             if info.name not in self.totals:
                 continue
+            valid, hit, miss = call_valid(self.fn, info, ts, y, mask)
+            applied = applied or hit
+            if miss is not None:
+                missed[info.name] = miss
+            if not len(present):                                # every sample/token is ignore_index
+                continue
             xv, cl, gv = call_views(self.fn, info, ts, y, g)
             mv = None if m is None else call_views(self.fn, info, ts, y, m)[2]
-            partial[info.name] = self._accumulate(info, xv.detach(), cl, gv, mv, r, yc, len(present))
+            partial[info.name] = self._accumulate(info, xv.detach(), cl, gv, mv, r, yc, len(present), valid)
+        if mask is not None and (missed or not applied) and not self.warned:
+            self.warned = True
+            warn_unmasked(self.fn, missed, mask.shape[1], stacklevel=4)
         for name, st in partial.items():                        # all layers succeeded: commit
             add_present(self.totals[name], st, present)
         self.num_batches += 1
@@ -158,27 +177,24 @@ class _Offline:
                                "training loop with neuslice.Profiler (docs/method.md §2)") from None
         return [[next(gs) for _ in ts] for ts in self.taps]
 
-    def _accumulate(self, info, x, cl, gv, mv, r, y, kp) -> Dict[str, Tensor]:
-        """The batch's sums ``[kp, N]`` of one layer; ``y`` are compact labels in ``[0, kp)``."""
-        st = new_stats(kp, info.n, acc_dtype(x.dtype), x.device)
+    def _accumulate(self, info, x, cl, gv, mv, r, y, kp, valid) -> Dict[str, Tensor]:
+        """The batch's sums ``[kp, N]`` of one layer (the kept statistics only); ``y`` are compact labels in
+        ``[0, kp)`` or ``compact_ignore(ignore_index)``; ``valid`` the positions that count, or None."""
+        st = new_stats(kp, info.n, acc_dtype(x.dtype), x.device, self.keep)
+        ig = compact_ignore(self.ignore_index)
+        first = (st.get("act_sum"), st.get("act_sq"), st.get("taylor_sum"))
         try:
             if mv is None:   # m = g: one call gives taylor (ref None) and deeplift (ref r) alike
-                ops.accumulate_(x, gv, r, y, cl, st["count"], st["act_sum"], st["act_sq"], st["taylor_sum"],
-                                st["deeplift_sum"])
-            else:
-                junk = new_stats(kp, info.n, acc_dtype(x.dtype), x.device)
-                ops.accumulate_(x, gv, None, y, cl, st["count"], st["act_sum"], st["act_sq"], st["taylor_sum"],
-                                junk["deeplift_sum"])
-                ops.accumulate_(x, mv, r, y, cl, junk["count"], junk["act_sum"], junk["act_sq"],
-                                junk["taylor_sum"], st["deeplift_sum"])
+                ops.accumulate_(x, gv, r, y, cl, st["count"], *first, st.get("deeplift_sum"), valid, ig)
+            else:            # Rescale: deeplift from the multipliers, in a call of its own
+                count = st["count"]
+                if any(t is not None for t in first):
+                    ops.accumulate_(x, gv, None, y, cl, count, *first, None, valid, ig)
+                    count = torch.zeros_like(count)
+                ops.accumulate_(x, mv, r, y, cl, count, None, None, None, st["deeplift_sum"], valid, ig)
         except NonFiniteError as e:
             raise NonFiniteError(f"{self.fn}: layer {info.name!r} (tapped at {info.tap!r}): {nonfinite_what(e)}; "
                                  "the batch was rejected and no statistic changed") from None
-        if gv is None:
-            st["taylor_sum"].zero_()
-            st["deeplift_sum"].zero_()
-        elif not self.want_dl:
-            st["deeplift_sum"].zero_()
         return st
 
 
@@ -210,12 +226,15 @@ def _baseline(fn: str, baseline, x):
 
 
 def _zeros_one(x):
+    """Zeros like one sample of ``x``; an ``attention_mask`` of a mapping is all ones (the reference input has
+    no padding, so its activations at a position never depend on the batch's padded length)."""
     if isinstance(x, Tensor):
         return torch.zeros_like(x[:1])
     if isinstance(x, (list, tuple)):
         return type(x)(_zeros_one(v) for v in x)
     if isinstance(x, dict):
-        return {k: _zeros_one(v) for k, v in x.items()}
+        return {k: (torch.ones_like(v[:1]) if k == "attention_mask" and isinstance(v, Tensor) else _zeros_one(v))
+                for k, v in x.items()}
     return x
 
 
@@ -230,25 +249,28 @@ def _first_device(x):
     return None
 
 
-def _unpack(fn: str, batch) -> Tuple[object, Tensor]:
-    if isinstance(batch, (list, tuple)) and len(batch) == 2:
-        return batch[0], batch[1]
-    raise ValueError(f"{fn}: data must yield (inputs, labels) pairs, got "
+def _unpack(fn: str, batch) -> Tuple[object, Tensor, Optional[Tensor]]:
+    if isinstance(batch, (list, tuple)) and len(batch) in (2, 3):
+        return batch[0], batch[1], (batch[2] if len(batch) == 3 else None)
+    raise ValueError(f"{fn}: data must yield (inputs, labels) or (inputs, labels, mask), got "
                      f"{type(batch).__name__}{'' if not hasattr(batch, '__len__') else f' of length {len(batch)}'}")
 
 
 def profile(model: nn.Module, data: Iterable, num_classes: int, *, layers=None,
             metrics: Sequence[str] = ("avg", "var", "taylor", "deeplift"), target: str = "logit",
             baseline=None, progress: bool = True, class_names: Optional[Sequence[str]] = None,
-            tap: str = "auto") -> Profile:
+            tap: str = "auto", ignore_index: int = -100) -> Profile:
     """Profile ``model`` over ``data`` in one pass (docs/method.md §2).
 
     Args:
         model: a classifier giving logits ``[B, K]`` (``[B, T, K]`` with per-token labels). It runs in
             eval mode (restored afterwards); its parameters, buffers and ``.grad`` are left untouched.
-        data: a DataLoader or any iterable of ``(inputs, labels)``: inputs a tensor ``[B, ...]`` (or a
-            tuple/dict of them, passed as ``model(*inputs)``/``model(**inputs)``), labels integer ``[B]``
-            or ``[B, T]`` (per token; channels-last layers only) in ``[0, num_classes)``.
+        data: a DataLoader or any iterable of ``(inputs, labels)`` or ``(inputs, labels, mask)``: inputs a
+            tensor ``[B, ...]`` (or a tuple/dict of them, passed as ``model(*inputs)``/``model(**inputs)``),
+            labels integer ``[B]`` or ``[B, T]`` (per token; channels-last layers only) in
+            ``[0, num_classes)`` or equal to ``ignore_index`` (skipped). Padding does not count
+            (docs/method.md §2): ``mask`` bool ``[B, T]`` (True = the position counts), or else the
+            ``attention_mask`` of dict inputs, applies to every tap ``[B, T, N]``.
         num_classes: K. layers: None (every Conv/Linear but the head), names, types or a predicate.
         metrics: any of ``avg``, ``var``, ``taylor``, ``deeplift``, ``ens`` (= all four). Forward only
             when neither ``taylor`` nor ``deeplift`` is asked.
@@ -256,15 +278,18 @@ def profile(model: nn.Module, data: Iterable, num_classes: int, *, layers=None,
         baseline: DeepLIFT reference input, one sample (``[...]`` or ``[1, ...]``); zeros by default.
         progress: a progress line on stderr when it is a terminal. class_names: K names.
         tap: ``"auto"`` (after the layer's nonlinearity where one follows) or ``"layer"``.
+        ignore_index: the label of samples (tokens) that count nowhere (default −100, as in cross-entropy).
 
     Returns:
-        a :class:`~neuslice.Profile` with float64 sums on the model's device.
+        a :class:`~neuslice.Profile` with float64 sums on the model's device: ``count`` and the statistics
+        the metrics need.
     """
     fn = "neuslice.profile"
     if not isinstance(model, nn.Module):
         raise TypeError(f"{fn}: model must be a torch.nn.Module, got {type(model).__name__}")
     model = unwrap(model)
     metrics = check_metrics(fn, metrics)
+    ignore_index = check_ignore_index(fn, ignore_index)
     names = check_num_classes(fn, num_classes, class_names)
     if target not in ("logit", "loss"):
         raise ValueError(f"{fn}: target must be 'logit' or 'loss', got {target!r}")
@@ -281,7 +306,7 @@ def profile(model: nn.Module, data: Iterable, num_classes: int, *, layers=None,
     try:
         model.eval()
         with no_inplace(model):
-            run = _Offline(fn, model, plan, num_classes, metrics, target, baseline)
+            run = _Offline(fn, model, plan, num_classes, metrics, target, baseline, ignore_index)
             for i, batch in enumerate(data):
                 run.batch(*_unpack(fn, batch))
                 if progress and sys.stderr.isatty():

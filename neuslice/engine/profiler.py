@@ -7,6 +7,7 @@ altered. DeepLIFT here is gradient × Δ (m = g), as the profile records.
 """
 from __future__ import annotations
 
+import inspect
 import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -16,11 +17,13 @@ from torch import Tensor, nn
 from .. import ops
 from .._errors import NeusliceError, NonFiniteError
 from ..ops.reference import acc_dtype
-from .capture import (GRADIENT_METRICS, add_present, tap_view, call_model, call_views, check_calls, check_labels,
-                      check_metrics, check_num_classes, drop_unused, layer_entries, model_device, new_stats,
-                      nonfinite_what, present_classes, unwrap, warn_unseen)
+from .capture import (GRADIENT_METRICS, add_present, call_model, call_valid, call_views, check_calls,
+                      check_ignore_index, check_labels, check_mask, check_metrics, check_num_classes, compact_ignore,
+                      drop_unused, layer_entries, model_device, new_stats, new_totals, nonfinite_what,
+                      present_classes, tap_view, unwrap, warn_unmasked, warn_unseen)
 from .graph import discover, head_entries, traceable
 from .hooks import ChainHooks, in_backward
+from .metrics import kept_stats
 from .slices import Profile
 
 __all__ = ["Profiler"]
@@ -33,7 +36,7 @@ class Profiler:
 
         with neuslice.Profiler(model, num_classes=10) as prof:
             for x, y in loader:
-                with prof.batch(y):              # labels: int [B] (or [B, T] per token)
+                with prof.batch(y):              # labels: int [B] (or [B, T] per token); mask= for padding
                     loss = F.cross_entropy(model(x), y)
                     loss.backward()
                 opt.step(); opt.zero_grad()
@@ -56,11 +59,18 @@ class Profiler:
     :meth:`~neuslice.Profile.all_reduce`); blocks recomputed by gradient checkpointing count once; under
     ``torch.autocast`` the statistics still accumulate in float32 and float64. Layers that are never called,
     or that no gradient reaches in the first batch, are left out with one warning.
+
+    Positions that do not count (docs/method.md §2): ``batch(y, mask=...)`` (bool ``[B, T]``, True = the
+    position counts), or else the ``attention_mask`` the model's forward receives (the Hugging Face
+    convention), leaves padding out of every tap ``[B, T, N]``; labels equal to ``ignore_index`` (default −100)
+    are skipped (your loss should skip them too, e.g. ``F.cross_entropy(..., ignore_index=-100)``). Only the
+    statistics the metrics need are kept.
     """
 
     def __init__(self, model: nn.Module, num_classes: int, *, layers=None,
                  metrics: Sequence[str] = ("avg", "var", "taylor"), baseline=None,
-                 class_names: Optional[Sequence[str]] = None, tap: str = "auto", on_nonfinite: str = "raise"):
+                 class_names: Optional[Sequence[str]] = None, tap: str = "auto", on_nonfinite: str = "raise",
+                 ignore_index: int = -100):
         fn = "neuslice.Profiler"
         if not isinstance(model, nn.Module):
             raise TypeError(f"{fn}: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -68,6 +78,13 @@ class Profiler:
             raise ValueError(f"{fn}: on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
         model = unwrap(model)
         self.metrics = check_metrics(fn, metrics)
+        self.ignore_index = check_ignore_index(fn, ignore_index)
+        self.keep = kept_stats(self.metrics)
+        self._warned_mask = False
+        try:
+            self._forward_sig: Optional[inspect.Signature] = inspect.signature(model.forward)
+        except (TypeError, ValueError):
+            self._forward_sig = None
         self.class_names = check_num_classes(fn, num_classes, class_names)
         self.model, self.k, self.on_nonfinite = model, num_classes, on_nonfinite
         self.grad = any(m in GRADIENT_METRICS for m in self.metrics)
@@ -89,13 +106,16 @@ class Profiler:
         self._root = model.register_forward_pre_hook(self._on_forward, with_kwargs=True)
 
     # -- public ---------------------------------------------------------------------------
-    def batch(self, labels: Tensor) -> "_Batch":
-        """Context for one training step whose forward and ``backward()`` run inside it."""
+    def batch(self, labels: Tensor, mask: Optional[Tensor] = None) -> "_Batch":
+        """Context for one training step whose forward and ``backward()`` run inside it. ``mask``: bool
+        ``[B, T]``, the positions that count (default: the ``attention_mask`` the forward receives, if any)."""
+        fn = "neuslice.Profiler.batch"
         if self._root is None:
-            raise RuntimeError("neuslice.Profiler.batch: the profiler is closed")
+            raise RuntimeError(f"{fn}: the profiler is closed")
         if self._batch is not None:
-            raise RuntimeError("neuslice.Profiler.batch: a batch is already open (batches do not nest)")
-        return _Batch(self, check_labels("neuslice.Profiler.batch", labels, self.k))
+            raise RuntimeError(f"{fn}: a batch is already open (batches do not nest)")
+        labels = check_labels(fn, labels, self.k, self.ignore_index)
+        return _Batch(self, labels, None if mask is None else check_mask(fn, mask, labels))
 
     def profile(self) -> Profile:
         """A snapshot :class:`~neuslice.Profile` (copies) of everything accumulated so far."""
@@ -113,7 +133,7 @@ class Profiler:
         """Zero the accumulated statistics."""
         dev = model_device(self.model)
         layers = self.plan.layers if self.plan is not None else []
-        self.totals = {i.name: new_stats(self.k, i.n, torch.float64, dev) for i in layers}
+        self.totals = {i.name: new_totals(self.k, i.n, dev, self.keep) for i in layers}
         self.num_batches = 0
 
     def close(self) -> None:
@@ -155,7 +175,22 @@ class Profiler:
             finally:
                 self._probing = False
         b.forwards += 1
+        if b.mask is None and b.forwards == 1:
+            try:
+                b.mask = self._attention_mask(args, kwargs, b.labels)
+            except (TypeError, ValueError) as e:        # reported when the block ends; the batch is rejected
+                b.errors.append(e)
         return None
+
+    def _attention_mask(self, args, kwargs, labels) -> Optional[Tensor]:
+        """The forward's ``attention_mask`` argument (by name or position), checked, or None."""
+        am = kwargs.get("attention_mask")
+        if am is None and args and self._forward_sig is not None and "attention_mask" in self._forward_sig.parameters:
+            try:
+                am = self._forward_sig.bind_partial(*args, **kwargs).arguments.get("attention_mask")
+            except TypeError:
+                am = None
+        return None if am is None else check_mask("neuslice.Profiler.batch", am, labels, "attention_mask")
 
     def _narrow(self, plan) -> None:
         """Adopt ``plan``, the current one without its unused layers (after the first batch)."""
@@ -209,8 +244,9 @@ class _Batch:
 
     FN = "neuslice.Profiler.batch"
 
-    def __init__(self, prof: Profiler, labels: Tensor):
-        self.p, self.labels = prof, labels
+    def __init__(self, prof: Profiler, labels: Tensor, mask: Optional[Tensor] = None):
+        self.p, self.labels, self.mask = prof, labels, mask
+        self.applied, self.missed = False, {}      # the mask applied to some tap; layers it could not apply to
         self.stats: Dict[int, Dict[str, Tensor]] = {}    # per layer: [Kp, N] sums over the classes present
         self.compact: Optional[Tuple[Tensor, Tensor]] = None   # present_classes(labels), on the labels' device
         self.saved: Dict[int, List[tuple]] = {}          # per layer, per call: (tap, tap version)
@@ -298,23 +334,30 @@ class _Batch:
         got = self.grads.pop(i, {})
         grads = [got.get(c) for c in range(len(calls))] if self.p.grad else None
         try:
-            x, cl, g = call_views(self.FN, info, [x for x, _ in calls], self.labels, grads)
+            taps = [x for x, _ in calls]
+            x, cl, g = call_views(self.FN, info, taps, self.labels, grads)
+            valid, hit, miss = call_valid(self.FN, info, taps, self.labels, self.mask)
         except ValueError as e:
             self.errors.append(e)
             return
-        self._acc(i, x, cl, g)
+        self.applied = self.applied or hit
+        if miss is not None:
+            self.missed[info.name] = miss
+        self._acc(i, x, cl, g, valid)
 
-    def _acc(self, i: int, x: Tensor, cl: bool, g: Optional[Tensor]) -> None:
+    def _acc(self, i: int, x: Tensor, cl: bool, g: Optional[Tensor], valid: Optional[Tensor] = None) -> None:
         info = self.p.plan.layers[i]
         if self.compact is None or self.compact[1].device != self.labels.device:
-            self.compact = present_classes(self.labels)
+            self.compact = present_classes(self.labels, self.p.ignore_index)
         present, yc = self.compact
-        st = self.stats.setdefault(i, new_stats(len(present), info.n, acc_dtype(x.dtype), x.device))
+        if not len(present):                    # every sample/token is ignore_index
+            return
+        st = self.stats.setdefault(i, new_stats(len(present), info.n, acc_dtype(x.dtype), x.device, self.p.keep))
         r = self.p.refs[i]
         r = None if r is None else r.to(device=x.device, dtype=x.dtype)
         try:
-            ops.accumulate_(x, g, r, yc, cl, st["count"], st["act_sum"], st["act_sq"], st["taylor_sum"],
-                            st["deeplift_sum"])
+            ops.accumulate_(x, g, r, yc, cl, st["count"], st.get("act_sum"), st.get("act_sq"), st.get("taylor_sum"),
+                            st.get("deeplift_sum"), valid, compact_ignore(self.p.ignore_index))
         except NonFiniteError as e:
             self.errors.append(NonFiniteError(f"{self.FN}: layer {info.name!r} (tapped at {info.tap!r}): "
                                               f"{nonfinite_what(e)}; the batch was rejected and no statistic "
@@ -379,10 +422,11 @@ class _Batch:
         plan = self.p.plan
         if self.p.num_batches == 0:
             plan = drop_unused(self.FN, plan, [plan.layers[i].name for i in unused], stacklevel=3)
-        skip = [s for s, off in (("taylor_sum", not self.p.grad), ("deeplift_sum", "deeplift" not in self.p.metrics))
-                if off]
+        if self.mask is not None and (self.missed or not self.applied) and not self.p._warned_mask:
+            self.p._warned_mask = True
+            warn_unmasked(self.FN, self.missed, self.mask.shape[1], stacklevel=3)
         for i, st in self.stats.items():
-            add_present(self.p.totals[self.p.plan.layers[i].name], st, self.compact[0], skip)
+            add_present(self.p.totals[self.p.plan.layers[i].name], st, self.compact[0])
         if plan is not self.p.plan:
             self.p._narrow(plan)
         self.p.num_batches += 1

@@ -1,8 +1,8 @@
 """The ``Profile`` and ``Slices`` objects and their files (docs/method.md §5).
 
-``Profile``: per layer, the docs/method.md §2 sums (float64): ``count [K]``, ``act_sum``, ``act_sq``,
-``taylor_sum``, ``deeplift_sum`` ``[K, N]``. Sums merge by addition (``p1 + p2``,
-:meth:`Profile.all_reduce`). ``Slices``: per layer, the critical sets ``bool [K, N]`` of a slicing run.
+``Profile``: per layer, the docs/method.md §2 sums (float64): ``count [K]`` and those of ``act_sum``, ``act_sq``,
+``taylor_sum``, ``deeplift_sum`` ``[K, N]`` that its metrics need (``metrics.kept_stats``). Sums merge by
+addition (``p1 + p2``, :meth:`Profile.all_reduce`). ``Slices``: per layer, the critical sets ``bool [K, N]`` of a slicing run.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from .classes import ClassSpec, class_indices
 
 __all__ = ["Profile", "Slices", "STATS"]
 
-STATS = ("count", "act_sum", "act_sq", "taylor_sum", "deeplift_sum")
+STATS = _metrics.STATS
 _COMPAT = ("num_classes", "metrics", "target", "deeplift")
 _BASE_METRICS = ("avg", "var", "taylor", "deeplift")
 _DEEPLIFT = ("rescale", "gradient")
@@ -85,7 +85,8 @@ class Profile(_LayerSet):
         layers: one dict per layer: ``name``, ``type``, ``weight_shape``, ``n`` (neurons), ``tap`` (module
             whose output was read), ``tap_source`` (``"graph"``, ``"probe"``, ``"module order"`` or ``"layer"``),
             ``deeplift`` (``"rescale"`` or ``"gradient"``: gradient × Δ).
-        stats: ``{layer: {stat: Tensor}}``; ``count`` float64 ``[K]``, the others float64 ``[K, N]``.
+        stats: ``{layer: {stat: Tensor}}``; ``count`` float64 ``[K]``, the others float64 ``[K, N]``: only
+            those the metrics need (:attr:`statistics`; files of older versions hold all five).
         class_names: K names. metrics: the metrics whose statistics were collected.
         target: ``"logit"`` or ``"loss"``. deeplift: ``"rescale"``, ``"gradient"`` (gradient × Δ on some
             or all layers), or None when not collected. num_batches: batches added.
@@ -109,8 +110,18 @@ class Profile(_LayerSet):
         self.target = target
         self.deeplift = deeplift
         self.num_batches = int(num_batches)
+        kept = [tuple(s for s in STATS if s in st) for st in stats.values()]
+        if any(k != kept[0] or "count" not in k or len(k) != len(st) for k, st in zip(kept, stats.values())):
+            raise ValueError(f"neuslice.Profile: every layer must hold count and the same statistics of {STATS}, "
+                             f"got {[list(st) for st in stats.values()]}")
+        self._statistics = kept[0] if kept else ("count",)
 
     # -- views -----------------------------------------------------------------------------
+    @property
+    def statistics(self) -> tuple:
+        """The statistics this profile keeps (``count`` and those its metrics need), in ``STATS`` order."""
+        return self._statistics
+
     @property
     def counts(self) -> Tensor:
         """Samples (or tokens) per class, float64 ``[K]`` (of the first layer; every layer sees the same)."""
@@ -149,7 +160,8 @@ class Profile(_LayerSet):
     def __add__(self, other: "Profile") -> "Profile":
         """A new profile holding both profiles' sums (profiles of disjoint data merge exactly this way)."""
         self._check_compatible("neuslice.Profile.__add__", other)
-        stats = {n: {k: v + other.stats[n][k].to(v.device) for k, v in self.stats[n].items()}
+        both = [k for k in self.statistics if k in other.statistics]   # equal metrics: both hold what they need
+        stats = {n: {k: self.stats[n][k] + other.stats[n][k].to(self.stats[n][k].device) for k in both}
                  for n in self.layer_names}
         return Profile(self.layers, self.class_names, stats, metrics=self.metrics, target=self.target,
                        deeplift=self.deeplift, num_batches=self.num_batches + other.num_batches,
@@ -168,7 +180,8 @@ class Profile(_LayerSet):
         dev = self.counts.device
         if dist.get_backend(group) == "nccl":
             dev = torch.device("cuda", torch.cuda.current_device())
-        key = json.dumps([self.signature, self.class_names, self.metrics, self.target, self.deeplift])
+        key = json.dumps([self.signature, self.class_names, self.metrics, self.target, self.deeplift,
+                          self.statistics])
         h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:7], "little")
         hs = torch.tensor([h, -h], dtype=torch.int64, device=dev)
         dist.all_reduce(hs, op=dist.ReduceOp.MAX, group=group)
@@ -223,8 +236,10 @@ class Profile(_LayerSet):
             if (e["deeplift"] is None) != (deeplift is None) or (deeplift == "rescale" and e["deeplift"] != deeplift):
                 raise f.error(f"layers[{i}].deeplift", f"is {e['deeplift']!r} but the profile's is {deeplift!r}")
         k = len(names)
+        need = _metrics.kept_stats(metrics)     # files of older versions hold all five: the rest load too
+        kept = [s for s in STATS if s in need or (layers and f"0.{s}" in f.tensors)]
         stats = {e["name"]: {s: f.tensor(f"{i}.{s}", [k] if s == "count" else [k, e["n"]], torch.float64)
-                             for s in STATS} for i, e in enumerate(layers)}
+                             for s in kept} for i, e in enumerate(layers)}
         f.no_other_tensors()
         prof = cls(layers, names, stats, metrics=metrics, target=f.str(f.get("target"), "target", ("logit", "loss")),
                    deeplift=deeplift, num_batches=f.int(f.get("num_batches"), "num_batches"), coupled=coupled,

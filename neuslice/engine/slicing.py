@@ -23,7 +23,7 @@ __all__ = ["global_slice", "category_slice", "semantic_slice"]
 def _check_common(fn: str, profile, metric: str, value, name: str, min_keep) -> None:
     if not isinstance(profile, Profile):
         raise TypeError(f"{fn}: profile must be a neuslice.Profile, got {type(profile).__name__}")
-    check_metric(fn, metric, profile.metrics)
+    check_metric(fn, metric, profile.metrics, profile.statistics)
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or not (0.0 < value <= 1.0):
         raise ValueError(f"{fn}: {name} must lie in (0, 1], got {value!r}")

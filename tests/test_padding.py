@@ -1,0 +1,405 @@
+"""Positions that do not count (docs/method.md §2): padding (attention_mask, or an explicit mask) and labels equal to
+ignore_index, in profile and Profiler, on the tiny Hugging Face models of tests/hf_models.py and on plain models."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import neuslice
+from helpers import TokenNet, WideHead
+from tolerances import ACCUMULATE, tol
+
+K = 3
+F64 = tol(ACCUMULATE, torch.float64)
+
+
+class Logits(nn.Module):
+    """A model-library model giving its ``logits`` tensor (call_model reads ``.logits`` itself on main, 6ba38d1:
+    drop this wrapper at merge)."""
+
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, **inputs):
+        return self.m(**inputs).logits
+
+
+def conv1d_to_linear(model):   # replaced by neuslice.conv1d_to_linear at merge
+    from transformers.pytorch_utils import Conv1D
+    for m in list(model.modules()):
+        for name, c in list(m.named_children()):
+            if isinstance(c, Conv1D):                        # y = x @ W + b with W [in, out]: Linear's weight is W.T
+                lin = nn.Linear(*c.weight.shape, dtype=c.weight.dtype)
+                lin.weight.data.copy_(c.weight.data.t())
+                lin.bias.data.copy_(c.bias.data)
+                setattr(m, name, lin)
+    return model
+
+
+def _hf(arch, token=False):
+    pytest.importorskip("transformers")
+    import hf_models as hf
+    model, _ = hf.bert(token=True) if token else hf.ARCHITECTURES[arch]()
+    if arch == "gpt2":
+        conv1d_to_linear(model)
+    return Logits(model.double()), hf.VOCAB
+
+
+LENGTHS, T = (5, 8, 3, 8, 6, 4), 10
+
+
+def _sequences(vocab, per_token=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    seqs = [torch.randint(3, vocab, (n,), generator=g) for n in LENGTHS]
+    if per_token:                                     # a few tokens labelled -100 (not counted) in every sequence
+        ys = [torch.where(torch.rand(n, generator=g) < 0.3, -100, torch.randint(0, K, (n,), generator=g))
+              for n in LENGTHS]
+    else:
+        ys = list(torch.randint(0, K, (len(LENGTHS),), generator=g))
+    return seqs, ys
+
+
+def _padded(seqs, ys, per_token=False, bs=3):
+    """Right-padded to T with attention_mask; per-token labels of padding are -100 (the HF convention)."""
+    ids = torch.zeros(len(seqs), T, dtype=torch.long)
+    am = torch.zeros_like(ids)
+    y = torch.full((len(seqs), T), -100) if per_token else torch.stack(ys)
+    for i, (s, yy) in enumerate(zip(seqs, ys)):
+        ids[i, :len(s)], am[i, :len(s)] = s, 1
+        if per_token:
+            y[i, :len(s)] = yy
+    return [({"input_ids": ids[i:i + bs], "attention_mask": am[i:i + bs]}, y[i:i + bs])
+            for i in range(0, len(seqs), bs)]
+
+
+def _bucketed(seqs, ys):
+    """The same sequences grouped by length: no padding at all."""
+    by_len = {}
+    for i, s in enumerate(seqs):
+        by_len.setdefault(len(s), []).append(i)
+    return [({"input_ids": torch.stack([seqs[i] for i in idx]), "attention_mask": torch.ones(len(idx), n,
+                                                                                              dtype=torch.long)},
+             torch.stack([ys[i] for i in idx])) for n, idx in by_len.items()]
+
+
+def _same(a, b, stats=None):
+    assert set(a.layer_names) <= set(b.layer_names) or set(b.layer_names) <= set(a.layer_names)
+    common = [n for n in a.layer_names if n in b.layer_names]
+    assert common
+    for n in common:
+        for s in stats or a.statistics:
+            torch.testing.assert_close(a.stats[n][s], b.stats[n][s], **F64, msg=lambda m, n=n, s=s: f"{n}/{s}: {m}")
+
+
+# ---------------------------------------------------------------------------------------------
+# padding invariance: bucketed by length vs padded to a common length with attention_mask
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2", "llama"])
+def test_padding_changes_no_statistic(arch):
+    """Every statistic of every layer equal; DeepLIFT too on the causal decoders, whose reference activation
+    at a position does not depend on the sequence's length (on a bidirectional encoder it does: see
+    docs/method.md §2, "Positions that do not count")."""
+    model, vocab = _hf(arch)
+    seqs, ys = _sequences(vocab)
+    metrics = ("avg", "var", "taylor") + (("deeplift",) if arch != "bert" else ())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                 # untraceable: taps by module order (warned elsewhere)
+        padded = neuslice.profile(model, _padded(seqs, ys), K, metrics=metrics, progress=False)
+        bucketed = neuslice.profile(model, _bucketed(seqs, ys), K, metrics=metrics, progress=False)
+        # without the mask, padding leaks into the statistics: the test can fail
+        leaky = [({"input_ids": x["input_ids"]}, y) for x, y in _padded(seqs, ys)]
+        leaked = neuslice.profile(model, leaky, K, metrics=("avg",), progress=False)
+    assert float(padded.counts.sum()) == len(LENGTHS)
+    _same(padded, bucketed)
+    n = padded.layer_names[0]
+    assert not torch.allclose(leaked.stats[n]["act_sum"], bucketed.stats[n]["act_sum"], **F64)
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2", "llama"])
+def test_profiler_padding_changes_no_statistic(arch):
+    """Profiler reads the attention_mask the forward receives (by name) and gives the bucketed statistics."""
+    model, vocab = _hf(arch)
+    seqs, ys = _sequences(vocab)
+
+    def run(batches):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with neuslice.Profiler(model, K, metrics=("avg", "var", "taylor")) as prof:
+                for x, y in batches:
+                    with prof.batch(y):
+                        F.cross_entropy(model(**x), y, reduction="sum").backward()
+        model.zero_grad(set_to_none=True)
+        return prof.profile()
+
+    _same(run(_padded(seqs, ys)), run(_bucketed(seqs, ys)))
+
+
+# ---------------------------------------------------------------------------------------------
+# per-token labels with ignore positions, against a float64 hand loop over unpadded sequences
+
+def _hand_tokens(model, prof, seqs, ys, target="logit"):
+    """docs/method.md §2 per token, by a loop over each unpadded sequence: the target is the sum over its counted
+    tokens; each counted token is one sample."""
+    mods = dict(model.named_modules())
+    out = {e["name"]: {s: torch.zeros((K,) if s == "count" else (K, e["n"]), dtype=torch.float64)
+                       for s in ("count", "act_sum", "act_sq", "taylor_sum")} for e in prof.layers}
+    for s, y in zip(seqs, ys):
+        got = {}
+        hs = [mods[e["tap"]].register_forward_hook(lambda m, a, o, n=e["name"]: got.__setitem__(n, o))
+              for e in prof.layers]
+        logits = model(input_ids=s[None], attention_mask=torch.ones(1, len(s), dtype=torch.long))[0]
+        for h in hs:
+            h.remove()
+        keep = y != -100
+        tgt = (logits[keep].gather(1, y[keep, None]).sum() if target == "logit"
+               else F.cross_entropy(logits[keep], y[keep], reduction="sum"))
+        names = list(got)
+        grads = torch.autograd.grad(tgt, [got[n] for n in names])
+        for n, g in zip(names, grads):
+            a, g, st = got[n][0].detach(), g[0], out[n]
+            for t in keep.nonzero().flatten().tolist():
+                k = int(y[t])
+                st["count"][k] += 1
+                st["act_sum"][k] += a[t]
+                st["act_sq"][k] += a[t] ** 2
+                st["taylor_sum"][k] += (a[t] * g[t]).abs()
+    return out
+
+
+def test_per_token_labels_with_ignore_positions_match_a_float64_hand_loop():
+    model, vocab = _hf("bert", token=True)
+    seqs, ys = _sequences(vocab, per_token=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prof = neuslice.profile(model, _padded(seqs, ys, per_token=True), K, metrics=("avg", "var", "taylor"),
+                                progress=False)
+    assert float(prof.counts.sum()) == sum(int((y != -100).sum()) for y in ys)
+    want = _hand_tokens(model, prof, seqs, ys)
+    for n in prof.layer_names:
+        for s in prof.statistics:
+            torch.testing.assert_close(prof.stats[n][s], want[n][s], **F64, msg=lambda m, n=n, s=s: f"{n}/{s}: {m}")
+
+
+def test_profiler_per_token_labels_with_ignore_positions_match_the_hand_loop():
+    model, vocab = _hf("bert", token=True)
+    seqs, ys = _sequences(vocab, per_token=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with neuslice.Profiler(model, K, metrics=("avg", "var", "taylor")) as prof:
+            for x, y in _padded(seqs, ys, per_token=True):
+                with prof.batch(y):
+                    F.cross_entropy(model(**x).reshape(-1, K), y.reshape(-1), ignore_index=-100,
+                                    reduction="sum").backward()
+    got = prof.profile()
+    want = _hand_tokens(model, got, seqs, ys, target="loss")
+    for n in got.layer_names:
+        for s in got.statistics:
+            torch.testing.assert_close(got.stats[n][s], want[n][s], **F64, msg=lambda m, n=n, s=s: f"{n}/{s}: {m}")
+
+
+# ---------------------------------------------------------------------------------------------
+# an explicit mask on plain models
+
+def _token_batches(per_token, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    tok = torch.randint(0, 20, (10, 6), generator=g)
+    mask = torch.ones(10, 6, dtype=torch.bool)
+    for i, n in enumerate((6, 4, 2, 6, 5, 3, 1, 6, 4, 2)):
+        mask[i, n:] = False
+    y = tok % 4 if per_token else tok[:, 0] % 4
+    if per_token:
+        y = torch.where(tok % 5 == 0, -100, y)                    # some ignored tokens among the valid ones
+    return [(tok[:5], y[:5], mask[:5]), (tok[5:], y[5:], mask[5:])]
+
+
+def _hand_masked(model, batches, per_token, target="logit"):
+    """The mask's definition by hand (float64): x̄ over valid positions, taylor summed over them; the model itself
+    sees every position (it does not know the mask)."""
+    m64 = copy.deepcopy(model).double()
+    st = {l: {s: torch.zeros((4,) if s == "count" else (4, n), dtype=torch.float64)
+              for s in ("count", "act_sum", "act_sq", "taylor_sum")} for l, n in (("ffn1", 12), ("ffn2", 8))}
+    for tok, y, mask in batches:
+        got = {}
+        hs = [m64.act.register_forward_hook(lambda m, a, o: got.__setitem__("ffn1", o)),
+              m64.ffn2.register_forward_hook(lambda m, a, o: got.__setitem__("ffn2", o))]
+        out = m64(tok)
+        for h in hs:
+            h.remove()
+        keep = (y != -100) & mask if per_token else torch.ones_like(y, dtype=torch.bool)
+        if target == "logit":
+            tgt = out[keep].gather(-1, y[keep, None]).sum()
+        else:
+            tgt = F.cross_entropy(out[keep], y[keep], reduction="sum")
+        grads = torch.autograd.grad(tgt, [got["ffn1"], got["ffn2"]])
+        for l, g in zip(("ffn1", "ffn2"), grads):
+            a, s = got[l].detach(), st[l]
+            for b in range(tok.shape[0]):
+                v = mask[b]
+                if per_token:
+                    for t in (keep[b]).nonzero().flatten().tolist():
+                        k = int(y[b, t])
+                        s["count"][k] += 1
+                        s["act_sum"][k] += a[b, t]
+                        s["act_sq"][k] += a[b, t] ** 2
+                        s["taylor_sum"][k] += (a[b, t] * g[b, t]).abs()
+                elif v.any():
+                    k = int(y[b])
+                    xbar = a[b, v].mean(0)
+                    s["count"][k] += 1
+                    s["act_sum"][k] += xbar
+                    s["act_sq"][k] += xbar ** 2
+                    s["taylor_sum"][k] += (a[b, v] * g[b, v]).sum(0).abs()
+    return st
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+def test_explicit_mask_on_a_plain_model_matches_the_hand_loop(per_token):
+    model = TokenNet(pooled=not per_token).eval()
+    batches = _token_batches(per_token)
+    prof = neuslice.profile(model, batches, 4, metrics=("avg", "var", "taylor"), progress=False)
+    want = _hand_masked(model, batches, per_token)
+    for l in ("ffn1", "ffn2"):
+        for s in prof.statistics:
+            torch.testing.assert_close(prof.stats[l][s], want[l][s], rtol=1e-5, atol=1e-6,
+                                       msg=lambda m, l=l, s=s: f"{l}/{s}: {m}")
+    # the Profiler, with mask=, gives the loss-target profile
+    with neuslice.Profiler(model, 4, metrics=("avg", "var", "taylor")) as p:
+        for tok, y, mask in batches:
+            with p.batch(y, mask=mask):
+                out = model(tok)
+                if per_token:
+                    y = torch.where(mask, y, -100)
+                F.cross_entropy(out.reshape(-1, 4), y.reshape(-1), ignore_index=-100, reduction="sum").backward()
+    model.zero_grad(set_to_none=True)
+    want = _hand_masked(model, batches, per_token, target="loss")
+    got = p.profile()
+    for l in ("ffn1", "ffn2"):
+        for s in got.statistics:
+            torch.testing.assert_close(got.stats[l][s], want[l][s], rtol=1e-5, atol=1e-6,
+                                       msg=lambda m, l=l, s=s: f"{l}/{s}: {m}")
+
+
+def test_a_mask_that_fits_no_tap_warns_once_and_drops_only_samples_without_a_valid_position():
+    model = WideHead(5).eval()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 64, generator=g), torch.randint(0, 5, (8,), generator=g)
+    mask = torch.ones(8, 3, dtype=torch.bool)
+    mask[2] = False                                                  # sample 2: no valid position at all
+    with pytest.warns(UserWarning, match=r"applies to taps \[B, 3, N\] only; no sliced layer has such a tap") as w:
+        got = neuslice.profile(model, [(x, y, mask), (x, y, mask)], 5, metrics=("avg", "taylor"), progress=False)
+    assert sum("applies to taps" in str(r.message) for r in w) == 1
+    keep = torch.arange(8) != 2
+    want = neuslice.profile(model, [(x[keep], y[keep])] * 2, 5, metrics=("avg", "taylor"), progress=False)
+    _same(got, want)
+
+
+def test_a_layer_called_twice_is_masked_in_the_call_whose_positions_fit():
+    """``shared`` runs on [B, 16] (one position: kept) and on [B, 3, 16] (the mask applies); the warning names no
+    layer, since every tap with positions fits."""
+    from test_profiler import _Twice
+    model = _Twice().eval()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(6, 64, generator=g), torch.randint(0, 10, (6,), generator=g)
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0], [0, 1, 0], [1, 1, 0], [0, 0, 1], [1, 0, 1]], dtype=torch.bool)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prof = neuslice.profile(model, [(x, y, mask)], 10, layers=["shared"], metrics=("avg", "taylor"),
+                                progress=False)
+    m = copy.deepcopy(model).double()
+    outs = []
+    h = m.act.register_forward_hook(lambda mod, a, o: outs.append(o))
+    logits = m(x.double())
+    h.remove()
+    one, three = outs[1], outs[2]                                    # outs[0] is fc0's ReLU
+    g1, g3 = torch.autograd.grad(logits.gather(1, y[:, None]).sum(), [one, three])
+    xs = torch.cat([one.unsqueeze(1), three], 1).detach()            # [B, 1 + 3, 16]: the calls joined along s
+    gs = torch.cat([g1.unsqueeze(1), g3], 1)
+    v = torch.cat([torch.ones(6, 1, dtype=torch.bool), mask], 1)
+    act = torch.zeros(10, 16, dtype=torch.float64)
+    tay = torch.zeros(10, 16, dtype=torch.float64)
+    for b in range(6):
+        act[y[b]] += xs[b, v[b]].mean(0)
+        tay[y[b]] += (xs[b, v[b]] * gs[b, v[b]]).sum(0).abs()
+    torch.testing.assert_close(prof.stats["shared"]["act_sum"], act, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(prof.stats["shared"]["taylor_sum"], tay, rtol=1e-5, atol=1e-6)
+
+
+def test_vit_taps_that_do_not_fit_the_mask_are_named_in_one_warning():
+    pytest.importorskip("transformers")
+    import hf_models as hf
+    model, batch = hf.vit()
+    model = Logits(model.double())
+    x = batch(4).double()
+    y = torch.tensor([0, 1, 2, 0])
+    mask = torch.ones(4, 5, dtype=torch.bool)                       # 5 positions: the ViT has 17 tokens
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        got = neuslice.profile(model, [({"pixel_values": x}, y, mask)], K, metrics=("avg",), progress=False)
+    msgs = [str(r.message) for r in w if "applies to taps" in str(r.message)]
+    assert len(msgs) == 1 and "[4, 17, " in msgs[0] and got.layer_names[0] in msgs[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain = neuslice.profile(model, [({"pixel_values": x}, y)], K, metrics=("avg",), progress=False)
+    _same(got, plain)
+
+
+def test_bad_masks_and_ignore_index_are_refused_naming_what_came():
+    model = TokenNet(pooled=True).eval()
+    tok, y, mask = _token_batches(False)[0]
+    with pytest.raises(ValueError, match=r"neuslice.profile: mask must be \[B, T\] with B = 5 .* got \[4, 6\]"):
+        neuslice.profile(model, [(tok, y, mask[:4])], 4, progress=False)
+    with pytest.raises(TypeError, match=r"neuslice.profile: mask must be bool .* or integer 0/1, got torch.float32"):
+        neuslice.profile(model, [(tok, y, mask.float())], 4, progress=False)
+    with pytest.raises(ValueError, match=r"mask must hold 0 \(padding\) and 1 \(a token\) only, got values "
+                                         r"in \[0, 2\]"):
+        neuslice.profile(model, [(tok, y, mask.long() * 2)], 4, progress=False)
+    with pytest.raises(TypeError, match=r"neuslice.profile: ignore_index must be an int .* got bool True"):
+        neuslice.profile(model, [(tok, y)], 4, ignore_index=True, progress=False)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 4\) \(num_classes=4\) or equal ignore_index "
+                                         r"\(-100\), got label -1"):
+        neuslice.profile(model, [(tok, y - 1)], 4, progress=False)
+    with pytest.raises(ValueError, match=r"Profiler.batch: mask must be \[B, T\] with B = 5"):
+        neuslice.Profiler(model, 4).batch(y, mask=mask[:2])
+
+
+def test_ignore_index_of_its_own_and_samples_all_ignored():
+    """A user ignore_index inside [0, K) skips that label; a batch whose every label is ignored adds nothing."""
+    model = TokenNet(pooled=True).eval()
+    (tok, y, _), (tok2, y2, _) = _token_batches(False)
+    got = neuslice.profile(model, [(tok, y), (tok2, torch.full_like(y2, 2))], 4, ignore_index=2,
+                           metrics=("avg", "taylor"), progress=False)
+    keep = y != 2
+    want = neuslice.profile(model, [(tok[keep], y[keep])], 4, metrics=("avg", "taylor"), progress=False)
+    _same(got, want)
+    assert float(got.counts[2]) == 0
+
+
+class _Masked(TokenNet):
+    def forward(self, tok, attention_mask):                     # the mask passed positionally, model ignores it
+        return super().forward(tok)
+
+
+def test_profiler_reads_an_attention_mask_passed_by_position():
+    model = _Masked(pooled=True).eval()
+    batches = _token_batches(False)
+
+    def run(explicit):
+        with neuslice.Profiler(model, 4, metrics=("avg", "taylor")) as p:
+            for tok, y, mask in batches:
+                with p.batch(y, mask=mask if explicit else None):
+                    F.cross_entropy(model(tok, mask.long()), y, reduction="sum").backward()
+        model.zero_grad(set_to_none=True)
+        return p.profile()
+
+    got, want = run(False), run(True)
+    _same(got, want)
+    # the mask has padding, so reading it matters: without it the statistics differ
+    nomask = neuslice.profile(model, [((tok, torch.ones_like(m, dtype=torch.long)), y) for tok, y, m in batches], 4,
+                              metrics=("avg",), target="loss", progress=False)
+    assert not torch.allclose(nomask.stats["ffn2"]["act_sum"], got.stats["ffn2"]["act_sum"])
