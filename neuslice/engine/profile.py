@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import sys
+from collections.abc import Mapping
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
@@ -203,7 +204,7 @@ def _shape_key(x):
         return (tuple(x.shape[1:]), x.dtype)
     if isinstance(x, (list, tuple)):
         return tuple(_shape_key(v) for v in x)
-    if isinstance(x, dict):
+    if isinstance(x, Mapping):
         return tuple((k, _shape_key(v)) for k, v in sorted(x.items()))
     return None
 
@@ -232,7 +233,7 @@ def _zeros_one(x):
         return torch.zeros_like(x[:1])
     if isinstance(x, (list, tuple)):
         return type(x)(_zeros_one(v) for v in x)
-    if isinstance(x, dict):
+    if isinstance(x, Mapping):
         return {k: (torch.ones_like(v[:1]) if k == "attention_mask" and isinstance(v, Tensor) else _zeros_one(v))
                 for k, v in x.items()}
     return x
@@ -241,7 +242,7 @@ def _zeros_one(x):
 def _first_device(x):
     if isinstance(x, Tensor):
         return x.device
-    vals = x.values() if isinstance(x, dict) else x if isinstance(x, (list, tuple)) else ()
+    vals = x.values() if isinstance(x, Mapping) else x if isinstance(x, (list, tuple)) else ()
     for v in vals:
         d = _first_device(v)
         if d is not None:
