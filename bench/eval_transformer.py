@@ -701,8 +701,10 @@ def main(argv=None) -> Dict:
             except Exception as e:
                 variants["q/k/v + FFN (heads and FFN neurons)"] = failed(e)
             try:
-                p_ffn = neuslice.profile(model, prof_batches, k, progress=False, metrics=("taylor",),
-                                         layers=lambda n, m: removable(n, m) and layer_type(n) == "ffn")
+                with warnings.catch_warnings():      # the same tap warning as the main profile's (recorded)
+                    warnings.simplefilter("ignore")
+                    p_ffn = neuslice.profile(model, prof_batches, k, progress=False, metrics=("taylor",),
+                                             layers=lambda n, m: removable(n, m) and layer_type(n) == "ffn")
                 variants["FFN only"] = neuslice.semantic_slice(p_ffn, "taylor", theta)
             except Exception as e:
                 variants["FFN only"] = failed(e)
@@ -741,6 +743,10 @@ def _f(v, nd=3):
     if isinstance(v, float):
         return f"{v:.{nd}f}"
     return str(v)
+
+
+def _e(v):
+    return f"{v:.1e}" if isinstance(v, float) else v
 
 
 def _table(cols: Sequence[str], rows: Sequence[Sequence]) -> str:
@@ -853,7 +859,7 @@ def report(res: Dict) -> str:
         th = sorted(int(k2.split("_")[1][:-1]) for k2 in r if k2.startswith("speedup_"))
         sp = " / ".join(f"{r[f'speedup_{n}t']:.2f}× ({n}t)" for n in th)
         prow.append([r["variant"], r["pair"], f"{r['original_params']} → {r['params']}", r["reduction"],
-                     r["encoder_reduction"], r["compression_rate_predicted"], r.get("physical_vs_mask_rel"),
+                     r["encoder_reduction"], r["compression_rate_predicted"], _e(r.get("physical_vs_mask_rel")),
                      r.get("acc_original_restricted"), r.get("acc_before_ft"), r.get("acc_after_1ep_ft", r.get("finetune")),
                      sp, r.get("kept")])
     out += [_table(["slices", "pair", "params", "reduction (model)", "reduction (encoder)",
