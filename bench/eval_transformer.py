@@ -37,9 +37,9 @@ Sliced layers (``removable``): the encoder's query, key, value and FFN intermedi
 units a physical restructure can remove (heads and FFN neurons); the layers writing into the residual
 stream (attention output, FFN output), the pooler and the classifier are not sliced.
 
-    python bench/eval_transformer.py --cache ~/.cache/neuslice-eval     # ~15 min on a quiet 2-core box
+    python bench/eval_transformer.py --cache ~/.cache/neuslice-eval     # 25 min with --threads 1 on a 2-core box at load 6-8
     python bench/eval_transformer.py --cache DIR --retrain              # train again even if cached
-    python bench/eval_transformer.py --quick --out /tmp/q               # tiny subset, a smoke test (~1-2 min)
+    python bench/eval_transformer.py --quick --out /tmp/q               # tiny subset, a smoke test (1-4 min)
 
 ``--cache DIR`` keeps the fine-tuned model (safetensors + a JSON note of the data and recipe it came from),
 so reruns skip training; without it, everything lives in a temporary folder removed at exit.
