@@ -135,11 +135,11 @@ def test_renamed_kwargs_passes_other_arguments_through_and_keeps_the_signature()
 def test_batches_move_to_the_models_device(monkeypatch):
     """Every forward of the operators and of the accuracy goes through call_model, which moves the batch to the
     model's device first (the CPU is the only device here, so the test observes the move, not a transfer)."""
-    from neuslice.engine import capture
+    from neuslice.engine import calls
     from neuslice.engine.evaluate import accuracy
     moved = []
-    real = capture.to_device
-    monkeypatch.setattr(capture, "to_device", lambda x, device: moved.append(str(device)) or real(x, device))
+    real = calls.to_device
+    monkeypatch.setattr(calls, "to_device", lambda x, device: moved.append(str(device)) or real(x, device))
     model, s = trained("digits_cnn"), slices("digits_cnn")
     data = loader("train", (3, 8), n=64)
     new, _ = neuslice.readapt(model, s, data, epochs=1, eval_data=data)
