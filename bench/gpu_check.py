@@ -38,6 +38,11 @@ GPU_SHAPES = {
     "linear B=1024 N=4096": dict(b=1024, n=4096, s=0, cl=False),
     "transformer CL B=8 S=512 N=3072": dict(b=8, n=3072, s=512, cl=True),
     "transformer CL B=8 S=512 N=3072 per-token": dict(b=8, n=3072, s=512, cl=True, tok=True),
+    # valid given (right padding, a sample without a valid position) and ignore_index labels
+    "transformer CL B=8 S=512 N=3072 masked": dict(b=8, n=3072, s=512, cl=True, masked=True),
+    "transformer CL B=8 S=512 N=3072 per-token masked": dict(b=8, n=3072, s=512, cl=True, tok=True, masked=True),
+    # avg only: act_sum kept, the other sums None (grad given but never read)
+    "conv B=128 N=256 S=196 avg-only": dict(b=128, n=256, s=196, cl=False, avg_only=True),
     "large CL B=16 S=2048 N=14336 bf16": dict(b=16, n=14336, s=2048, cl=True, bf16=True),
     "large CL B=16 S=2048 N=14336 bf16 per-token": dict(b=16, n=14336, s=2048, cl=True, bf16=True, tok=True),
 }
@@ -45,6 +50,9 @@ DRY_SHAPES = {
     "conv B=4 N=9 S=5": dict(b=4, n=9, s=5, cl=False),
     "linear B=6 N=11": dict(b=6, n=11, s=0, cl=False),
     "transformer CL B=3 S=4 N=10 per-token": dict(b=3, n=10, s=4, cl=True, tok=True),
+    "transformer CL B=3 S=4 N=10 masked": dict(b=3, n=10, s=4, cl=True, masked=True),
+    "transformer CL B=3 S=4 N=10 per-token masked": dict(b=3, n=10, s=4, cl=True, tok=True, masked=True),
+    "conv B=4 N=9 S=5 avg-only": dict(b=4, n=9, s=5, cl=False, avg_only=True),
     "large CL B=2 S=6 N=13 bf16->f16": dict(b=2, n=13, s=6, cl=True, bf16=True),
 }
 
@@ -113,23 +121,48 @@ def _accumulate_case(torch, shape: dict, dev: str, dry: bool):
     grad = torch.randn(dims, generator=g, device=dev, dtype=dtype)
     tok = shape.get("tok", False)
     labels = torch.randint(0, K, (b, s) if tok else (b,), generator=g, device=dev)
+    masked, avg_only = shape.get("masked", False), shape.get("avg_only", False)
+    valid = None
+    if masked:  # right padding to random lengths, sample 1 all padding, NaN in padding; 20% ignored labels
+        lengths = torch.randint(1, s + 1, (b,), generator=g, device=dev)
+        valid = torch.arange(s, device=dev)[None, :] < lengths[:, None]
+        valid[1] = False
+        x.masked_fill_(~valid[:, :, None], float("nan"))
+        grad.masked_fill_(~valid[:, :, None], float("nan"))
+        labels.masked_fill_(torch.rand(labels.shape, generator=g, device=dev) < 0.2, -100)
     stats = [torch.zeros(K, device=dev)] + [torch.zeros(K, n, device=dev) for _ in range(4)]
-    args = (x, grad, None, labels, cl, *stats)
+    if avg_only:
+        stats[2:] = [None, None, None]
+    args = (x, grad, None, labels, cl, *stats, valid, -100)
     red = None if s == 0 else (1 if cl else 2)
 
     def composite(st):  # taylor + the activation statistics, as a user writes them in torch
         xs, gs, lab = (x.reshape(-1, n), grad.reshape(-1, n), labels.reshape(-1)) if tok else (x, grad, labels)
-        xbar = xs if (tok or red is None) else xs.mean(red)
-        prod = xs * gs if (tok or red is None) else (xs * gs).sum(red)
+        if masked and tok:  # counted tokens only
+            keep = (lab != -100) & valid.reshape(-1)
+            xs, gs, lab = xs[keep], gs[keep], lab[keep]
+        elif masked:  # padding zeroed, means over the valid positions, counted samples only
+            keep = (lab != -100) & valid.any(1)
+            w = valid[:, :, None]
+            xs, gs = torch.where(w, xs, 0)[keep], torch.where(w, gs, 0)[keep]
+            lab, cnt = lab[keep], valid[keep].sum(1, keepdim=True)
+        if masked and not tok:
+            xbar = xs.sum(red) / cnt
+        else:
+            xbar = xs if (tok or red is None) else xs.mean(red)
         st[0].index_add_(0, lab, torch.ones(lab.shape[0], device=dev))
         st[1].index_add_(0, lab, xbar.float())
+        if avg_only:
+            return
+        prod = xs * gs if (tok or red is None) else (xs * gs).sum(red)
         st[2].index_add_(0, lab, (xbar * xbar).float())
         st[3].index_add_(0, lab, prod.abs().float())
         st[4].index_add_(0, lab, prod.abs().float())
 
-    nbytes = 2 * x.numel() * x.element_size() + labels.numel() * 8
-    return dict(op="accumulate_", args=args, mutated=(5, 6, 7, 8, 9), composite=composite, nbytes=nbytes,
-                dtype=dtype)
+    nbytes = (1 if avg_only else 2) * x.numel() * x.element_size() + labels.numel() * 8
+    nbytes += 0 if valid is None else valid.numel()
+    return dict(op="accumulate_", args=args, mutated=tuple(i for i in range(5, 10) if args[i] is not None),
+                composite=composite, nbytes=nbytes, dtype=dtype)
 
 
 def _select_case(torch, op: str, dev: str, r: int, n: int):
@@ -210,9 +243,10 @@ def _sum_rule(torch, case, got, fails, tol) -> tuple:
     """docs/architecture.md (Tests): a sum may pass at <= 2x the error of the torch composite (input dtype) vs float64."""
     from neuslice.ops import reference
     x, grad, ref, labels, cl = case["args"][:5]
-    oracle = [t.double() * 0 for t in case["args"][5:]]
-    reference.accumulate_(x.double(), grad.double(), None, labels, cl, *oracle)
-    comp = [t.clone() * 0 for t in case["args"][5:]]
+    valid, ignore_index = case["args"][10:12]
+    oracle = [None if t is None else t.double() * 0 for t in case["args"][5:10]]
+    reference.accumulate_(x.double(), grad.double(), None, labels, cl, *oracle, valid, ignore_index)
+    comp = [None if t is None else t.clone() * 0 for t in case["args"][5:10]]
     case["composite"](comp)
     atol = tol.ACCUMULATE[case["dtype"]][1]
     for i in fails:
@@ -231,11 +265,13 @@ def _compare(torch, case, got, want, out, want_out, tol) -> tuple:
     if op == "accumulate_":
         fails = []
         for i in range(5, 10):
+            if got[i] is None:  # a statistic not kept
+                continue
             try:
                 tol.assert_close(got[i], want[i], tol.ACCUMULATE, case["dtype"])
             except AssertionError:
                 fails.append(i - 5)
-        return _sum_rule(torch, case, got[5:], fails, tol) if fails else (True, "within tolerance table")
+        return _sum_rule(torch, case, got[5:10], fails, tol) if fails else (True, "within tolerance table")
     mask = case["args"][len(case["mutated"]) + 1]
     for i in case["mutated"]:
         m = mask.view(-1, *[1] * (got[i].dim() - 1)).expand_as(got[i])
@@ -309,7 +345,8 @@ def _run_case(torch, name, make, backends, timer, tol, copy) -> list:
     rows.append(_row(name, "reference", timer(lambda: getattr(ops, op)(*work)), case["nbytes"], copy))
     os.environ.pop("NEUSLICE_BACKEND", None)
     work = _clone(case)
-    rows.append(_row(name, "composite", timer(lambda: case["composite"](work[5:])), case["nbytes"], copy))
+    rows.append(_row(name, "composite", timer(lambda: case["composite"](work[5:10] if op == "accumulate_" else work[5:])),
+                     case["nbytes"], copy))
     for r in rows:
         base = [c for c in rows if c["impl"] == "composite"][0]["ms"]
         r["x_composite"] = None if r["ms"] is None else base / r["ms"]
