@@ -345,6 +345,8 @@ struct Batch {
   // runs[2 * run_off[b] ...], and inv[b] = 1 / |V_b|.
   std::vector<int64_t> run_off, runs;
   std::vector<Acc> inv;
+  // With a valid mask and S > 1: work[i] = valid positions of kept rows 0..i (for the thread split).
+  std::vector<int64_t> work;
 };
 
 // All counted rows' terms for neurons [n0, n1) into `sc`, counted rows [r0, r1) (indices into
@@ -424,6 +426,16 @@ int reduce_and_scan(std::vector<Scratch<Acc>>& scs, int np, int nthreads) {
   return flags;
 }
 
+// Where thread t of nt starts in bt.kept: rows split by work (valid positions read), not by count,
+// so that samples padded to different lengths still give every thread the same bytes to read.
+template <typename Acc>
+int64_t share(const Batch<Acc>& bt, int t, int nt) {
+  const int64_t nrows = static_cast<int64_t>(bt.kept.size());
+  if (bt.work.empty() || t == 0 || t == nt) return t == nt ? nrows : 0;
+  const int64_t goal = bt.work.back() * t / nt;
+  return std::lower_bound(bt.work.begin(), bt.work.end(), goal) - bt.work.begin() + 1;
+}
+
 // Two schedules, both one pass over x:
 //  - by sample (default): each thread streams whole samples (contiguous in memory for either
 //    layout) into a private scratch; the scratches are summed afterwards. Measured against
@@ -449,8 +461,7 @@ int run(const AccumulateArgs& a, const Batch<typename Elem<T>::acc>& bt, int64_t
 #pragma omp parallel num_threads(nthreads)
     {
       const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-      const int64_t r0 = nrows * t / nt, r1 = nrows * (t + 1) / nt;
-      run_range<T, HasG, HasR, Unit>(a, bt, scs[t], r0, r1, 0, a.N);
+      run_range<T, HasG, HasR, Unit>(a, bt, scs[t], share(bt, t, nt), share(bt, t + 1, nt), 0, a.N);
     }
     // The sums of several scratches are scanned after the reduction (it can overflow too).
     return reduce_and_scan(scs, planes(HasG, HasR), nthreads);
@@ -515,6 +526,7 @@ int accumulate_typed(const AccumulateArgs& a, int nthreads) {
       }
       if (nv == 0) continue;
       bt.inv[b] = Acc(1) / static_cast<Acc>(nv);
+      if (a.valid != nullptr) bt.work.push_back((bt.work.empty() ? 0 : bt.work.back()) + nv);
     }
     if (cmap[k] < 0) {
       cmap[k] = static_cast<int32_t>(classes.size());
