@@ -239,13 +239,12 @@ __device__ __forceinline__ void row_sums(const Params& p, int64_t b, int64_t n, 
       Acc xv[V], gv[V];
       ldv(xr + s, xv);
       if (HasG) ldv(gr + s, gv);
-      if (masked) {  // padding lanes are zeroed before any arithmetic (a NaN there stays out)
+      bool ok[V];  // padding lanes take no part in any sum (a NaN in x, g or r there stays out)
 #pragma unroll
-        for (int v = 0; v < V; ++v)
-          if (!valid_at(p, b, s0 + s + v)) xv[v] = gv[v] = Acc(0);
-      }
+      for (int v = 0; v < V; ++v) ok[v] = !masked || valid_at(p, b, s0 + s + v);
 #pragma unroll
       for (int v = 0; v < V; ++v) {
+        if (!ok[v]) continue;
         ax_ += xv[v];
         if (HasG) {
           ag += xv[v] * gv[v];
