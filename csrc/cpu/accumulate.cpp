@@ -8,7 +8,10 @@
 //    way no two threads write one address and no atomics are needed.
 //  - Channels-first with S > 1: each (b, n) is an S-run reduced in one SIMD loop. Channels-last:
 //    rows x[b, s, :] are summed 4 at a time into per-sample accumulators. One position per sample
-//    (S == 1, or per-token labels): rows sorted by class, summed 4 at a time per class run.
+//    (S == 1, or per-token labels): rows sorted by class, summed 8 at a time per class run.
+//  - Counted rows only: labels equal to ignore_index, samples with no valid position and invalid
+//    tokens are dropped before the pass; a sample's valid positions are walked as runs (padding
+//    is usually one run at an end), so padding is never read and costs nothing.
 //  - Non-finite input: a non-finite term makes its scratch sum non-finite (inf and NaN propagate
 //    through addition), so there is no per-element test of the input. The rows schedule folds a
 //    probe of every value it stores into registers (on one thread that decides); otherwise one
