@@ -434,7 +434,8 @@ int reduce_and_scan(std::vector<Scratch<Acc>>& scs, int np, int nthreads) {
 template <typename Acc>
 int64_t share(const Batch<Acc>& bt, int t, int nt) {
   const int64_t nrows = static_cast<int64_t>(bt.kept.size());
-  if (bt.work.empty() || t == 0 || t == nt) return t == nt ? nrows : 0;
+  if (t == 0 || t == nt) return t == nt ? nrows : 0;
+  if (bt.work.empty()) return nrows * t / nt;  // every row the same work
   const int64_t goal = bt.work.back() * t / nt;
   return std::lower_bound(bt.work.begin(), bt.work.end(), goal) - bt.work.begin() + 1;
 }
