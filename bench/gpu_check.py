@@ -133,7 +133,8 @@ def _accumulate_case(torch, shape: dict, dev: str, dry: bool):
     stats = [torch.zeros(K, device=dev)] + [torch.zeros(K, n, device=dev) for _ in range(4)]
     if avg_only:
         stats[2:] = [None, None, None]
-    args = (x, grad, None, labels, cl, *stats, valid, -100)
+    # valid and ignore_index only where they are used: the plain cases keep the 10-argument call
+    args = (x, grad, None, labels, cl, *stats) + ((valid, -100) if masked else ())
     red = None if s == 0 else (1 if cl else 2)
 
     def composite(st):  # taylor + the activation statistics, as a user writes them in torch
@@ -243,7 +244,7 @@ def _sum_rule(torch, case, got, fails, tol) -> tuple:
     """docs/architecture.md (Tests): a sum may pass at <= 2x the error of the torch composite (input dtype) vs float64."""
     from neuslice.ops import reference
     x, grad, ref, labels, cl = case["args"][:5]
-    valid, ignore_index = case["args"][10:12]
+    valid, ignore_index = (*case["args"][10:12], None, -100)[:2]
     oracle = [None if t is None else t.double() * 0 for t in case["args"][5:10]]
     reference.accumulate_(x.double(), grad.double(), None, labels, cl, *oracle, valid, ignore_index)
     comp = [None if t is None else t.clone() * 0 for t in case["args"][5:10]]
