@@ -129,6 +129,14 @@ class Table:
             cp = "" if copy is None else f"{copy:.1f}"
             ms = f"{r.ms:.2f}" if r.ms >= 0.1 else f"{r.ms:.4f}"
             lines.append(f"| {r.op} | {r.case} | {r.impl} | {r.threads} | {ms} | {gbs} | {cp} | {pct} | {sp} | {sr} |")
+        ratios = [r for r in self.rows if "floor_ratio" in r.extra]
+        if ratios:
+            lines += ["", "Fused accumulate against the read-only floor (x.sum(); g.sum()), alternated call by "
+                      "call in one process, median of each; ratio = floor / fused (>= 0.9 is the target):", "",
+                      "| case | threads | fused ms | floor ms | ratio |", "|---|---|---|---|---|"]
+            for r in ratios:
+                fl = self._baseline(r, "read-bound")
+                lines.append(f"| {r.case} | {r.threads} | {r.ms:.2f} | {fl.ms:.2f} | {r.extra['floor_ratio']:.2f} |")
         copies = ", ".join(f"{t} thread(s): {bw:.1f} GB/s" for t, bw in sorted(_COPY.items()))
         spread = []
         for t in sorted({r.threads for r in self.rows if r.copy_gbs is not None}):

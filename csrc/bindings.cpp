@@ -38,7 +38,8 @@ void bind_arg_structs(py::module_& m) {
                        bool per_token, int64_t x_sb, int64_t x_sn, int64_t x_ss, int64_t g_sb,
                        int64_t g_sn, int64_t g_ss, int64_t r_sn, int64_t r_ss, int64_t l_sb,
                        int64_t l_ss, uintptr_t count, uintptr_t act_sum, uintptr_t act_sq,
-                       uintptr_t taylor_sum, uintptr_t deeplift_sum) {
+                       uintptr_t taylor_sum, uintptr_t deeplift_sum, uintptr_t valid,
+                       int64_t v_sb, int64_t v_ss, int64_t ignore_index) {
              neuslice::AccumulateArgs a;
              a.x = ptr<const void>(x);
              a.g = ptr<const void>(g);
@@ -57,6 +58,9 @@ void bind_arg_structs(py::module_& m) {
              a.act_sq = ptr<void>(act_sq);
              a.taylor_sum = ptr<void>(taylor_sum);
              a.deeplift_sum = ptr<void>(deeplift_sum);
+             a.valid = ptr<const bool>(valid);
+             a.v_sb = v_sb; a.v_ss = v_ss;
+             a.ignore_index = ignore_index;
              return a;
            }),
            py::kw_only(), py::arg("x"), py::arg("g"), py::arg("r"), py::arg("labels"),
@@ -65,7 +69,8 @@ void bind_arg_structs(py::module_& m) {
            py::arg("x_ss"), py::arg("g_sb"), py::arg("g_sn"), py::arg("g_ss"), py::arg("r_sn"),
            py::arg("r_ss"), py::arg("l_sb"), py::arg("l_ss"), py::arg("count"),
            py::arg("act_sum"), py::arg("act_sq"), py::arg("taylor_sum"),
-           py::arg("deeplift_sum"));
+           py::arg("deeplift_sum"), py::arg("valid"), py::arg("v_sb"), py::arg("v_ss"),
+           py::arg("ignore_index"));
 
   py::class_<neuslice::SelectArgs>(m, "SelectArgs")
       .def(py::init([](uintptr_t scores, int dtype, int64_t R, int64_t N, int64_t s_r,

@@ -332,7 +332,9 @@ def accumulate(x, grad, ref, labels, channels_last, count, act_sum, act_sq, tayl
     if units == 0:
         return None
     k = count.shape[0]
-    has_grad, has_ref = grad is not None, grad is not None and ref is not None
+    # grad is read only for a kept gradient statistic, ref only for deeplift (as the reference reads them)
+    has_grad = grad is not None and (taylor_sum is not None or deeplift_sum is not None)
+    has_ref = has_grad and ref is not None and deeplift_sum is not None
     has_valid = valid is not None and not per_token       # per token, valid only decides which units count
     keeps = (act_sum is not None, act_sq is not None, has_grad and taylor_sum is not None,
              has_grad and deeplift_sum is not None)

@@ -155,17 +155,21 @@ def _to(dev, *ts):
     return [None if t is None else t.to(dev) for t in ts]
 
 
-def _assert_stats_match(got, x, gr, r, labels, cl):
-    """got (cuda stats) against reference on the same inputs; where a long sum misses the table, the
-    error must stay within 2x that of the reference's own float32 sum (both against float64)."""
+def _assert_stats_match(got, x, gr, r, labels, cl, valid=None, ignore_index=-100):
+    """got (cuda stats, None for one not kept) against reference on the same inputs; where a long sum
+    misses the table, the error must stay within 2x that of the reference's own float32 sum (both
+    against float64)."""
     acc = ref_ops.acc_dtype(x.dtype)
-    k, n = got[1].shape
-    want = _stats(k, n, acc, x.device)
-    ref_ops.accumulate_(x, gr, r, labels, cl, *want)
-    exact = _stats(k, n, torch.float64, x.device)
+    k, n = got[0].shape[0], x.shape[-1] if (cl and x.dim() == 3) else x.shape[1]
+    keep = [t is not None for t in got]
+    want = [t if kept else None for t, kept in zip(_stats(k, n, acc, x.device), keep)]
+    ref_ops.accumulate_(x, gr, r, labels, cl, *want, valid, ignore_index)
+    exact = [t if kept else None for t, kept in zip(_stats(k, n, torch.float64, x.device), keep)]
     d = [None if t is None else t.double() for t in (x, gr, r)]
-    ref_ops.accumulate_(d[0], d[1], d[2], labels, cl, *exact)
+    ref_ops.accumulate_(d[0], d[1], d[2], labels, cl, *exact, valid, ignore_index)
     for name, a, w, e in zip(STATS, got, want, exact):
+        if a is None:
+            continue
         try:
             assert_close(a, w, ACCUMULATE, x.dtype, msg=name)
         except AssertionError:
@@ -272,6 +276,77 @@ def test_accumulate_adds_into_existing_statistics_and_counts():
     for name, a, w in zip(STATS, got, want):
         assert_close(a, w, ACCUMULATE, torch.float32, msg=name)
     assert torch.equal(got[0].cpu(), torch.bincount(labels, minlength=3).float() + 1.5)
+
+
+def _mask_inputs(b, n, s, cl, x, gr, labels, *, per_token, pattern, seed=11):
+    """valid [B, S] of ``pattern`` (right padding, left padding, holes), a sample with no valid position
+    (per-sample labels, B > 1), ignored labels, and NaN written into padding of x and grad."""
+    g = torch.Generator().manual_seed(seed)
+    if pattern == "right":
+        lengths = torch.randint(1, s + 1, (b,), generator=g)
+        valid = torch.arange(s)[None, :] < lengths[:, None]
+    elif pattern == "left":
+        lengths = torch.randint(1, s + 1, (b,), generator=g)
+        valid = torch.arange(s)[None, :] >= (s - lengths)[:, None]
+    else:
+        valid = torch.rand(b, s, generator=g) < 0.6
+    if b > 1 and not per_token:
+        valid[1] = False
+    ignore = torch.rand(labels.shape, generator=g) < 0.2
+    labels = labels.masked_fill(ignore, -100)
+    xv = x.unsqueeze(-1) if x.dim() == 2 else (x.transpose(1, 2) if cl else x)
+    pad = (~valid).nonzero()
+    for bb, ss in pad[:8].tolist():
+        xv[bb, :, ss] = float("nan")
+        if gr is not None:
+            (gr.unsqueeze(-1) if gr.dim() == 2 else (gr.transpose(1, 2) if cl else gr))[bb, :, ss] = float("nan")
+    return valid, labels
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("keep", ["all", "avg", "taylor", "deeplift"])
+@pytest.mark.parametrize("pattern", ["right", "left", "holes"])
+@pytest.mark.parametrize("b,n,s,cl,per_token", [
+    (7, 97, 1, False, False), (1000, 1000, 1, False, False),       # S = 1 (cols)
+    (6, 13, 15, False, False),                                      # short channels-first runs (cols)
+    (9, 31, 196, False, False), (128, 100, 20, False, False),       # channels-first rows
+    (2, 3, 5000, False, False),                                     # rows split over positions
+    (4, 97, 7, True, False), (3, 123, 300, True, False),            # channels-last, direct / split
+    (3, 97, 7, True, True), (2, 9, 40000, True, True),              # per token (grid-wide sort too)
+])
+def test_accumulate_valid_ignore_and_kept_statistics(keep, pattern, b, n, s, cl, per_token):
+    """valid, ignore_index and statistics left out (None) against the reference: padding (holding
+    NaN) never read, ignored labels and samples without a valid position not counted."""
+    from neuslice.ops import _backend_cuda as _native_cuda
+    x, gr, r, labels = _inputs(b, n, s, cl, torch.float32, per_token=per_token, ref_kind="ns" if s > 1 else "n")
+    if s == 1 and not per_token:
+        x, gr = x.reshape(b, n), gr.reshape(b, n)
+    valid, labels = _mask_inputs(b, n, s, cl, x, gr, labels, per_token=per_token, pattern=pattern)
+    dev = torch.device("cuda")
+    xd, gd, rd, ld, vd = _to(dev, x, gr, r, labels, valid)
+    kept = {"all": (1, 1, 1, 1, 1), "avg": (1, 1, 0, 0, 0), "taylor": (1, 1, 1, 1, 0),
+            "deeplift": (1, 0, 0, 0, 1)}[keep]
+    got = [t if k else None for t, k in zip(_stats(5, n, device=dev), kept)]
+    args = (xd, gd, rd, ld, cl, *got, vd, -100)
+    assert _native_cuda.refuse("accumulate_", args) is None
+    _native_cuda.accumulate_(*args)
+    _assert_stats_match(got, xd, gd, rd, ld, cl, vd, -100)
+    counted = (ld != -100) & (vd if per_token else vd.any(1))
+    assert torch.equal(got[0].cpu(), torch.bincount(labels[counted.cpu()], minlength=5).float())
+
+
+@pytest.mark.gpu
+def test_accumulate_nothing_counted_changes_nothing():
+    from neuslice.ops import _backend_cuda as _native_cuda
+    x, gr, _, labels = _inputs(4, 9, 30, False, torch.float32)
+    dev = torch.device("cuda")
+    xd, gd = _to(dev, x, gr)
+    got = [t + 1.0 for t in _stats(5, 9, device=dev)]
+    before = [t.clone() for t in got]
+    _native_cuda.accumulate_(xd, gd, None, torch.full((4,), -100, device=dev), False, *got)
+    _native_cuda.accumulate_(xd, gd, None, labels.to(dev), False, *got, torch.zeros(4, 30, dtype=torch.bool, device=dev))
+    for name, a, w in zip(STATS, got, before):
+        assert torch.equal(a, w), name
 
 
 @pytest.mark.gpu

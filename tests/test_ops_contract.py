@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import neuslice
 from neuslice import BackendError, NonFiniteError, ops
 from neuslice.ops import _dispatch, reference
-from op_cases import K, new_stats
+from op_cases import IGNORE, K, loop_stats, new_stats
 
 CPU_BACKENDS = [b for b in ("reference", "cpu") if _dispatch.import_error(b) is None]
 # Every backend a call can be forced onto, with the device of its tensors: the CPU ones here (triton
@@ -307,6 +307,20 @@ def _unchanged(before, after):
     (lambda a: a.__setitem__(0, torch.randint(0, 3, (6, 4, 3))), TypeError, "x must be float32"),
     (lambda a: a.__setitem__(3, torch.zeros(6, 3, dtype=torch.long)), ValueError, "need channels_last=True"),
     (lambda a: a.__setitem__(1, torch.randn(6, 4, 3, device="meta")), ValueError, "grad must be on x's device"),
+    # valid and ignore_index (issue 13)
+    (lambda a: a.extend([torch.ones(6, 3, dtype=torch.uint8), -100]), TypeError, "valid must be bool [B, S]"),
+    (lambda a: a.extend([torch.ones(6, 2, dtype=torch.bool), -100]), ValueError, "valid must be [B, S] = [6, 3]"),
+    (lambda a: a.extend([torch.ones(6, dtype=torch.bool), -100]), ValueError, "valid must be [B, S] = [6, 3]"),
+    (lambda a: a.extend([torch.ones(6, 3, dtype=torch.bool, device="meta"), -100]), ValueError,
+     "valid must be [B, S] = [6, 3] on"),
+    (lambda a: (a.__setitem__(3, torch.tensor([0, 1, -5, 1, 0, 4])), a.extend([None, -100])), ValueError,
+     "or equal ignore_index (-100), got label -5"),
+    (lambda a: (a.__setitem__(3, torch.tensor([0, 1, -100, 1, 0, 4])), a.extend([None, -1])), ValueError,
+     "got label -100"),
+    (lambda a: (a.__setitem__(3, torch.tensor([0, 1, 7, 1, 0, -100])), a.extend([None, -100])), ValueError,
+     "labels must lie in [0, 5)"),
+    (lambda a: a.extend([None, True]), TypeError, "ignore_index must be an int (schema: int ignore_index), got bool"),
+    (lambda a: a.extend([None, -100.0]), TypeError, "ignore_index must be an int"),
 ])
 def test_accumulate_bad_input_is_rejected_and_changes_nothing(force_backend, backend, device, mutate, exc, words):
     force_backend(backend)
@@ -349,6 +363,226 @@ def test_accumulate_overflowing_square_is_non_finite(force_backend):
         with pytest.raises(NonFiniteError):
             ops.accumulate_(torch.full((2, 2), 3e38), None, None, torch.tensor([0, 1]), False, *st_)
         assert not any(t.any() for t in st_)
+
+
+# ------------------------------------------------------------------ valid, ignore_index, statistics not kept
+# (issue 13; definitions in op_cases.loop_stats and docs/method.md §2)
+
+
+def _acc_extra(kind):
+    """_acc_args with the issue-13 arguments: (x, g, r, labels, cl, 5 stats, valid, ignore_index)."""
+    torch.manual_seed(0)
+    per_token = kind.startswith("token")
+    x, g, r, labels, cl, *stats = _acc_args(cl=per_token)
+    valid, ignore_index = None, IGNORE
+    if per_token:
+        labels = torch.randint(0, K, (6, 3))
+    if kind in ("valid", "token valid ignore"):
+        valid = torch.tensor([[1, 1, 0], [0, 0, 0], [1, 0, 1], [1, 1, 1], [0, 1, 0], [1, 1, 1]], dtype=torch.bool)
+    if kind in ("ignore", "token valid ignore"):
+        labels = labels.clone()
+        labels.view(-1)[::4] = IGNORE
+    if kind == "ignore in range":
+        ignore_index = 1                  # a label value in [0, K) can be the ignored one too
+    if kind == "none":
+        stats[2] = stats[4] = None        # act_sq, deeplift_sum not kept
+    if kind == "avg":
+        stats[2:] = [None, None, None]    # act_sum only: grad is never read
+    if kind == "taylor only":
+        stats[1:3] = [None, None]
+        stats[4] = None
+    return [x, g, r, labels, cl, *stats, valid, ignore_index]
+
+
+_EXTRA_KINDS = ["valid", "ignore", "ignore in range", "none", "avg", "taylor only", "token valid ignore"]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("kind", _EXTRA_KINDS)
+def test_opcheck_new_arguments(force_backend, backend, kind):
+    force_backend(backend)
+    torch.library.opcheck(torch.ops.neuslice.accumulate_.default, _acc_extra(kind))
+
+
+def test_fake_kernel_takes_and_checks_the_new_arguments():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    args = _acc_extra("token valid ignore")
+    args[6] = None
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        torch.ops.neuslice.accumulate_(*fake)                      # no data read, nothing raised
+        fake[10] = mode.from_tensor(torch.ones(6, 2, dtype=torch.bool))
+        with pytest.raises(ValueError, match=r"valid must be \[B, S\] = \[6, 3\]"):
+            torch.ops.neuslice.accumulate_(*fake)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("kind", _EXTRA_KINDS)
+def test_new_arguments_match_the_float64_loop(force_backend, backend, device, kind):
+    """Every backend against the hand loop of the definitions (float32 inputs; tolerance table)."""
+    args = _on(_acc_extra(kind), device)
+    force_backend(backend)
+    stats = args[5:10]
+    ops.accumulate_(*args)
+    x, g, r, labels, cl = (a.cpu() if isinstance(a, torch.Tensor) else a for a in args[:5])
+    valid = None if args[10] is None else args[10].cpu()
+    want = loop_stats(x, g, r, labels, cl, K, valid, args[11])
+    for name, got, w in zip(("count", "act_sum", "act_sq", "taylor_sum", "deeplift_sum"), stats, want):
+        if got is not None:
+            torch.testing.assert_close(got.cpu().double(), w, rtol=2e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("cl,per_token", [(False, False), (True, False), (True, True)])
+def test_nan_in_padding_and_in_ignored_samples_is_never_read(force_backend, backend, device, cl, per_token):
+    args = _acc_extra("token valid ignore" if per_token else "valid")
+    if not per_token and cl:
+        args[0], args[1] = args[0].transpose(1, 2).contiguous(), args[1].transpose(1, 2).contiguous()
+        args[4] = True
+    clean = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+    xv = [t.transpose(1, 2) if args[4] else t for t in (args[0], args[1])]
+    pad = ~args[10]
+    for t in xv:
+        t.masked_fill_(pad[:, None, :], float("nan"))
+    if not per_token:
+        args[3] = args[3].clone()
+        args[3][0] = IGNORE               # sample 0 ignored: its values are never read either
+        xv[0][0].fill_(float("inf"))
+        clean[3] = args[3]
+    args = _on(args, device)
+    force_backend(backend)
+    ops.accumulate_(*args)                 # no NonFiniteError: nothing non-finite was counted
+    reference.accumulate_(*clean)
+    for got, want in zip(args[5:10], clean[5:10]):
+        torch.testing.assert_close(got.cpu(), want, rtol=2e-5, atol=1e-5)
+        assert torch.isfinite(got).all()
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("where", ["x", "grad"])
+def test_non_finite_at_a_counted_position_still_changes_nothing(force_backend, backend, device, where):
+    args = _acc_extra("valid")
+    for t in args[5:10]:
+        t.uniform_()
+    (args[0] if where == "x" else args[1])[3, 2, 1] = float("nan")   # sample 3 counts all positions
+    args = _on(args, device)
+    force_backend(backend)
+    before = _clones(args)
+    with pytest.raises(NonFiniteError, match="non-finite value in " + where):
+        ops.accumulate_(*args)
+    assert _unchanged(before, args)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_sample_without_valid_position_is_not_counted(force_backend, backend, device):
+    x = torch.randn(3, 4, 5)
+    labels = torch.tensor([2, 1, 2])
+    valid = torch.ones(3, 5, dtype=torch.bool)
+    valid[1] = False                       # sample 1 (the only one of class 1): nothing valid
+    args = _on([x, torch.randn(3, 4, 5), None, labels, False, *new_stats(4), valid, IGNORE], device)
+    force_backend(backend)
+    ops.accumulate_(*args)
+    assert args[5].cpu().tolist() == [0.0, 0.0, 2.0, 0.0, 0.0]
+    assert not any(t[1].any() for t in args[6:10])
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_nothing_counted_changes_nothing(force_backend, backend, device):
+    args = _acc_extra("valid")
+    args[10] = torch.zeros(6, 3, dtype=torch.bool)
+    for t in args[5:10]:
+        t.fill_(0.25)
+    args = _on(args, device)
+    force_backend(backend)
+    before = _clones(args)
+    ops.accumulate_(*args)
+    assert _unchanged(before, args)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_gradient_statistics_not_kept_leave_grad_unread(force_backend, backend, device):
+    """taylor_sum and deeplift_sum None: grad is not read, so not checked (a NaN there is no error);
+    the statistics kept are those of a call without grad."""
+    args = _acc_extra("avg")
+    args[1] = torch.full_like(args[1], float("nan"))
+    args = _on(args, device)
+    force_backend(backend)
+    ops.accumulate_(*args)
+    want = new_stats(4)
+    reference.accumulate_(*_acc_extra("avg")[:1], None, None, *_acc_extra("avg")[3:5], *want)
+    for got, w in zip(args[5:7], want[:2]):
+        torch.testing.assert_close(got.cpu(), w, rtol=2e-5, atol=1e-5)
+
+
+def _hyp_case(data, b, n, s, cl, per_token, kept, dtype):
+    """A random accumulate_ call from hypothesis's draws: x, g, r, labels (some ignored), valid."""
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1), label="seed"))
+    shape = (b, s, n) if cl else (b, n, s)
+    x = torch.randn(shape, generator=gen, dtype=dtype)
+    g = torch.randn(shape, generator=gen, dtype=dtype)
+    r = torch.randn(n, s, generator=gen, dtype=dtype) if data.draw(st.booleans(), label="ref") else None
+    lab_shape = (b, s) if per_token else (b,)
+    labels = torch.randint(0, K, lab_shape, generator=gen)
+    labels[torch.rand(lab_shape, generator=gen) < data.draw(st.sampled_from([0.0, 0.3, 1.0]), label="ignored")] = IGNORE
+    valid = None
+    if data.draw(st.booleans(), label="masked"):
+        valid = torch.rand(b, s, generator=gen) < data.draw(st.sampled_from([0.0, 0.5, 0.9]), label="p_valid")
+    stats = [torch.zeros(K, dtype=reference.acc_dtype(dtype))] + [
+        torch.zeros(K, n, dtype=reference.acc_dtype(dtype)) if k else None for k in kept]
+    return [x, g, r, labels, cl, *stats, valid, IGNORE]
+
+
+_hyp_shape = dict(b=st.integers(1, 6), n=st.integers(1, 9), s=st.integers(1, 7),
+                  layout=st.sampled_from(["cf", "cl", "cl-tok"]), kept=st.tuples(*[st.booleans()] * 4))
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), backend=st.sampled_from(CPU_BACKENDS), **_hyp_shape)
+def test_property_new_arguments_match_the_float64_loop(data, backend, b, n, s, layout, kept):
+    """valid / ignore_index / statistics not kept, float64 inputs: each backend equals the definitions
+    (op_cases.loop_stats) to float64 rounding, padding and ignored samples holding NaN."""
+    cl, per_token = layout != "cf", layout == "cl-tok"
+    args = _hyp_case(data, b, n, s, cl, per_token, kept, torch.float64)
+    x, g, r, labels, _, *stats = args[:10]
+    valid = args[10]
+    want = loop_stats(x, g, r, labels, cl, K, valid, IGNORE)
+    skip = (labels == IGNORE) if per_token else (labels == IGNORE)[:, None].expand(b, s)
+    if valid is not None:
+        skip = skip | ~valid
+    for t in (x, g):                       # never read: NaN at every position that does not count
+        (t.transpose(1, 2) if cl else t).masked_fill_(skip[:, None, :], float("nan"))
+    os.environ["NEUSLICE_BACKEND"] = backend
+    try:
+        ops.accumulate_(*args)
+    finally:
+        del os.environ["NEUSLICE_BACKEND"]
+    for got, w in zip(stats, want):
+        if got is not None:
+            torch.testing.assert_close(got, w, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="cpu backend not built")
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), threads=st.sampled_from([1, 2]), **_hyp_shape)
+def test_property_cpu_matches_reference_with_new_arguments(data, threads, b, n, s, layout, kept):
+    """float32: the cpu kernel against the reference within tests/tolerances.py, 1 and 2 threads."""
+    from tolerances import ACCUMULATE, assert_close
+    cl, per_token = layout != "cf", layout == "cl-tok"
+    args = _hyp_case(data, b, n, s, cl, per_token, kept, torch.float32)
+    want = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+    prev = torch.get_num_threads()
+    os.environ["NEUSLICE_BACKEND"] = "cpu"
+    torch.set_num_threads(threads)
+    try:
+        ops.accumulate_(*args)
+    finally:
+        del os.environ["NEUSLICE_BACKEND"]
+        torch.set_num_threads(prev)
+    reference.accumulate_(*want)
+    for got, w in zip(args[5:10], want[5:10]):
+        if got is not None:
+            assert_close(got, w, ACCUMULATE, torch.float32)
 
 
 @pytest.mark.parametrize("op", ["select", "select_topk"])

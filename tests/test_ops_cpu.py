@@ -7,7 +7,8 @@ import torch
 
 from neuslice import NonFiniteError, ops
 from neuslice.ops import _dispatch, reference
-from op_cases import K, acc_cases, acc_id, make_labels, make_x, new_stats
+from op_cases import (EXTRAS, K, acc_cases, acc_id, extra_args, kept_stats, make_labels, make_valid, make_x,
+                      new_stats, poison_padding)
 from tolerances import ACCUMULATE, MASKED_UPDATE, assert_close
 
 pytestmark = pytest.mark.skipif(_dispatch.import_error("cpu") is not None,
@@ -16,24 +17,25 @@ pytestmark = pytest.mark.skipif(_dispatch.import_error("cpu") is not None,
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 
-def _run_both(force_backend, x, g, r, labels, cl, acc):
+def _run_both(force_backend, x, g, r, labels, cl, acc, valid=None, extra=""):
     n = x.shape[-1] if (cl and x.dim() == 3) else x.shape[1]
-    got, want = new_stats(n, acc), new_stats(n, acc)
+    got, want = kept_stats(new_stats(n, acc), extra), kept_stats(new_stats(n, acc), extra)
     force_backend("cpu")
-    ops.accumulate_(x, g, r, labels, cl, *got)
-    reference.accumulate_(x, g, r, labels, cl, *want)
-    return got, want
+    ops.accumulate_(x, g, r, labels, cl, *got, valid, -100)
+    reference.accumulate_(x, g, r, labels, cl, *want, valid, -100)
+    return [t for t in got if t is not None], [t for t in want if t is not None]
 
 
 @pytest.mark.parametrize("case", list(acc_cases()), ids=acc_id)
 def test_accumulate_matches_reference(force_backend, case):
-    shape, cl, pt, with_g, with_r = case
+    shape, cl, pt, with_g, with_r, extra = case
     x = make_x(shape, cl, torch.float32)
     g = make_x(shape, cl, torch.float32, seed=7) if with_g else None
     r = torch.randn(shape[1], shape[2]) if with_r else None
-    got, want = _run_both(force_backend, x, g, r, make_labels(shape[0], shape[2], pt), cl, torch.float32)
-    for name, a, b in zip(("count", "act_sum", "act_sq", "taylor", "deeplift"), got, want):
-        assert_close(a, b, ACCUMULATE, torch.float32, name)
+    labels, valid = extra_args(x, g, make_labels(shape[0], shape[2], pt), cl, extra)
+    got, want = _run_both(force_backend, x, g, r, labels, cl, torch.float32, valid, extra)
+    for a, b in zip(got, want):
+        assert_close(a, b, ACCUMULATE, torch.float32, case[-1])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -48,15 +50,23 @@ def test_accumulate_dtypes(force_backend, dtype, cl):
         assert_close(a, b, ACCUMULATE, dtype)
 
 
+@pytest.mark.parametrize("masked", [False, True], ids=["", "masked"])
 @pytest.mark.parametrize("cl,pt", [(False, False), (True, False), (True, True)], ids=["cf", "cl", "cl-tok"])
-def test_accumulate_non_contiguous(force_backend, cl, pt):
+def test_accumulate_non_contiguous(force_backend, cl, pt, masked):
     shape = (6, 37, 5)
     x = make_x(shape, cl, torch.float32, contiguous=False)
     g = make_x(shape, cl, torch.float32, contiguous=False, seed=4)
     r = torch.randn(5, 37).t()  # [N, S] as a transposed view
     labels = make_labels(6, 5, pt, contiguous=False)
+    valid = None
+    if masked:  # a strided valid view, padding poisoned, some labels ignored (in place: still strided)
+        valid = make_valid(6, 5, pt, contiguous=False)
+        assert not valid.is_contiguous()
+        poison_padding(x, valid, cl)
+        poison_padding(g, valid, cl)
+        labels[::3] = -100
     assert not x.is_contiguous() and not labels.is_contiguous() and not r.is_contiguous()
-    got, want = _run_both(force_backend, x, g, r, labels, cl, torch.float32)
+    got, want = _run_both(force_backend, x, g, r, labels, cl, torch.float32, valid)
     for a, b in zip(got, want):
         assert_close(a, b, ACCUMULATE, torch.float32)
 
@@ -70,15 +80,19 @@ def test_accumulate_transposed_layout_view(force_backend):
         assert_close(a, b, ACCUMULATE, torch.float32)
 
 
+@pytest.mark.parametrize("extra", EXTRAS)
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("shape,cl,pt", [((64, 300, 1), False, False), ((40, 70, 9), True, False),
                                          ((30, 50, 6), False, False), ((4, 90, 16), True, True)])
-def test_accumulate_thread_counts_agree(force_backend, threads, shape, cl, pt):
+def test_accumulate_thread_counts_agree(force_backend, threads, shape, cl, pt, extra):
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         x, g = make_x(shape, cl, torch.float32), make_x(shape, cl, torch.float32, seed=9)
-        got, want = _run_both(force_backend, x, g, None, make_labels(shape[0], shape[2], pt), cl, torch.float32)
+        if shape[2] == 1:
+            x, g = x.squeeze(-1), g.squeeze(-1)
+        labels, valid = extra_args(x, g, make_labels(shape[0], shape[2], pt), cl, extra)
+        got, want = _run_both(force_backend, x, g, None, labels, cl, torch.float32, valid, extra)
     finally:
         torch.set_num_threads(prev)
     for a, b in zip(got, want):

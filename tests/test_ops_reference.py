@@ -7,45 +7,22 @@ import pytest
 import torch
 
 from neuslice.ops import reference
-from op_cases import K, acc_cases, acc_id, make_labels, make_x, new_stats
-
-
-def loop_stats(x, g, r, labels, channels_last, k):
-    """docs/method.md §2 by explicit loops over samples, positions and neurons, in float64."""
-    xb = (x.transpose(1, 2) if channels_last else x).double() if x.dim() == 3 else x.double().unsqueeze(-1)
-    gb = None if g is None else ((g.transpose(1, 2) if channels_last else g).double() if g.dim() == 3
-                                 else g.double().unsqueeze(-1))
-    b, n, s = xb.shape
-    rr = torch.zeros(n, s, dtype=torch.float64) if r is None else (
-        r.double().unsqueeze(-1).expand(n, s) if r.dim() == 1 else r.double())
-    out = [torch.zeros(k, dtype=torch.float64)] + [torch.zeros(k, n, dtype=torch.float64) for _ in range(4)]
-    samples = ([(i, list(range(s))) for i in range(b)] if labels.dim() == 1
-               else [(i, [p]) for i in range(b) for p in range(s)])
-    for i, positions in samples:
-        c = int(labels[i]) if labels.dim() == 1 else int(labels[i, positions[0]])
-        out[0][c] += 1
-        for j in range(n):
-            m = sum(float(xb[i, j, p]) for p in positions) / len(positions)
-            out[1][c, j] += m
-            out[2][c, j] += m * m
-            if gb is not None:
-                out[3][c, j] += abs(sum(float(xb[i, j, p] * gb[i, j, p]) for p in positions))
-                out[4][c, j] += abs(sum(float((xb[i, j, p] - rr[j, p]) * gb[i, j, p]) for p in positions))
-    return out
+from op_cases import K, acc_cases, acc_id, extra_args, kept_stats, loop_stats, make_labels, make_x, new_stats
 
 
 @pytest.mark.parametrize("case", [c for c in acc_cases() if c[0][0] * c[0][1] * c[0][2] <= 400], ids=acc_id)
 def test_reference_accumulate_matches_float64_loops(case):
-    (b, n, s), cl, pt, with_g, with_r = case
+    (b, n, s), cl, pt, with_g, with_r, extra = case
     x = make_x((b, n, s), cl, torch.float64)
     g = make_x((b, n, s), cl, torch.float64, seed=3) if with_g else None
     r = torch.randn(n, s, dtype=torch.float64) if with_r else None
-    labels = make_labels(b, s, pt)
-    stats = new_stats(n, torch.float64)
-    reference.accumulate_(x, g, r, labels, cl, *stats)
-    want = loop_stats(x, g, r, labels, cl, K)
+    labels, valid = extra_args(x, g, make_labels(b, s, pt), cl, extra)
+    stats = kept_stats(new_stats(n, torch.float64), extra)
+    reference.accumulate_(x, g, r, labels, cl, *stats, valid, -100)
+    want = loop_stats(x, g, r, labels, cl, K, valid, -100)
     for got, exp in zip(stats, want):
-        torch.testing.assert_close(got, exp, rtol=1e-12, atol=1e-12)
+        if got is not None:
+            torch.testing.assert_close(got, exp, rtol=1e-12, atol=1e-12)
 
 
 def test_reference_accumulate_hand_case():

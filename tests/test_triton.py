@@ -304,8 +304,9 @@ def test_accumulate_valid_and_ignore_across_tiles_and_chunks(per_token):
 @pytest.mark.parametrize("layout", ["channels_first", "channels_last per-token"])
 @pytest.mark.parametrize("kept", [STATS, ("count",)], ids=["all", "count-only"])
 def test_accumulate_non_finite_at_a_counted_position_rejected(force_backend, where, layout, kept):
-    """Padding is poisoned throughout; one non-finite value at a counted position is still an error,
-    whichever statistics are kept (the oracle checks grad whenever it is given), and changes nothing."""
+    """Padding is poisoned throughout; one non-finite value at a counted position is still an error and
+    changes nothing, wherever it is read: x always, grad and ref only for a kept gradient statistic (with
+    count only they are never read, by the oracle or by triton)."""
     x, grad, ref, labels, cl, valid, counted = _extras(6, 13, 4, layout, "grad+ref[N,S]", torch.float32, "random",
                                                        True, k=3)
     b, s = counted.nonzero()[len(counted.nonzero()) // 2].tolist()
@@ -316,6 +317,13 @@ def test_accumulate_non_finite_at_a_counted_position_rejected(force_backend, whe
         as_bns(target, cl)[b, 3, s] = float(where.split()[0])
     stats = [t if name in kept else None for t, name in zip(_stats(3, 13, filled=True), STATS)]
     before = [None if t is None else t.clone() for t in stats]
+    if where != "nan in x" and kept == ("count",):                        # grad and ref are not read
+        want = [None if t is None else t.clone() for t in stats]
+        reference.accumulate_(x, grad, ref, labels, cl, *want, valid, IGNORE)
+        force_backend("triton")
+        ops.accumulate_(x, grad, ref, labels, cl, *stats, valid, IGNORE)
+        assert torch.equal(stats[0], want[0]) and not torch.equal(stats[0], before[0])
+        return
     with pytest.raises(NonFiniteError, match="no statistic was changed"):   # the oracle agrees
         reference.accumulate_(x, grad, ref, labels, cl, *[None if t is None else t.clone() for t in stats],
                               valid, IGNORE)
@@ -497,7 +505,7 @@ def test_gpu_check_dry_run(tmp_path):
                                                        ("cli predict --device cpu", "ok")]
     rows = [r for r in rows if r["impl"] != "cli"]
     cases = {r["case"] for r in rows}
-    assert len(cases) == 15                          # 7 accumulate (3 with valid/ignore_index/None), 4 select, 4 optimizer
+    assert len(cases) == 16                          # 8 accumulate (4 with valid/ignore_index/None), 4 select, 4 optimizer
     assert {r["case"] for r in rows if r["impl"] == "triton" and r["check"] == "PASS" and r["ms"] > 0} == cases
     for r in rows:
         if r["impl"] == "cuda":                                           # CPU tensors: refused, with a reason

@@ -8,7 +8,10 @@
 //    way no two threads write one address and no atomics are needed.
 //  - Channels-first with S > 1: each (b, n) is an S-run reduced in one SIMD loop. Channels-last:
 //    rows x[b, s, :] are summed 4 at a time into per-sample accumulators. One position per sample
-//    (S == 1, or per-token labels): rows sorted by class, summed 4 at a time per class run.
+//    (S == 1, or per-token labels): rows sorted by class, summed 8 at a time per class run.
+//  - Counted rows only: labels equal to ignore_index, samples with no valid position and invalid
+//    tokens are dropped before the pass; a sample's valid positions are walked as runs (padding
+//    is usually one run at an end), so padding is never read and costs nothing.
 //  - Non-finite input: a non-finite term makes its scratch sum non-finite (inf and NaN propagate
 //    through addition), so there is no per-element test of the input. The rows schedule folds a
 //    probe of every value it stores into registers (on one thread that decides); otherwise one
@@ -65,6 +68,10 @@ constexpr int planes(bool has_g, bool has_r) { return has_r ? 4 : has_g ? 3 : 2;
 // registers and the L1 accumulators are read and written once per R rows. Measured on the linear
 // shape (hot cache, 1 thread): one row at a time was bound by those loads/stores, not by memory.
 constexpr int kRows = 4;
+// Rows as samples (rows_by_class): 8 rows of one class at a time, then 4, then 1. Its
+// accumulators (3-4 planes of up to 4096 columns) do not fit L1, so each group reads and writes
+// them once from L2; 8 rows halve that traffic against 4.
+constexpr int kClassRows = 8;
 
 // Sums over R rows of one sample's positions (channels-last): ax += v, ag += v*w, ad += (v-r)*w.
 template <typename T, bool HasG, bool HasR, bool Unit, int R>
@@ -139,16 +146,17 @@ inline void add_samples(const T* const* xp, const T* const* gp, const T* const* 
 }
 
 // Sample b, channels-first with S > 1, neurons [n0, n1): reduce each (b, n) S-run.
+// `runs` holds the sample's valid positions as nruns runs [runs[2i], runs[2i+1]) (one run [0, S)
+// without a valid mask; padding is usually one run at either end), and inv_s = 1 / |V_b|:
+// positions outside them are never read.
 template <typename T, bool HasG, bool HasR, bool Unit>
 void sample_cf(const AccumulateArgs& a, int64_t b, int64_t c, Scratch<typename Elem<T>::acc>& sc,
-               int64_t n0, int64_t n1) {
+               int64_t n0, int64_t n1, const int64_t* runs, int64_t nruns, typename Elem<T>::acc inv_s) {
   using Acc = typename Elem<T>::acc;
   const T* x = static_cast<const T*>(a.x);
   const T* g = static_cast<const T*>(a.g);
   const T* r = static_cast<const T*>(a.r);
-  const int64_t S = a.S;
   const int64_t xs = Unit ? 1 : a.x_ss, gs = Unit ? 1 : a.g_ss;
-  const Acc inv_s = Acc(1) / static_cast<Acc>(S);
   Acc* p0 = sc.plane(0, c);
   Acc* p1 = sc.plane(1, c);
   Acc* p2 = sc.plane(2, c);
@@ -156,29 +164,32 @@ void sample_cf(const AccumulateArgs& a, int64_t b, int64_t c, Scratch<typename E
   for (int64_t n = n0; n < n1; ++n) {
     const T* xp = x + b * a.x_sb + n * a.x_sn;
     Acc sx = 0, sg = 0, sd = 0;
-    if constexpr (HasG) {
-      const T* gp = g + b * a.g_sb + n * a.g_sn;
-      if constexpr (HasR) {
-        const T* rp = r + n * a.r_sn;
-        const int64_t rs = a.r_ss;
+    for (int64_t q = 0; q < nruns; ++q) {
+      const int64_t s0 = runs[2 * q], s1 = runs[2 * q + 1];
+      if constexpr (HasG) {
+        const T* gp = g + b * a.g_sb + n * a.g_sn;
+        if constexpr (HasR) {
+          const T* rp = r + n * a.r_sn;
+          const int64_t rs = a.r_ss;
 #pragma omp simd reduction(+ : sx, sg, sd)
-        for (int64_t s = 0; s < S; ++s) {
-          const Acc v = Elem<T>::load(xp, s * xs), w = Elem<T>::load(gp, s * gs);
-          sx += v;
-          sg += v * w;
-          sd += (v - Elem<T>::load(rp, s * rs)) * w;
+          for (int64_t s = s0; s < s1; ++s) {
+            const Acc v = Elem<T>::load(xp, s * xs), w = Elem<T>::load(gp, s * gs);
+            sx += v;
+            sg += v * w;
+            sd += (v - Elem<T>::load(rp, s * rs)) * w;
+          }
+        } else {
+#pragma omp simd reduction(+ : sx, sg)
+          for (int64_t s = s0; s < s1; ++s) {
+            const Acc v = Elem<T>::load(xp, s * xs);
+            sx += v;
+            sg += v * Elem<T>::load(gp, s * gs);
+          }
         }
       } else {
-#pragma omp simd reduction(+ : sx, sg)
-        for (int64_t s = 0; s < S; ++s) {
-          const Acc v = Elem<T>::load(xp, s * xs);
-          sx += v;
-          sg += v * Elem<T>::load(gp, s * gs);
-        }
-      }
-    } else {
 #pragma omp simd reduction(+ : sx)
-      for (int64_t s = 0; s < S; ++s) sx += Elem<T>::load(xp, s * xs);
+        for (int64_t s = s0; s < s1; ++s) sx += Elem<T>::load(xp, s * xs);
+      }
     }
     const Acc m = sx * inv_s;
     p0[n] += m;
@@ -190,14 +201,16 @@ void sample_cf(const AccumulateArgs& a, int64_t b, int64_t c, Scratch<typename E
 
 // Sample b, channels-last with S > 1, neurons [n0, n1): reduce rows x[b, s, n0:n1] over s into
 // `buf` (3 * (n1 - n0) accumulators), then add the sample's terms.
+// Positions: the valid runs of the sample and inv_s = 1 / |V_b|, as in sample_cf.
 template <typename T, bool HasG, bool HasR, bool Unit>
 void sample_cl(const AccumulateArgs& a, int64_t b, int64_t c, Scratch<typename Elem<T>::acc>& sc,
-               int64_t n0, int64_t n1, typename Elem<T>::acc* buf) {
+               int64_t n0, int64_t n1, typename Elem<T>::acc* buf, const int64_t* runs, int64_t nruns,
+               typename Elem<T>::acc inv_s) {
   using Acc = typename Elem<T>::acc;
   const T* x = static_cast<const T*>(a.x);
   const T* g = static_cast<const T*>(a.g);
   const T* r = static_cast<const T*>(a.r);
-  const int64_t tn = n1 - n0, S = a.S;
+  const int64_t tn = n1 - n0;
   Acc* ax = buf;
   Acc* ag = ax + tn;
   Acc* ad = ag + tn;
@@ -205,7 +218,8 @@ void sample_cl(const AccumulateArgs& a, int64_t b, int64_t c, Scratch<typename E
   const T* xp[kRows];
   const T* gp[kRows];
   const T* rp[kRows];
-  for (int64_t s0 = 0; s0 < S;) {
+  for (int64_t q = 0; q < nruns; ++q)
+  for (int64_t s0 = runs[2 * q], S = runs[2 * q + 1]; s0 < S;) {
     const int rows = S - s0 >= kRows ? kRows : 1;
     for (int k = 0; k < rows; ++k) {
       const int64_t s = s0 + k;
@@ -220,7 +234,6 @@ void sample_cl(const AccumulateArgs& a, int64_t b, int64_t c, Scratch<typename E
     }
     s0 += rows;
   }
-  const Acc inv_s = Acc(1) / static_cast<Acc>(S);
   Acc* p0 = sc.plane(0, c) + n0;
   Acc* p1 = sc.plane(1, c) + n0;
   Acc* p2 = sc.plane(2, c) + n0;
@@ -265,11 +278,11 @@ int rows_by_class(const AccumulateArgs& a, const int32_t* lab, const std::vector
   // 41, interleaved in one process: 2.08-2.20 -> 1.98-2.04 ms (x.sum() + g.sum(): 1.50-1.57 ms).
   constexpr int64_t kChunk = 64;
   Acc qx = 0, qg = 0;
-  const T* xp[kRows];
-  const T* gp[kRows];
-  const T* rp[kRows];
-  const T* nx[kRows];
-  const T* ng[kRows];
+  const T* xp[kClassRows];
+  const T* gp[kClassRows];
+  const T* rp[kClassRows];
+  const T* nx[kClassRows];
+  const T* ng[kClassRows];
   auto row_ptrs = [&](int64_t at, int rows, int64_t m0, const T** px, const T** pg, const T** pr) {
     for (int k = 0; k < rows; ++k) {
       const int64_t b = order[at + k] / S, s = order[at + k] % S;
@@ -288,9 +301,9 @@ int rows_by_class(const AccumulateArgs& a, const int32_t* lab, const std::vector
       Acc* acc[4] = {};
       for (int p = 0; p < sc.np; ++p) acc[p] = sc.plane(p, c) + m0;
       for (int64_t r = i; r < end;) {
-        const int rows = end - r >= kRows ? kRows : 1;
+        const int rows = end - r >= kClassRows ? kClassRows : end - r >= kRows ? kRows : 1;
         row_ptrs(r, rows, m0, xp, gp, rp);
-        const int next = Unit ? static_cast<int>(std::min<int64_t>(kRows, nrows - (r + rows))) : 0;
+        const int next = Unit ? static_cast<int>(std::min<int64_t>(kClassRows, nrows - (r + rows))) : 0;
         if (next > 0) row_ptrs(r + rows, next, m0, nx, HasG ? ng : nullptr, nullptr);
         const bool first = r == i;
         for (int64_t j0 = 0; j0 < tn; j0 += kChunk) {
@@ -302,7 +315,9 @@ int rows_by_class(const AccumulateArgs& a, const int32_t* lab, const std::vector
 #define NEUSLICE_ADD(R_, FIRST_)                                                                     \
   add_samples<T, HasG, HasR, Unit, R_, FIRST_>(xp, gp, rp, j0, j1, a.x_sn, a.g_sn, a.r_sn, acc[0], acc[1], \
                                               acc[2], acc[3], qx, qg)
-          if (rows == kRows) {
+          if (rows == kClassRows) {
+            if (first) NEUSLICE_ADD(kClassRows, true); else NEUSLICE_ADD(kClassRows, false);
+          } else if (rows == kRows) {
             if (first) NEUSLICE_ADD(kRows, true); else NEUSLICE_ADD(kRows, false);
           } else {
             if (first) NEUSLICE_ADD(1, true); else NEUSLICE_ADD(1, false);
@@ -323,29 +338,53 @@ int rows_by_class(const AccumulateArgs& a, const int32_t* lab, const std::vector
 // L2; measured faster than 512-2048 blocks on the transformer shape, which re-walk the rows).
 constexpr int64_t kClBlock = 4096;
 
-// All samples' terms for neurons [n0, n1) into `sc`, samples (rows) [r0, r1). Returns the
-// non-finite flags of the scratch when the schedule knows them (rows), -1 when a scan must tell.
+// What of the batch counts, decided once from labels, ignore_index and valid before any pass.
+// A row is a sample (per-sample labels) or a token b * S + s (per-token labels).
+template <typename Acc>
+struct Batch {
+  std::vector<int32_t> lab;     // compact class of each row, -1 = skipped (never read)
+  std::vector<int64_t> kept;    // the counted rows, ascending: the passes walk these only
+  // Per-sample labels with S > 1: the valid positions of sample b as runs [s0, s1), pairs
+  // runs[2 * run_off[b] ...], and inv[b] = 1 / |V_b|.
+  std::vector<int64_t> run_off, runs;
+  std::vector<Acc> inv;
+  // With a valid mask and S > 1: work[i] = valid positions of kept rows 0..i (for the thread split).
+  std::vector<int64_t> work;
+};
+
+// All counted rows' terms for neurons [n0, n1) into `sc`, counted rows [r0, r1) (indices into
+// bt.kept). Returns the non-finite flags of the scratch when the schedule knows them (rows), -1
+// when a scan must tell.
 template <typename T, bool HasG, bool HasR, bool Unit>
-int run_range(const AccumulateArgs& a, const int32_t* lab, Scratch<typename Elem<T>::acc>& sc,
+int run_range(const AccumulateArgs& a, const Batch<typename Elem<T>::acc>& bt, Scratch<typename Elem<T>::acc>& sc,
                int64_t r0, int64_t r1, int64_t n0, int64_t n1) {
   using Acc = typename Elem<T>::acc;
   const bool rows = a.per_token || a.S == 1;  // one position per sample
+  const int32_t* lab = bt.lab.data();
+  const int64_t* kept = bt.kept.data();
   if (rows) {
     // Counting sort of rows [r0, r1) by class: stable, so equal classes keep their row order.
     std::vector<int64_t> start(static_cast<size_t>(sc.kb) + 1, 0), order(static_cast<size_t>(r1 - r0));
-    for (int64_t i = r0; i < r1; ++i) start[lab[i] + 1] += 1;
+    for (int64_t i = r0; i < r1; ++i) start[lab[kept[i]] + 1] += 1;
     for (int64_t c = 0; c < sc.kb; ++c) start[c + 1] += start[c];
-    for (int64_t i = r0; i < r1; ++i) order[start[lab[i]]++] = i;
+    for (int64_t i = r0; i < r1; ++i) order[start[lab[kept[i]]]++] = kept[i];
     return rows_by_class<T, HasG, HasR, Unit>(a, lab, order, sc, n0, n1);
   } else if (a.channels_last) {
     for (int64_t c = 0; c < sc.kb; ++c) sc.zero(c, n0, n1);
     std::vector<Acc> buf(static_cast<size_t>(3 * std::min(kClBlock, n1 - n0)));
-    for (int64_t b = r0; b < r1; ++b)
+    for (int64_t i = r0; i < r1; ++i) {
+      const int64_t b = kept[i], q0 = bt.run_off[b];
       for (int64_t m0 = n0; m0 < n1; m0 += kClBlock)
-        sample_cl<T, HasG, HasR, Unit>(a, b, lab[b], sc, m0, std::min(n1, m0 + kClBlock), buf.data());
+        sample_cl<T, HasG, HasR, Unit>(a, b, lab[b], sc, m0, std::min(n1, m0 + kClBlock), buf.data(),
+                                       bt.runs.data() + 2 * q0, bt.run_off[b + 1] - q0, bt.inv[b]);
+    }
   } else {
     for (int64_t c = 0; c < sc.kb; ++c) sc.zero(c, n0, n1);
-    for (int64_t b = r0; b < r1; ++b) sample_cf<T, HasG, HasR, Unit>(a, b, lab[b], sc, n0, n1);
+    for (int64_t i = r0; i < r1; ++i) {
+      const int64_t b = kept[i], q0 = bt.run_off[b];
+      sample_cf<T, HasG, HasR, Unit>(a, b, lab[b], sc, n0, n1, bt.runs.data() + 2 * q0,
+                                     bt.run_off[b + 1] - q0, bt.inv[b]);
+    }
   }
   return -1;
 }
@@ -390,6 +429,17 @@ int reduce_and_scan(std::vector<Scratch<Acc>>& scs, int np, int nthreads) {
   return flags;
 }
 
+// Where thread t of nt starts in bt.kept: rows split by work (valid positions read), not by count,
+// so that samples padded to different lengths still give every thread the same bytes to read.
+template <typename Acc>
+int64_t share(const Batch<Acc>& bt, int t, int nt) {
+  const int64_t nrows = static_cast<int64_t>(bt.kept.size());
+  if (t == 0 || t == nt) return t == nt ? nrows : 0;
+  if (bt.work.empty()) return nrows * t / nt;  // every row the same work
+  const int64_t goal = bt.work.back() * t / nt;
+  return std::lower_bound(bt.work.begin(), bt.work.end(), goal) - bt.work.begin() + 1;
+}
+
 // Two schedules, both one pass over x:
 //  - by sample (default): each thread streams whole samples (contiguous in memory for either
 //    layout) into a private scratch; the scratches are summed afterwards. Measured against
@@ -398,10 +448,10 @@ int reduce_and_scan(std::vector<Scratch<Acc>>& scs, int np, int nthreads) {
 //  - by neuron tile: threads own neuron ranges of one shared scratch; used when private
 //    scratches would be large (many classes in the batch, e.g. per-token labels over a vocabulary).
 template <typename T, bool HasG, bool HasR, bool Unit>
-int run(const AccumulateArgs& a, const std::vector<int32_t>& lab, int64_t kb, int nthreads,
+int run(const AccumulateArgs& a, const Batch<typename Elem<T>::acc>& bt, int64_t kb, int nthreads,
         std::vector<Scratch<typename Elem<T>::acc>>& scs) {
   using Acc = typename Elem<T>::acc;
-  const int64_t nrows = (a.per_token || a.S == 1) ? static_cast<int64_t>(lab.size()) : a.B;
+  const int64_t nrows = static_cast<int64_t>(bt.kept.size());
   const int64_t x_bytes = a.B * a.N * a.S * static_cast<int64_t>(sizeof(T));
   const int64_t priv_bytes = nthreads * 4 * kb * a.N * static_cast<int64_t>(sizeof(Acc));
   const bool by_sample = nthreads == 1 || (nrows >= 2 * nthreads && priv_bytes <= x_bytes / 4);
@@ -409,14 +459,13 @@ int run(const AccumulateArgs& a, const std::vector<int32_t>& lab, int64_t kb, in
     scs.reserve(nthreads);
     for (int t = 0; t < nthreads; ++t) scs.emplace_back(planes(HasG, HasR), kb, a.N);
     if (nthreads == 1) {  // one scratch, nothing to reduce: the pass's own flags when it has them
-      const int flags = run_range<T, HasG, HasR, Unit>(a, lab.data(), scs[0], 0, nrows, 0, a.N);
+      const int flags = run_range<T, HasG, HasR, Unit>(a, bt, scs[0], 0, nrows, 0, a.N);
       return flags >= 0 ? flags : scan(scs[0], 0, a.N, planes(HasG, HasR));
     }
 #pragma omp parallel num_threads(nthreads)
     {
       const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-      const int64_t r0 = nrows * t / nt, r1 = nrows * (t + 1) / nt;
-      run_range<T, HasG, HasR, Unit>(a, lab.data(), scs[t], r0, r1, 0, a.N);
+      run_range<T, HasG, HasR, Unit>(a, bt, scs[t], share(bt, t, nt), share(bt, t + 1, nt), 0, a.N);
     }
     // The sums of several scratches are scanned after the reduction (it can overflow too).
     return reduce_and_scan(scs, planes(HasG, HasR), nthreads);
@@ -428,74 +477,117 @@ int run(const AccumulateArgs& a, const std::vector<int32_t>& lab, int64_t kb, in
 #pragma omp parallel for num_threads(nthreads) schedule(static) reduction(| : flags)
   for (int64_t t = 0; t < ntiles; ++t) {
     const int64_t n0 = t * tile, n1 = std::min(a.N, n0 + tile);
-    run_range<T, HasG, HasR, Unit>(a, lab.data(), scs[0], 0, nrows, n0, n1);
+    run_range<T, HasG, HasR, Unit>(a, bt, scs[0], 0, nrows, n0, n1);
     flags |= scan(scs[0], n0, n1, planes(HasG, HasR));
   }
   return flags;
 }
 
+// Row r's valid flag (per token: r = b * S + s; per sample S == 1: r = b).
+inline bool valid_at(const AccumulateArgs& a, int64_t b, int64_t s) {
+  return a.valid == nullptr || reinterpret_cast<const uint8_t*>(a.valid)[b * a.v_sb + s * a.v_ss] != 0;
+}
+
 template <typename T>
 int accumulate_typed(const AccumulateArgs& a, int nthreads) {
   using Acc = typename Elem<T>::acc;
-  // Compact the labels to the classes present (first-seen order).
+  // Which rows count, and their labels compacted to the classes present (first-seen order).
+  // A row is skipped when its label is ignore_index or it has no valid position; nothing of a
+  // skipped row (or of an invalid position) is read later.
+  const bool rows = a.per_token || a.S == 1;
   const int64_t L = a.per_token ? a.B * a.S : a.B;
-  std::vector<int32_t> cmap(static_cast<size_t>(a.K), -1), lab(static_cast<size_t>(L));
+  Batch<Acc> bt;
+  bt.lab.assign(static_cast<size_t>(L), -1);
+  bt.kept.reserve(static_cast<size_t>(L));
+  if (!rows) {
+    bt.run_off.assign(static_cast<size_t>(a.B) + 1, 0);
+    bt.inv.assign(static_cast<size_t>(a.B), Acc(0));
+    bt.runs.reserve(static_cast<size_t>(2 * a.B));
+  }
+  std::vector<int32_t> cmap(static_cast<size_t>(a.K), -1);
   std::vector<int64_t> classes;
   std::vector<Acc> counts;
   for (int64_t i = 0; i < L; ++i) {
-    const int64_t k = a.per_token ? a.labels[(i / a.S) * a.l_sb + (i % a.S) * a.l_ss]
-                                  : a.labels[i * a.l_sb];
+    const int64_t b = a.per_token ? i / a.S : i, s = a.per_token ? i % a.S : 0;
+    const int64_t k = a.per_token ? a.labels[b * a.l_sb + s * a.l_ss] : a.labels[b * a.l_sb];
+    if (!rows) bt.run_off[b + 1] = bt.run_off[b];
+    if (k == a.ignore_index) continue;
     if (k < 0 || k >= a.K) return kBadLabel;
+    if (rows) {
+      if (!valid_at(a, b, s)) continue;
+    } else {  // the runs of valid positions of sample b
+      int64_t nv = 0;
+      for (int64_t p = 0; p < a.S;) {
+        while (p < a.S && !valid_at(a, b, p)) ++p;
+        const int64_t p0 = p;
+        while (p < a.S && valid_at(a, b, p)) ++p;
+        if (p > p0) {
+          bt.runs.push_back(p0);
+          bt.runs.push_back(p);
+          bt.run_off[b + 1] += 1;
+          nv += p - p0;
+        }
+      }
+      if (nv == 0) continue;
+      bt.inv[b] = Acc(1) / static_cast<Acc>(nv);
+      if (a.valid != nullptr) bt.work.push_back((bt.work.empty() ? 0 : bt.work.back()) + nv);
+    }
     if (cmap[k] < 0) {
       cmap[k] = static_cast<int32_t>(classes.size());
       classes.push_back(k);
       counts.push_back(0);
     }
-    lab[i] = cmap[k];
+    bt.lab[i] = cmap[k];
+    bt.kept.push_back(i);
     counts[cmap[k]] += 1;
   }
   const int64_t kb = static_cast<int64_t>(classes.size());
+  if (kb == 0) return kOk;  // nothing counts: nothing changes
+  Acc* out[4] = {static_cast<Acc*>(a.act_sum), static_cast<Acc*>(a.act_sq),
+                 static_cast<Acc*>(a.taylor_sum), static_cast<Acc*>(a.deeplift_sum)};
+  // Statistics not kept are not computed: g is read only for taylor_sum / deeplift_sum, r only
+  // for a kept deeplift_sum. (act_sum and act_sq are computed either way: x is checked for
+  // non-finite values on every call, and its sums cost no extra read.)
+  const bool has_g = a.g != nullptr && (out[2] != nullptr || out[3] != nullptr);
+  const bool has_r = has_g && a.r != nullptr && out[3] != nullptr;
   std::vector<Scratch<Acc>> scs;
-  const bool has_g = a.g != nullptr, has_r = a.r != nullptr;
-  const bool rows = a.per_token || a.S == 1;
   // Unit: the axis the inner loop walks (s for channels-first, n otherwise) has stride 1.
   const bool unit = (rows || a.channels_last) ? (a.x_sn == 1 && (!has_g || a.g_sn == 1))
                                               : (a.x_ss == 1 && (!has_g || a.g_ss == 1));
   int flags;
   if (!has_g) {
-    flags = unit ? run<T, false, false, true>(a, lab, kb, nthreads, scs)
-                 : run<T, false, false, false>(a, lab, kb, nthreads, scs);
+    flags = unit ? run<T, false, false, true>(a, bt, kb, nthreads, scs)
+                 : run<T, false, false, false>(a, bt, kb, nthreads, scs);
   } else if (!has_r) {
-    flags = unit ? run<T, true, false, true>(a, lab, kb, nthreads, scs)
-                 : run<T, true, false, false>(a, lab, kb, nthreads, scs);
+    flags = unit ? run<T, true, false, true>(a, bt, kb, nthreads, scs)
+                 : run<T, true, false, false>(a, bt, kb, nthreads, scs);
   } else {
-    flags = unit ? run<T, true, true, true>(a, lab, kb, nthreads, scs)
-                 : run<T, true, true, false>(a, lab, kb, nthreads, scs);
+    flags = unit ? run<T, true, true, true>(a, bt, kb, nthreads, scs)
+                 : run<T, true, true, false>(a, bt, kb, nthreads, scs);
   }
   if (flags) return (flags & kNonFiniteX) ? kNonFiniteX : kNonFiniteGrad;
 
   // Commit: only now is anything written to the statistics.
-  Acc* out[4] = {static_cast<Acc*>(a.act_sum), static_cast<Acc*>(a.act_sq),
-                 static_cast<Acc*>(a.taylor_sum), static_cast<Acc*>(a.deeplift_sum)};
   Scratch<Acc>& sc = scs[0];
   const int64_t N = a.N;
   // Without a reference deeplift equals taylor: scratch plane 2 goes into both, read once.
-  const bool twice = has_g && !has_r;
+  Acc* dst3 = has_r ? nullptr : out[3];
 #pragma omp parallel for num_threads(nthreads) schedule(static) collapse(2)
   for (int p = 0; p < sc.np; ++p) {
     for (int64_t c = 0; c < kb; ++c) {
-      Acc* dst = out[p] + classes[c] * N;
       const Acc* src = sc.plane(p, c);
-      if (twice && p == 2) {
-        Acc* dst2 = out[3] + classes[c] * N;
+      Acc* dst = out[p] == nullptr ? nullptr : out[p] + classes[c] * N;
+      Acc* dst2 = (p == 2 && dst3 != nullptr) ? dst3 + classes[c] * N : nullptr;
+      if (dst != nullptr && dst2 != nullptr) {
 #pragma omp simd
         for (int64_t n = 0; n < N; ++n) {
           dst[n] += src[n];
           dst2[n] += src[n];
         }
-      } else {
+      } else if (dst != nullptr || dst2 != nullptr) {
+        Acc* d = dst != nullptr ? dst : dst2;
 #pragma omp simd
-        for (int64_t n = 0; n < N; ++n) dst[n] += src[n];
+        for (int64_t n = 0; n < N; ++n) d[n] += src[n];
       }
     }
   }
@@ -507,7 +599,8 @@ int accumulate_typed(const AccumulateArgs& a, int nthreads) {
 }  // namespace
 
 int accumulate_cpu(const AccumulateArgs& a, int nthreads) {
-  if (a.B < 0 || a.N < 0 || a.S < 1 || a.K < 1 || a.x == nullptr || a.labels == nullptr)
+  if (a.B < 0 || a.N < 0 || a.S < 1 || a.K < 1 || a.x == nullptr || a.labels == nullptr ||
+      a.count == nullptr)
     return kBadArgument;
   if (a.per_token && !a.channels_last) return kBadArgument;
   if (a.B == 0) return kOk;

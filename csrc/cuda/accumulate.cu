@@ -110,6 +110,7 @@ __device__ __forceinline__ void cols_sums(const Params& p, int64_t b, int64_t s0
   const bool full = n0 + V <= p.N;
   const bool vx = full && p.vec, vr = full && p.rvec;
   for (int64_t s = s0; s < s1; ++s) {
+    if (!valid_at(p, b, s)) continue;  // padding: never read (uniform across the warp's neurons)
     Acc xv[V], gv[V], rv[V];
     ld_cols(x, b * p.x_sb + s * p.x_ss + n0 * p.x_sn, p.x_sn, vx, n0, p.N, xv);
 #pragma unroll
@@ -134,10 +135,9 @@ __global__ void __launch_bounds__(kThreads) k_cols(Params p) {
   constexpr int V = E<T>::V;
   if (labels_bad(p)) return;
   const int64_t u = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  const int64_t grp = u % p.ng, j0 = (u / p.ng) * p.chunk;
-  if (j0 >= p.L) return;
-  const int64_t j1 = min(p.L, j0 + p.chunk), n0 = grp * V;
-  const Acc inv_s = Acc(1) / static_cast<Acc>(p.Sin);
+  const int64_t grp = u % p.ng, j0 = (u / p.ng) * p.chunk, nkept = *p.nkept;
+  if (j0 >= nkept) return;
+  const int64_t j1 = min(nkept, j0 + p.chunk), n0 = grp * V;
   Acc run[V][4];
 #pragma unroll
   for (int v = 0; v < V; ++v) run[v][0] = run[v][1] = run[v][2] = run[v][3] = Acc(0);
@@ -148,6 +148,7 @@ __global__ void __launch_bounds__(kThreads) k_cols(Params p) {
     const int64_t b = p.per_token ? i / p.S : i;
     const int64_t s0 = p.per_token ? i % p.S : 0;
     const int64_t s1 = p.per_token ? s0 + 1 : p.S;
+    const Acc inv_s = inv_positions<Acc>(p, b);
     Acc sx[V], sg[V], sd[V];
 #pragma unroll
     for (int v = 0; v < V; ++v) sx[v] = sg[v] = sd[v] = Acc(0);
@@ -181,7 +182,7 @@ __global__ void __launch_bounds__(kThreads) k_cols_split(Params p) {
   const int64_t u = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   const int64_t grp = u % p.ng, rest = u / p.ng;
   const int64_t b = rest / p.nsc, s0 = (rest % p.nsc) * p.sc;
-  if (b >= p.L) return;
+  if (b >= p.L || label_of(p, b) == p.ignore_index || !has_valid(p, b)) return;  // never read
   const int64_t s1 = min(p.S, s0 + p.sc), n0 = grp * V;
   Acc sx[V], sg[V], sd[V];
 #pragma unroll
@@ -218,7 +219,9 @@ __device__ __forceinline__ void row_sums(const Params& p, int64_t b, int64_t n, 
   const bool vec = !HasG || ((ax & 15) == (reinterpret_cast<uintptr_t>(gr) & 15));
   const int64_t head = vec ? min(cnt, static_cast<int64_t>(((16 - (ax & 15)) & 15) / sizeof(T))) : cnt;
   Acc ax_ = 0, ag = 0, ad = 0;
+  const bool masked = p.valid != nullptr;
   auto scalar = [&](int64_t s) {
+    if (masked && !valid_at(p, b, s0 + s)) return;  // padding: never read
     const Acc v = E<T>::ld(xr, s);
     ax_ += v;
     if (HasG) {
@@ -236,8 +239,12 @@ __device__ __forceinline__ void row_sums(const Params& p, int64_t b, int64_t n, 
       Acc xv[V], gv[V];
       ldv(xr + s, xv);
       if (HasG) ldv(gr + s, gv);
+      bool ok[V];  // padding lanes take no part in any sum (a NaN in x, g or r there stays out)
+#pragma unroll
+      for (int v = 0; v < V; ++v) ok[v] = !masked || valid_at(p, b, s0 + s + v);
 #pragma unroll
       for (int v = 0; v < V; ++v) {
+        if (!ok[v]) continue;
         ax_ += xv[v];
         if (HasG) {
           ag += xv[v] * gv[v];
@@ -261,16 +268,15 @@ __global__ void __launch_bounds__(kThreads) k_rows(Params p) {
   if (labels_bad(p)) return;
   const int64_t w = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) >> 5;
   const int lane = threadIdx.x & 31;
-  const int64_t n = w % p.N, j0 = (w / p.N) * p.chunk;
-  if (j0 >= p.L) return;  // uniform across the warp
-  const int64_t j1 = min(p.L, j0 + p.chunk);
-  const Acc inv_s = Acc(1) / static_cast<Acc>(p.S);
+  const int64_t n = w % p.N, j0 = (w / p.N) * p.chunk, nkept = *p.nkept;
+  if (j0 >= nkept) return;  // uniform across the warp
+  const int64_t j1 = min(nkept, j0 + p.chunk);
   ClassRun<Acc, HasG> run;
   for (int64_t j = j0; j < j1; ++j) {
     const int64_t b = __ldg(p.perm + j), c = __ldg(p.pcls + j);
     Acc sx = 0, sg = 0, sd = 0;
     row_sums<T, HasG>(p, b, n, 0, p.S, lane, sx, sg, sd);
-    if (lane == 0) run.add(p, c, n, sx, sg, sd, inv_s);
+    if (lane == 0) run.add(p, c, n, sx, sg, sd, inv_positions<Acc>(p, b));
   }
   if (lane == 0) run.finish(p, n);
 }
@@ -283,7 +289,7 @@ __global__ void __launch_bounds__(kThreads) k_rows_split(Params p) {
   const int lane = threadIdx.x & 31;
   const int64_t n = w % p.N, rest = w / p.N;
   const int64_t b = rest / p.nsc, s0 = (rest % p.nsc) * p.sc;
-  if (b >= p.L) return;
+  if (b >= p.L || label_of(p, b) == p.ignore_index || !has_valid(p, b)) return;  // uniform per warp
   const int64_t s1 = min(p.S, s0 + p.sc);
   Acc sx = 0, sg = 0, sd = 0;
   row_sums<T, HasG>(p, b, n, s0, s1, lane, sx, sg, sd);
@@ -305,11 +311,10 @@ template <typename Acc, bool HasG>
 __global__ void __launch_bounds__(kThreads) k_finalize(Params p) {
   if (labels_bad(p)) return;
   const int64_t u = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  const int64_t n = u % p.N, j0 = (u / p.N) * p.chunk;
-  if (j0 >= p.L) return;
-  const int64_t j1 = min(p.L, j0 + p.chunk), plane = p.L * p.N;
+  const int64_t n = u % p.N, j0 = (u / p.N) * p.chunk, nkept = *p.nkept;
+  if (j0 >= nkept) return;
+  const int64_t j1 = min(nkept, j0 + p.chunk), plane = p.L * p.N;
   const Acc* sums = static_cast<const Acc*>(p.sums);
-  const Acc inv_s = Acc(1) / static_cast<Acc>(p.S);
   ClassRun<Acc, HasG> run;
   for (int64_t j = j0; j < j1; ++j) {
     const int64_t b = __ldg(p.perm + j), c = __ldg(p.pcls + j);
@@ -317,7 +322,7 @@ __global__ void __launch_bounds__(kThreads) k_finalize(Params p) {
     const Acc sx = sums[o];
     const Acc sg = HasG ? sums[plane + o] : Acc(0);
     const Acc sd = (HasG && p.has_r) ? sums[2 * plane + o] : sg;
-    run.add(p, c, n, sx, sg, sd, inv_s);
+    run.add(p, c, n, sx, sg, sd, inv_positions<Acc>(p, b));
   }
   run.finish(p, n);
 }
@@ -334,6 +339,7 @@ __global__ void __launch_bounds__(kThreads) k_commit(Params p, int planes, Acc* 
     const int64_t c = rest % p.Kc, q = rest / p.Kc;
     if (c >= *p.nclass) return;
     Acc* dst = q == 0 ? st0 : q == 1 ? st1 : q == 2 ? st2 : st3;
+    if (dst == nullptr) return;  // a statistic not kept
     dst[static_cast<int64_t>(p.classes[c]) * p.N + n] += static_cast<const Acc*>(p.part)[u];
   } else if (u - total < p.K) {
     const int64_t k = u - total;
@@ -353,14 +359,23 @@ struct Plan {
   int64_t acc_size = 4;
   // byte offsets into the scratch
   int64_t o_hist = 0, o_cursor = 0, o_cid = 0, o_classes = 0, o_nclass = 0, o_perm = 0, o_pcls = 0;
+  int64_t o_nkept = 0, o_nv = 0;
   int64_t o_part = 0, o_sums = 0, bytes = 0;
 };
 
 int64_t align256(int64_t v) { return (v + 255) / 256 * 256; }
 
+// g is read only for a kept taylor_sum or deeplift_sum; r only for a kept deeplift_sum.
+bool uses_g(const AccumulateArgs& a) {
+  return a.g != nullptr && (a.taylor_sum != nullptr || a.deeplift_sum != nullptr);
+}
+bool uses_r(const AccumulateArgs& a) { return uses_g(a) && a.r != nullptr && a.deeplift_sum != nullptr; }
+// Per-sample valid counts are needed (per-sample labels, S > 1, a valid mask).
+bool counts_valid(const AccumulateArgs& a) { return a.valid != nullptr && !a.per_token && a.S > 1; }
+
 Plan make_plan(const AccumulateArgs& a) {
   Plan pl;
-  const bool has_g = a.g != nullptr;
+  const bool has_g = uses_g(a);
   const int64_t V = 16 / elem_size(a.dtype);
   pl.acc_size = a.dtype == DType::f64 ? 8 : 4;
   pl.L = a.per_token ? a.B * a.S : a.B;
@@ -398,6 +413,8 @@ Plan make_plan(const AccumulateArgs& a) {
   pl.o_cid = o;     o = align256(o + 4 * a.K);
   pl.o_classes = o; o = align256(o + 4 * pl.Kc);
   pl.o_nclass = o;  o = align256(o + 4);
+  pl.o_nkept = o;   o = align256(o + 4);
+  pl.o_nv = o;      if (counts_valid(a)) o = align256(o + 4 * pl.L);
   pl.o_perm = o;    o = align256(o + 4 * pl.L);
   pl.o_pcls = o;    o = align256(o + 4 * pl.L);
   pl.o_part = o;    o = align256(o + pl.acc_size * planes * pl.Kc * a.N);
@@ -413,9 +430,8 @@ bool shapes_valid(const AccumulateArgs& a) {
   return a.B * a.S < INT32_MAX && a.K < INT32_MAX;  // int32 sample and class ids
 }
 
-bool valid(const AccumulateArgs& a) {
-  return shapes_valid(a) && a.x && a.labels && a.count && a.act_sum && a.act_sq &&
-         (a.g == nullptr || (a.taylor_sum && a.deeplift_sum));
+bool args_valid(const AccumulateArgs& a) {
+  return shapes_valid(a) && a.x && a.labels && a.count;  // the four sums may each be null
 }
 
 int64_t grid_of(int64_t threads) { return ceil_div(threads, kThreads); }
@@ -435,6 +451,7 @@ int run(const AccumulateArgs& a, const Plan& pl, Params p, cudaStream_t st) {
   using Acc = typename E<T>::Acc;
   constexpr int64_t V = E<T>::V;
   int rc;
+  if (p.nv != nullptr && (rc = launch(k_count_valid, 32 * pl.L, st, p))) return rc;
   if (pl.L <= kPrepOneBlock) {
     k_prep_one_block<<<1, kPrepThreads, 0, st>>>(p);
     NEUSLICE_CHECK_LAUNCH();
@@ -476,7 +493,7 @@ int run(const AccumulateArgs& a, const Plan& pl, Params p, cudaStream_t st) {
 
 template <typename T>
 int run_typed(const AccumulateArgs& a, const Plan& pl, const Params& p, cudaStream_t st) {
-  return a.g ? run<T, true>(a, pl, p, st) : run<T, false>(a, pl, p, st);
+  return p.g ? run<T, true>(a, pl, p, st) : run<T, false>(a, pl, p, st);
 }
 
 }  // namespace
@@ -488,20 +505,25 @@ int64_t accumulate_cuda_scratch_bytes(const AccumulateArgs& a) {
 
 int accumulate_cuda(const AccumulateArgs& a, void* scratch, int64_t scratch_bytes, int* status,
                     void* stream) {
-  if (!valid(a) || scratch == nullptr || status == nullptr) return kBadArgument;
+  if (!args_valid(a) || scratch == nullptr || status == nullptr) return kBadArgument;
   if (a.B == 0) return kOk;
   const Plan pl = make_plan(a);
   if (scratch_bytes < pl.bytes) return kBadArgument;
   cudaGetLastError();  // clear an error left by an earlier runtime call, so launches report their own
   char* base = static_cast<char*>(scratch);
   Params p{};
-  p.x = a.x; p.g = a.g; p.r = a.r; p.labels = a.labels;
+  p.x = a.x; p.g = uses_g(a) ? a.g : nullptr; p.r = a.r; p.labels = a.labels;
   p.B = a.B; p.N = a.N; p.S = a.S; p.K = a.K; p.L = pl.L; p.Sin = pl.Sin; p.Kc = pl.Kc;
   p.x_sb = a.x_sb; p.x_sn = a.x_sn; p.x_ss = a.x_ss;
   p.g_sb = a.g_sb; p.g_sn = a.g_sn; p.g_ss = a.g_ss;
   p.r_sn = a.r_sn; p.r_ss = a.r_ss; p.l_sb = a.l_sb; p.l_ss = a.l_ss;
   p.per_token = a.per_token;
-  p.has_r = a.g != nullptr && a.r != nullptr;  // r only enters the gradient statistics
+  p.has_r = uses_r(a);  // r only enters deeplift_sum
+  p.valid = reinterpret_cast<const unsigned char*>(a.valid);
+  p.v_sb = a.v_sb; p.v_ss = a.v_ss;
+  p.ignore_index = a.ignore_index;
+  p.nv = counts_valid(a) ? reinterpret_cast<int*>(base + pl.o_nv) : nullptr;
+  p.nkept = reinterpret_cast<int*>(base + pl.o_nkept);
   p.vec = p.rvec = false;
   p.ng = pl.ng; p.chunk = pl.chunk; p.sc = pl.sc; p.nsc = pl.nsc;
   p.hist = reinterpret_cast<int*>(base + pl.o_hist);

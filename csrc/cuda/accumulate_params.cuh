@@ -109,6 +109,11 @@ struct Params {
   int64_t ng;     // cols: neuron groups of V
   int64_t chunk;  // class-sorted positions per work unit (direct kernels, finalize)
   int64_t sc, nsc;  // split kernels: positions per unit, units per (sample, neuron)
+  // valid [B, S] (null: every position counts) and ignore_index; nv [L]: valid positions of each
+  // sample (per-sample labels with S > 1 and a valid mask only); nkept: samples that count, the
+  // length of perm / pcls (a sample with an ignored label or no valid position is not sorted in).
+  const unsigned char* valid; int64_t v_sb, v_ss; long long ignore_index;
+  int* nv; int* nkept;
   int* hist; int* cursor; int* cid; int* classes; int* nclass; int* perm; int* pcls;
   void* part;  // Acc [P][Kc][N]
   void* sums;  // Acc [3][L][N] (split only)
@@ -118,6 +123,26 @@ struct Params {
 __device__ __forceinline__ int64_t label_of(const Params& p, int64_t i) {
   return p.per_token ? __ldg(p.labels + (i / p.S) * p.l_sb + (i % p.S) * p.l_ss)
                      : __ldg(p.labels + i * p.l_sb);
+}
+
+// Whether position s of sample b counts (valid is null or true there).
+__device__ __forceinline__ bool valid_at(const Params& p, int64_t b, int64_t s) {
+  return p.valid == nullptr || __ldg(p.valid + b * p.v_sb + s * p.v_ss) != 0;
+}
+
+// Whether sample (or token) i has a valid position: per token and S == 1 its own flag, else nv.
+__device__ __forceinline__ bool has_valid(const Params& p, int64_t i) {
+  if (p.valid == nullptr) return true;
+  if (p.per_token) return valid_at(p, i / p.S, i % p.S);
+  if (p.S == 1) return valid_at(p, i, 0);
+  return __ldg(p.nv + i) > 0;
+}
+
+// 1 / |V_b| for per-sample labels (1 per token): the mean over the valid positions.
+template <typename Acc>
+__device__ __forceinline__ Acc inv_positions(const Params& p, int64_t b) {
+  if (p.valid == nullptr || p.per_token || p.S == 1) return Acc(1) / static_cast<Acc>(p.Sin);
+  return Acc(1) / static_cast<Acc>(__ldg(p.nv + b));
 }
 
 __device__ __forceinline__ bool labels_bad(const Params& p) {

@@ -15,17 +15,20 @@ namespace {
 constexpr int64_t kPrepOneBlock = 8192;  // 8 strides of 1024 threads per step at most
 constexpr int kPrepThreads = 1024;
 
-// Sample i's label, or -1 when it is out of range (the caller decides whether to flag it).
+// Sample i's label when it counts; -1 when the label is out of range (the caller decides whether
+// to flag it), -2 when it does not count (past L, label ignore_index, or no valid position).
 __device__ __forceinline__ long long valid_label(const Params& p, int64_t i) {
-  if (i >= p.L) return -1;
+  if (i >= p.L) return -2;
   const long long k = label_of(p, i);
-  return (k < 0 || k >= p.K) ? -1 : k;
+  if (k == p.ignore_index) return -2;
+  if (k < 0 || k >= p.K) return -1;
+  return has_valid(p, i) ? k : -2;
 }
 
 // hist[k] += samples labelled k; an out-of-range label sets kBadLabel. All 32 lanes call it.
 __device__ __forceinline__ void hist_step(const Params& p, int64_t i) {
   const long long k = valid_label(p, i);
-  if (i < p.L && k < 0) atomicOr(p.status, kBadLabel);
+  if (k == -1) atomicOr(p.status, kBadLabel);
   // Equal labels within a warp share one atomic (a batch has few classes).
   const unsigned m = __match_any_sync(kFullMask, static_cast<unsigned long long>(k));
   if (k >= 0 && static_cast<int>(threadIdx.x & 31) == __ffs(m) - 1) atomicAdd(p.hist + k, __popc(m));
@@ -52,7 +55,10 @@ __device__ __forceinline__ void scan_step(const Params& p, unsigned long long* s
     }
     carry += tot;
   }
-  if (threadIdx.x == 0) *p.nclass = static_cast<int>(carry & 0xffffffffull);
+  if (threadIdx.x == 0) {
+    *p.nclass = static_cast<int>(carry & 0xffffffffull);
+    *p.nkept = static_cast<int>(carry >> 32);
+  }
 }
 
 // perm[pos] = sample index, pcls[pos] = its compact class: samples grouped by class. All 32
@@ -70,6 +76,17 @@ __device__ __forceinline__ void scatter_step(const Params& p, int64_t i) {
     p.perm[pos] = static_cast<int>(i);
     p.pcls[pos] = p.cid[k];
   }
+}
+
+// nv[b] = valid positions of sample b (per-sample labels, S > 1, a valid mask): one warp per sample.
+__global__ void __launch_bounds__(kThreads) k_count_valid(Params p) {
+  const int64_t b = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  if (b >= p.L) return;  // uniform across the warp
+  int c = 0;
+  for (int64_t s = lane; s < p.S; s += 32) c += valid_at(p, b, s) ? 1 : 0;
+  c = cuda::warp_sum(c);
+  if (lane == 0) p.nv[b] = c;
 }
 
 __global__ void __launch_bounds__(kPrepThreads) k_prep_one_block(Params p) {

@@ -1,6 +1,6 @@
 """The ``cpu`` backend: tensors handed to the torch-free kernels of ``neuslice._C`` as raw pointers.
 
-Zero-copy: x, grad, ref and labels are read in place through their strides (any layout); the
+Zero-copy: x, grad, ref, labels and valid are read in place through their strides (any layout); the
 statistics, select outputs and optimizer tensors must be contiguous (they are ours or parameters),
 and a call that breaks that is refused so the dispatcher falls back to the reference.
 Threads: ``torch.get_num_threads()`` at each call; torch's OpenMP runtime serves both.
@@ -14,7 +14,6 @@ import torch  # noqa: F401  (before _C: torch's libgomp then serves the kernels 
 from .. import _C
 from .._errors import raise_for_status
 from ._native import accumulate_args, masked_param, ptr, scores_for_kernel, select_args
-from ._layout import pending_extras
 from .reference import topk_count
 
 __all__ = ["refuse", "accumulate_", "select", "select_topk", "masked_sgd_", "masked_adamw_"]
@@ -32,7 +31,7 @@ def refuse(op: str, args: tuple) -> Optional[str]:
     if op == "accumulate_":
         if not _contiguous(*(t for t in args[5:10] if t is not None)):
             return "needs contiguous statistics tensors"
-        return pending_extras(args)
+        return None
     if op in ("select", "select_topk"):
         return None
     param = args[0]
@@ -45,7 +44,8 @@ def refuse(op: str, args: tuple) -> Optional[str]:
 
 def accumulate_(x, grad, ref, labels, channels_last, count, act_sum, act_sq, taylor_sum, deeplift_sum,
                 valid=None, ignore_index=-100):
-    args = accumulate_args(x, grad, ref, labels, channels_last, (count, act_sum, act_sq, taylor_sum, deeplift_sum))
+    args = accumulate_args(x, grad, ref, labels, channels_last, (count, act_sum, act_sq, taylor_sum, deeplift_sum),
+                           valid, ignore_index)
     status = _C.accumulate_cpu(args, nthreads=torch.get_num_threads())
     raise_for_status("accumulate_", status, "cpu", num_classes=count.shape[0])
 

@@ -1,6 +1,6 @@
 """The ``cuda`` backend: CUDA tensors handed to the CUDA kernels of ``neuslice._C`` (csrc/cuda).
 
-Zero-copy like the ``cpu`` backend: x, grad, ref and labels are read in place through their
+Zero-copy like the ``cpu`` backend: x, grad, ref, labels and valid are read in place through their
 strides; the statistics must be contiguous. Kernels run on ``torch.cuda.current_stream()`` of the
 tensors' device. Scratch memory comes from torch's caching allocator (one zero-filled byte
 buffer per call: the status int at offset 0, the kernels' scratch from offset 256), so the C++
@@ -17,7 +17,7 @@ import torch
 
 from .. import _C
 from .._errors import raise_for_status
-from ._layout import bns, pending_extras
+from ._layout import bns
 from ._native import DTYPE_CODES, accumulate_args, ptr, scores_for_kernel, select_args
 from .reference import topk_count
 
@@ -51,9 +51,7 @@ def refuse(op: str, args: tuple) -> Optional[str]:
         return (f"the CUDA runtime compiled into neuslice._C ({_C.cuda_runtime_version()}) sees no GPU "
                 "(is the driver older than that runtime?)")
     if op == "accumulate_":
-        x, stats = args[0], args[5:10]
-        if pending_extras(args):
-            return pending_extras(args)
+        x, stats = args[0], [t for t in args[5:10] if t is not None]
         if x.dtype not in DTYPE_CODES:
             return f"reads float32/float64/float16/bfloat16 activations, got {x.dtype}"
         if not all(t.is_contiguous() for t in stats):
@@ -80,18 +78,19 @@ def _ref_for_kernel(ref: Optional[torch.Tensor], channels_last: bool, s: int) ->
     return ref
 
 
-def _kernel_args(x, grad, ref, labels, channels_last, stats):
+def _kernel_args(x, grad, ref, labels, channels_last, stats, valid, ignore_index):
     """``_C.AccumulateArgs`` of the call, and the ref it points to (possibly a re-laid-out copy,
     which must outlive the launch)."""
     r = _ref_for_kernel(ref, channels_last, bns(x, channels_last)[2])
-    return accumulate_args(x, grad, r, labels, channels_last, stats), r
+    return accumulate_args(x, grad, r, labels, channels_last, stats, valid, ignore_index), r
 
 
-def scratch_bytes(x, grad, ref, labels, channels_last, count, act_sum, act_sq, taylor_sum, deeplift_sum) -> int:
+def scratch_bytes(x, grad, ref, labels, channels_last, count, act_sum, act_sq, taylor_sum, deeplift_sum,
+                  valid=None, ignore_index=-100) -> int:
     """Bytes of zero-filled device scratch the accumulate kernels take for this call (op signature;
     computed on the host from shapes and strides, so CPU tensors work too)."""
     args, _ = _kernel_args(x, grad, ref, labels, channels_last,
-                           (count, act_sum, act_sq, taylor_sum, deeplift_sum))
+                           (count, act_sum, act_sq, taylor_sum, deeplift_sum), valid, ignore_index)
     return int(_C.accumulate_cuda_scratch_bytes(args))
 
 
@@ -106,7 +105,7 @@ def accumulate_(x, grad, ref, labels, channels_last, count, act_sum, act_sq, tay
     with torch.cuda.device(dev):
         stream = torch.cuda.current_stream(dev).cuda_stream
         args, _r = _kernel_args(x, grad, ref, labels, channels_last,
-                                (count, act_sum, act_sq, taylor_sum, deeplift_sum))
+                                (count, act_sum, act_sq, taylor_sum, deeplift_sum), valid, ignore_index)
         nbytes = int(_C.accumulate_cuda_scratch_bytes(args))
         buf = torch.zeros(_SCRATCH_OFFSET + nbytes, dtype=torch.uint8, device=dev)
         base = buf.data_ptr()

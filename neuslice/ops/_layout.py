@@ -16,7 +16,7 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["pending_extras", "bns", "as_bns", "strides_bns", "ref_strides_ns", "rows_cols", "per_neuron_mask", "broadcast_mask"]
+__all__ = ["bns", "as_bns", "strides_bns", "ref_strides_ns", "rows_cols", "per_neuron_mask", "broadcast_mask"]
 
 
 def _axes(t: torch.Tensor, channels_last: bool) -> Tuple[int, int, Optional[int]]:
@@ -71,18 +71,3 @@ def broadcast_mask(mask: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     if not per_neuron_mask(mask, param):
         return mask
     return mask.view(-1, *([1] * (param.dim() - 1)))
-
-
-def pending_extras(args: tuple) -> "Optional[str]":
-    """INTERIM (issue 13, removed when every native backend reads them): why a native accumulate_
-    backend cannot run a call using the arguments it does not read yet (valid, ignore_index labels,
-    statistics not kept); the dispatcher then falls back to the reference."""
-    labels, stats = args[3], args[5:10]
-    valid, ignore_index = (args[10], args[11]) if len(args) > 11 else (None, -100)
-    if valid is not None:
-        return "does not read valid masks yet"
-    if any(t is None for t in stats):
-        return "keeps every statistic"
-    if labels.numel() and bool((labels == ignore_index).any()):
-        return "does not skip ignore_index labels yet"
-    return None

@@ -26,10 +26,12 @@ def ptr(t: Optional[torch.Tensor]) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-def accumulate_args(x, grad, ref, labels, channels_last, stats: Sequence[torch.Tensor]):
+def accumulate_args(x, grad, ref, labels, channels_last, stats: Sequence[Optional[torch.Tensor]],
+                    valid: Optional[torch.Tensor] = None, ignore_index: int = -100):
     """``_C.AccumulateArgs`` of one ``accumulate_`` call; ``stats`` = (count, act_sum, act_sq,
-    taylor_sum, deeplift_sum). ``ref`` is read where it lies, so a caller that re-lays it out keeps
-    the copy alive until the kernels have run."""
+    taylor_sum, deeplift_sum), each sum possibly None (a null pointer: not kept). ``ref`` and
+    ``valid`` (bool [B, S], any strides) are read where they lie, so a caller that re-lays one out
+    keeps the copy alive until the kernels have run."""
     b, n, s = bns(x, channels_last)
     per_token = labels.dim() == 2
     x_sb, x_sn, x_ss = strides_bns(x, channels_last)
@@ -42,7 +44,9 @@ def accumulate_args(x, grad, ref, labels, channels_last, stats: Sequence[torch.T
         x_sb=x_sb, x_sn=x_sn, x_ss=x_ss, g_sb=g_sb, g_sn=g_sn, g_ss=g_ss, r_sn=r_sn, r_ss=r_ss,
         l_sb=labels.stride(0), l_ss=labels.stride(1) if per_token else 0,
         count=ptr(count), act_sum=ptr(act_sum), act_sq=ptr(act_sq), taylor_sum=ptr(taylor_sum),
-        deeplift_sum=ptr(deeplift_sum))
+        deeplift_sum=ptr(deeplift_sum), valid=ptr(valid),
+        v_sb=0 if valid is None else valid.stride(0), v_ss=0 if valid is None else valid.stride(1),
+        ignore_index=int(ignore_index))
 
 
 def scores_for_kernel(scores: torch.Tensor) -> torch.Tensor:

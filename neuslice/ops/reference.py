@@ -39,7 +39,8 @@ def accumulate_(x, grad, ref, labels, channels_last, count, act_sum, act_sq, tay
     never read; a sample without a valid position is not counted. A statistic given as None is not kept."""
     acc = acc_dtype(x.dtype)
     xf = as_bns(x, channels_last).to(acc)                      # [B, N, S]
-    gf = None if grad is None else as_bns(grad, channels_last).to(acc)
+    # grad is read only for the statistics that need it: none kept, none read (nor checked).
+    gf = None if grad is None or (taylor_sum is None and deeplift_sum is None) else as_bns(grad, channels_last).to(acc)
     n, s = xf.shape[1], xf.shape[2]
     r = _ref_ns(ref, n, s, acc)
     vm = valid

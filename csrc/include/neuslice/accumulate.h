@@ -3,13 +3,20 @@
 //
 //   x, g : [B, N, S] (channels-first) or [B, S, N] (channels_last), any element strides
 //   r    : [N, S] (r_ss may be 0 for a [N] reference), same dtype as x; null = zero reference
-//   labels: int64 [B], or [B, S] (per_token, channels_last only: each token is a sample)
-//   statistics: contiguous, float32 (double when x is f64): count [K], the others [K, N]
-//     act_sum[k,n]      += sum_b xbar[b,n]          xbar = mean_s x[b,n,s]
+//   labels: int64 [B], or [B, S] (per_token, channels_last only: each token is a sample);
+//     a label equal to ignore_index is skipped (its sample, or token, counts nowhere)
+//   valid: bool [B, S] (any element strides v_sb, v_ss), or null = every position counts.
+//     V_b = {s : valid[b,s]}; a sample with no valid position is skipped; per token, a token
+//     with valid false is skipped. Positions outside V_b are never read into any statistic.
+//   statistics: contiguous, float32 (double when x is f64): count [K], the others [K, N]; each
+//   of the four sums may be null (not computed, not written; count is required)
+//     act_sum[k,n]      += sum_b xbar[b,n]          xbar = (1/|V_b|) sum_{s in V_b} x[b,n,s]
 //     act_sq[k,n]       += sum_b xbar[b,n]^2
-//     taylor_sum[k,n]   += sum_b |sum_s x*g|          (only when g is given)
-//     deeplift_sum[k,n] += sum_b |sum_s (x - r)*g|    (only when g is given)
-// A non-finite term anywhere leaves every statistic unchanged and returns a nonzero status.
+//     taylor_sum[k,n]   += sum_b |sum_{s in V_b} x*g|          (only when g is given)
+//     deeplift_sum[k,n] += sum_b |sum_{s in V_b} (x - r)*g|    (only when g is given)
+//   g is not read when taylor_sum and deeplift_sum are both null.
+// A non-finite term of a counted position leaves every statistic unchanged and returns a
+// nonzero status.
 #pragma once
 #include <cstdint>
 
@@ -31,7 +38,10 @@ struct AccumulateArgs {
   int64_t g_sb = 0, g_sn = 0, g_ss = 0;
   int64_t r_sn = 0, r_ss = 0;
   int64_t l_sb = 0, l_ss = 0;  // labels strides (l_ss used when per_token)
-  void* count = nullptr;
+  const bool* valid = nullptr;  // [B, S] or null (every position counts)
+  int64_t v_sb = 0, v_ss = 0;   // valid strides
+  int64_t ignore_index = -100;  // a label equal to it is skipped
+  void* count = nullptr;        // required
   void* act_sum = nullptr;
   void* act_sq = nullptr;
   void* taylor_sum = nullptr;
