@@ -27,23 +27,39 @@ class _Switch:
 
 
 class _Rescale(torch.autograd.Function):
+    """``out`` unchanged in the forward. Backward: the plain gradient (switch off), or the Rescale multiplier
+    (switch on): ``grad · ratio`` into the nonlinearity's input where |Δin| > EPS, and the local derivative
+    elsewhere. ``local`` (the module's parameter-free elementwise forward, or None) gives that derivative at
+    those few positions alone; without it (or on a GPU, where finding them would be a sync) the gradient goes
+    through the nonlinearity's own backward, masked to them."""
+
     @staticmethod
-    def forward(ctx, out, inp, ratio, use, switch):
-        ctx.save_for_backward(ratio, use)
-        ctx.switch = switch
+    def forward(ctx, out, inp, ratio, use, switch, local):
+        ctx.save_for_backward(inp, ratio, use)
+        ctx.switch, ctx.local = switch, local
         return out.clone()          # not ``out`` itself: the model may modify it in place
 
     @staticmethod
     def backward(ctx, grad):
         if not ctx.switch.on:
-            return grad, None, None, None, None
-        ratio, use = ctx.saved_tensors
+            return grad, None, None, None, None, None
+        inp, ratio, use = ctx.saved_tensors
         to_inp = grad * ratio       # ratio is 0 where the local derivative applies
-        # Where every position is rescaled, nothing flows through the nonlinearity's own backward, so it is not
-        # run at all (the common case: Δin = 0 exactly is rare). Checked on CPU only: on a GPU it would be a sync.
-        if not use.is_cuda and bool(use.all()):
-            return None, to_inp, None, None, None
-        return torch.where(use, 0.0, grad), to_inp, None, None, None
+        if use.is_cuda or ctx.local is None:
+            return torch.where(use, 0.0, grad), to_inp, None, None, None, None
+        off = (~use).nonzero(as_tuple=True)
+        if off[0].numel():          # |Δin| <= EPS: rare (Δin = 0 exactly, or a value within EPS by chance)
+            xs = inp.detach()[off].requires_grad_(True)
+            with torch.enable_grad():
+                d, = torch.autograd.grad(ctx.local(xs), xs, grad[off])
+            to_inp.index_put_(off, d, accumulate=True)
+        return None, to_inp, None, None, None, None
+
+
+def _local(module: nn.Module):
+    """``module.forward`` (its hooks not run) where the module is elementwise and parameter-free, so its
+    derivative at a few gathered positions is its derivative there; None otherwise (PReLU's weight)."""
+    return None if any(True for _ in module.parameters()) else module.forward
 
 
 def _ratio(inp, out, ref_in, ref_out):
@@ -93,7 +109,7 @@ class Rescale:
             x = args[0].detach()
             for seen, ratio, use in self._done.get(k, []):
                 if seen.shape == x.shape and torch.equal(seen, x):
-                    return _Rescale.apply(out, args[0], ratio, use, self.switch)
+                    return _Rescale.apply(out, args[0], ratio, use, self.switch, _local(module))
             return None
         idx = self._calls.get(k, 0)
         self._calls[k] = idx + 1
@@ -109,7 +125,7 @@ class Rescale:
             return None
         ratio, use = _ratio(inp.detach(), out.detach(), ref_in, ref_out)
         self._done.setdefault(k, []).append((inp.detach(), ratio, use))
-        return _Rescale.apply(out, inp, ratio, use, self.switch)
+        return _Rescale.apply(out, inp, ratio, use, self.switch, _local(module))
 
     def remove(self) -> None:
         for h in self._handles:
