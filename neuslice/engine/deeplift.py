@@ -34,8 +34,8 @@ class _Rescale(torch.autograd.Function):
     through the nonlinearity's own backward, masked to them."""
 
     @staticmethod
-    def forward(ctx, out, inp, ratio, use, switch, local):
-        ctx.save_for_backward(inp, ratio, use)
+    def forward(ctx, out, inp, ratio, off, switch, local):
+        ctx.save_for_backward(inp, ratio, off)
         ctx.switch, ctx.local = switch, local
         return out.clone()          # not ``out`` itself: the model may modify it in place
 
@@ -43,16 +43,16 @@ class _Rescale(torch.autograd.Function):
     def backward(ctx, grad):
         if not ctx.switch.on:
             return grad, None, None, None, None, None
-        inp, ratio, use = ctx.saved_tensors
+        inp, ratio, off = ctx.saved_tensors
         to_inp = grad * ratio       # ratio is 0 where the local derivative applies
-        if use.is_cuda or ctx.local is None:
-            return torch.where(use, 0.0, grad), to_inp, None, None, None, None
-        off = (~use).nonzero(as_tuple=True)
-        if off[0].numel():          # |Δin| <= EPS: rare (Δin = 0 exactly, or a value within EPS by chance)
-            xs = inp.detach()[off].requires_grad_(True)
+        if off.is_cuda or ctx.local is None:
+            return torch.where(off, grad, 0.0), to_inp, None, None, None, None
+        at = off.nonzero(as_tuple=True)
+        if at[0].numel():           # |Δin| <= EPS: rare (Δin = 0 exactly, or a value within EPS by chance)
+            xs = inp.detach()[at].requires_grad_(True)
             with torch.enable_grad():
-                d, = torch.autograd.grad(ctx.local(xs), xs, grad[off])
-            to_inp.index_put_(off, d, accumulate=True)
+                d, = torch.autograd.grad(ctx.local(xs), xs, grad[at])
+            to_inp.index_put_(at, d, accumulate=True)
         return None, to_inp, None, None, None, None
 
 
@@ -62,14 +62,26 @@ def _local(module: nn.Module):
     return None if any(True for _ in module.parameters()) else module.forward
 
 
-def _ratio(inp, out, ref_in, ref_out):
-    """``(Δout/Δin where |Δin| > EPS else 0, |Δin| > EPS)``. Where |Δin| > EPS the quotient is the same
-    division as always; elsewhere the division's inf/nan is replaced by 0 (six passes, no temporaries
-    besides the results)."""
-    d_in = inp - ref_in
-    use = d_in.abs() > EPS
-    ratio = (out - ref_out).div_(d_in)
-    return torch.where(use, ratio, 0.0), use
+def _ratio(inp, out, ref_in, ref_out, ratio, off, scratch):
+    """``(Δout/Δin where |Δin| > EPS else 0, not |Δin| > EPS)``, written into ``ratio`` and ``off`` (``scratch``
+    holds Δin). Where |Δin| > EPS the quotient is the same division as always; elsewhere the division's
+    inf/nan is replaced by 0. Every pass writes into a buffer the caller keeps from batch to batch: a fresh
+    tensor per pass cost more than the pass itself (page faults; measured 0.90 vs 0.25 ms for one
+    subtraction of a [32, 65, 768] float32 tensor, 1 thread)."""
+    torch.sub(out, ref_out, out=ratio)
+    d_in = torch.sub(inp, ref_in, out=scratch)
+    ratio.div_(d_in)
+    torch.gt(d_in.abs_(), EPS, out=off).logical_not_()
+    return ratio.masked_fill_(off, 0.0), off
+
+
+def _buffer(bufs: Dict[object, torch.Tensor], key, like: torch.Tensor, dtype=None) -> torch.Tensor:
+    """``bufs[key]``, (re)allocated when it does not match ``like``'s shape, device and ``dtype``."""
+    dtype = like.dtype if dtype is None else dtype
+    b = bufs.get(key)
+    if b is None or b.shape != like.shape or b.dtype != dtype or b.device != like.device:
+        b = bufs[key] = torch.empty(like.shape, dtype=dtype, device=like.device)
+    return b
 
 
 class Rescale:
@@ -81,7 +93,10 @@ class Rescale:
         self.switch = _Switch()
         self._refs: Dict[int, List[tuple]] = {}
         self._calls: Dict[int, int] = {}
-        self._done: Dict[int, List[tuple]] = {}    # per module, per call of this forward: (input, ratio, use)
+        self._done: Dict[int, List[tuple]] = {}    # per module, per call of this forward: (input, ratio, off)
+        # per (module, call): the ratio and off buffers, and one scratch per shape; reused batch after batch
+        # (a batch's m backward has finished before the next batch's forward writes them)
+        self._bufs: Dict[object, torch.Tensor] = {}
         self._recording = False
         self.modules = activation_modules(model)
         self._handles = [model.register_forward_pre_hook(self._reset)]
@@ -107,9 +122,9 @@ class Rescale:
         k = id(module)
         if in_backward() and not self._recording:     # a checkpointed block recomputed: the same call's ratio
             x = args[0].detach()
-            for seen, ratio, use in self._done.get(k, []):
+            for seen, ratio, off in self._done.get(k, []):
                 if seen.shape == x.shape and torch.equal(seen, x):
-                    return _Rescale.apply(out, args[0], ratio, use, self.switch, _local(module))
+                    return _Rescale.apply(out, args[0], ratio, off, self.switch, _local(module))
             return None
         idx = self._calls.get(k, 0)
         self._calls[k] = idx + 1
@@ -123,12 +138,15 @@ class Rescale:
         ref_in, ref_out = refs[idx]
         if ref_in.shape[1:] != inp.shape[1:]:
             return None
-        ratio, use = _ratio(inp.detach(), out.detach(), ref_in, ref_out)
-        self._done.setdefault(k, []).append((inp.detach(), ratio, use))
-        return _Rescale.apply(out, inp, ratio, use, self.switch, _local(module))
+        x, y = inp.detach(), out.detach()
+        ratio, off = _ratio(x, y, ref_in, ref_out, _buffer(self._bufs, (k, idx, "ratio"), y),
+                            _buffer(self._bufs, (k, idx, "off"), y, torch.bool),
+                            _buffer(self._bufs, ("scratch", y.shape, y.dtype, y.device), y))
+        self._done.setdefault(k, []).append((x, ratio, off))
+        return _Rescale.apply(out, inp, ratio, off, self.switch, _local(module))
 
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles = []
-        self._refs = {}
+        self._refs, self._bufs = {}, {}
