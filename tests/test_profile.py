@@ -673,3 +673,42 @@ def test_non_finite_batch_names_the_layer():
         neuslice.profile(model, [(x, y, y)], K, progress=False)
     with pytest.raises(TypeError, match=r"labels must be an integer tensor \(class indices\), got torch.float32"):
         neuslice.profile(model, [(x, y.float())], K, progress=False)
+
+
+class _HFLogits(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, **kw):
+        return self.model(**kw).logits
+
+
+@pytest.mark.filterwarnings("ignore:.*tapped at their own output")   # the untraceable encoder's tap warning
+def test_rescale_buffers_reused_across_batches_and_shapes_give_the_fresh_tensor_multipliers(monkeypatch):
+    """Rescale's ratio buffers are kept from batch to batch (reallocated when a batch's shape changes): the
+    profile equals, bit for bit, one whose ratios are fresh tensors each batch, on a BERT-like encoder (its
+    FFN's GELU as nn.GELU, so the rule applies) over batches of changing size and length."""
+    pytest.importorskip("transformers")
+    import hf_models
+    from neuslice.engine import deeplift
+    model, batch = hf_models.bert()
+    for m in list(model.modules()):
+        for name, c in list(m.named_children()):
+            if type(c).__name__ == "GELUActivation":
+                setattr(m, name, nn.GELU())
+    model = _HFLogits(model).eval()
+    g = torch.Generator().manual_seed(0)
+    data = [(batch(b, t, seed=i), torch.randint(0, 3, (b,), generator=g))
+            for i, (b, t) in enumerate([(4, 8), (4, 8), (3, 8), (4, 6), (4, 8)])]
+    got = neuslice.profile(model, data, 3, metrics=("deeplift",), progress=False)
+    assert got.deeplift == "rescale"
+
+    def fresh(inp, out, ref_in, ref_out, ratio, off, scratch):
+        d = inp - ref_in
+        use = d.abs() > deeplift.EPS
+        return torch.where(use, (out - ref_out) / torch.where(use, d, torch.ones_like(d)), torch.zeros_like(d)), ~use
+    monkeypatch.setattr(deeplift, "_ratio", fresh)
+    want = neuslice.profile(model, data, 3, metrics=("deeplift",), progress=False)
+    for name in want.layer_names:
+        torch.testing.assert_close(got.stats[name]["deeplift_sum"], want.stats[name]["deeplift_sum"], rtol=0, atol=0)
