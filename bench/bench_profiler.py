@@ -390,7 +390,7 @@ def test_transformer_profile_and_profiler_overhead(kind, threads):
     ratios = {}
     for title, fns, base in ((f"profile over {TF_BATCHES} batches", _profile_vs_plain(kind), "plain fwd+bwd"),
                              ("training step", _profiler_vs_bare(kind), "bare step")):
-        t = interleaved_cpu(fns, rounds=max(3, ROUNDS // 2) if "profile" in title else ROUNDS)
+        t = interleaved_cpu(fns, rounds=ROUNDS)
         for name, (wall, cpu) in t.items():
             ratios[name] = (wall / t[base][0], cpu / t[base][1])
             table.add(title, what, name, threads, wall, cpu_ms=cpu * 1e3, ratio_wall=ratios[name][0],

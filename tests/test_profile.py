@@ -686,8 +686,8 @@ class _HFLogits(nn.Module):
 
 @pytest.mark.filterwarnings("ignore:.*tapped at their own output")   # the untraceable encoder's tap warning
 def test_rescale_buffers_reused_across_batches_and_shapes_give_the_fresh_tensor_multipliers(monkeypatch):
-    """Rescale's ratio buffers are kept from batch to batch (reallocated when a batch's shape changes): the
-    profile equals, bit for bit, one whose ratios are fresh tensors each batch, on a BERT-like encoder (its
+    """Rescale's ratio buffers are kept from batch to batch (reallocated when a batch's shape changes) and
+    take the multiplier in place: the profile equals, bit for bit, one whose ratios are fresh tensors each batch, on a BERT-like encoder (its
     FFN's GELU as nn.GELU, so the rule applies) over batches of changing size and length."""
     pytest.importorskip("transformers")
     import hf_models
@@ -707,7 +707,7 @@ def test_rescale_buffers_reused_across_batches_and_shapes_give_the_fresh_tensor_
     def fresh(inp, out, ref_in, ref_out, ratio, off, scratch):
         d = inp - ref_in
         use = d.abs() > deeplift.EPS
-        return torch.where(use, (out - ref_out) / torch.where(use, d, torch.ones_like(d)), torch.zeros_like(d)), ~use
+        return (out - ref_out) / torch.where(use, d, torch.ones_like(d)), ~use
     monkeypatch.setattr(deeplift, "_ratio", fresh)
     want = neuslice.profile(model, data, 3, metrics=("deeplift",), progress=False)
     for name in want.layer_names:
