@@ -712,3 +712,27 @@ def test_rescale_buffers_reused_across_batches_and_shapes_give_the_fresh_tensor_
     want = neuslice.profile(model, data, 3, metrics=("deeplift",), progress=False)
     for name in want.layer_names:
         torch.testing.assert_close(got.stats[name]["deeplift_sum"], want.stats[name]["deeplift_sum"], rtol=0, atol=0)
+
+
+class _Untraceable(nn.Module):
+    """Linear-ReLU-head with data-dependent control flow: torch.fx cannot trace it, so profile probes it."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc, self.act, self.head = nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.act(self.fc(x))
+        return self.head(h if float(h.detach().sum()) >= 0 else -h)
+
+
+def test_the_probe_of_an_untraceable_model_runs_one_sample():
+    model = _Untraceable().eval()
+    seen = []
+    model.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(16, 8, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(2)]
+    prof = neuslice.profile(model, data, 3, metrics=("avg", "taylor"), progress=False)
+    assert prof.layer_names == ["fc"] and prof.num_batches == 2
+    assert seen == [1, 16, 16]          # the probe forward, then the two batches
