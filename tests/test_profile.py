@@ -159,6 +159,66 @@ def test_mlp_every_statistic_matches_hand_loops():
         torch.testing.assert_close(prof.stats[layer]["deeplift_sum"], v, **F32)
 
 
+class _TwinMLP(nn.Module):
+    """Linear-act-Linear-act-head whose first layer has two identical units (0 and 1) and whose second layer's
+    unit 0 reads them as ``a1[0] - a1[1]``: its input difference to the zero baseline is exactly 0 for every
+    sample, while the first layer's units 0 and 1 differ from their reference, so the Rescale rule must use the
+    nonlinearity's local derivative there (docs/method.md §2) for the first layer's multipliers to be right."""
+
+    def __init__(self, act):
+        super().__init__()
+        torch.manual_seed(0)
+        self.l1, self.a1, self.l2, self.a2, self.head = nn.Linear(8, 6), act(), nn.Linear(6, 5), act(), nn.Linear(5, 3)
+        with torch.no_grad():
+            self.l1.weight[1] = self.l1.weight[0]
+            self.l1.bias[1] = self.l1.bias[0]
+            self.l2.weight[0] = 0.0
+            self.l2.weight[0, 0], self.l2.weight[0, 1] = 1.0, -1.0
+            self.l2.bias[0] = 0.7
+
+    def forward(self, x):
+        return self.head(self.a2(self.l2(self.a1(self.l1(x)))))
+
+
+def _twin_deeplift_by_hand(model, loader, k, scale_local=1.0):
+    """The Rescale multipliers of f_y at the first layer's tap, float64, one sample at a time (the local
+    derivative times ``scale_local``)."""
+    m = copy.deepcopy(model).double()
+    f = m.a1
+    out = torch.zeros(k, 6, dtype=torch.float64)
+    a1r = f(m.l1(torch.zeros(8, dtype=torch.float64)))
+    h2r = m.l2(a1r)
+    for x, y in loader:
+        for xb, yb in zip(x.double(), y):
+            a1 = f(m.l1(xb))
+            h2 = m.l2(a1).detach().requires_grad_(True)
+            local, = torch.autograd.grad(f(h2).sum(), h2)
+            d = (h2 - h2r).detach()
+            resc = torch.where(d.abs() > 1e-7, (f(h2) - f(h2r)).detach() / torch.where(d.abs() > 1e-7, d, 1.0),
+                               local * scale_local)
+            m_a1 = m.l2.weight.t() @ (m.head.weight[int(yb)] * resc)
+            out[int(yb)] += ((a1 - a1r) * m_a1).abs().detach()
+    return out
+
+
+@pytest.mark.parametrize("act", [nn.Tanh, nn.GELU])
+@pytest.mark.parametrize("local", [True, False], ids=["local", "masked"])
+def test_rescale_takes_the_local_derivative_where_the_input_difference_is_zero(act, local, monkeypatch):
+    from neuslice.engine import deeplift
+    if not local:                       # the other path: through the nonlinearity's own backward, masked
+        monkeypatch.setattr(deeplift, "_local", lambda module: None)
+    model = _TwinMLP(act).eval()
+    g = torch.Generator().manual_seed(1)
+    loader = [(torch.randn(16, 8, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(2)]
+    prof = neuslice.profile(model, loader, 3, layers=["l1", "l2"], metrics=("deeplift",), progress=False)
+    assert prof.deeplift == "rescale"
+    hand = _twin_deeplift_by_hand(model, loader, 3)
+    torch.testing.assert_close(prof.stats["l1"]["deeplift_sum"], hand, **F32)
+    # the local derivative matters here: without it the first layer's twin units 0 and 1 come out different
+    without = _twin_deeplift_by_hand(model, loader, 3, scale_local=0.0)
+    assert not torch.allclose(prof.stats["l1"]["deeplift_sum"][:, :2], without[:, :2], rtol=1e-3)
+
+
 def _captum_per_class(attr_fn, model, loader, layer_module, **kw):
     sums = torch.zeros(K, layer_module_n(model, layer_module), dtype=torch.float64)
     count = torch.zeros(K, dtype=torch.float64)
@@ -636,3 +696,66 @@ def test_non_finite_batch_names_the_layer():
         neuslice.profile(model, [(x, y, y)], K, progress=False)
     with pytest.raises(TypeError, match=r"labels must be an integer tensor \(class indices\), got torch.float32"):
         neuslice.profile(model, [(x, y.float())], K, progress=False)
+
+
+class _HFLogits(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, **kw):
+        return self.model(**kw).logits
+
+
+@pytest.mark.filterwarnings("ignore:.*tapped at their own output")   # the untraceable encoder's tap warning
+def test_rescale_buffers_reused_across_batches_and_shapes_give_the_fresh_tensor_multipliers(monkeypatch):
+    """Rescale's ratio buffers are kept from batch to batch (reallocated when a batch's shape changes) and
+    take the multiplier in place: the profile equals, bit for bit, one whose ratios are fresh tensors each batch, on a BERT-like encoder (its
+    FFN's GELU as nn.GELU, so the rule applies) over batches of changing size and length."""
+    pytest.importorskip("transformers")
+    import hf_models
+    from neuslice.engine import deeplift
+    model, batch = hf_models.bert()
+    for m in list(model.modules()):
+        for name, c in list(m.named_children()):
+            if type(c).__name__ == "GELUActivation":
+                setattr(m, name, nn.GELU())
+    model = _HFLogits(model).eval()
+    g = torch.Generator().manual_seed(0)
+    data = [(batch(b, t, seed=i), torch.randint(0, 3, (b,), generator=g))
+            for i, (b, t) in enumerate([(4, 8), (4, 8), (3, 8), (4, 6), (4, 8)])]
+    got = neuslice.profile(model, data, 3, metrics=("deeplift",), progress=False)
+    assert got.deeplift == "rescale"
+
+    def fresh(inp, out, ref_in, ref_out, ratio, off, scratch):
+        d = inp - ref_in
+        use = d.abs() > deeplift.EPS
+        return (out - ref_out) / torch.where(use, d, torch.ones_like(d)), ~use
+    monkeypatch.setattr(deeplift, "_ratio", fresh)
+    want = neuslice.profile(model, data, 3, metrics=("deeplift",), progress=False)
+    for name in want.layer_names:
+        torch.testing.assert_close(got.stats[name]["deeplift_sum"], want.stats[name]["deeplift_sum"], rtol=0, atol=0)
+
+
+class _Untraceable(nn.Module):
+    """Linear-ReLU-head with data-dependent control flow: torch.fx cannot trace it, so profile probes it."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc, self.act, self.head = nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.act(self.fc(x))
+        return self.head(h if float(h.detach().sum()) >= 0 else -h)
+
+
+def test_the_probe_of_an_untraceable_model_runs_one_sample():
+    model = _Untraceable().eval()
+    seen = []
+    model.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(16, 8, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(2)]
+    prof = neuslice.profile(model, data, 3, metrics=("avg", "taylor"), progress=False)
+    assert prof.layer_names == ["fc"] and prof.num_batches == 2
+    assert seen == [1, 16, 16]          # the probe forward, then the two batches

@@ -27,19 +27,62 @@ class _Switch:
 
 
 class _Rescale(torch.autograd.Function):
+    """``out`` unchanged in the forward. Backward: the plain gradient (switch off), or the Rescale multiplier
+    (switch on): ``grad · ratio`` into the nonlinearity's input where |Δin| > EPS, and the local derivative
+    elsewhere. ``local`` (the module's parameter-free elementwise forward, or None) gives that derivative at
+    those few positions alone; without it (or on a GPU, where finding them would be a sync) the gradient goes
+    through the nonlinearity's own backward, masked to them."""
+
     @staticmethod
-    def forward(ctx, out, inp, ratio, use, switch):
-        ctx.save_for_backward(ratio, use)
-        ctx.switch = switch
-        return out.clone()
+    def forward(ctx, out, inp, ratio, off, switch, local):
+        ctx.save_for_backward(inp, ratio, off)
+        ctx.switch, ctx.local = switch, local
+        return out.clone()          # not ``out`` itself: the model may modify it in place
 
     @staticmethod
     def backward(ctx, grad):
         if not ctx.switch.on:
-            return grad, None, None, None, None
-        ratio, use = ctx.saved_tensors
-        zero = torch.zeros((), dtype=grad.dtype, device=grad.device)
-        return torch.where(use, zero, grad), torch.where(use, grad * ratio, zero), None, None, None
+            return grad, None, None, None, None, None
+        inp, ratio, off = ctx.saved_tensors     # ratio: Δout/Δin, meaningless where ``off``
+        if off.is_cuda or ctx.local is None:
+            return torch.where(off, grad, 0.0), (grad * ratio).masked_fill_(off, 0.0), None, None, None, None
+        # The m backward is the ratio's last use (the g backward never reads it): the product goes into it.
+        to_inp = ratio.mul_(grad)
+        if bool(off.any()):         # |Δin| <= EPS: rare (Δin = 0 exactly, or a value within EPS by chance)
+            at = off.nonzero(as_tuple=True)
+            xs = inp.detach()[at].requires_grad_(True)
+            with torch.enable_grad():
+                d, = torch.autograd.grad(ctx.local(xs), xs, grad[at])
+            to_inp.index_put_(at, d)
+        return None, to_inp, None, None, None, None
+
+
+def _local(module: nn.Module):
+    """``module.forward`` (its hooks not run) where the module is elementwise and parameter-free, so its
+    derivative at a few gathered positions is its derivative there; None otherwise (PReLU's weight)."""
+    return None if any(True for _ in module.parameters()) else module.forward
+
+
+def _ratio(inp, out, ref_in, ref_out, ratio, off, scratch):
+    """``(Δout/Δin, not |Δin| > EPS)``, written into ``ratio`` and ``off`` (``scratch`` holds Δin). The quotient
+    is used only where |Δin| > EPS (:class:`_Rescale` takes the local derivative at ``off``). Every pass
+    writes into a buffer the caller keeps from batch to batch: a fresh tensor per pass cost more than the
+    pass itself (page faults; measured 0.90 vs 0.25 ms for one subtraction of a [32, 65, 768] float32
+    tensor, 1 thread)."""
+    torch.sub(out, ref_out, out=ratio)
+    d_in = torch.sub(inp, ref_in, out=scratch)
+    ratio.div_(d_in)
+    torch.gt(d_in.abs_(), EPS, out=off).logical_not_()
+    return ratio, off
+
+
+def _buffer(bufs: Dict[object, torch.Tensor], key, like: torch.Tensor, dtype=None) -> torch.Tensor:
+    """``bufs[key]``, (re)allocated when it does not match ``like``'s shape, device and ``dtype``."""
+    dtype = like.dtype if dtype is None else dtype
+    b = bufs.get(key)
+    if b is None or b.shape != like.shape or b.dtype != dtype or b.device != like.device:
+        b = bufs[key] = torch.empty(like.shape, dtype=dtype, device=like.device)
+    return b
 
 
 class Rescale:
@@ -51,7 +94,10 @@ class Rescale:
         self.switch = _Switch()
         self._refs: Dict[int, List[tuple]] = {}
         self._calls: Dict[int, int] = {}
-        self._done: Dict[int, List[tuple]] = {}    # per module, per call of this forward: (input, ratio, use)
+        self._done: Dict[int, List[tuple]] = {}    # per module, per call of this forward: (input, ratio, off)
+        # per (module, call): the ratio and off buffers, and one scratch per shape; reused batch after batch
+        # (a batch's m backward has finished before the next batch's forward writes them)
+        self._bufs: Dict[object, torch.Tensor] = {}
         self._recording = False
         self.modules = activation_modules(model)
         self._handles = [model.register_forward_pre_hook(self._reset)]
@@ -77,9 +123,9 @@ class Rescale:
         k = id(module)
         if in_backward() and not self._recording:     # a checkpointed block recomputed: the same call's ratio
             x = args[0].detach()
-            for seen, ratio, use in self._done.get(k, []):
+            for seen, ratio, off in self._done.get(k, []):
                 if seen.shape == x.shape and torch.equal(seen, x):
-                    return _Rescale.apply(out, args[0], ratio, use, self.switch)
+                    return _Rescale.apply(out, args[0], ratio, off, self.switch, _local(module))
             return None
         idx = self._calls.get(k, 0)
         self._calls[k] = idx + 1
@@ -93,15 +139,15 @@ class Rescale:
         ref_in, ref_out = refs[idx]
         if ref_in.shape[1:] != inp.shape[1:]:
             return None
-        d_in = inp.detach() - ref_in
-        use = d_in.abs() > EPS
-        ratio = torch.where(use, (out.detach() - ref_out) / torch.where(use, d_in, torch.ones_like(d_in)),
-                            torch.zeros_like(d_in))
-        self._done.setdefault(k, []).append((inp.detach(), ratio, use))
-        return _Rescale.apply(out, inp, ratio, use, self.switch)
+        x, y = inp.detach(), out.detach()
+        ratio, off = _ratio(x, y, ref_in, ref_out, _buffer(self._bufs, (k, idx, "ratio"), y),
+                            _buffer(self._bufs, (k, idx, "off"), y, torch.bool),
+                            _buffer(self._bufs, ("scratch", y.shape, y.dtype, y.device), y))
+        self._done.setdefault(k, []).append((x, ratio, off))
+        return _Rescale.apply(out, inp, ratio, off, self.switch, _local(module))
 
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles = []
-        self._refs = {}
+        self._refs, self._bufs = {}, {}
