@@ -398,3 +398,24 @@ def test_an_in_place_activation_is_a_tap_not_a_pass_through():
     model, x = Net().eval(), torch.randn(5, 4)
     plan = discover(model, run=lambda: model(x))
     assert plan.layers[0].chain == ["fc", "act"] and plan.layers[0].tap == "act"
+
+
+def test_deeplift_rescales_through_a_model_library_activation_found_by_evidence():
+    """BERT's FFN nonlinearity is transformers' GELUActivation, not nn.GELU: the probe finds it elementwise, so
+    DeepLIFT applies the Rescale rule there; the profile equals that of the same model with nn.GELU swapped in."""
+    hf = _hf()
+    model, batch = hf.bert()
+    model = model.double()
+    swapped = copy.deepcopy(model)
+    for layer in swapped.bert.encoder.layer:
+        layer.intermediate.intermediate_act_fn = nn.GELU()
+    x, y = batch(6, 7, pad=2), torch.tensor([0, 1, 2, 0, 1, 2])
+    names = [n for n, m in model.named_modules() if n.endswith("intermediate.dense")]
+    got = neuslice.profile(model, [(x, y)], 3, layers=names, metrics=("deeplift",), progress=False)
+    want = neuslice.profile(swapped, [(x, y)], 3, layers=names, metrics=("deeplift",), progress=False)
+    assert got.deeplift == want.deeplift == "rescale"
+    plain = neuslice.profile(model, [(x, y)], 3, layers=names, metrics=("taylor",), progress=False)
+    for n in names:
+        torch.testing.assert_close(got.stats[n]["deeplift_sum"], want.stats[n]["deeplift_sum"], rtol=1e-12, atol=1e-12)
+        # the Rescale multipliers differ from the gradient (a zero reference is not the input)
+        assert not torch.allclose(got.stats[n]["deeplift_sum"], plain.stats[n]["taylor_sum"])

@@ -10,7 +10,7 @@ with the same input (docs/method.md §2), so the recompute saves what the forwar
 """
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 import torch
 from torch import nn
@@ -90,7 +90,7 @@ class Rescale:
     per-call inputs/outputs; ``rescale()`` mode reroutes outputs through :class:`_Rescale`.
     Register before the tap hooks so the taps see the rerouted tensors."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, names: Sequence[str] = ()):
         self.switch = _Switch()
         self._refs: Dict[int, List[tuple]] = {}
         self._calls: Dict[int, int] = {}
@@ -99,7 +99,7 @@ class Rescale:
         # (a batch's m backward has finished before the next batch's forward writes them)
         self._bufs: Dict[object, torch.Tensor] = {}
         self._recording = False
-        self.modules = activation_modules(model)
+        self.modules = activation_modules(model, names)
         self._handles = [model.register_forward_pre_hook(self._reset)]
         try:
             for _, m in self.modules:

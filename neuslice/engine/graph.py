@@ -400,6 +400,18 @@ def _stored_flow(model: nn.Module):
     return hit[1] if hit is not None and hit[0] == _fingerprint(model) else None
 
 
+def nonlinearity_modules(model: nn.Module) -> List[str]:
+    """Names of the modules that the model's last probe forward in this process found elementwise by evidence
+    (parameter-free, shape-preserving, each channel a function of its own input: a model library's
+    ``GELUActivation``, ``SiLUActivation``, ...), so DeepLIFT's Rescale rule applies to them as to ``nn.GELU``
+    (docs/method.md §1, §2). Empty for a model never probed (a traced model's nonlinearities are known by
+    class)."""
+    flow = _stored_flow(model)
+    if flow is None:
+        return []
+    return sorted({n.target for n in flow.nodes if n.kind == "module" and "elementwise" in n.tags})
+
+
 def _fingerprint(model: nn.Module) -> tuple:
     return tuple((n, id(m), type(m), tuple(getattr(m, "weight", torch.empty(0)).shape))
                  for n, m in model.named_modules())

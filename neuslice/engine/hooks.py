@@ -151,6 +151,9 @@ class no_inplace:
         return False
 
 
-def activation_modules(model: nn.Module) -> List[Tuple[str, nn.Module]]:
-    """Elementwise nonlinearity modules of ``model`` (DeepLIFT's Rescale points), in module order."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, ACTIVATIONS)]
+def activation_modules(model: nn.Module, names: Sequence[str] = ()) -> List[Tuple[str, nn.Module]]:
+    """Elementwise nonlinearity modules of ``model`` (DeepLIFT's Rescale points), in module order: those of a
+    known nonlinearity class, and the modules ``names`` (found elementwise by evidence: a model library's
+    ``GELUActivation``, docs/method.md §1)."""
+    names = set(names)
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, ACTIVATIONS) or (n and n in names)]

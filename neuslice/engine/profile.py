@@ -26,7 +26,7 @@ from .capture import (GRADIENT_METRICS, add_present, batch_mask, call_model, cal
                       drop_unused, layer_entries, model_device, new_stats, new_totals, nonfinite_what,
                       present_classes, target_of, to_device, unwrap, warn_unmasked, warn_unseen)
 from .deeplift import Rescale
-from .graph import discover, head_entries
+from .graph import discover, head_entries, nonlinearity_modules
 from .hooks import ChainHooks, activation_modules, in_backward, no_inplace
 from .metrics import kept_stats
 from .slices import Profile
@@ -54,8 +54,8 @@ class _Offline:
         self.num_batches = 0
         self.rescale = self.hooks = None
         try:
-            has_acts = bool(activation_modules(model))
-            self.rescale = Rescale(model) if (self.want_dl and has_acts) else None
+            acts = [n for n, _ in activation_modules(model, nonlinearity_modules(model))]
+            self.rescale = Rescale(model, acts) if (self.want_dl and acts) else None
             self.forms = dl_forms(fn, plan, self.rescale is not None, self.want_dl) if self.want_dl else {}
             self.hooks = ChainHooks(model, plan.layers, self._on_tap)
         except BaseException:
