@@ -7,8 +7,8 @@ import torch
 
 from neuslice import NonFiniteError, ops
 from neuslice.ops import _dispatch, reference
-from op_cases import (EXTRAS, K, acc_cases, acc_id, extra_args, kept_stats, make_labels, make_valid, make_x,
-                      new_stats, poison_padding)
+from op_cases import (EXTRAS, K, acc_cases, acc_id, extra_args, kept_stats, make_labels, make_ref, make_valid,
+                      make_x, new_stats, poison_padding)
 from tolerances import ACCUMULATE, MASKED_UPDATE, assert_close
 
 pytestmark = pytest.mark.skipif(_dispatch.import_error("cpu") is not None,
@@ -28,11 +28,11 @@ def _run_both(force_backend, x, g, r, labels, cl, acc, valid=None, extra=""):
 
 @pytest.mark.parametrize("case", list(acc_cases()), ids=acc_id)
 def test_accumulate_matches_reference(force_backend, case):
-    shape, cl, pt, with_g, with_r, extra = case
+    shape, cl, pt, with_g, ref, extra = case
     x = make_x(shape, cl, torch.float32)
     g = make_x(shape, cl, torch.float32, seed=7) if with_g else None
-    r = torch.randn(shape[1], shape[2]) if with_r else None
-    labels, valid = extra_args(x, g, make_labels(shape[0], shape[2], pt), cl, extra)
+    r = make_ref(ref, shape, cl, torch.float32)
+    labels, valid = extra_args(x, g, make_labels(shape[0], shape[2], pt), cl, extra, r=r)
     got, want = _run_both(force_backend, x, g, r, labels, cl, torch.float32, valid, extra)
     for a, b in zip(got, want):
         assert_close(a, b, ACCUMULATE, torch.float32, case[-1])
