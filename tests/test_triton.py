@@ -536,7 +536,8 @@ def test_gpu_check_dry_run(tmp_path):
                                                        ("cli predict --device cpu", "ok")]
     rows = [r for r in rows if r["impl"] != "cli"]
     cases = {r["case"] for r in rows}
-    assert len(cases) == 16                          # 8 accumulate (4 with valid/ignore_index/None), 4 select, 4 optimizer
+    # 9 accumulate (5 with valid/ignore_index/None, one of them with a per-sample ref), 4 select, 4 optimizer
+    assert len(cases) == 17
     assert {r["case"] for r in rows if r["impl"] == "triton" and r["check"] == "PASS" and r["ms"] > 0} == cases
     for r in rows:
         if r["impl"] == "cuda":                                           # CPU tensors: refused, with a reason
