@@ -17,8 +17,9 @@ table prints last. Exit status 1 when a correctness check fails.
 Cases: the foundation benchmark shapes (float32) and the large-model shape (channels-last
 B=16, S=2048, N=14336, bfloat16; per-sample and per-token labels); then accumulate_'s padding
 arguments (issue 13): right-padded sequences (a ``valid`` mask, NaN in the padding, one sample all
-padding) with labels ``ignore_index`` (-100), per sample and per token, and taylor kept alone (the
-other sums None). The dry run maps bfloat16 to
+padding) with labels ``ignore_index`` (-100), per sample and per token, taylor kept alone (the
+other sums None), and a reference per sample (``ref`` of x's shape, NaN in its padding: DeepLIFT
+on a padded encoder, each sample's baseline under its own mask). The dry run maps bfloat16 to
 float16 (the interpreter has no bfloat16) and times with perf_counter instead of do_bench.
 """
 from __future__ import annotations
@@ -52,6 +53,8 @@ GPU_SHAPES = {
                                                                      ignore=True),
     "large CL B=16 S=2048 N=14336 bf16 padded, taylor only": dict(b=16, n=14336, s=2048, cl=True, bf16=True,
                                                                    pad=True, keep=("count", "taylor_sum")),
+    "transformer CL B=8 S=512 N=3072 padded, per-sample ref": dict(b=8, n=3072, s=512, cl=True, pad=True,
+                                                                    ref=True),
 }
 DRY_SHAPES = {
     "conv B=4 N=9 S=5": dict(b=4, n=9, s=5, cl=False),
@@ -64,6 +67,7 @@ DRY_SHAPES = {
                                                                  ignore=True),
     "large CL B=4 S=6 N=13 bf16->f16 padded, taylor only": dict(b=4, n=13, s=6, cl=True, bf16=True, pad=True,
                                                                  keep=("count", "taylor_sum")),
+    "transformer CL B=3 S=4 N=10 padded, per-sample ref": dict(b=3, n=10, s=4, cl=True, pad=True, ref=True),
 }
 
 
@@ -129,6 +133,7 @@ def _accumulate_case(torch, shape: dict, dev: str, dry: bool):
     dims = (b, n) if s == 0 else ((b, s, n) if cl else (b, n, s))
     x = torch.randn(dims, generator=g, device=dev, dtype=dtype)
     grad = torch.randn(dims, generator=g, device=dev, dtype=dtype)
+    ref = torch.randn(dims, generator=g, device=dev, dtype=dtype) if shape.get("ref") else None  # per sample
     tok = shape.get("tok", False)
     labels = torch.randint(0, K, (b, s) if tok else (b,), generator=g, device=dev)
     if shape.get("ignore"):  # about 1 label in 8 is ignore_index
@@ -141,33 +146,38 @@ def _accumulate_case(torch, shape: dict, dev: str, dry: bool):
         lengths = torch.randint(1, s + 1, (b,), generator=g, device=dev)
         lengths[0] = 0
         valid = torch.arange(s, device=dev)[None, :] < lengths[:, None]
-        (x if cl else x.transpose(1, 2))[~valid] = float("nan")
+        for t in (x, ref):
+            if t is not None:
+                (t if cl else t.transpose(1, 2))[~valid] = float("nan")
     extra = (valid, IGNORE) if (valid is not None or shape.get("ignore")) else ()
-    args = (x, grad, None, labels, cl, *stats, *extra)
+    args = (x, grad, ref, labels, cl, *stats, *extra)
     red = None if s == 0 else (1 if cl else 2)
 
-    def composite(st):  # taylor + the activation statistics, as a user writes them in torch
+    def composite(st):  # the statistics as a user writes them in torch (deeplift: (x - ref) * grad)
         xs, gs, lab = (x.reshape(-1, n), grad.reshape(-1, n), labels.reshape(-1)) if tok else (x, grad, labels)
+        ds = xs if ref is None else xs - (ref.reshape(-1, n) if tok else ref)
         if tok or red is None:
-            xbar, prod = xs, xs * gs
+            xbar, prod, dprod = xs, xs * gs, ds * gs
             if extra:
                 kept = (lab != IGNORE) if valid is None else (lab != IGNORE) & valid.reshape(-1)
-                xbar, prod, lab = xbar[kept], prod[kept], lab[kept]
+                xbar, prod, dprod, lab = xbar[kept], prod[kept], dprod[kept], lab[kept]
         elif not extra:
-            xbar, prod = xs.mean(red), (xs * gs).sum(red)
+            xbar, prod, dprod = xs.mean(red), (xs * gs).sum(red), (ds * gs).sum(red)
         else:  # padding out of every sum (a where, since it may hold NaN), ignored / empty samples dropped
             w = torch.ones(b, s, dtype=torch.bool, device=dev) if valid is None else valid
             wm = w.unsqueeze(2 if cl else 1)
-            xm, gm = torch.where(wm, xs, 0.0), torch.where(wm, gs, 0.0)
+            xm, gm, dm = torch.where(wm, xs, 0.0), torch.where(wm, gs, 0.0), torch.where(wm, ds, 0.0)
             xbar, prod = xm.sum(red) / w.sum(1, keepdim=True).clamp_min(1), (xm * gm).sum(red)
+            dprod = (dm * gm).sum(red)
             kept = (lab != IGNORE) & w.any(1)
-            xbar, prod, lab = xbar[kept], prod[kept], lab[kept]
+            xbar, prod, dprod, lab = xbar[kept], prod[kept], dprod[kept], lab[kept]
         st[0].index_add_(0, lab, torch.ones(lab.shape[0], device=dev))
-        for i, v in ((1, xbar), (2, xbar * xbar), (3, prod.abs()), (4, prod.abs())):
+        for i, v in ((1, xbar), (2, xbar * xbar), (3, prod.abs()), (4, dprod.abs())):
             if st[i] is not None:
                 st[i].index_add_(0, lab, v.float())
 
-    nbytes = 2 * x.numel() * x.element_size() + labels.numel() * 8 + (0 if valid is None else valid.numel())
+    nbytes = ((2 if ref is None else 3) * x.numel() * x.element_size() + labels.numel() * 8
+              + (0 if valid is None else valid.numel()))
     return dict(op="accumulate_", args=args, mutated=tuple(5 + i for i, t in enumerate(stats) if t is not None),
                 composite=composite, nbytes=nbytes, dtype=dtype)
 
@@ -248,7 +258,8 @@ def _sum_rule(torch, case, got, fails, tol) -> tuple:
     from neuslice.ops import reference
     x, grad, ref, labels, cl = case["args"][:5]
     oracle = [None if t is None else t.double() * 0 for t in case["args"][5:10]]
-    reference.accumulate_(x.double(), grad.double(), None, labels, cl, *oracle, *case["args"][10:])
+    reference.accumulate_(x.double(), grad.double(), None if ref is None else ref.double(), labels, cl, *oracle,
+                          *case["args"][10:])
     comp = [None if t is None else t.clone() * 0 for t in case["args"][5:10]]
     case["composite"](comp)
     atol = tol.ACCUMULATE[case["dtype"]][1]

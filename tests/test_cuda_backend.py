@@ -123,6 +123,36 @@ def test_scratch_plan(shape, cl, labels_shape, has_g, planes):
     assert nbytes <= partials + 4 * 3 * lcount * n + 4 * (3 * k + 2 * lcount) + 9 * 256
 
 
+@needs_cuda_build
+def test_scratch_plan_and_args_take_a_per_sample_ref():
+    """A per-sample ref changes no scratch size (it is read in place, never staged)."""
+    from neuslice.ops import _backend_cuda as _native_cuda
+    x = torch.empty(8, 512, 64)                                   # channels-last [B, S, N]
+    labels = torch.zeros(8, dtype=torch.long)
+    stats = _stats(10, 64)
+    shared = torch.empty(64, 512)
+    per_sample = torch.empty(8, 512, 64)
+    assert (_native_cuda.scratch_bytes(x, x, per_sample, labels, True, *stats)
+            == _native_cuda.scratch_bytes(x, x, shared, labels, True, *stats))
+
+
+def test_ref_relaid_for_the_channels_last_kernels_only_when_shared():
+    """Channels-last: a shared ref ([N, S], or expand()ed per sample) whose n is not the unit-stride axis
+    is re-laid n-fastest (N*S elements); the expanded one stays expanded (batch stride 0). A true
+    per-sample ref (the size of x) is never copied."""
+    from neuslice.ops._backend_cuda import _ref_for_kernel
+    shared = torch.randn(7, 5)                                    # [N, S], s-fastest
+    r = _ref_for_kernel(shared, True, 5)
+    assert r.stride(0) == 1 and torch.equal(r, shared)
+    expanded = shared.t().expand(3, 5, 7)                         # [B, S, N], batch stride 0, n stride 5
+    r = _ref_for_kernel(expanded, True, 5)
+    assert r.shape == expanded.shape and r.stride(0) == 0 and r.stride(2) == 1 and torch.equal(r, expanded)
+    own = torch.randn(3, 7, 5).transpose(1, 2)                    # per sample, n stride 5
+    assert _ref_for_kernel(own, True, 5) is own
+    assert _ref_for_kernel(expanded, False, 5) is expanded        # channels-first walks s
+    assert _ref_for_kernel(own.transpose(1, 2), False, 5).data_ptr() == own.data_ptr()
+
+
 # ---------------------------------------------------------------------------------------------
 # on a GPU
 
@@ -147,6 +177,8 @@ def _inputs(b, n, s, cl, dtype, *, per_token=False, has_g=True, ref_kind=None, k
         r = (torch.rand(n, s, generator=g, dtype=torch.float64) * 0.2).to(dtype)
     elif ref_kind == "n":
         r = (torch.rand(n, generator=g, dtype=torch.float64) * 0.2).to(dtype)
+    elif ref_kind == "sample":  # per sample: x's shape and layout (per token, each token its own)
+        r = make(0.2)
     labels = torch.randint(0, k, (b, s) if per_token else (b,), generator=g)
     return x, gr, r, labels
 
@@ -211,7 +243,7 @@ def test_accumulate_matches_reference(dtype, b, n, s, cl):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("b,n,s", [(3, 97, 7), (2, 64, 123), (1, 5, 1), (64, 512, 128),
                                    (2, 9, 40000)])  # > 8192 tokens: the grid-wide label sort
-@pytest.mark.parametrize("ref_kind", [None, "n", "ns"])
+@pytest.mark.parametrize("ref_kind", [None, "n", "ns", "sample"])
 def test_accumulate_per_token_and_ref(dtype, b, n, s, ref_kind):
     x, gr, r, labels = _inputs(b, n, s, True, dtype, per_token=True, ref_kind=ref_kind, k=7)
     got, dev_in = _run_cuda(x, gr, r, labels, True, 7, n)
@@ -221,7 +253,7 @@ def test_accumulate_per_token_and_ref(dtype, b, n, s, ref_kind):
 @pytest.mark.gpu
 @pytest.mark.parametrize("cl", [False, True])
 @pytest.mark.parametrize("b,n,s", [(5, 33, 196), (2, 7, 3000), (4, 97, 9)])
-@pytest.mark.parametrize("ref_kind", ["n", "ns"])
+@pytest.mark.parametrize("ref_kind", ["n", "ns", "sample"])
 def test_accumulate_ref_both_layouts(cl, b, n, s, ref_kind):
     x, gr, r, labels = _inputs(b, n, s, cl, torch.float32, ref_kind=ref_kind)
     got, dev_in = _run_cuda(x, gr, r, labels, cl, 5, n)
@@ -333,6 +365,65 @@ def test_accumulate_valid_ignore_and_kept_statistics(keep, pattern, b, n, s, cl,
     _assert_stats_match(got, xd, gd, rd, ld, cl, vd, -100)
     counted = (ld != -100) & (vd if per_token else vd.any(1))
     assert torch.equal(got[0].cpu(), torch.bincount(labels[counted.cpu()], minlength=5).float())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("keep", ["all", "deeplift", "taylor"])
+@pytest.mark.parametrize("b,n,s,cl,per_token", [
+    (7, 97, 1, False, False),                                       # S = 1 (cols), ref [B, N]
+    (6, 13, 15, False, False), (9, 31, 196, False, False),          # cols, rows
+    (2, 3, 5000, False, False),                                     # rows split over positions
+    (4, 97, 7, True, False), (3, 123, 300, True, False),            # channels-last, direct / split
+    (3, 97, 7, True, True), (2, 9, 40000, True, True),              # per token (grid-wide sort too)
+])
+def test_accumulate_per_sample_ref_with_valid_and_ignore(keep, b, n, s, cl, per_token):
+    """A per-sample ref (x's shape) on every kernel path, padding holding NaN in x, grad and ref (never
+    read), ignored labels; with taylor kept alone the ref is NaN throughout (never read either)."""
+    from neuslice.ops import _backend_cuda as _native_cuda
+    x, gr, r, labels = _inputs(b, n, s, cl, torch.float32, per_token=per_token, ref_kind="sample")
+    if s == 1 and not per_token:
+        x, gr, r = x.reshape(b, n), gr.reshape(b, n), r.reshape(b, n)
+    valid, labels = _mask_inputs(b, n, s, cl, x, gr, labels, per_token=per_token, pattern="holes")
+    rv = r.unsqueeze(-1) if r.dim() == 2 else (r.transpose(1, 2) if cl else r)
+    rv.masked_fill_(~valid[:, None, :], float("nan"))
+    if keep == "taylor":
+        r.fill_(float("nan"))
+    dev = torch.device("cuda")
+    xd, gd, rd, ld, vd = _to(dev, x, gr, r, labels, valid)
+    kept = {"all": (1, 1, 1, 1, 1), "taylor": (1, 1, 1, 1, 0), "deeplift": (1, 0, 0, 0, 1)}[keep]
+    got = [t if k else None for t, k in zip(_stats(5, n, device=dev), kept)]
+    args = (xd, gd, rd, ld, cl, *got, vd, -100)
+    assert _native_cuda.refuse("accumulate_", args) is None
+    _native_cuda.accumulate_(*args)
+    _assert_stats_match(got, xd, gd, rd, ld, cl, vd, -100)
+    assert all(torch.isfinite(t).all() for t in got if t is not None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cl", [False, True])
+@pytest.mark.parametrize("b,n,s", [(6, 64, 1), (5, 64, 9), (4, 40, 300)])
+def test_accumulate_per_sample_ref_strides(cl, b, n, s):
+    """Per-sample refs that defeat 16-byte loads (a batch stride not a multiple of the vector width, an
+    odd offset), a transposed one, and one expand()ed from the shared ref, which must give the shared
+    ref's statistics."""
+    from neuslice.ops import _backend_cuda as _native_cuda
+    x, gr, shared, labels = _inputs(b, n, s, cl, torch.float32, ref_kind="ns")
+    dev = torch.device("cuda")
+    xd, gd, sd, ld = _to(dev, x, gr, shared, labels)
+    phys = xd.shape
+    wide = torch.randn(phys[0], phys[1] * phys[2] + 1, device=dev)[:, 1:]       # batch stride N*S + 1, offset 1
+    refs = [wide.reshape(phys),
+            torch.randn(phys[0], phys[2], phys[1], device=dev).transpose(1, 2),  # the other axis unit-stride
+            (sd.t() if cl else sd).expand(phys)]
+    assert refs[0].stride(0) % 4 != 0 and refs[2].stride(0) == 0
+    for r in refs:
+        got = _stats(5, n, device=dev)
+        _native_cuda.accumulate_(xd, gd, r, ld, cl, *got)
+        _assert_stats_match(got, xd, gd, r, ld, cl)
+    want = _stats(5, n, device=dev)
+    _native_cuda.accumulate_(xd, gd, sd, ld, cl, *want)
+    for a, w in zip(got, want):                                  # got: the expanded ref's
+        assert_close(a, w, ACCUMULATE, torch.float32)
 
 
 @pytest.mark.gpu

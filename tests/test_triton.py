@@ -52,6 +52,8 @@ def _inputs(b, n, s, layout, mode, dtype, k=4):
         ref = _randn(n, s, dtype=dtype)
     elif mode == "grad+ref[N]":
         ref = _randn(n, dtype=dtype)
+    elif mode == "grad+ref[B,N,S]":   # per sample: x's shape and layout (per token, each token its own)
+        ref = _randn(*shape, dtype=dtype)
     lshape = (b, s) if layout == "channels_last per-token" else (b,)
     labels = torch.randint(0, k, lshape, generator=GEN).to(DEVICE)
     return x, grad, ref, labels, cl
@@ -82,7 +84,8 @@ IGNORE = -100
 def _extras(b, n, s, layout, mode, dtype, valid_kind, ignore, k=4, ignore_index=IGNORE):
     """An accumulate_ case with a valid mask and ignored labels, poisoned where nothing may be read:
     x is NaN and grad inf at every position that does not count (invalid, or its sample / token
-    ignored), and ref[N, S] is inf at every position no counted unit reads."""
+    ignored), and ref[N, S] is inf at every position no counted unit reads (a per-sample ref at every
+    position that does not count)."""
     x, grad, ref, labels, cl = _inputs(b, n, s, layout, mode, dtype, k)
     per_token = labels.dim() == 2
     if valid_kind is None:
@@ -106,7 +109,9 @@ def _extras(b, n, s, layout, mode, dtype, valid_kind, ignore, k=4, ignore_index=
     xs[~counted] = float("nan")
     if grad is not None:
         as_bns(grad, cl).permute(0, 2, 1)[~counted] = float("inf")
-    if ref is not None and ref.dim() == 2:
+    if ref is not None and ref.shape == x.shape:
+        as_bns(ref, cl).permute(0, 2, 1)[~counted] = float("inf")
+    elif ref is not None and ref.dim() == 2:
         ref[:, ~counted.any(0)] = float("inf")
     return x, grad, ref, labels, cl, valid, counted
 
@@ -116,7 +121,7 @@ def _extras(b, n, s, layout, mode, dtype, valid_kind, ignore, k=4, ignore_index=
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", ["channels_first", "channels_last", "channels_last per-token"])
-@pytest.mark.parametrize("mode", ["x only", "grad", "grad+ref[N,S]", "grad+ref[N]"])
+@pytest.mark.parametrize("mode", ["x only", "grad", "grad+ref[N,S]", "grad+ref[N]", "grad+ref[B,N,S]"])
 @pytest.mark.parametrize("bns", [(1, 1, 1), (7, 97, 5), (3, 123, 7), (5, 7, 1)], ids=str)
 def test_accumulate_matches_reference(force_backend, dtype, layout, mode, bns):
     x, grad, ref, labels, cl = _inputs(*bns, layout, mode, dtype)
@@ -137,18 +142,24 @@ def test_accumulate_non_contiguous_inputs(force_backend):
     ref = _randn(7, 14).t()
     labels = torch.randint(0, 3, (6,), generator=GEN).to(DEVICE)[::2]
     _check_accumulate(x, g, ref, labels, False, 3, force_backend)
+    per_sample = _randn(3, 7, 14).transpose(1, 2)             # per sample [3, 14, 7], transposed storage
+    _check_accumulate(x, g, per_sample, labels, False, 3, force_backend)
     xt = _randn(3, 14, 7).transpose(1, 2)                     # channels-last view of [B, N, S] storage
     tok = torch.randint(0, 3, (7, 3), generator=GEN).to(DEVICE).t()
     _check_accumulate(xt, xt.flip(0), None, tok, True, 3, force_backend)
 
 
+_B16, _B32 = dict(BLOCK_N=16, BLOCK_S=4, BLOCK_T=4, CHUNK=8), dict(BLOCK_N=32, BLOCK_S=2, BLOCK_T=2, CHUNK=6)
+
+
 @pytest.mark.parametrize("per_token", [False, True])
-@pytest.mark.parametrize("cfg", [dict(BLOCK_N=16, BLOCK_S=4, BLOCK_T=4, CHUNK=8),
-                                 dict(BLOCK_N=32, BLOCK_S=2, BLOCK_T=2, CHUNK=6)], ids=["b16", "b32"])
-def test_accumulate_tiles_chunks_and_segments(per_token, cfg):
-    """Small blocks: neuron tails, position tails, segments that span tiles and chunks."""
+@pytest.mark.parametrize("cfg,mode", [(_B16, "grad+ref[N,S]"), (_B32, "grad+ref[N,S]"), (_B16, "grad+ref[B,N,S]")],
+                         ids=["b16", "b32", "b16-per-sample-ref"])
+def test_accumulate_tiles_chunks_and_segments(per_token, cfg, mode):
+    """Small blocks: neuron tails, position tails, segments that span tiles and chunks (a per-sample ref:
+    each unit of a tile reads its own sample's)."""
     x, grad, ref, labels, cl = _inputs(13, 37, 9, "channels_last per-token" if per_token else "channels_last",
-                                       "grad+ref[N,S]", torch.float32, k=5)
+                                       mode, torch.float32, k=5)
     want = _stats(5, 37, True)
     got = [t.clone() for t in want]
     reference.accumulate_(x, grad, ref, labels, cl, *want)
@@ -171,10 +182,11 @@ def test_accumulate_independent_of_class_order(force_backend):
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")   # numpy, in the interpreter
 @pytest.mark.parametrize("where", ["nan in x", "inf in x", "inf in grad", "nan in grad", "inf in ref",
-                                   "overflow of x mean squared"])
+                                   "nan in per-sample ref", "overflow of x mean squared"])
 @pytest.mark.parametrize("layout", ["channels_first", "channels_last per-token"])
 def test_accumulate_rejects_non_finite_and_changes_nothing(force_backend, where, layout):
-    x, grad, ref, labels, cl = _inputs(5, 19, 6, layout, "grad+ref[N,S]", torch.float32)
+    mode = "grad+ref[B,N,S]" if "per-sample" in where else "grad+ref[N,S]"
+    x, grad, ref, labels, cl = _inputs(5, 19, 6, layout, mode, torch.float32)
     target = {"x": x, "grad": grad, "ref": ref}[where.split()[-1]] if "overflow" not in where else x
     value = {"nan": float("nan"), "inf": float("inf")}.get(where.split()[0], 3e30)
     target.view(-1)[target.numel() // 2] = value
@@ -196,7 +208,7 @@ LAYOUTS = ["channels_first", "channels_last", "channels_last per-token"]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("mode", ["x only", "grad+ref[N,S]", "grad+ref[N]"])
+@pytest.mark.parametrize("mode", ["x only", "grad+ref[N,S]", "grad+ref[N]", "grad+ref[B,N,S]"])
 @pytest.mark.parametrize("valid_kind,ignore", [("random", True), ("random", False), ("all true", True),
                                                (None, True)], ids=["random+ignore", "random", "all-true+ignore",
                                                                    "no-mask+ignore"])
@@ -266,6 +278,19 @@ def test_accumulate_statistics_not_kept(force_backend, layout, kept):
     _check_accumulate(x, grad, ref, labels, cl, 3, force_backend, valid=valid, kept=("count",) + kept)
 
 
+@pytest.mark.parametrize("layout", ["channels_first", "channels_last per-token"])
+@pytest.mark.parametrize("kept", [("taylor_sum",), ("deeplift_sum",)], ids=lambda k: k[0])
+def test_accumulate_per_sample_ref_read_only_for_deeplift(force_backend, layout, kept):
+    """A per-sample ref (poisoned where nothing counts) enters deeplift_sum only: with taylor kept alone a
+    ref of NaN throughout is never read; with deeplift kept, each unit reads its own."""
+    x, grad, ref, labels, cl, valid, _ = _extras(6, 19, 4, layout, "grad+ref[B,N,S]", torch.float32, "random", True,
+                                                 k=3)
+    if kept == ("taylor_sum",):
+        ref.fill_(float("nan"))
+    got = _check_accumulate(x, grad, ref, labels, cl, 3, force_backend, valid=valid, kept=("count",) + kept)
+    assert all(torch.isfinite(t).all() for t in got if t is not None)
+
+
 def test_accumulate_grad_statistics_without_grad_left_unchanged(force_backend):
     """taylor_sum / deeplift_sum given with grad None stay as they were; grad given with both None is fine."""
     x, _, _, labels, cl, valid, _ = _extras(5, 11, 3, "channels_first", "x only", torch.float32, "random", True, k=3)
@@ -300,18 +325,22 @@ def test_accumulate_valid_and_ignore_across_tiles_and_chunks(per_token):
         assert_close(a, e, ACCUMULATE, torch.float32, msg=name)
 
 
-@pytest.mark.parametrize("where", ["nan in x", "inf in grad", "inf in ref"])
+@pytest.mark.parametrize("where", ["nan in x", "inf in grad", "inf in ref", "inf in per-sample ref"])
 @pytest.mark.parametrize("layout", ["channels_first", "channels_last per-token"])
 @pytest.mark.parametrize("kept", [STATS, ("count",)], ids=["all", "count-only"])
 def test_accumulate_non_finite_at_a_counted_position_rejected(force_backend, where, layout, kept):
     """Padding is poisoned throughout; one non-finite value at a counted position is still an error and
     changes nothing, wherever it is read: x always, grad and ref only for a kept gradient statistic (with
     count only they are never read, by the oracle or by triton)."""
-    x, grad, ref, labels, cl, valid, counted = _extras(6, 13, 4, layout, "grad+ref[N,S]", torch.float32, "random",
-                                                       True, k=3)
+    mode = "grad+ref[B,N,S]" if "per-sample" in where else "grad+ref[N,S]"
+    counted = torch.zeros(1, dtype=torch.bool)
+    while not counted.any():               # (the shared generator's state depends on the tests run before)
+        x, grad, ref, labels, cl, valid, counted = _extras(6, 13, 4, layout, mode, torch.float32, "random", True, k=3)
     b, s = counted.nonzero()[len(counted.nonzero()) // 2].tolist()
     if where == "inf in ref":
         ref[3, s] = float("inf")
+    elif where == "inf in per-sample ref":
+        as_bns(ref, cl)[b, 3, s] = float("inf")
     else:
         target = x if where == "nan in x" else grad
         as_bns(target, cl)[b, 3, s] = float(where.split()[0])
@@ -322,7 +351,9 @@ def test_accumulate_non_finite_at_a_counted_position_rejected(force_backend, whe
         reference.accumulate_(x, grad, ref, labels, cl, *want, valid, IGNORE)
         force_backend("triton")
         ops.accumulate_(x, grad, ref, labels, cl, *stats, valid, IGNORE)
-        assert torch.equal(stats[0], want[0]) and not torch.equal(stats[0], before[0])
+        # (count starts at fractions: the oracle adds its ones one by one, triton a class's total at once)
+        assert_close(stats[0], want[0], ACCUMULATE, torch.float32, msg="count")
+        assert not torch.equal(stats[0], before[0])
         return
     with pytest.raises(NonFiniteError, match="no statistic was changed"):   # the oracle agrees
         reference.accumulate_(x, grad, ref, labels, cl, *[None if t is None else t.clone() for t in stats],
@@ -505,7 +536,8 @@ def test_gpu_check_dry_run(tmp_path):
                                                        ("cli predict --device cpu", "ok")]
     rows = [r for r in rows if r["impl"] != "cli"]
     cases = {r["case"] for r in rows}
-    assert len(cases) == 16                          # 8 accumulate (4 with valid/ignore_index/None), 4 select, 4 optimizer
+    # 9 accumulate (5 with valid/ignore_index/None, one of them with a per-sample ref), 4 select, 4 optimizer
+    assert len(cases) == 17
     assert {r["case"] for r in rows if r["impl"] == "triton" and r["check"] == "PASS" and r["ms"] > 0} == cases
     for r in rows:
         if r["impl"] == "cuda":                                           # CPU tensors: refused, with a reason
