@@ -36,7 +36,8 @@ void bind_arg_structs(py::module_& m) {
       .def(py::init([](uintptr_t x, uintptr_t g, uintptr_t r, uintptr_t labels, int dtype,
                        int64_t B, int64_t N, int64_t S, int64_t K, bool channels_last,
                        bool per_token, int64_t x_sb, int64_t x_sn, int64_t x_ss, int64_t g_sb,
-                       int64_t g_sn, int64_t g_ss, int64_t r_sn, int64_t r_ss, int64_t l_sb,
+                       int64_t g_sn, int64_t g_ss, int64_t r_sb, int64_t r_sn, int64_t r_ss,
+                       int64_t l_sb,
                        int64_t l_ss, uintptr_t count, uintptr_t act_sum, uintptr_t act_sq,
                        uintptr_t taylor_sum, uintptr_t deeplift_sum, uintptr_t valid,
                        int64_t v_sb, int64_t v_ss, int64_t ignore_index) {
@@ -51,7 +52,7 @@ void bind_arg_structs(py::module_& m) {
              a.per_token = per_token;
              a.x_sb = x_sb; a.x_sn = x_sn; a.x_ss = x_ss;
              a.g_sb = g_sb; a.g_sn = g_sn; a.g_ss = g_ss;
-             a.r_sn = r_sn; a.r_ss = r_ss;
+             a.r_sb = r_sb; a.r_sn = r_sn; a.r_ss = r_ss;
              a.l_sb = l_sb; a.l_ss = l_ss;
              a.count = ptr<void>(count);
              a.act_sum = ptr<void>(act_sum);
@@ -66,7 +67,7 @@ void bind_arg_structs(py::module_& m) {
            py::kw_only(), py::arg("x"), py::arg("g"), py::arg("r"), py::arg("labels"),
            py::arg("dtype"), py::arg("B"), py::arg("N"), py::arg("S"), py::arg("K"),
            py::arg("channels_last"), py::arg("per_token"), py::arg("x_sb"), py::arg("x_sn"),
-           py::arg("x_ss"), py::arg("g_sb"), py::arg("g_sn"), py::arg("g_ss"), py::arg("r_sn"),
+           py::arg("x_ss"), py::arg("g_sb"), py::arg("g_sn"), py::arg("g_ss"), py::arg("r_sb"), py::arg("r_sn"),
            py::arg("r_ss"), py::arg("l_sb"), py::arg("l_ss"), py::arg("count"),
            py::arg("act_sum"), py::arg("act_sq"), py::arg("taylor_sum"),
            py::arg("deeplift_sum"), py::arg("valid"), py::arg("v_sb"), py::arg("v_ss"),

@@ -1,7 +1,8 @@
 """accumulate_ on Triton: the per-class statistics of one layer (docs/method.md) in one pass over x (and grad).
 
 Shapes (as in :func:`neuslice.ops.accumulate_`): x, grad ``[B, N, S]`` or, channels-last, ``[B, S, N]``
-(``[B, N]`` means S = 1), any strides; ref ``[N, S]`` or ``[N]``; labels int64 ``[B]`` or, per token,
+(``[B, N]`` means S = 1), any strides; ref ``[N, S]`` or ``[N]`` (shared), or per sample with x's shape
+(any strides; read through a batch stride, 0 when shared); labels int64 ``[B]`` or, per token,
 ``[B, S]``; statistics float32 ``[K]`` / ``[K, N]``, contiguous.
 
 A *unit* is what one label counts: a sample (its S positions are averaged) or, with per-token labels,
@@ -59,7 +60,7 @@ import triton
 import triton.language as tl
 
 from neuslice._errors import STATUS_NONFINITE_G, STATUS_NONFINITE_X
-from neuslice.ops._layout import bns, ref_strides_ns, strides_bns
+from neuslice.ops._layout import bns, ref_strides_bns, strides_bns
 
 __all__ = ["accumulate", "default_config", "STATUS_NONFINITE_X", "STATUS_NONFINITE_G"]
 
@@ -68,7 +69,7 @@ _F32_MAX = tl.constexpr(3.4028234663852886e38)  # largest finite float32
 
 @triton.jit
 def _unit_sums(x_ptr, g_ptr, r_ptr, v_ptr, nv_ptr, b, s0, mask_t, offs_n, mask_n, S_UNIT,
-               sxb, sxs, sxn, sgb, sgs, sgn, srn, srs, svb, svs,
+               sxb, sxs, sxn, sgb, sgs, sgn, srb, srn, srs, svb, svs,
                HAS_GRAD: tl.constexpr, HAS_REF: tl.constexpr, HAS_VALID: tl.constexpr,
                BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr):
     """Per unit of the tile: x-bar (the mean over its valid positions), sum_s x*g, sum_s (x-r)*g over
@@ -94,7 +95,7 @@ def _unit_sums(x_ptr, g_ptr, r_ptr, v_ptr, nv_ptr, b, s0, mask_t, offs_n, mask_n
             gv = tl.load(g_ptr + go, mask=m, other=0.0).to(tl.float32)
             axg += xv * gv
             if HAS_REF:
-                ro = (pos * srs)[:, :, None] + (offs_n * srn)[None, None, :]
+                ro = (b * srb)[:, None, None] + (pos * srs)[:, :, None] + (offs_n * srn)[None, None, :]
                 rv = tl.load(r_ptr + ro, mask=m, other=0.0).to(tl.float32)
                 adg += (xv - rv) * gv
     sxg = tl.sum(axg, axis=1)
@@ -173,7 +174,7 @@ def _segment_add(stage_ptr, cnt_ptr, segs, mask_t, xbar, sxg, sdg, ax, aq, at, a
 @triton.jit
 def _accumulate_kernel(x_ptr, g_ptr, r_ptr, v_ptr, nv_ptr, order_ptr, seg_ptr, kept_ptr, stage_ptr, cnt_ptr, status_ptr,
                        U, N, S, S_UNIT, PLANE, CHUNK, N_BLOCKS,
-                       sxb, sxs, sxn, sgb, sgs, sgn, srn, srs, svb, svs,
+                       sxb, sxs, sxn, sgb, sgs, sgn, srb, srn, srs, svb, svs,
                        PER_TOKEN: tl.constexpr, HAS_GRAD: tl.constexpr, HAS_REF: tl.constexpr,
                        HAS_VALID: tl.constexpr, KEEP_SUM: tl.constexpr, KEEP_SQ: tl.constexpr,
                        KEEP_TAYLOR: tl.constexpr, KEEP_DL: tl.constexpr,
@@ -205,7 +206,7 @@ def _accumulate_kernel(x_ptr, g_ptr, r_ptr, v_ptr, nv_ptr, order_ptr, seg_ptr, k
             b = unit
             s0 = unit * 0
         xbar, sxg, sdg = _unit_sums(x_ptr, g_ptr, r_ptr, v_ptr, nv_ptr, b, s0, mask_t, offs_n, mask_n, S_UNIT,
-                                    sxb, sxs, sxn, sgb, sgs, sgn, srn, srs, svb, svs,
+                                    sxb, sxs, sxn, sgb, sgs, sgn, srb, srn, srs, svb, svs,
                                     HAS_GRAD, HAS_REF, HAS_VALID, BLOCK_T, BLOCK_S, BLOCK_N)
         ax, aq, at, ad, ac, cur, bad = _segment_add(stage_ptr, cnt_ptr, segs, mask_t, xbar, sxg, sdg,
                                                     ax, aq, at, ad, ac, cur, bad, N, PLANE, offs_n, mask_n,
@@ -351,7 +352,7 @@ def accumulate(x, grad, ref, labels, channels_last, count, act_sum, act_sq, tayl
     n_blocks = max(1, triton.cdiv(n, cfg["BLOCK_N"]))
     g = grad if has_grad else x
     r = ref if has_ref else x
-    rs = ref_strides_ns(ref if has_ref else None)
+    rs = ref_strides_bns(ref if has_ref else None, x, channels_last)   # (b, n, s); b stride 0: shared
     v = valid.view(torch.uint8) if has_valid else x        # bool read as bytes, in place, any strides
     vs = (v.stride(0), v.stride(1)) if has_valid else (0, 0)
     nv = valid.sum(1, dtype=torch.int32) if has_valid else kept     # |V_b|, the divisor of the mean

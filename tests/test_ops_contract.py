@@ -299,6 +299,13 @@ def _unchanged(before, after):
     (lambda a: a.__setitem__(1, torch.randn(6, 4, 2)), ValueError, "grad must have shape [6, 4, 3]"),
     (lambda a: a.__setitem__(1, torch.randn(6, 4, 3, dtype=torch.float64)), TypeError, "grad must have x's dtype"),
     (lambda a: a.__setitem__(2, torch.randn(3, 4)), ValueError, "ref must be [N, S] = [4, 3]"),
+    # a per-sample ref has x's shape: anything else names the three accepted shapes
+    (lambda a: a.__setitem__(2, torch.randn(5, 4, 3)), ValueError,
+     "ref must be [N, S] = [4, 3] or [N] = [4] (shared by the batch), or per sample x's shape [B, N, S] = "
+     "[6, 4, 3], on cpu; got [5, 4, 3] on cpu"),
+    (lambda a: a.__setitem__(2, torch.randn(6, 3, 4)), ValueError, "or per sample x's shape [B, N, S] = [6, 4, 3]"),
+    (lambda a: a.__setitem__(2, torch.randn(6, 4, 3, dtype=torch.float64)), TypeError, "ref must have x's dtype"),
+    (lambda a: a.__setitem__(2, torch.randn(6, 4, 3, device="meta")), ValueError, "got [6, 4, 3] on meta"),
     (lambda a: a.__setitem__(6, torch.zeros(5, 3)), ValueError, "act_sum must have shape [5, 4]"),
     (lambda a: a.__setitem__(7, torch.zeros(5, 4, dtype=torch.float64)), TypeError, "act_sq must be torch.float32"),
     (lambda a: a.__setitem__(0, torch.randn(6, 4, 3, 2)), ValueError, "x must be [B, N]"),
@@ -336,8 +343,26 @@ def test_accumulate_bad_input_is_rejected_and_changes_nothing(force_backend, bac
     assert _unchanged(before, args)
 
 
+@pytest.mark.parametrize("layout,x_shape,words", [
+    ("cf", (6, 4, 3), "[N, S] = [4, 3] or [N] = [4] (shared by the batch), or per sample x's shape [B, N, S] = [6, 4, 3]"),
+    ("cl", (6, 3, 4), "[N, S] = [4, 3] or [N] = [4] (shared by the batch), or per sample x's shape [B, S, N] = [6, 3, 4]"),
+    ("2d", (6, 4), "[N, S] = [4, 1] or [N] = [4] (shared by the batch), or per sample x's shape [B, N] = [6, 4]"),
+])
+def test_accumulate_ref_shape_error_names_the_three_shapes(force_backend, layout, x_shape, words):
+    """Per layout, the error spells the shared shapes and the per-sample one (x's) with their sizes."""
+    force_backend("reference")
+    x = torch.randn(x_shape)
+    stats = new_stats(4)
+    before = _clones(stats)
+    for bad in (torch.randn(7, *x_shape[1:]), torch.randn(4, 2), torch.randn(3)):
+        with pytest.raises(ValueError, match="neuslice.accumulate_") as info:
+            ops.accumulate_(x, torch.randn(x_shape), bad, torch.tensor([0, 1, 2, 1, 0, 3]), layout == "cl", *stats)
+        assert "ref must be " + words in str(info.value)
+    assert _unchanged(before, stats)
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("where", ["x", "grad", "ref"])
+@pytest.mark.parametrize("where", ["x", "grad", "ref", "ref per sample"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("cl,per_token", [(False, False), (True, False), (True, True)])
 def test_accumulate_non_finite_changes_nothing(force_backend, backend, where, value, cl, per_token):
@@ -345,9 +370,11 @@ def test_accumulate_non_finite_changes_nothing(force_backend, backend, where, va
     args = list(_acc_args(cl))
     if per_token:
         args[3] = torch.randint(0, K, (6, 3))
+    if where == "ref per sample":
+        args[2] = torch.randn_like(args[0])
     for t in args[5:]:
         t.uniform_()
-    target = {"x": args[0], "grad": args[1], "ref": args[2]}[where]
+    target = {"x": args[0], "grad": args[1]}.get(where, args[2])
     target.view(-1)[5] = value
     before = _clones(args)
     with pytest.raises(NonFiniteError, match="neuslice.accumulate_: non-finite value in "
@@ -377,9 +404,11 @@ def _acc_extra(kind):
     valid, ignore_index = None, IGNORE
     if per_token:
         labels = torch.randint(0, K, (6, 3))
-    if kind in ("valid", "token valid ignore"):
+    if "sample ref" in kind:              # one reference per sample (per token: each token its own)
+        r = torch.randn_like(x)
+    if kind in ("valid", "token valid ignore", "sample ref valid", "token sample ref valid ignore"):
         valid = torch.tensor([[1, 1, 0], [0, 0, 0], [1, 0, 1], [1, 1, 1], [0, 1, 0], [1, 1, 1]], dtype=torch.bool)
-    if kind in ("ignore", "token valid ignore"):
+    if kind in ("ignore", "token valid ignore", "token sample ref valid ignore"):
         labels = labels.clone()
         labels.view(-1)[::4] = IGNORE
     if kind == "ignore in range":
@@ -394,7 +423,8 @@ def _acc_extra(kind):
     return [x, g, r, labels, cl, *stats, valid, ignore_index]
 
 
-_EXTRA_KINDS = ["valid", "ignore", "ignore in range", "none", "avg", "taylor only", "token valid ignore"]
+_EXTRA_KINDS = ["valid", "ignore", "ignore in range", "none", "avg", "taylor only", "token valid ignore",
+                "sample ref", "sample ref valid", "token sample ref valid ignore"]
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -434,21 +464,26 @@ def test_new_arguments_match_the_float64_loop(force_backend, backend, device, ki
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("ref", ["shared", "sample"])
 @pytest.mark.parametrize("cl,per_token", [(False, False), (True, False), (True, True)])
-def test_nan_in_padding_and_in_ignored_samples_is_never_read(force_backend, backend, device, cl, per_token):
-    args = _acc_extra("token valid ignore" if per_token else "valid")
+def test_nan_in_padding_and_in_ignored_samples_is_never_read(force_backend, backend, device, cl, per_token, ref):
+    args = _acc_extra(("token " if per_token else "") + ("sample ref valid" if ref == "sample" else "valid")
+                      + (" ignore" if per_token else ""))
     if not per_token and cl:
         args[0], args[1] = args[0].transpose(1, 2).contiguous(), args[1].transpose(1, 2).contiguous()
+        args[2] = args[2].transpose(1, 2).contiguous() if ref == "sample" else args[2]
         args[4] = True
     clean = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
-    xv = [t.transpose(1, 2) if args[4] else t for t in (args[0], args[1])]
+    xv = [t.transpose(1, 2) if args[4] else t for t in (args[0], args[1], args[2] if ref == "sample" else None)
+          if t is not None]
     pad = ~args[10]
-    for t in xv:
+    for t in xv:                          # x, g and a per-sample ref: NaN in the padding
         t.masked_fill_(pad[:, None, :], float("nan"))
     if not per_token:
         args[3] = args[3].clone()
         args[3][0] = IGNORE               # sample 0 ignored: its values are never read either
-        xv[0][0].fill_(float("inf"))
+        for t in xv[::2]:                 # x (and a per-sample ref)
+            t[0].fill_(float("inf"))
         clean[3] = args[3]
     args = _on(args, device)
     force_backend(backend)
@@ -515,13 +550,35 @@ def test_gradient_statistics_not_kept_leave_grad_unread(force_backend, backend, 
         torch.testing.assert_close(got.cpu(), w, rtol=2e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("kind", ["valid", "token valid ignore"])
+def test_expanded_per_sample_ref_is_the_shared_ref(force_backend, backend, device, kind):
+    """A per-sample ref expand()ed from the shared one (batch stride 0) gives the shared ref's statistics
+    (the kernels read it in place with a batch stride of 0); a per-sample ref that differs does not."""
+    args = _acc_extra(kind)
+    shared = args[2]                                       # [N, S] = [4, 3]
+    per_sample = (shared.t() if args[4] else shared).expand(args[0].shape)
+    force_backend(backend)
+    got = []
+    for r in (shared, per_sample, per_sample + torch.linspace(0, 1, 6)[:, None, None]):
+        a = _on(_clones(args), device)
+        a[2] = r.to(device)
+        ops.accumulate_(*a)
+        got.append([t.cpu() for t in a[5:10]])
+    for u, v in zip(got[0], got[1]):
+        torch.testing.assert_close(u, v, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(got[0][4], got[2][4])        # deeplift follows each sample's own ref
+    assert all(torch.equal(u, v) for u, v in zip(got[0][:4], got[2][:4]))   # nothing else reads ref
+
+
 def _hyp_case(data, b, n, s, cl, per_token, kept, dtype):
     """A random accumulate_ call from hypothesis's draws: x, g, r, labels (some ignored), valid."""
     gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1), label="seed"))
     shape = (b, s, n) if cl else (b, n, s)
     x = torch.randn(shape, generator=gen, dtype=dtype)
     g = torch.randn(shape, generator=gen, dtype=dtype)
-    r = torch.randn(n, s, generator=gen, dtype=dtype) if data.draw(st.booleans(), label="ref") else None
+    ref = data.draw(st.sampled_from([None, "shared", "sample"]), label="ref")
+    r = None if ref is None else torch.randn(shape if ref == "sample" else (n, s), generator=gen, dtype=dtype)
     lab_shape = (b, s) if per_token else (b,)
     labels = torch.randint(0, K, lab_shape, generator=gen)
     labels[torch.rand(lab_shape, generator=gen) < data.draw(st.sampled_from([0.0, 0.3, 1.0]), label="ignored")] = IGNORE
@@ -550,8 +607,9 @@ def test_property_new_arguments_match_the_float64_loop(data, backend, b, n, s, l
     skip = (labels == IGNORE) if per_token else (labels == IGNORE)[:, None].expand(b, s)
     if valid is not None:
         skip = skip | ~valid
-    for t in (x, g):                       # never read: NaN at every position that does not count
-        (t.transpose(1, 2) if cl else t).masked_fill_(skip[:, None, :], float("nan"))
+    for t in (x, g, r if r is not None and r.shape == x.shape else None):
+        if t is not None:                  # never read: NaN at every position that does not count
+            (t.transpose(1, 2) if cl else t).masked_fill_(skip[:, None, :], float("nan"))
     os.environ["NEUSLICE_BACKEND"] = backend
     try:
         ops.accumulate_(*args)

@@ -7,8 +7,8 @@ import torch
 
 from neuslice import NonFiniteError, ops
 from neuslice.ops import _dispatch, reference
-from op_cases import (EXTRAS, K, acc_cases, acc_id, extra_args, kept_stats, make_labels, make_valid, make_x,
-                      new_stats, poison_padding)
+from op_cases import (EXTRAS, K, acc_cases, acc_id, extra_args, kept_stats, make_labels, make_ref, make_valid,
+                      make_x, new_stats, poison_padding)
 from tolerances import ACCUMULATE, MASKED_UPDATE, assert_close
 
 pytestmark = pytest.mark.skipif(_dispatch.import_error("cpu") is not None,
@@ -28,11 +28,11 @@ def _run_both(force_backend, x, g, r, labels, cl, acc, valid=None, extra=""):
 
 @pytest.mark.parametrize("case", list(acc_cases()), ids=acc_id)
 def test_accumulate_matches_reference(force_backend, case):
-    shape, cl, pt, with_g, with_r, extra = case
+    shape, cl, pt, with_g, ref, extra = case
     x = make_x(shape, cl, torch.float32)
     g = make_x(shape, cl, torch.float32, seed=7) if with_g else None
-    r = torch.randn(shape[1], shape[2]) if with_r else None
-    labels, valid = extra_args(x, g, make_labels(shape[0], shape[2], pt), cl, extra)
+    r = make_ref(ref, shape, cl, torch.float32)
+    labels, valid = extra_args(x, g, make_labels(shape[0], shape[2], pt), cl, extra, r=r)
     got, want = _run_both(force_backend, x, g, r, labels, cl, torch.float32, valid, extra)
     for a, b in zip(got, want):
         assert_close(a, b, ACCUMULATE, torch.float32, case[-1])
@@ -50,20 +50,22 @@ def test_accumulate_dtypes(force_backend, dtype, cl):
         assert_close(a, b, ACCUMULATE, dtype)
 
 
+@pytest.mark.parametrize("ref", ["shared", "sample"])
 @pytest.mark.parametrize("masked", [False, True], ids=["", "masked"])
 @pytest.mark.parametrize("cl,pt", [(False, False), (True, False), (True, True)], ids=["cf", "cl", "cl-tok"])
-def test_accumulate_non_contiguous(force_backend, cl, pt, masked):
+def test_accumulate_non_contiguous(force_backend, cl, pt, masked, ref):
     shape = (6, 37, 5)
     x = make_x(shape, cl, torch.float32, contiguous=False)
     g = make_x(shape, cl, torch.float32, contiguous=False, seed=4)
-    r = torch.randn(5, 37).t()  # [N, S] as a transposed view
+    # [N, S] as a transposed view, or per sample as a view with a non-unit inner stride
+    r = torch.randn(5, 37).t() if ref == "shared" else make_ref("sample", shape, cl, torch.float32, contiguous=False)
     labels = make_labels(6, 5, pt, contiguous=False)
     valid = None
     if masked:  # a strided valid view, padding poisoned, some labels ignored (in place: still strided)
         valid = make_valid(6, 5, pt, contiguous=False)
         assert not valid.is_contiguous()
-        poison_padding(x, valid, cl)
-        poison_padding(g, valid, cl)
+        for t in (x, g, r if ref == "sample" else None):
+            poison_padding(t, valid, cl)
         labels[::3] = -100
     assert not x.is_contiguous() and not labels.is_contiguous() and not r.is_contiguous()
     got, want = _run_both(force_backend, x, g, r, labels, cl, torch.float32, valid)
@@ -100,7 +102,7 @@ def test_accumulate_thread_counts_agree(force_backend, threads, shape, cl, pt, e
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("with_g,with_r", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("with_g,with_r", [(False, None), (True, None), (True, "shared"), (True, "sample")])
 @pytest.mark.parametrize("shape,cl,pt", [((256, 33, 1), False, False), ((128, 20, 5), False, False),
                                          ((128, 20, 5), True, False), ((32, 33, 8), True, True),
                                          ((64, 4100, 1), False, False)])  # > one 4096-column block
@@ -120,7 +122,7 @@ def test_accumulate_per_thread_scratch_with_classes_one_thread_never_sees(
         labels = labels[:, None].expand(b, s).contiguous()
     x = make_x(shape, cl, torch.float32)
     g = make_x(shape, cl, torch.float32, seed=7) if with_g else None
-    r = torch.randn(n, s) if with_r else None
+    r = make_ref(with_r, shape, cl, torch.float32)
     got = [t + 0.5 for t in new_stats(n)]
     want = [t.clone() for t in got]
     prev = torch.get_num_threads()
@@ -137,7 +139,7 @@ def test_accumulate_per_thread_scratch_with_classes_one_thread_never_sees(
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("where", ["x", "grad", "ref", "x overflow"])
+@pytest.mark.parametrize("where", ["x", "grad", "ref", "ref per sample", "x overflow"])
 @pytest.mark.parametrize("row", [0, 97, 255])
 @pytest.mark.parametrize("pt", [False, True])
 def test_accumulate_per_thread_scratch_rejects_non_finite(force_backend, threads, where, row, pt):
@@ -146,8 +148,10 @@ def test_accumulate_per_thread_scratch_rejects_non_finite(force_backend, threads
     b, n, s = (64, 40, 4) if pt else (256, 40, 1)
     x = torch.randn(b, s, n) if pt else torch.randn(b, n)
     g, r = torch.randn_like(x), torch.randn(n, s) if pt else torch.randn(n)
+    if where == "ref per sample":
+        r = torch.randn_like(x)
     labels = torch.randint(0, 3, (b, s) if pt else (b,), generator=torch.Generator().manual_seed(3))
-    target = {"x": x, "grad": g, "ref": r, "x overflow": x}[where]
+    target = {"x": x, "grad": g, "ref": r, "ref per sample": r, "x overflow": x}[where]
     value = 3e38 if where == "x overflow" else float("nan")   # (3e38)^2 overflows act_sq
     target.view(-1)[(row * target.numel()) // 256] = value   # row 0, 97 or 255 of 256
     stats = [t.uniform_() for t in new_stats(n)]
@@ -156,7 +160,7 @@ def test_accumulate_per_thread_scratch_rejects_non_finite(force_backend, threads
     torch.set_num_threads(threads)
     try:
         force_backend("cpu")
-        with pytest.raises(NonFiniteError, match="non-finite value in " + ("grad" if where in ("grad", "ref") else "x")):
+        with pytest.raises(NonFiniteError, match="non-finite value in " + ("x" if where.startswith("x") else "grad")):
             ops.accumulate_(x, g, r, labels, pt, *stats)
     finally:
         torch.set_num_threads(prev)
@@ -176,6 +180,45 @@ def test_accumulate_many_classes_uses_neuron_tiles(force_backend):
     reference.accumulate_(x, g, None, labels, True, *want)
     for a, b in zip(got, want):
         assert_close(a, b, ACCUMULATE, torch.float32)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape,cl,pt", [((9, 33, 7), False, False), ((9, 33, 7), True, False),
+                                         ((6, 20, 5), True, True), ((40, 17, 1), False, False)])
+def test_accumulate_expanded_per_sample_ref_is_the_shared_ref(force_backend, threads, shape, cl, pt):
+    # A per-sample ref expand()ed from a shared one (batch stride 0) is read in place through the
+    # shared path: bit-identical statistics, no copy.
+    b, n, s = shape
+    x, g = make_x(shape, cl, torch.float32), make_x(shape, cl, torch.float32, seed=7)
+    shared = torch.randn(n, s)
+    per_sample = (shared.t() if cl else shared).expand(x.shape) if s > 1 else shared.t().expand(b, n)
+    if s == 1:
+        x, g = x.reshape(b, n), g.reshape(b, n)
+    assert per_sample.shape == x.shape and per_sample.stride(0) == 0
+    labels = make_labels(b, s, pt)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        force_backend("cpu")
+        a, e = new_stats(n), new_stats(n)
+        ops.accumulate_(x, g, shared, labels, cl, *a)
+        ops.accumulate_(x, g, per_sample, labels, cl, *e)
+    finally:
+        torch.set_num_threads(prev)
+    assert all(torch.equal(u, v) for u, v in zip(a, e))
+
+
+def test_accumulate_per_sample_ref_is_each_samples_own(force_backend):
+    # Two samples of one class, identical x and g, references that differ: the deeplift terms are
+    # each sample's own |sum_s (x - r_b) * g|, which no shared reference gives.
+    x = torch.tensor([[[1.0, 2.0]], [[1.0, 2.0]]])               # [B=2, N=1, S=2]
+    g = torch.tensor([[[1.0, 1.0]], [[1.0, 1.0]]])
+    r = torch.tensor([[[0.0, 0.0]], [[3.0, 3.0]]])
+    force_backend("cpu")
+    st = new_stats(1, k=1)
+    ops.accumulate_(x, g, r, torch.tensor([0, 0]), False, *st)
+    assert st[4].item() == pytest.approx(abs(1 + 2) + abs(-2 - 1))
+    assert st[3].item() == pytest.approx(3 + 3)
 
 
 def test_accumulate_adds_onto_existing_statistics(force_backend):

@@ -7,16 +7,16 @@ import pytest
 import torch
 
 from neuslice.ops import reference
-from op_cases import K, acc_cases, acc_id, extra_args, kept_stats, loop_stats, make_labels, make_x, new_stats
+from op_cases import K, acc_cases, acc_id, extra_args, kept_stats, loop_stats, make_labels, make_ref, make_x, new_stats
 
 
 @pytest.mark.parametrize("case", [c for c in acc_cases() if c[0][0] * c[0][1] * c[0][2] <= 400], ids=acc_id)
 def test_reference_accumulate_matches_float64_loops(case):
-    (b, n, s), cl, pt, with_g, with_r, extra = case
+    (b, n, s), cl, pt, with_g, ref, extra = case
     x = make_x((b, n, s), cl, torch.float64)
     g = make_x((b, n, s), cl, torch.float64, seed=3) if with_g else None
-    r = torch.randn(n, s, dtype=torch.float64) if with_r else None
-    labels, valid = extra_args(x, g, make_labels(b, s, pt), cl, extra)
+    r = make_ref(ref, (b, n, s), cl, torch.float64)
+    labels, valid = extra_args(x, g, make_labels(b, s, pt), cl, extra, r=r)
     stats = kept_stats(new_stats(n, torch.float64), extra)
     reference.accumulate_(x, g, r, labels, cl, *stats, valid, -100)
     want = loop_stats(x, g, r, labels, cl, K, valid, -100)

@@ -169,7 +169,7 @@ void sample_cf(const AccumulateArgs& a, int64_t b, int64_t c, Scratch<typename E
       if constexpr (HasG) {
         const T* gp = g + b * a.g_sb + n * a.g_sn;
         if constexpr (HasR) {
-          const T* rp = r + n * a.r_sn;
+          const T* rp = r + b * a.r_sb + n * a.r_sn;
           const int64_t rs = a.r_ss;
 #pragma omp simd reduction(+ : sx, sg, sd)
           for (int64_t s = s0; s < s1; ++s) {
@@ -225,7 +225,7 @@ void sample_cl(const AccumulateArgs& a, int64_t b, int64_t c, Scratch<typename E
       const int64_t s = s0 + k;
       xp[k] = x + b * a.x_sb + s * a.x_ss + n0 * a.x_sn;
       gp[k] = HasG ? g + b * a.g_sb + s * a.g_ss + n0 * a.g_sn : nullptr;
-      rp[k] = HasR ? r + s * a.r_ss + n0 * a.r_sn : nullptr;
+      rp[k] = HasR ? r + b * a.r_sb + s * a.r_ss + n0 * a.r_sn : nullptr;
     }
     if (rows == kRows) {
       add_positions<T, HasG, HasR, Unit, kRows>(xp, gp, rp, tn, a.x_sn, a.g_sn, a.r_sn, ax, ag, ad);
@@ -283,12 +283,16 @@ int rows_by_class(const AccumulateArgs& a, const int32_t* lab, const std::vector
   const T* rp[kClassRows];
   const T* nx[kClassRows];
   const T* ng[kClassRows];
+  const T* nr[kClassRows];
+  // A per-sample reference is a third stream of rows (a shared one, r_sb = 0, stays in cache).
+  const bool pre_r = HasR && a.r_sb != 0 && a.r_sn == 1;
   auto row_ptrs = [&](int64_t at, int rows, int64_t m0, const T** px, const T** pg, const T** pr) {
     for (int k = 0; k < rows; ++k) {
       const int64_t b = order[at + k] / S, s = order[at + k] % S;
       px[k] = static_cast<const T*>(a.x) + b * a.x_sb + s * a.x_ss + m0 * a.x_sn;
       if (pg != nullptr) pg[k] = HasG ? static_cast<const T*>(a.g) + b * a.g_sb + s * a.g_ss + m0 * a.g_sn : nullptr;
-      if (pr != nullptr) pr[k] = HasR ? static_cast<const T*>(a.r) + s * a.r_ss + m0 * a.r_sn : nullptr;
+      if (pr != nullptr)
+        pr[k] = HasR ? static_cast<const T*>(a.r) + b * a.r_sb + s * a.r_ss + m0 * a.r_sn : nullptr;
     }
   };
   for (int64_t i = 0; i < nrows;) {
@@ -304,13 +308,14 @@ int rows_by_class(const AccumulateArgs& a, const int32_t* lab, const std::vector
         const int rows = end - r >= kClassRows ? kClassRows : end - r >= kRows ? kRows : 1;
         row_ptrs(r, rows, m0, xp, gp, rp);
         const int next = Unit ? static_cast<int>(std::min<int64_t>(kClassRows, nrows - (r + rows))) : 0;
-        if (next > 0) row_ptrs(r + rows, next, m0, nx, HasG ? ng : nullptr, nullptr);
+        if (next > 0) row_ptrs(r + rows, next, m0, nx, HasG ? ng : nullptr, pre_r ? nr : nullptr);
         const bool first = r == i;
         for (int64_t j0 = 0; j0 < tn; j0 += kChunk) {
           const int64_t j1 = std::min(tn, j0 + kChunk);
           if (next > 0) {
             prefetch_rows(nx, next, j0, j1);
             if constexpr (HasG) prefetch_rows(ng, next, j0, j1);
+            if (pre_r) prefetch_rows(nr, next, j0, j1);
           }
 #define NEUSLICE_ADD(R_, FIRST_)                                                                     \
   add_samples<T, HasG, HasR, Unit, R_, FIRST_>(xp, gp, rp, j0, j1, a.x_sn, a.g_sn, a.r_sn, acc[0], acc[1], \

@@ -1,7 +1,8 @@
 // accumulate on CUDA: one pass over x (and g, r), per-class statistics of one layer (docs/method.md §2).
 //
 // Bytes moved. DRAM reads: x and g once each (B*N*S*e bytes apiece, e = element size), r
-// (N*S*e, re-read per sample from L2), labels (8*L bytes, read twice). The per-class partials
+// (shared: N*S*e, re-read per sample from L2; per sample: once, like x), labels (8*L bytes, read
+// twice). The per-class partials
 // [P][Kc][N] (P = 2 or 4 planes, Kc = min(K, L)) are built with RED.ADD in L2 and read once by
 // the commit, which read-modify-writes the touched statistic rows and count. At the benchmark
 // shapes that is below 1% of the input bytes (conv B=128,N=256,S=196 f32 with g: 51 MB of inputs
@@ -120,7 +121,7 @@ __device__ __forceinline__ void cols_sums(const Params& p, int64_t b, int64_t s0
 #pragma unroll
       for (int v = 0; v < V; ++v) sg[v] += xv[v] * gv[v];
       if (p.has_r) {
-        ld_cols(r, s * p.r_ss + n0 * p.r_sn, p.r_sn, vr, n0, p.N, rv);
+        ld_cols(r, b * p.r_sb + s * p.r_ss + n0 * p.r_sn, p.r_sn, vr, n0, p.N, rv);
 #pragma unroll
         for (int v = 0; v < V; ++v) sd[v] += (xv[v] - rv[v]) * gv[v];
       }
@@ -213,7 +214,7 @@ __device__ __forceinline__ void row_sums(const Params& p, int64_t b, int64_t n, 
   constexpr int V = E<T>::V;
   const T* xr = static_cast<const T*>(p.x) + b * p.x_sb + n * p.x_sn + s0;  // x_ss == 1
   const T* gr = HasG ? static_cast<const T*>(p.g) + b * p.g_sb + n * p.g_sn + s0 : nullptr;
-  const T* rr = p.has_r ? static_cast<const T*>(p.r) + n * p.r_sn + s0 * p.r_ss : nullptr;
+  const T* rr = p.has_r ? static_cast<const T*>(p.r) + b * p.r_sb + n * p.r_sn + s0 * p.r_ss : nullptr;
   const int64_t cnt = s1 - s0, rs = p.r_ss;
   const uintptr_t ax = reinterpret_cast<uintptr_t>(xr);
   const bool vec = !HasG || ((ax & 15) == (reinterpret_cast<uintptr_t>(gr) & 15));
@@ -472,7 +473,7 @@ int run(const AccumulateArgs& a, const Plan& pl, Params p, cudaStream_t st) {
     const bool s_moves = pl.Sin > 1 || a.per_token;  // does the row offset depend on s?
     p.vec = a.x_sn == 1 && aligned(a.x) && a.x_sb % V == 0 && (!s_moves || a.x_ss % V == 0) &&
             (!HasG || (a.g_sn == 1 && aligned(a.g) && a.g_sb % V == 0 && (!s_moves || a.g_ss % V == 0)));
-    p.rvec = p.has_r && a.r_sn == 1 && aligned(a.r) && (!s_moves || a.r_ss % V == 0);
+    p.rvec = p.has_r && a.r_sn == 1 && aligned(a.r) && a.r_sb % V == 0 && (!s_moves || a.r_ss % V == 0);
     if (pl.split) {
       rc = launch(k_cols_split<T, HasG>, pl.ng * pl.L * pl.nsc, st, p);
     } else {
@@ -516,7 +517,7 @@ int accumulate_cuda(const AccumulateArgs& a, void* scratch, int64_t scratch_byte
   p.B = a.B; p.N = a.N; p.S = a.S; p.K = a.K; p.L = pl.L; p.Sin = pl.Sin; p.Kc = pl.Kc;
   p.x_sb = a.x_sb; p.x_sn = a.x_sn; p.x_ss = a.x_ss;
   p.g_sb = a.g_sb; p.g_sn = a.g_sn; p.g_ss = a.g_ss;
-  p.r_sn = a.r_sn; p.r_ss = a.r_ss; p.l_sb = a.l_sb; p.l_ss = a.l_ss;
+  p.r_sb = a.r_sb; p.r_sn = a.r_sn; p.r_ss = a.r_ss; p.l_sb = a.l_sb; p.l_ss = a.l_ss;
   p.per_token = a.per_token;
   p.has_r = uses_r(a);  // r only enters deeplift_sum
   p.valid = reinterpret_cast<const unsigned char*>(a.valid);

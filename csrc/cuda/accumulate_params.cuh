@@ -102,10 +102,10 @@ __device__ __forceinline__ void ld_cols(const T* p, int64_t off, int64_t sn, boo
 struct Params {
   const void* x; const void* g; const void* r; const int64_t* labels;
   int64_t B, N, S, K, L, Sin, Kc;
-  int64_t x_sb, x_sn, x_ss, g_sb, g_sn, g_ss, r_sn, r_ss, l_sb, l_ss;
+  int64_t x_sb, x_sn, x_ss, g_sb, g_sn, g_ss, r_sb, r_sn, r_ss, l_sb, l_ss;  // r_sb = 0: a shared r
   bool per_token, has_r;
   bool vec;   // cols: 16-byte loads of x (and g) are aligned for every (b, s)
-  bool rvec;  // cols: same for r
+  bool rvec;  // cols: same for r (for every b too, when r is per sample)
   int64_t ng;     // cols: neuron groups of V
   int64_t chunk;  // class-sorted positions per work unit (direct kernels, finalize)
   int64_t sc, nsc;  // split kernels: positions per unit, units per (sample, neuron)

@@ -246,9 +246,10 @@ def _check_accumulate(x, grad, ref, labels, channels_last, stats, valid, ignore_
     if ref is not None:
         if ref.dtype != x.dtype:
             _fail(op, f"ref must have x's dtype {x.dtype}, got {ref.dtype}", TypeError)
-        if ref.device != x.device or tuple(ref.shape) not in ((n, s), (n,)):
-            _fail(op, f"ref must be [N, S] = [{n}, {s}] or [N] = [{n}] on {x.device}, "
-                      f"got {_shape(ref)} on {ref.device}")
+        if ref.device != x.device or tuple(ref.shape) not in ((n, s), (n,), tuple(x.shape)):
+            per_sample = "[B, N]" if x.dim() == 2 else "[B, S, N]" if channels_last else "[B, N, S]"
+            _fail(op, f"ref must be [N, S] = [{n}, {s}] or [N] = [{n}] (shared by the batch), or per sample "
+                      f"x's shape {per_sample} = {_shape(x)}, on {x.device}; got {_shape(ref)} on {ref.device}")
     if labels.dtype != torch.int64:
         _fail(op, f"labels must be int64, got {labels.dtype}", TypeError)
     if labels.device != x.device:
@@ -306,7 +307,10 @@ def accumulate_(x: Tensor, grad: Optional[Tensor], ref: Optional[Tensor], labels
             float32, float64, float16 or bfloat16.
         grad: gradient of the target w.r.t. ``x`` (or the DeepLIFT multiplier), like ``x``; None skips
             ``taylor_sum`` and ``deeplift_sum``.
-        ref: reference activation ``[N, S]`` or ``[N]``, x's dtype; None means zero.
+        ref: reference activation, x's dtype: ``[N, S]`` or ``[N]`` (shared by the batch), or per sample
+            with x's shape and layout (``[B, N, S]``, ``[B, S, N]`` when ``channels_last``, ``[B, N]``);
+            any strides (an ``expand()``ed batch dim is read in place as the shared case). None means zero.
+            Read only for a kept ``deeplift_sum`` with ``grad`` given, and only at counted positions.
         labels: int64 ``[B]``, or ``[B, S]`` per token (channels_last only; each token counts as a sample).
         count: ``[K]``; act_sum, act_sq, taylor_sum, deeplift_sum: ``[K, N]``; float32 (float64 for
             float64 x), on x's device. Each of the four sums may be None: that statistic is not kept.

@@ -71,10 +71,16 @@ def refuse(op: str, args: tuple) -> Optional[str]:
 
 
 def _ref_for_kernel(ref: Optional[torch.Tensor], channels_last: bool, s: int) -> Optional[torch.Tensor]:
-    """ref as the kernels read it. Channels-last kernels walk n: a [N, S] ref is laid out n-fastest
-    (a copy of N*S elements, the size of one sample's x) so its loads coalesce like x's."""
-    if ref is not None and ref.dim() == 2 and channels_last and s > 1 and ref.stride(0) != 1:
+    """ref as the kernels read it. Channels-last kernels walk n: a shared ref ([N, S], or a per-sample
+    [B, S, N] ``expand()``ed from one, batch stride 0) is laid out n-fastest (a copy of N*S elements,
+    the size of one sample's x) so its loads coalesce like x's; the expanded one stays expanded. A
+    true per-sample ref (the size of x) is read in place through its strides."""
+    if ref is None or not channels_last or s <= 1:
+        return ref
+    if ref.dim() == 2 and ref.stride(0) != 1:
         return ref.t().contiguous().t()
+    if ref.dim() == 3 and ref.stride(0) == 0 and ref.stride(2) != 1:
+        return ref[0].contiguous().expand(ref.shape)
     return ref
 
 

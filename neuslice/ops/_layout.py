@@ -1,7 +1,8 @@
 """How an op's tensors are laid out, said once for every backend (reference, cpu, cuda, triton).
 
 Activations: ``accumulate_``'s x and grad are ``[B, N, S]``, channels-last ``[B, S, N]``, or
-``[B, N]`` (S = 1). Every backend works by *logical* axis (b, n, s) -- b the sample, n the neuron,
+``[B, N]`` (S = 1); its ref is shared by the batch (``[N, S]`` or ``[N]``) or per sample (x's shape
+and layout). Every backend works by *logical* axis (b, n, s) -- b the sample, n the neuron,
 s the position -- and these functions are the only place that maps those axes to tensor dims.
 
 Parameters: ``masked_sgd_``/``masked_adamw_`` see a parameter ``[rows, ...]`` as ``[rows, cols]``
@@ -16,7 +17,8 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["bns", "as_bns", "strides_bns", "ref_strides_ns", "rows_cols", "per_neuron_mask", "broadcast_mask"]
+__all__ = ["bns", "as_bns", "strides_bns", "ref_per_sample", "ref_strides_bns", "rows_cols", "per_neuron_mask",
+           "broadcast_mask"]
 
 
 def _axes(t: torch.Tensor, channels_last: bool) -> Tuple[int, int, Optional[int]]:
@@ -45,12 +47,23 @@ def strides_bns(t: torch.Tensor, channels_last: bool) -> Tuple[int, int, int]:
     return t.stride(db), t.stride(dn), 0 if ds is None else t.stride(ds)
 
 
-def ref_strides_ns(ref: Optional[torch.Tensor]) -> Tuple[int, int]:
-    """Element strides (sn, ss) of accumulate_'s reference ``[N, S]`` or ``[N]`` (ss = 0: the same
-    value at every position); (0, 0) when there is none."""
+def ref_per_sample(ref: Optional[torch.Tensor], x: torch.Tensor) -> bool:
+    """True when accumulate_'s ``ref`` is per sample: it has x's shape (and so its layout's axes). The
+    one overlap with the shared shapes, ``[N, S] = [1, 1]`` against a ``[B, N] = [1, 1]`` x, reads the
+    same single value either way."""
+    return ref is not None and tuple(ref.shape) == tuple(x.shape)
+
+
+def ref_strides_bns(ref: Optional[torch.Tensor], x: torch.Tensor, channels_last: bool) -> Tuple[int, int, int]:
+    """Element strides (sb, sn, ss) of accumulate_'s reference by logical axis: per sample (x's shape)
+    as :func:`strides_bns` gives them; shared ``[N, S]`` or ``[N]`` with sb = 0 (the same reference for
+    every sample) and, for ``[N]``, ss = 0 (the same value at every position); (0, 0, 0) when there is
+    none. A per-sample ref ``expand()``ed from a shared one has sb = 0 too: both are read in place."""
     if ref is None:
-        return 0, 0
-    return ref.stride(0), ref.stride(1) if ref.dim() == 2 else 0
+        return 0, 0, 0
+    if ref_per_sample(ref, x):
+        return strides_bns(ref, channels_last)
+    return 0, ref.stride(0), ref.stride(1) if ref.dim() == 2 else 0
 
 
 def rows_cols(param: torch.Tensor) -> Tuple[int, int]:

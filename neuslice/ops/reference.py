@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from .._errors import NonFiniteError
-from ._layout import as_bns, broadcast_mask
+from ._layout import as_bns, broadcast_mask, ref_per_sample
 
 __all__ = ["accumulate_", "select", "select_topk", "masked_sgd_", "masked_adamw_", "acc_dtype", "topk_count"]
 
@@ -24,9 +24,13 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _ref_ns(ref: Optional[torch.Tensor], n: int, s: int, dtype: torch.dtype) -> Optional[torch.Tensor]:
+def _ref_bns(ref: Optional[torch.Tensor], x: torch.Tensor, channels_last: bool, n: int, s: int,
+             dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """The reference as ``[B, N, S]`` (per sample: x's shape) or ``[N, S]`` (shared: broadcasts over b)."""
     if ref is None:
         return None
+    if ref_per_sample(ref, x):
+        return as_bns(ref, channels_last).to(dtype)
     r = ref.to(dtype)
     return r.unsqueeze(-1).expand(n, s) if r.dim() == 1 else r
 
@@ -42,13 +46,16 @@ def accumulate_(x, grad, ref, labels, channels_last, count, act_sum, act_sq, tay
     # grad is read only for the statistics that need it: none kept, none read (nor checked).
     gf = None if grad is None or (taylor_sum is None and deeplift_sum is None) else as_bns(grad, channels_last).to(acc)
     n, s = xf.shape[1], xf.shape[2]
-    r = _ref_ns(ref, n, s, acc)
+    # ref only for a kept deeplift_sum (with grad): [B, N, S] per sample, else [N, S]
+    r = None if gf is None or deeplift_sum is None else _ref_bns(ref, x, channels_last, n, s, acc)
     vm = valid
     if labels.dim() == 2:                                       # per token: each token a sample
         bs = labels.numel()                                     # B*S spelled out: -1 is ambiguous when N = 0
         xf = xf.permute(0, 2, 1).reshape(bs, n, 1)
         gf = None if gf is None else gf.permute(0, 2, 1).reshape(bs, n, 1)
-        r = None if r is None else r.t().reshape(1, s, n).expand(labels.shape[0], -1, -1).reshape(bs, n, 1)
+        if r is not None:                                       # each token's own reference
+            r = (r.permute(0, 2, 1) if r.dim() == 3 else r.t().reshape(1, s, n).expand(labels.shape[0], -1, -1))
+            r = r.reshape(bs, n, 1)
         vm = None if vm is None else vm.reshape(bs, 1)
         labels = labels.reshape(-1)
     keep = labels != ignore_index
@@ -57,7 +64,7 @@ def accumulate_(x, grad, ref, labels, channels_last, count, act_sum, act_sq, tay
     if not bool(keep.all()):
         xf, labels = xf[keep], labels[keep]
         gf = None if gf is None else gf[keep]
-        if r is not None and r.dim() == 3:                      # per token: each token's own ref
+        if r is not None and r.dim() == 3:                      # per sample or per token: each one's own ref
             r = r[keep]
         vm = None if vm is None else vm[keep]
     if vm is None:

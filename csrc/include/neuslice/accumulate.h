@@ -2,7 +2,9 @@
 // adding into the per-class statistics of one layer (docs/method.md §2).
 //
 //   x, g : [B, N, S] (channels-first) or [B, S, N] (channels_last), any element strides
-//   r    : [N, S] (r_ss may be 0 for a [N] reference), same dtype as x; null = zero reference
+//   r    : per sample [B, N, S] by logical axis (r_sb, r_sn, r_ss: any strides, as x's), or one
+//          reference for the batch: r_sb = 0 ([N, S]; r_ss = 0 too for a [N] reference); same
+//          dtype as x; null = zero reference. Read only for deeplift_sum, at counted positions.
 //   labels: int64 [B], or [B, S] (per_token, channels_last only: each token is a sample);
 //     a label equal to ignore_index is skipped (its sample, or token, counts nowhere)
 //   valid: bool [B, S] (any element strides v_sb, v_ss), or null = every position counts.
@@ -13,7 +15,7 @@
 //     act_sum[k,n]      += sum_b xbar[b,n]          xbar = (1/|V_b|) sum_{s in V_b} x[b,n,s]
 //     act_sq[k,n]       += sum_b xbar[b,n]^2
 //     taylor_sum[k,n]   += sum_b |sum_{s in V_b} x*g|          (only when g is given)
-//     deeplift_sum[k,n] += sum_b |sum_{s in V_b} (x - r)*g|    (only when g is given)
+//     deeplift_sum[k,n] += sum_b |sum_{s in V_b} (x[b,n,s] - r[b,n,s])*g|   (only when g is given)
 //   g is not read when taylor_sum and deeplift_sum are both null.
 // A non-finite term of a counted position leaves every statistic unchanged and returns a
 // nonzero status.
@@ -36,7 +38,7 @@ struct AccumulateArgs {
   // Element strides by logical axis (b, n, s), whatever the memory layout.
   int64_t x_sb = 0, x_sn = 0, x_ss = 0;
   int64_t g_sb = 0, g_sn = 0, g_ss = 0;
-  int64_t r_sn = 0, r_ss = 0;
+  int64_t r_sb = 0, r_sn = 0, r_ss = 0;  // r_sb = 0: one reference shared by the batch
   int64_t l_sb = 0, l_ss = 0;  // labels strides (l_ss used when per_token)
   const bool* valid = nullptr;  // [B, S] or null (every position counts)
   int64_t v_sb = 0, v_ss = 0;   // valid strides
