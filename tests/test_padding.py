@@ -77,9 +77,9 @@ def _same(a, b, stats=None):
 
 @pytest.mark.parametrize("arch", ["bert", "gpt2", "llama"])
 def test_padding_changes_no_statistic(arch):
-    """Every statistic of every layer equal; DeepLIFT too on the causal decoders, whose reference activation
-    at a position does not depend on the sequence's length (on a bidirectional encoder it does: see
-    docs/method.md §2, "Positions that do not count")."""
+    """Every statistic of every layer equal, DeepLIFT's included: a padded sample's reference is the baseline
+    padded as the sample is (docs/method.md §2, Reference r), so on the bidirectional encoder too its reference
+    activations at the valid positions are those of the unpadded sequence."""
     model, vocab = _hf(arch)
     seqs, ys = _sequences(vocab)
     metrics = ("avg", "var", "taylor", "deeplift")
@@ -94,6 +94,19 @@ def test_padding_changes_no_statistic(arch):
     _same(padded, bucketed)
     n = padded.layer_names[0]
     assert not torch.allclose(leaked.stats[n]["act_sum"], bucketed.stats[n]["act_sum"], **F64)
+
+
+def test_per_token_labels_padding_changes_no_statistic():
+    """Per-token labels on the encoder: each token's DeepLIFT reference is its sequence's, padded as it is."""
+    model, vocab = _hf("bert", token=True)
+    seqs, ys = _sequences(vocab, per_token=True)
+    metrics = ("avg", "var", "taylor", "deeplift")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        padded = neuslice.profile(model, _padded(seqs, ys, per_token=True), K, metrics=metrics, progress=False)
+        bucketed = neuslice.profile(model, _bucketed(seqs, ys), K, metrics=metrics, progress=False)
+    assert padded.deeplift == "rescale"
+    _same(padded, bucketed)
 
 
 @pytest.mark.parametrize("arch", ["bert", "gpt2", "llama"])

@@ -352,7 +352,9 @@ def profile(model: nn.Module, data: Iterable, num_classes: int, *, layers=None,
         metrics: any of ``avg``, ``var``, ``taylor``, ``deeplift``, ``ens`` (= all four). Forward only
             when neither ``taylor`` nor ``deeplift`` is asked.
         target: ``"logit"`` (f_y) or ``"loss"`` (cross-entropy of the sample).
-        baseline: DeepLIFT reference input, one sample (``[...]`` or ``[1, ...]``); zeros by default.
+        baseline: DeepLIFT reference input, one sample (``[...]`` or ``[1, ...]``); zeros by default. A padded
+            sample's reference is the baseline with the sample's own ``attention_mask`` (docs/method.md §2), so
+            with mapping inputs that pad, the baseline is a mapping too.
         progress: a progress line on stderr when it is a terminal. class_names: K names.
         tap: ``"auto"`` (after the layer's nonlinearity where one follows) or ``"layer"``.
         ignore_index: the label of samples (tokens) that count nowhere (default −100, as in cross-entropy).
