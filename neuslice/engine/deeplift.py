@@ -87,7 +87,9 @@ def _buffer(bufs: Dict[object, torch.Tensor], key, like: torch.Tensor, dtype=Non
 
 class Rescale:
     """Hooks on every nonlinearity module of ``model``. ``record()`` mode stores the baseline's
-    per-call inputs/outputs; ``rescale()`` mode reroutes outputs through :class:`_Rescale`.
+    per-call inputs/outputs; otherwise outputs are rerouted through :class:`_Rescale`. The references
+    in use (:meth:`use`) are ``[1, ...]`` (one reference for the batch) or ``[B, ...]`` (one per sample:
+    the reference input padded as the sample is, docs/method.md §2); Δ broadcasts either way.
     Register before the tap hooks so the taps see the rerouted tensors."""
 
     def __init__(self, model: nn.Module, names: Sequence[str] = ()):
@@ -117,6 +119,15 @@ class Rescale:
         if on:
             self._refs = {}
 
+    def recorded(self) -> Dict[int, List[tuple]]:
+        """The references recorded by the last ``record()`` forward: per module id, per call ``(input, output)``
+        of the reference batch (detached)."""
+        return self._refs
+
+    def use(self, refs: Dict[int, List[tuple]]) -> None:
+        """The references of the next forwards: like :meth:`recorded`, with batch size 1 or the batch's B."""
+        self._refs = refs
+
     def _hook(self, module, args, out):
         if not args or not isinstance(args[0], torch.Tensor) or not isinstance(out, torch.Tensor):
             return None
@@ -137,7 +148,7 @@ class Rescale:
         if idx >= len(refs) or not (inp.requires_grad or out.requires_grad):
             return None
         ref_in, ref_out = refs[idx]
-        if ref_in.shape[1:] != inp.shape[1:]:
+        if ref_in.shape[1:] != inp.shape[1:] or ref_in.shape[0] not in (1, inp.shape[0]):
             return None
         x, y = inp.detach(), out.detach()
         ratio, off = _ratio(x, y, ref_in, ref_out, _buffer(self._bufs, (k, idx, "ratio"), y),

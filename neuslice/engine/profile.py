@@ -7,6 +7,8 @@ float64 totals change only after every layer of the batch succeeded. The batch b
 classes present in the batch (``capture.present_classes``), so they do not grow with K, and only the
 statistics the metrics need (``metrics.kept_stats``). Padding (``attention_mask``, or a batch's third
 element) and labels equal to ``ignore_index`` are left out inside the op (``valid``, ``ignore_index``).
+DeepLIFT's reference is one forward of the baseline for unpadded batches, and per sample (the baseline padded
+as the sample is, cached per mask row: ``refrows.RowRefs``) for batches whose ``attention_mask`` pads.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from .deeplift import Rescale
 from .graph import discover, head_entries, nonlinearity_modules
 from .hooks import ChainHooks, activation_modules, in_backward, no_inplace
 from .metrics import kept_stats
+from .refrows import RowRefs
 from .slices import Profile
 
 __all__ = ["profile"]
@@ -49,7 +52,8 @@ class _Offline:
         self.missed: Dict[str, list] = {}   # layers with positions a mask could not apply to (warned once)
         self.warned = False
         self.taps: List[List[Tensor]] = [[] for _ in plan.layers]     # one tensor per call of the layer
-        self.refs: Optional[Tuple[object, List[Tensor]]] = None
+        self.refs: Optional[Tuple[object, List[Tensor], dict]] = None   # the shared reference (unpadded batches)
+        self.rows = RowRefs()           # per mask row: the references of padded batches (docs/method.md §2)
         self.recording = False
         self.num_batches = 0
         self.rescale = self.hooks = None
@@ -93,28 +97,58 @@ class _Offline:
             check_calls(self.fn, info, calls, len(ts))
         return out
 
-    def _ensure_ref(self, x) -> List[Tensor]:
-        key = _shape_key(x)
-        if self.refs is not None and self.refs[0] == key:
-            return self.refs[1]
-        base = _baseline(self.fn, self.baseline, x)
+    def _record(self, base, u: int) -> Tuple[List[Tuple[Tensor, bool]], dict]:
+        """One no-grad forward of the reference input ``base`` (``u`` samples): per layer accumulate_'s view of
+        its taps (``[u, ...]``, channels-last or not), and every nonlinearity call's input and output."""
         self.recording = True
         if self.rescale is not None:
             self.rescale.record(True)
         try:
             with torch.no_grad():
                 self._forward(base)
-            one = torch.zeros(1, dtype=torch.int64, device=self.device)
-            refs = []
-            for info, ts in zip(self.plan.layers, self.taps):
-                r, cl, _ = call_views(self.fn, info, ts, one)
-                refs.append((r[0].t() if cl else r[0]).contiguous())
+            lab = torch.zeros(u, dtype=torch.int64, device=self.device)
+            views = [call_views(self.fn, info, ts, lab)[:2] for info, ts in zip(self.plan.layers, self.taps)]
+            dl = self.rescale.recorded() if self.rescale is not None else {}
         finally:
             self.recording = False
             if self.rescale is not None:
                 self.rescale.record(False)
-        self.refs = (key, refs)
-        return refs
+        return views, dl
+
+    def _ensure_ref(self, x) -> List[Optional[Tensor]]:
+        """The references of a batch ``x`` (accumulate_'s ``ref`` per layer; Rescale's are set): shared ``[N, S]``
+        from one forward of the baseline (again only when the per-sample shape or dtype changes), or, when
+        ``x``'s ``attention_mask`` pads, per sample from the baseline with each sample's mask row
+        (docs/method.md §2, Reference r)."""
+        am = x.get("attention_mask") if isinstance(x, Mapping) else None
+        if isinstance(am, Tensor) and am.dim() == 2 and am.numel() and not bool((am != 0).all()):
+            return self._row_refs(x, am)
+        key = _shape_key(x)
+        if self.refs is None or self.refs[0] != key:
+            views, dl = self._record(_baseline(self.fn, self.baseline, x), 1)
+            self.refs = (key, [(r[0].t() if cl else r[0]).contiguous() for r, cl in views], dl)
+        if self.rescale is not None:
+            self.rescale.use(self.refs[2])
+        return self.refs[1]
+
+    def _row_refs(self, x, am: Tensor) -> List[Tensor]:
+        """Per-sample references of a padded batch: each distinct mask row's from the cache, or from one forward
+        of the baseline over the rows not cached; assembled into ``[B, ...]``."""
+        rows, inv = torch.unique(am, dim=0, return_inverse=True)
+        skey = _shape_key(x)
+        keys = [(skey, tuple(r)) for r in rows.tolist()]
+        entries = self.rows.lookup(keys)
+        miss = [j for j, e in enumerate(entries) if e is None]
+        if miss:
+            sel = rows[torch.tensor(miss, device=rows.device)]
+            views, dl = self._record(_baseline_rows(self.fn, self.baseline, x, sel), len(miss))
+            for j, e in zip(miss, self.rows.split([v for v, _ in views], dl, len(miss))):
+                entries[j] = e          # held for this batch even if the cache's bound evicts it
+                self.rows.insert(keys[j], e)
+        taps, dl = self.rows.assemble([entries[j] for j in inv.tolist()])
+        if self.rescale is not None:
+            self.rescale.use(dl)
+        return taps
 
     def batch(self, x, labels, mask=None) -> None:
         """Profile one batch: forward, the target's gradient(s) at the taps, then accumulate. ``mask``: the
@@ -226,6 +260,35 @@ def _baseline(fn: str, baseline, x):
     return to_device(baseline, _first_device(x))
 
 
+def _baseline_rows(fn: str, baseline, x, rows: Tensor):
+    """The reference inputs of padded samples: the baseline (zeros like one sample of the mapping ``x`` unless
+    the user gave one) as ``u`` samples, with ``rows`` ``[u, T]`` (their attention_mask rows) as its
+    ``attention_mask``: each reference is padded as its sample is (docs/method.md §2)."""
+    u = rows.shape[0]
+    if baseline is None:
+        base = {k: _zeros_rows(v, u) for k, v in x.items()}
+    elif isinstance(baseline, Mapping):
+        dev = _first_device(x)
+        base = {k: (v.to(dev).expand(u, *v.shape[1:]).contiguous() if isinstance(v, Tensor) and v.dim()
+                    and v.shape[0] == 1 else v) for k, v in baseline.items()}
+    else:
+        raise TypeError(f"{fn}: the inputs are a mapping whose attention_mask pads, so baseline must be a mapping of "
+                        "one sample's inputs (DeepLIFT's reference is the baseline padded as each sample is, "
+                        f"docs/method.md §2), got {type(baseline).__name__}")
+    base["attention_mask"] = rows
+    return base
+
+
+def _zeros_rows(v, u: int):
+    if isinstance(v, Tensor):
+        return torch.zeros((u, *v.shape[1:]), dtype=v.dtype, device=v.device) if v.dim() else torch.zeros_like(v)
+    if isinstance(v, (list, tuple)):
+        return type(v)(_zeros_rows(w, u) for w in v)
+    if isinstance(v, Mapping):
+        return {k: _zeros_rows(w, u) for k, w in v.items()}
+    return v
+
+
 def _zeros_one(x):
     """Zeros like one sample of ``x``; an ``attention_mask`` of a mapping is all ones (the reference input has
     no padding, so its activations at a position never depend on the batch's padded length)."""
@@ -289,7 +352,9 @@ def profile(model: nn.Module, data: Iterable, num_classes: int, *, layers=None,
         metrics: any of ``avg``, ``var``, ``taylor``, ``deeplift``, ``ens`` (= all four). Forward only
             when neither ``taylor`` nor ``deeplift`` is asked.
         target: ``"logit"`` (f_y) or ``"loss"`` (cross-entropy of the sample).
-        baseline: DeepLIFT reference input, one sample (``[...]`` or ``[1, ...]``); zeros by default.
+        baseline: DeepLIFT reference input, one sample (``[...]`` or ``[1, ...]``); zeros by default. A padded
+            sample's reference is the baseline with the sample's own ``attention_mask`` (docs/method.md §2), so
+            with mapping inputs that pad, the baseline is a mapping too.
         progress: a progress line on stderr when it is a terminal. class_names: K names.
         tap: ``"auto"`` (after the layer's nonlinearity where one follows) or ``"layer"``.
         ignore_index: the label of samples (tokens) that count nowhere (default −100, as in cross-entropy).
