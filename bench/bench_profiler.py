@@ -54,6 +54,7 @@ import torch.nn.functional as F
 import neuslice
 import neuslice.models as M
 from neuslice.io.digits import load_digits
+from harness import interleaved as _interleaved  # bench/ is on sys.path (pytest's rootdir insertion)
 
 BATCH, K = 128, 10
 ROUNDS = int(os.environ.get("NEUSLICE_BENCH_ROUNDS", "7"))
@@ -71,18 +72,8 @@ def _net():
 
 
 def interleaved(fns: Dict[str, Callable[[], None]], rounds: int = ROUNDS, warmup: int = 1) -> Dict[str, float]:
-    """Median seconds per call of each function, the functions taking turns every round (load drifts
-    hit all of them alike)."""
-    for _ in range(warmup):
-        for f in fns.values():
-            f()
-    times = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, f in fns.items():
-            t = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+    """:func:`harness.interleaved` with this file's default number of rounds."""
+    return _interleaved(fns, rounds, warmup)
 
 
 # ---------------------------------------------------------------------------------------------

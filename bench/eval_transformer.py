@@ -76,6 +76,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import neuslice
+from harness import interleaved  # bench/harness.py: the one timing helper of the benches
 from neuslice.engine import heads
 from neuslice.engine.calls import logits_of
 
@@ -344,19 +345,6 @@ def train(model: nn.Module, data: Encoded, *, epochs: int, lr: float, bs: int, s
 
 # ---------------------------------------------------------------------------------------------
 # timing
-
-def interleaved(fns: Dict[str, Callable[[], object]], rounds: int) -> Dict[str, float]:
-    """Median seconds per call of each function, taking turns every round after one warm-up each."""
-    for f in fns.values():
-        f()
-    times = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, f in fns.items():
-            t = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
-
 
 def short(msg: str) -> str:
     """A warning or error on one line, its lists of layer names replaced by their length."""
