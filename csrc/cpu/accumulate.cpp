@@ -37,24 +37,69 @@ namespace {
 
 using cpu::Elem;
 
+// Scratch memory, kept by the calling thread from call to call (up to kKeepBytes). A fresh
+// allocation of a few hundred KiB is a fresh mmap whose pages fault in on first touch and are
+// unmapped on free: on linear B=1024 N=4096 with 10 classes (480 KiB of scratch) that was about
+// 0.1 ms of a 1.9 ms call. Larger requests (many classes under per-token labels) are not kept.
+// The scratch is used inside one call only, by OpenMP threads the calling thread waits for.
+constexpr size_t kKeepBytes = size_t(64) << 20;
+struct FreeAligned {
+  void operator()(char* p) const { ::operator delete[](p, std::align_val_t(64)); }
+};
+using Block = std::unique_ptr<char[], FreeAligned>;
+inline Block allocate(size_t bytes) {
+  return Block(static_cast<char*>(::operator new[](bytes, std::align_val_t(64))));
+}
+class ScratchMemory {
+ public:
+  // `bytes` of 64-byte aligned memory for this call; valid until the next take() of this thread.
+  char* take(size_t bytes) {
+    if (bytes > kKeepBytes) {
+      once_ = allocate(bytes);
+      return once_.get();
+    }
+    once_.reset();
+    if (bytes > cap_) {
+      kept_.reset();
+      kept_ = allocate(bytes);
+      cap_ = bytes;
+    }
+    return kept_.get();
+  }
+
+ private:
+  Block kept_, once_;
+  size_t cap_ = 0;
+};
+inline ScratchMemory& scratch_memory() {
+  thread_local ScratchMemory m;
+  return m;
+}
+
 // [np][kb][ld], uninitialised: each schedule either zeroes its columns first or writes (not adds)
 // the first term of every (class, column) it owns, and zeroes the classes it saw no sample of.
-// Rows start on 64-byte boundaries (ld rounds n up to a cache line): with new[]'s 16-byte
-// alignment, half the 32-byte stores into the accumulators split a cache line (linear shape,
-// 1 thread, hot cache: 0.20 -> 0.17 ms at B = 256).
+// Rows start on 64-byte boundaries (ld rounds n up to a cache line): with 16-byte alignment, half
+// the 32-byte stores into the accumulators split a cache line (linear shape, 1 thread, hot cache:
+// 0.20 -> 0.17 ms at B = 256). The memory belongs to scratch_memory(); a Scratch is a view.
 template <typename Acc>
 struct Scratch {
   static constexpr int64_t kLine = 64 / sizeof(Acc);
   int64_t np, kb, n, ld;
-  struct Free {
-    void operator()(Acc* p) const { ::operator delete[](p, std::align_val_t(64)); }
-  };
-  std::unique_ptr<Acc[], Free> v;
-  Scratch(int np_, int64_t kb_, int64_t n_)
-      : np(np_), kb(kb_), n(n_), ld((n_ + kLine - 1) / kLine * kLine),
-        v(static_cast<Acc*>(::operator new[](static_cast<size_t>(np_ * kb_ * ld) * sizeof(Acc),
-                                              std::align_val_t(64)))) {}
-  Acc* plane(int p, int64_t c) { return v.get() + (p * kb + c) * ld; }
+  Acc* v;
+  // A row length that is a multiple of 4 KiB gets one more cache line: planes 4 KiB apart make
+  // every accumulator load and store of a group alias in the low 12 address bits, which the core
+  // treats as a possible store-to-load dependency (standalone 4-row loop, N = 4096, in cache,
+  // 1 thread: 90 -> 74 us per 4 MiB).
+  static int64_t lead(int64_t n_) {
+    const int64_t l = (n_ + kLine - 1) / kLine * kLine;
+    return (l * static_cast<int64_t>(sizeof(Acc))) % 4096 == 0 ? l + kLine : l;
+  }
+  static size_t bytes(int np_, int64_t kb_, int64_t n_) {
+    return static_cast<size_t>(np_ * kb_ * lead(n_)) * sizeof(Acc);
+  }
+  Scratch(int np_, int64_t kb_, int64_t n_, char* mem)
+      : np(np_), kb(kb_), n(n_), ld(lead(n_)), v(reinterpret_cast<Acc*>(mem)) {}
+  Acc* plane(int p, int64_t c) { return v + (p * kb + c) * ld; }
   void zero(int64_t c, int64_t n0, int64_t n1) {
     for (int p = 0; p < np; ++p) std::fill(plane(p, c) + n0, plane(p, c) + n1, Acc(0));
   }
@@ -68,10 +113,6 @@ constexpr int planes(bool has_g, bool has_r) { return has_r ? 4 : has_g ? 3 : 2;
 // registers and the L1 accumulators are read and written once per R rows. Measured on the linear
 // shape (hot cache, 1 thread): one row at a time was bound by those loads/stores, not by memory.
 constexpr int kRows = 4;
-// Rows as samples (rows_by_class): 8 rows of one class at a time, then 4, then 1. Its
-// accumulators (3-4 planes of up to 4096 columns) do not fit L1, so each group reads and writes
-// them once from L2; 8 rows halve that traffic against 4.
-constexpr int kClassRows = 8;
 
 // Sums over R rows of one sample's positions (channels-last): ax += v, ag += v*w, ad += (v-r)*w.
 template <typename T, bool HasG, bool HasR, bool Unit, int R>
@@ -100,7 +141,9 @@ inline void add_positions(const T* const* xp, const T* const* gp, const T* const
 // Sums over R rows that are samples of one class, columns [j0, j1): a0 += v, a1 += v^2,
 // a2 += |v*w|, a3 += |(v-r)*w| (with First, = instead of +=: the scratch is not zeroed beforehand).
 // Returns in qx / qg a probe of the values stored: NaN iff one of a0, a1 (qx) or a2, a3 (qg) is
-// inf or NaN. A non-finite partial sum stays non-finite in every later sum, so the probes of all
+// inf or NaN. Only a1 is probed for x: a non-finite v makes a1 non-finite, and a0 can overflow
+// only through some |v| > max / (terms) > sqrt(max) (fewer than 2^40 terms), whose square
+// overflows a1. A non-finite partial sum stays non-finite in every later sum, so the probes of all
 // groups decide the final values' finiteness without a scan of the scratch.
 template <typename T, bool HasG, bool HasR, bool Unit, int R, bool First>
 inline void add_samples(const T* const* xp, const T* const* gp, const T* const* rp, int64_t j0, int64_t j1,
@@ -131,7 +174,7 @@ inline void add_samples(const T* const* xp, const T* const* gp, const T* const* 
     }
     a0[j] = s0;
     a1[j] = s1;
-    px += s0 * Acc(0) + s1 * Acc(0);
+    px += s1 * Acc(0);  // s1 (squares) is inf/NaN whenever s0 is: see below
     if constexpr (HasG) {
       a2[j] = s2;
       pg += s2 * Acc(0);
@@ -248,20 +291,19 @@ void sample_cl(const AccumulateArgs& a, int64_t b, int64_t c, Scratch<typename E
   }
 }
 
-// Columns [j0, j1) of `n` unit-stride rows requested into L2 (prefetcht1), one request per line.
-template <typename T>
-inline void prefetch_rows(const T* const* p, int n, int64_t j0, int64_t j1) {
-  constexpr int64_t kLine = 64 / sizeof(T) > 0 ? 64 / sizeof(T) : 1;
-  for (int k = 0; k < n; ++k)
-    for (int64_t j = j0; j < j1; j += kLine) __builtin_prefetch(p[k] + j, 0, 2);
-}
-
 // Rows as samples (S == 1, or tokens under per-token labels), neurons [n0, n1). `order` lists the
 // rows sorted by class (one run per class); each run is summed kRows rows at a time straight into
 // its class's scratch rows, the first group written, not added, so the scratch needs no zeroing
 // pass; classes with no row in `order` are zeroed. Measured on linear B=1024 N=4096, 1 thread,
 // hot cache, B = 10 / 10 classes: a zeroed per-run buffer copied into the scratch cost about 7 us
 // per class on top of the pass (the pass itself: 13 us for one row).
+//
+// Why 4 rows and no software prefetch: a group reads 2 streams per row (x, g; 3 with a per-sample
+// reference), and the hardware prefetcher keeps up with the 8 streams of a 4-row group but not
+// with 16 (8 rows), nor with 8 more requested ahead for the next group. Standalone loop, linear
+// B=1024 N=4096, 1 thread, cold cache, median of 41 interleaved, ratio to reading x and g once:
+// 8 rows + next-group prefetch 0.70, 8 rows 0.77-0.82, 4 rows + next-group prefetch 0.85-0.88,
+// 4 rows 0.98-0.99 (two runs).
 template <typename T, bool HasG, bool HasR, bool Unit>
 int rows_by_class(const AccumulateArgs& a, const int32_t* lab, const std::vector<int64_t>& order,
                    Scratch<typename Elem<T>::acc>& sc, int64_t n0, int64_t n1) {
@@ -271,64 +313,36 @@ int rows_by_class(const AccumulateArgs& a, const int32_t* lab, const std::vector
   constexpr int64_t kBlock = 4096;
   const int64_t S = a.per_token ? a.S : 1, nrows = static_cast<int64_t>(order.size());
   std::vector<char> seen(static_cast<size_t>(sc.kb), 0);
-  // While a group of rows is summed, the next group in `order` (the next rows of this class, or
-  // the first of the next class) is requested into L2 column chunk by column chunk, so its DRAM
-  // reads overlap this group's arithmetic. The hardware prefetcher alone does not run ahead of
-  // 8 streams that jump rows every group. Linear B=1024 N=4096, 1 thread, cold cache, median of
-  // 41, interleaved in one process: 2.08-2.20 -> 1.98-2.04 ms (x.sum() + g.sum(): 1.50-1.57 ms).
-  constexpr int64_t kChunk = 64;
   Acc qx = 0, qg = 0;
-  const T* xp[kClassRows];
-  const T* gp[kClassRows];
-  const T* rp[kClassRows];
-  const T* nx[kClassRows];
-  const T* ng[kClassRows];
-  const T* nr[kClassRows];
-  // A per-sample reference is a third stream of rows (a shared one, r_sb = 0, stays in cache).
-  const bool pre_r = HasR && a.r_sb != 0 && a.r_sn == 1;
-  auto row_ptrs = [&](int64_t at, int rows, int64_t m0, const T** px, const T** pg, const T** pr) {
-    for (int k = 0; k < rows; ++k) {
-      const int64_t b = order[at + k] / S, s = order[at + k] % S;
-      px[k] = static_cast<const T*>(a.x) + b * a.x_sb + s * a.x_ss + m0 * a.x_sn;
-      if (pg != nullptr) pg[k] = HasG ? static_cast<const T*>(a.g) + b * a.g_sb + s * a.g_ss + m0 * a.g_sn : nullptr;
-      if (pr != nullptr)
-        pr[k] = HasR ? static_cast<const T*>(a.r) + b * a.r_sb + s * a.r_ss + m0 * a.r_sn : nullptr;
-    }
-  };
+  const T* xp[kRows];
+  const T* gp[kRows];
+  const T* rp[kRows];
   for (int64_t i = 0; i < nrows;) {
     const int64_t c = lab[order[i]];
     int64_t end = i;
     while (end < nrows && lab[order[end]] == c) ++end;
     seen[c] = 1;
     for (int64_t m0 = n0; m0 < n1; m0 += kBlock) {
-      const int64_t tn = std::min(n1, m0 + kBlock) - m0;
+      const int64_t m1 = std::min(n1, m0 + kBlock);
       Acc* acc[4] = {};
-      for (int p = 0; p < sc.np; ++p) acc[p] = sc.plane(p, c) + m0;
+      for (int p = 0; p < sc.np; ++p) acc[p] = sc.plane(p, c);
       for (int64_t r = i; r < end;) {
-        const int rows = end - r >= kClassRows ? kClassRows : end - r >= kRows ? kRows : 1;
-        row_ptrs(r, rows, m0, xp, gp, rp);
-        const int next = Unit ? static_cast<int>(std::min<int64_t>(kClassRows, nrows - (r + rows))) : 0;
-        if (next > 0) row_ptrs(r + rows, next, m0, nx, HasG ? ng : nullptr, pre_r ? nr : nullptr);
-        const bool first = r == i;
-        for (int64_t j0 = 0; j0 < tn; j0 += kChunk) {
-          const int64_t j1 = std::min(tn, j0 + kChunk);
-          if (next > 0) {
-            prefetch_rows(nx, next, j0, j1);
-            if constexpr (HasG) prefetch_rows(ng, next, j0, j1);
-            if (pre_r) prefetch_rows(nr, next, j0, j1);
-          }
-#define NEUSLICE_ADD(R_, FIRST_)                                                                     \
-  add_samples<T, HasG, HasR, Unit, R_, FIRST_>(xp, gp, rp, j0, j1, a.x_sn, a.g_sn, a.r_sn, acc[0], acc[1], \
-                                              acc[2], acc[3], qx, qg)
-          if (rows == kClassRows) {
-            if (first) NEUSLICE_ADD(kClassRows, true); else NEUSLICE_ADD(kClassRows, false);
-          } else if (rows == kRows) {
-            if (first) NEUSLICE_ADD(kRows, true); else NEUSLICE_ADD(kRows, false);
-          } else {
-            if (first) NEUSLICE_ADD(1, true); else NEUSLICE_ADD(1, false);
-          }
-#undef NEUSLICE_ADD
+        const int rows = end - r >= kRows ? kRows : 1;
+        for (int k = 0; k < rows; ++k) {
+          const int64_t b = order[r + k] / S, s = order[r + k] % S;
+          xp[k] = static_cast<const T*>(a.x) + b * a.x_sb + s * a.x_ss;
+          gp[k] = HasG ? static_cast<const T*>(a.g) + b * a.g_sb + s * a.g_ss : nullptr;
+          rp[k] = HasR ? static_cast<const T*>(a.r) + b * a.r_sb + s * a.r_ss : nullptr;
         }
+#define NEUSLICE_ADD(R_, FIRST_)                                                                      \
+  add_samples<T, HasG, HasR, Unit, R_, FIRST_>(xp, gp, rp, m0, m1, a.x_sn, a.g_sn, a.r_sn, acc[0], acc[1], \
+                                              acc[2], acc[3], qx, qg)
+        if (rows == kRows) {
+          if (r == i) NEUSLICE_ADD(kRows, true); else NEUSLICE_ADD(kRows, false);
+        } else {
+          if (r == i) NEUSLICE_ADD(1, true); else NEUSLICE_ADD(1, false);
+        }
+#undef NEUSLICE_ADD
         r += rows;
       }
     }
@@ -461,8 +475,10 @@ int run(const AccumulateArgs& a, const Batch<typename Elem<T>::acc>& bt, int64_t
   const int64_t priv_bytes = nthreads * 4 * kb * a.N * static_cast<int64_t>(sizeof(Acc));
   const bool by_sample = nthreads == 1 || (nrows >= 2 * nthreads && priv_bytes <= x_bytes / 4);
   if (by_sample) {
+    const size_t one = Scratch<Acc>::bytes(planes(HasG, HasR), kb, a.N);
+    char* mem = scratch_memory().take(one * nthreads);
     scs.reserve(nthreads);
-    for (int t = 0; t < nthreads; ++t) scs.emplace_back(planes(HasG, HasR), kb, a.N);
+    for (int t = 0; t < nthreads; ++t) scs.emplace_back(planes(HasG, HasR), kb, a.N, mem + one * t);
     if (nthreads == 1) {  // one scratch, nothing to reduce: the pass's own flags when it has them
       const int flags = run_range<T, HasG, HasR, Unit>(a, bt, scs[0], 0, nrows, 0, a.N);
       return flags >= 0 ? flags : scan(scs[0], 0, a.N, planes(HasG, HasR));
@@ -475,7 +491,8 @@ int run(const AccumulateArgs& a, const Batch<typename Elem<T>::acc>& bt, int64_t
     // The sums of several scratches are scanned after the reduction (it can overflow too).
     return reduce_and_scan(scs, planes(HasG, HasR), nthreads);
   }
-  scs.emplace_back(planes(HasG, HasR), kb, a.N);
+  scs.emplace_back(planes(HasG, HasR), kb, a.N,
+                   scratch_memory().take(Scratch<Acc>::bytes(planes(HasG, HasR), kb, a.N)));
   const int64_t tile = std::max<int64_t>(16, (a.N + 4 * nthreads - 1) / (4 * nthreads));
   const int64_t ntiles = (a.N + tile - 1) / tile;
   int flags = 0;
