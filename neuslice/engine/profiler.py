@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from .. import ops
 from .._errors import NeusliceError, NonFiniteError
 from ..ops.reference import acc_dtype
-from .capture import (GRADIENT_METRICS, add_present, call_model, call_valid, call_views, check_calls,
+from .capture import (GRADIENT_METRICS, add_present_all, call_model, call_valid, call_views, check_calls,
                       check_ignore_index, check_labels, check_mask, check_metrics, check_num_classes, compact_ignore,
                       drop_unused, layer_entries, model_device, new_stats, new_totals, nonfinite_what,
                       present_classes, tap_view, unwrap, warn_unmasked, warn_unseen)
@@ -134,6 +134,9 @@ class Profiler:
         dev = model_device(self.model)
         layers = self.plan.layers if self.plan is not None else []
         self.totals = {i.name: new_totals(self.k, i.n, dev, self.keep) for i in layers}
+        # per layer name: ((Kp, dtype, device), zeroed batch buffers) left by the last committed batch, so a
+        # batch with the same classes present allocates and zeroes nothing per layer (zeroed in one call)
+        self._spare: Dict[str, Tuple[tuple, Dict[str, Tensor]]] = {}
         self.num_batches = 0
 
     def close(self) -> None:
@@ -197,6 +200,7 @@ class Profiler:
         keep = {i.name for i in plan.layers}
         self.refs = [r for r, i in zip(self.refs, self.plan.layers) if i.name in keep]
         self.totals = {n: st for n, st in self.totals.items() if n in keep}
+        self._spare = {n: v for n, v in self._spare.items() if n in keep}
         self._hooks.remove()
         self.plan = plan
         self._hooks = ChainHooks(self.model, plan.layers, self._on_tap)
@@ -352,7 +356,12 @@ class _Batch:
         present, yc = self.compact
         if not len(present):                    # every sample/token is ignore_index
             return
-        st = self.stats.setdefault(i, new_stats(len(present), info.n, acc_dtype(x.dtype), x.device, self.p.keep))
+        st = self.stats.get(i)
+        if st is None:
+            key = (len(present), acc_dtype(x.dtype), x.device)
+            spare = self.p._spare.pop(info.name, None)
+            st = spare[1] if spare is not None and spare[0] == key else new_stats(key[0], info.n, *key[1:], self.p.keep)
+            self.stats[i] = st
         r = self.p.refs[i]
         r = None if r is None else r.to(device=x.device, dtype=x.dtype)
         try:
@@ -425,8 +434,13 @@ class _Batch:
         if self.mask is not None and (self.missed or not self.applied) and not self.p._warned_mask:
             self.p._warned_mask = True
             warn_unmasked(self.FN, self.missed, self.mask.shape[1], stacklevel=3)
-        for i, st in self.stats.items():
-            add_present(self.p.totals[self.p.plan.layers[i].name], st, self.compact[0])
+        layers = self.p.plan.layers
+        add_present_all([(self.p.totals[layers[i].name], st) for i, st in self.stats.items()], self.compact[0])
+        if self.stats:      # the buffers, zeroed in one call, serve the next batch with the same classes present
+            torch._foreach_zero_([v for st in self.stats.values() for v in st.values()])
+            for i, st in self.stats.items():
+                v = st["count"]
+                self.p._spare[layers[i].name] = ((v.shape[0], v.dtype, v.device), st)
         if plan is not self.p.plan:
             self.p._narrow(plan)
         self.p.num_batches += 1
