@@ -22,7 +22,7 @@ import torch
 
 from .._errors import BackendError
 
-__all__ = ["call", "choose", "backends", "refusals", "implementation", "import_error", "ORDER", "ENV"]
+__all__ = ["call", "choose", "pick", "backends", "refusals", "implementation", "import_error", "ORDER", "ENV"]
 
 ENV = "NEUSLICE_BACKEND"
 ORDER: Dict[str, Tuple[str, ...]] = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
@@ -77,10 +77,14 @@ def refusals(op: str, args: tuple) -> Dict[str, Optional[str]]:
     return {name: _refusal(name, op, args) for name in _MODULES}
 
 
-def choose(op: str, args: tuple) -> str:
-    """Name of the backend that runs ``op`` on ``args`` (honouring ``NEUSLICE_BACKEND``)."""
-    forced = os.environ.get(ENV, "").strip()
-    if forced:
+def choose(op: str, args: tuple, device: Optional[str] = None) -> str:
+    """Name of the backend that runs ``op`` on ``args`` (honouring ``NEUSLICE_BACKEND``).
+
+    ``device``: the device type of ``args``' tensors when the caller has checked that they share one
+    (the op front doors have); None finds it from the first tensor, as the caller would."""
+    forced = os.environ.get(ENV)
+    if forced and forced.strip():
+        forced = forced.strip()
         if forced not in _MODULES:
             raise BackendError(f"neuslice: {ENV}={forced!r} names no backend; "
                                f"expected one of {', '.join(_MODULES)}")
@@ -89,13 +93,21 @@ def choose(op: str, args: tuple) -> str:
         detail = "; ".join(f"{n}: {r or 'would run'}" for n, r in refusals(op, args).items())
         raise BackendError(f"neuslice.{op}: backend {forced!r} was forced ({ENV}={forced}) "
                            f"but cannot run this call. Backends: {detail}")
-    device = _device_type(args)
+    if device is None:
+        device = _device_type(args)
     order = ORDER.get(device, ("reference",))
     for name in order:
         if _refusal(name, op, args) is None:
             return name
     detail = "; ".join(f"{n}: {_refusal(n, op, args)}" for n in order)
     raise BackendError(f"neuslice.{op}: no backend can run this call on {device}. Backends: {detail}")
+
+
+def pick(op: str, args: tuple, device: Optional[str] = None) -> Tuple[str, Callable]:
+    """:func:`choose`'s backend and its function for ``op`` (a front door that first needs to know
+    which backend runs the call, then runs it)."""
+    name = choose(op, args, device)
+    return name, getattr(_loaded[name], op)
 
 
 def call(op: str, *args):
