@@ -45,8 +45,8 @@ def _same(before, after):
 def test_accumulate_layout_equals_the_layout_functions(kind, ref_kind):
     cl = kind == "cl"
     shape = {"2d": (5, 7), "cf": (5, 7, 3), "cl": (5, 3, 7)}[kind]
-    x = torch.randn(*shape[::-1]).permute(*range(len(shape) - 1, -1, -1))  # every stride unusual
-    grad = torch.randn(*shape, 2)[..., 1]                                     # strided, not x's strides
+    x = torch.randn(*shape[::-1]).permute(*range(len(shape) - 1, -1, -1))  # strides reversed
+    grad = torch.randn(*shape, 2)[..., 1]          # strided, not x's strides
     n, s = 7, 1 if kind == "2d" else 3
     ref = {"none": None, "[N, S]": torch.randn(s, n).t() if kind != "2d" else torch.randn(n, 1),
            "[N]": torch.randn(2 * n)[::2], "per sample": torch.randn(shape),
@@ -175,7 +175,8 @@ def test_forced_backend_follows_os_environ(monkeypatch):
     os.environ["NEUSLICE_BACKEND"] = "cpu" if _dispatch.import_error("cpu") is None else "reference"
     assert _dispatch.choose("accumulate_", args) == os.environ["NEUSLICE_BACKEND"]
     monkeypatch.setenv("NEUSLICE_BACKEND", "   ")    # blank: not forced
-    assert _dispatch.choose("accumulate_", args) == _dispatch.ORDER["cpu"][0 if _dispatch.import_error("cpu") is None else 1]
+    default = _dispatch.ORDER["cpu"][0 if _dispatch.import_error("cpu") is None else 1]
+    assert _dispatch.choose("accumulate_", args) == default
     monkeypatch.delenv("NEUSLICE_BACKEND")
     assert _dispatch._forced() == ""
     assert _dispatch.pick("accumulate_", args, "cpu")[0] == _dispatch.choose("accumulate_", args)

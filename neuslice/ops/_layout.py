@@ -17,7 +17,8 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["bns", "accumulate_layout", "as_bns", "strides_bns", "ref_per_sample", "ref_strides_bns", "rows_cols", "per_neuron_mask",
+__all__ = ["bns", "accumulate_layout",
+           "as_bns", "strides_bns", "ref_per_sample", "ref_strides_bns", "rows_cols", "per_neuron_mask",
            "broadcast_mask"]
 
 
