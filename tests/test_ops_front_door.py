@@ -59,7 +59,7 @@ def test_accumulate_layout_equals_the_layout_functions(kind, ref_kind):
         assert rs == ref_strides_bns(ref, x, cl)
 
 
-# ------------------------------------------------------------------ labels: checked by the cpu kernel, worded by the front door
+# ------------------------------------------------------------------ labels: the cpu kernel checks, the front door words
 
 @needs_cpu
 def test_cpu_kernel_refuses_a_bad_label_itself_and_changes_nothing():
