@@ -9,6 +9,11 @@ class NonFiniteError(NeusliceError, ValueError):
     """A batch held a non-finite activation or gradient; no statistic was changed."""
 
 
+class BadLabelError(NeusliceError, ValueError):
+    """A kernel found a label outside [0, K) that is not ignore_index; no statistic was changed. The
+    front door answers it with its own check's error, which names the label (neuslice.ops)."""
+
+
 class BackendError(NeusliceError, RuntimeError):
     """A forced backend cannot run this call; the message lists every backend and why."""
 
@@ -22,7 +27,7 @@ def raise_for_status(op: str, status: int, backend: str, *, num_classes: int = 0
     if status == 0:
         return
     if status & STATUS_BAD_LABEL:
-        raise ValueError(f"neuslice.{op}: labels must lie in [0, {num_classes}); no statistic was changed")
+        raise BadLabelError(f"neuslice.{op}: labels must lie in [0, {num_classes}); no statistic was changed")
     if status & STATUS_NONFINITE_X:
         raise NonFiniteError(f"neuslice.{op}: non-finite value in x; no statistic was changed")
     if status & STATUS_NONFINITE_G:

@@ -31,6 +31,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from .._errors import BadLabelError
 from . import _dispatch, reference
 from ._layout import bns
 from .reference import acc_dtype
@@ -39,6 +40,8 @@ __all__ = ["accumulate_", "select", "select_topk", "masked_sgd_", "masked_adamw_
 
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _STATS = ("count", "act_sum", "act_sq", "taylor_sum", "deeplift_sum")
+_SUMS = _STATS[1:]
+_ACC_INPUTS = ("x", "grad", "ref", "labels", "valid")
 
 
 def _fail(op: str, msg: str, exc=ValueError):
@@ -162,23 +165,41 @@ def _checked_scalars(op: str, args: tuple, scalars: tuple) -> tuple:
 # Private torch hooks the front door needs; where a torch build lacks one, every call takes the op.
 _DISPATCH_MODES = getattr(torch._C, "_len_torch_dispatch_stack", None)
 _FUNCTORCH_ACTIVE = getattr(torch._C, "_are_functorch_transforms_active", None)
+# torch.jit.is_tracing() and torch.autograd.graph.increment_version() are these behind a Python
+# frame each (an is_scripting() test that is False in eager Python; a tensor-to-tuple wrap): called
+# directly they save ~10 us each from a cold cache. Where a torch build lacks them, the public ones.
+_IS_TRACING = getattr(torch._C, "_is_tracing", None) or torch.jit.is_tracing
+_INCREMENT_VERSION = getattr(torch._C, "_increment_version", None) or torch.autograd.graph.increment_version
 
 
 def _direct(args, mutated) -> bool:
     """True when running an op's kernel directly is indistinguishable from the dispatcher's call:
     eager, plain tensors, no torch function/dispatch mode or functorch transform, no tracing or
-    profiler, and no mutated tensor that requires grad."""
+    profiler, and no mutated tensor that requires grad.
+
+    Runs on every front-door call, so one pass over ``args`` and no list built: with every tensor of
+    exactly type Tensor, ``has_torch_function`` of any of them answers as of all of them (only an
+    active torch function mode can make it True), so the first one is asked."""
     if _DISPATCH_MODES is None or _FUNCTORCH_ACTIVE is None:
         return False
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.autograd._profiler_enabled():
-        return False  # (under torch.profiler the op's name shows in the trace)
-    tensors = [a for a in args if isinstance(a, Tensor)]
-    if torch.overrides.has_torch_function(tensors) or _DISPATCH_MODES() or _FUNCTORCH_ACTIVE():
+    if torch.compiler.is_compiling() or _IS_TRACING() or torch.autograd._profiler_enabled():
+        return False  # (first: dynamo traces this function; under torch.profiler the op's name shows)
+    if _DISPATCH_MODES() or _FUNCTORCH_ACTIVE():
         return False
-    if any(type(t) is not Tensor for t in tensors):
+    first = None
+    for a in args:
+        if isinstance(a, Tensor):
+            if type(a) is not Tensor:
+                return False
+            if first is None:
+                first = a
+    if first is not None and torch.overrides.has_torch_function((first,)):
         return False
     # (An inference tensor among them raises in the kernel's checks on either path: see _check_outputs.)
-    return not any(args[i] is not None and args[i].requires_grad for i in mutated)
+    for i in mutated:
+        if args[i] is not None and args[i].requires_grad:
+            return False
+    return True
 
 
 def _custom_op(qualname: str, *, mutates_args, schema: str):
@@ -217,7 +238,7 @@ def _custom_op(qualname: str, *, mutates_args, schema: str):
             if _direct(args, mutated):
                 out = kernel(*args)
                 if mutated:
-                    torch.autograd.graph.increment_version([args[i] for i in mutated if args[i] is not None])
+                    _INCREMENT_VERSION([args[i] for i in mutated if args[i] is not None])
                 return out
             return opdef(*args)
 
@@ -230,7 +251,10 @@ def _custom_op(qualname: str, *, mutates_args, schema: str):
 # ---------------------------------------------------------------------------------------------
 # accumulate_
 
-def _check_accumulate(x, grad, ref, labels, channels_last, stats, valid, ignore_index, *, data: bool) -> None:
+def _check_accumulate(x, grad, ref, labels, channels_last, stats, valid, ignore_index, *, data: bool):
+    """Every check of an accumulate_ call; the label values (a pass over the labels) only when ``data``.
+    Returns (B, N, S). Runs on every call: one bns(), one device read of x, sizes compared as
+    torch.Size (a tuple); the messages come from the same places as the comparisons' failures."""
     op = "accumulate_"
     if x.dtype not in _FLOATS:
         _fail(op, f"x must be float32, float64, float16 or bfloat16, got {x.dtype}", TypeError)
@@ -239,57 +263,73 @@ def _check_accumulate(x, grad, ref, labels, channels_last, stats, valid, ignore_
     b, n, s = bns(x, channels_last)
     if s == 0:
         _fail(op, f"x must have at least one position (S >= 1), got {_shape(x)} with channels_last={channels_last}")
+    device, shape = x.device, x.shape
     if grad is not None:
-        _check_same(op, "grad", grad, x, "x")
+        if grad.device != device or grad.shape != shape:
+            _check_same(op, "grad", grad, x, "x")
         if grad.dtype != x.dtype:
             _fail(op, f"grad must have x's dtype {x.dtype}, got {grad.dtype}", TypeError)
     if ref is not None:
         if ref.dtype != x.dtype:
             _fail(op, f"ref must have x's dtype {x.dtype}, got {ref.dtype}", TypeError)
-        if ref.device != x.device or tuple(ref.shape) not in ((n, s), (n,), tuple(x.shape)):
+        if ref.device != device or ref.shape not in ((n, s), (n,), shape):
             per_sample = "[B, N]" if x.dim() == 2 else "[B, S, N]" if channels_last else "[B, N, S]"
             _fail(op, f"ref must be [N, S] = [{n}, {s}] or [N] = [{n}] (shared by the batch), or per sample "
                       f"x's shape {per_sample} = {_shape(x)}, on {x.device}; got {_shape(ref)} on {ref.device}")
     if labels.dtype != torch.int64:
         _fail(op, f"labels must be int64, got {labels.dtype}", TypeError)
-    if labels.device != x.device:
+    if labels.device != device:
         _fail(op, f"labels must be on x's device {x.device}, got {labels.device}")
     if labels.dim() == 2:
         if not channels_last:
             _fail(op, f"per-token labels [B, S] need channels_last=True, got labels {_shape(labels)} "
                       "with channels_last=False")
-        if tuple(labels.shape) != (b, s):
+        if labels.shape != (b, s):
             _fail(op, f"per-token labels must be [B, S] = [{b}, {s}], got {_shape(labels)}")
-    elif tuple(labels.shape) != (b,):
+    elif labels.shape != (b,):
         _fail(op, f"labels must be [B] = [{b}] (or [B, S] per token), got {_shape(labels)}")
     if not -2 ** 63 <= ignore_index < 2 ** 63:
         _fail(op, f"ignore_index must fit int64 (the labels' dtype), got {ignore_index}")
     if valid is not None:
         if valid.dtype != torch.bool:
             _fail(op, f"valid must be bool [B, S] (True = the position counts), got {valid.dtype}", TypeError)
-        if valid.device != x.device or tuple(valid.shape) != (b, s):
+        if valid.device != device or valid.shape != (b, s):
             _fail(op, f"valid must be [B, S] = [{b}, {s}] on {x.device}, got {_shape(valid)} on {valid.device}")
     count = stats[0]
     want = acc_dtype(x.dtype)
     if count is None or count.dim() != 1 or count.shape[0] < 1:
         _fail(op, f"count must be [K] with K >= 1, got {'None' if count is None else _shape(count)}")
     k = count.shape[0]
-    for name, t in zip(_STATS, stats):
+    if count.dtype != want:
+        _fail(op, f"count must be {want} for x of {x.dtype}, got {count.dtype}", TypeError)
+    if count.device != device:
+        _check_same(op, "count", count, x, "x", (k,))
+    kn = (k, n)
+    for name, t in zip(_SUMS, stats[1:]):
         if t is None:
             continue
         if t.dtype != want:
             _fail(op, f"{name} must be {want} for x of {x.dtype}, got {t.dtype}", TypeError)
-        _check_same(op, name, t, x, "x", (k,) if name == "count" else (k, n))
-    if data and labels.numel() > 0:
-        if labels.device.type == "cpu":
-            lo, hi = (int(v) for v in torch.aminmax(labels))
-        else:
-            lo, hi = torch.stack(torch.aminmax(labels)).tolist()  # one device read, not two
-        if lo < 0 or hi >= k:
-            bad = labels[(labels != ignore_index) & ((labels < 0) | (labels >= k))]
-            if bad.numel():
-                _fail(op, f"labels must lie in [0, {k}) (K = count.shape[0]) or equal ignore_index "
-                          f"({ignore_index}), got label {int(bad[0])}")
+        if t.device != device or t.shape != kn:
+            _check_same(op, name, t, x, "x", kn)
+    if data:
+        _check_labels(labels, k, ignore_index)
+    return b, n, s
+
+
+def _check_labels(labels: Tensor, k: int, ignore_index: int) -> None:
+    """accumulate_'s labels lie in [0, K) or equal ignore_index (the data check: reads the labels)."""
+    if labels.numel() == 0:
+        return
+    if labels.device.type == "cpu":
+        lo, hi = (int(v) for v in torch.aminmax(labels))
+    else:
+        lo, hi = torch.stack(torch.aminmax(labels)).tolist()  # one device read, not two
+    if lo < 0 or hi >= k:
+        bad = labels[(labels != ignore_index) & ((labels < 0) | (labels >= k))]
+        if bad.numel():
+            _fail("accumulate_", f"labels must lie in [0, {k}) (K = count.shape[0]) or equal ignore_index "
+                                 f"({ignore_index}), got label {int(bad[0])}")
 
 
 @_custom_op("neuslice::accumulate_", mutates_args=_STATS, schema=(
@@ -324,17 +364,43 @@ def accumulate_(x: Tensor, grad: Optional[Tensor], ref: Optional[Tensor], labels
     statistic is changed. An empty batch (B = 0) changes nothing; with no neurons (N = 0) only ``count`` grows.
     """
     stats = (count, act_sum, act_sq, taylor_sum, deeplift_sum)
-    _check_accumulate(x, grad, ref, labels, channels_last, stats, valid, ignore_index, data=True)
-    present = [(t, nm) for t, nm in zip(stats, _STATS) if t is not None]
-    _check_outputs("accumulate_", [t for t, _ in present], [nm for _, nm in present],
-                   (x, grad, ref, labels, valid), ("x", "grad", "ref", "labels", "valid"))
-    b, n, _ = bns(x, channels_last)
-    if b == 0:
+    b, n, _ = _check_accumulate(x, grad, ref, labels, channels_last, stats, valid, ignore_index, data=False)
+    args = (x, grad, ref, labels, channels_last, *stats, valid, ignore_index)
+    # The label values are checked after every other argument and before the outputs and the backend
+    # choice. A backend whose kernel checks them itself (``checks_labels``: it changes nothing and
+    # raises BadLabelError) saves that pass (a torch.aminmax: 50 us from a cold cache); the check then
+    # runs only to raise its own error, the same as on every other backend.
+    failed = fn = None
+    try:
+        if act_sum is not None and act_sq is not None and taylor_sum is not None and deeplift_sum is not None:
+            _check_outputs("accumulate_", stats, _STATS, args[:4] + (valid,), _ACC_INPUTS)
+        else:
+            present = [(t, nm) for t, nm in zip(stats, _STATS) if t is not None]
+            _check_outputs("accumulate_", [t for t, _ in present], [nm for _, nm in present],
+                           args[:4] + (valid,), _ACC_INPUTS)
+        if b and n:  # (B = 0 changes nothing; N = 0 is counted by the reference, for every backend)
+            fn = _dispatch.pick("accumulate_", args, x.device.type)[1]
+    except Exception as e:  # noqa: BLE001  (re-raised below, after the labels had their say)
+        failed = e
+    kernel_checks = fn is not None and getattr(fn, "checks_labels", False)
+    if not kernel_checks:
+        _check_labels(labels, count.shape[0], ignore_index)
+    if failed is not None:
+        raise failed
+    if fn is None:
+        if b and not n:  # no neurons: only count grows
+            reference.accumulate_(x, grad, ref, labels, channels_last, *stats, valid, ignore_index)
         return
-    if n == 0:  # no neurons: only count grows, counted by the reference for every backend
-        reference.accumulate_(x, grad, ref, labels, channels_last, *stats, valid, ignore_index)
+    if not kernel_checks:
+        fn(*args)
         return
-    _dispatch.call("accumulate_", x, grad, ref, labels, channels_last, *stats, valid, ignore_index)
+    try:
+        fn(*args)
+        return
+    except BadLabelError as e:
+        failed = e
+    _check_labels(labels, count.shape[0], ignore_index)  # raises the error naming the label
+    raise failed
 
 
 @accumulate_.register_fake

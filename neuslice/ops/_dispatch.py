@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
 from .._errors import BackendError
 
-__all__ = ["call", "choose", "backends", "refusals", "implementation", "import_error", "ORDER", "ENV"]
+__all__ = ["call", "choose", "pick", "backends", "refusals", "implementation", "import_error", "ORDER", "ENV"]
 
 ENV = "NEUSLICE_BACKEND"
 ORDER: Dict[str, Tuple[str, ...]] = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
@@ -33,6 +34,13 @@ _MODULES = {
     "cuda": "neuslice.ops._backend_cuda",
     "triton": "neuslice._triton.backend",
 }
+# os.environ keeps its values in a dict of bytes on POSIX (``_data``, updated by every os.environ
+# change, monkeypatch.setenv included): one lookup there, where os.environ.get runs four Python-level
+# calls (33 us from a cold cache against ~3 us, measured after bench/harness.py's cache flush).
+# Elsewhere, or where a Python lacks that store, os.environ.get.
+_POSIX = os.name == "posix"
+_ENV_KEY = os.fsencode(ENV)
+_FS_ENCODING = sys.getfilesystemencoding()
 _loaded: Dict[str, object] = {}
 _import_errors: Dict[str, str] = {}
 
@@ -77,9 +85,21 @@ def refusals(op: str, args: tuple) -> Dict[str, Optional[str]]:
     return {name: _refusal(name, op, args) for name in _MODULES}
 
 
-def choose(op: str, args: tuple) -> str:
-    """Name of the backend that runs ``op`` on ``args`` (honouring ``NEUSLICE_BACKEND``)."""
-    forced = os.environ.get(ENV, "").strip()
+def _forced() -> str:
+    """``NEUSLICE_BACKEND`` as os.environ holds it now, stripped ("" when unset)."""
+    store = getattr(os.environ, "_data", None) if _POSIX else None
+    if type(store) is not dict:
+        return os.environ.get(ENV, "").strip()
+    raw = store.get(_ENV_KEY)
+    return "" if raw is None else raw.decode(_FS_ENCODING, "surrogateescape").strip()
+
+
+def choose(op: str, args: tuple, device: Optional[str] = None) -> str:
+    """Name of the backend that runs ``op`` on ``args`` (honouring ``NEUSLICE_BACKEND``).
+
+    ``device``: the device type of ``args``' tensors when the caller has checked that they share one
+    (the op front doors have); None finds it from the first tensor, as the caller would."""
+    forced = _forced()
     if forced:
         if forced not in _MODULES:
             raise BackendError(f"neuslice: {ENV}={forced!r} names no backend; "
@@ -89,13 +109,21 @@ def choose(op: str, args: tuple) -> str:
         detail = "; ".join(f"{n}: {r or 'would run'}" for n, r in refusals(op, args).items())
         raise BackendError(f"neuslice.{op}: backend {forced!r} was forced ({ENV}={forced}) "
                            f"but cannot run this call. Backends: {detail}")
-    device = _device_type(args)
+    if device is None:
+        device = _device_type(args)
     order = ORDER.get(device, ("reference",))
     for name in order:
         if _refusal(name, op, args) is None:
             return name
     detail = "; ".join(f"{n}: {_refusal(n, op, args)}" for n in order)
     raise BackendError(f"neuslice.{op}: no backend can run this call on {device}. Backends: {detail}")
+
+
+def pick(op: str, args: tuple, device: Optional[str] = None) -> Tuple[str, Callable]:
+    """:func:`choose`'s backend and its function for ``op`` (a front door that first needs to know
+    which backend runs the call, then runs it)."""
+    name = choose(op, args, device)
+    return name, getattr(_loaded[name], op)
 
 
 def call(op: str, *args):

@@ -17,7 +17,8 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["bns", "as_bns", "strides_bns", "ref_per_sample", "ref_strides_bns", "rows_cols", "per_neuron_mask",
+__all__ = ["bns", "accumulate_layout",
+           "as_bns", "strides_bns", "ref_per_sample", "ref_strides_bns", "rows_cols", "per_neuron_mask",
            "broadcast_mask"]
 
 
@@ -32,6 +33,35 @@ def bns(x: torch.Tensor, channels_last: bool) -> Tuple[int, int, int]:
     """Sizes (B, N, S) of an activation given as [B, N], [B, N, S] or (channels_last) [B, S, N]."""
     db, dn, ds = _axes(x, channels_last)
     return x.shape[db], x.shape[dn], 1 if ds is None else x.shape[ds]
+
+
+def accumulate_layout(x: torch.Tensor, grad: Optional[torch.Tensor], ref: Optional[torch.Tensor],
+                      channels_last: bool) -> Tuple[int, int, int, Tuple[int, int, int], Tuple[int, int, int],
+                                                    Tuple[int, int, int]]:
+    """``(B, N, S, x strides, grad strides, ref strides)`` of one ``accumulate_`` call: what
+    :func:`bns`, :func:`strides_bns` (x; grad, (0, 0, 0) when None) and :func:`ref_strides_bns` give,
+    in one go. The native backends build their arguments from it on every call, so the dims are found
+    once (grad and a per-sample ref have x's shape and layout) and each stride tuple read once."""
+    db, dn, ds = _axes(x, channels_last)
+    shape, xs = x.shape, x.stride()
+    if ds is None:
+        sizes, x_st = (shape[0], shape[1], 1), (xs[0], xs[1], 0)
+    else:
+        sizes, x_st = (shape[0], shape[dn], shape[ds]), (xs[0], xs[dn], xs[ds])
+    if grad is None:
+        g_st = (0, 0, 0)
+    else:
+        gs = grad.stride()
+        g_st = (gs[0], gs[1], 0) if ds is None else (gs[0], gs[dn], gs[ds])
+    if ref is None:
+        r_st = (0, 0, 0)
+    elif ref_per_sample(ref, x):
+        rs = ref.stride()
+        r_st = (rs[0], rs[1], 0) if ds is None else (rs[0], rs[dn], rs[ds])
+    else:
+        rs = ref.stride()
+        r_st = (0, rs[0], rs[1] if len(rs) == 2 else 0)
+    return (*sizes, x_st, g_st, r_st)
 
 
 def as_bns(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
