@@ -90,6 +90,18 @@ def _build() -> dict:
             "tail": (r.stdout + r.stderr)[-1500:] if r.returncode else ""}
 
 
+def _adopt_install() -> None:
+    """Make the editable install just made importable in this process: its finder is hooked in by a
+    .pth file, which Python reads only at start-up (without this, the first run on a fresh machine
+    built _C and then reported "neuslice is not installed")."""
+    import site
+    dirs = list(site.getsitepackages()) + [site.getusersitepackages()]
+    for d in dirs:
+        if os.path.isdir(d):
+            site.addsitedir(d)
+    importlib.invalidate_caches()
+
+
 def _tolerances():
     spec = importlib.util.spec_from_file_location("neuslice_tolerances", ROOT / "tests" / "tolerances.py")
     mod = importlib.util.module_from_spec(spec)
@@ -420,11 +432,14 @@ def main() -> int:
     if args.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"   # before anything imports triton
     build = _build() if args.build else None
+    if build is not None and build["ok"]:
+        _adopt_install()
     import torch
     try:
         import neuslice
     except ImportError as e:
-        print(f"gpu_check: neuslice is not installed ({e}); run pip install -e . or pass --build", file=sys.stderr)
+        print(f"gpu_check: neuslice is not installed ({e}); run pip install -e . or pass --build"
+              + (f"\nbuild: {build}" if build is not None else ""), file=sys.stderr)
         return 2
     if not args.dry_run and not torch.cuda.is_available():
         print("gpu_check: no CUDA device; use --dry-run to exercise the script on the CPU", file=sys.stderr)

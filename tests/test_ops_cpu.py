@@ -349,3 +349,13 @@ def test_masked_adamw_matches_torch_adamw(force_backend):
         opt.step()
     assert_close(p[mask], tp.detach()[mask], MASKED_UPDATE, torch.float32)
     assert torch.equal(p[~mask], p0[~mask])
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (3, 0)])
+def test_select_backend_on_empty_scores(shape):
+    """The cpu backend called directly (the front door returns early on empty scores): an empty tensor's
+    data pointer is null, which the kernel once took for a missing output and refused (status 32)."""
+    from neuslice.ops import _backend_cpu
+    s = torch.rand(shape)
+    assert _backend_cpu.select(s, 0.5).shape == shape
+    assert _backend_cpu.select_topk(s, 0.5).shape == shape

@@ -164,8 +164,9 @@ int select_rows(const SelectArgs& a, bool cumulative, double theta, int64_t k, i
 }
 
 int dispatch(const SelectArgs& a, bool cumulative, double theta, int64_t k, int nthreads) {
-  if (a.R < 0 || a.N < 0 || a.N > INT32_MAX || a.out == nullptr) return kBadArgument;
-  if (a.R == 0 || a.N == 0) return kOk;
+  if (a.R < 0 || a.N < 0 || a.N > INT32_MAX) return kBadArgument;
+  if (a.R == 0 || a.N == 0) return kOk;  // (an empty tensor's data pointer is null)
+  if (a.out == nullptr) return kBadArgument;
   nthreads = cpu::clamp_threads(nthreads);
   if (a.dtype == DType::f64) return select_rows<double>(a, cumulative, theta, k, nthreads);
   if (a.dtype == DType::f32) return select_rows<float>(a, cumulative, theta, k, nthreads);

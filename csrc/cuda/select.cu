@@ -226,9 +226,11 @@ int launch(const SelectArgs& a, double theta, int64_t k, int* status, void* stre
 }
 
 int dispatch(const SelectArgs& a, bool cumulative, double theta, int64_t k, int* status, void* stream) {
-  if (a.R < 0 || a.N < 0 || a.N > INT32_MAX || a.R > INT32_MAX || a.out == nullptr || status == nullptr)
-    return kBadArgument;
+  if (a.R < 0 || a.N < 0 || a.N > INT32_MAX || a.R > INT32_MAX || status == nullptr) return kBadArgument;
+  // Nothing to select (before the pointer test: an empty tensor's data pointer is null; found by
+  // tests/test_cuda_backend.py::test_select_empty_shapes on the first GPU run).
   if (a.R == 0 || a.N == 0) return kOk;
+  if (a.out == nullptr) return kBadArgument;
   if (a.dtype == DType::f64) {
     return cumulative ? launch<double, true>(a, theta, 0, status, stream)
                       : launch<double, false>(a, 0.0, k, status, stream);
