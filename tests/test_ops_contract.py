@@ -18,7 +18,11 @@ from op_cases import IGNORE, K, loop_stats, new_stats
 CPU_BACKENDS = [b for b in ("reference", "cpu") if _dispatch.import_error(b) is None]
 # Every backend a call can be forced onto, with the device of its tensors: the CPU ones here (triton
 # under the interpreter, conftest.py), the CUDA ones on a GPU only.
-BACKENDS = [pytest.param(b, "cpu", id=b) for b in ("reference", "cpu", "triton") if _dispatch.import_error(b) is None] + [
+# Triton runs CPU tensors only under its interpreter: a GPU run (NEUSLICE_TEST_GPU=1, conftest.py) tests it on
+# CUDA tensors instead (the first GPU run forced triton onto CPU tensors and failed 25 tests on that alone).
+_CPU_TRITON = os.environ.get("TRITON_INTERPRET") == "1"
+BACKENDS = [pytest.param(b, "cpu", id=b) for b in ("reference", "cpu", "triton")
+            if _dispatch.import_error(b) is None and (b != "triton" or _CPU_TRITON)] + [
     pytest.param(b, "cuda", id=f"{b}-cuda", marks=pytest.mark.gpu) for b in ("cuda", "triton", "reference")]
 
 
@@ -280,6 +284,13 @@ def _bits(t):
     return t.view(ints[t.element_size()]) if t.is_floating_point() else t
 
 
+def _skip_unimplemented(backend: str, op: str) -> None:
+    """Skip where ``backend`` has no kernel for ``op`` (the cuda backend runs accumulate_ and the selects only)."""
+    mod = _dispatch._module(backend)
+    if mod is not None and not hasattr(mod, op):
+        pytest.skip(f"backend {backend!r} does not implement {op}")
+
+
 def _on(args, device):
     """``args`` with their CPU tensors moved to ``device`` (a meta tensor, the wrong device, stays)."""
     return [a.to(device) if isinstance(a, torch.Tensor) and a.device.type == "cpu" else a for a in args]
@@ -302,7 +313,7 @@ def _unchanged(before, after):
     # a per-sample ref has x's shape: anything else names the three accepted shapes
     (lambda a: a.__setitem__(2, torch.randn(5, 4, 3)), ValueError,
      "ref must be [N, S] = [4, 3] or [N] = [4] (shared by the batch), or per sample x's shape [B, N, S] = "
-     "[6, 4, 3], on cpu; got [5, 4, 3] on cpu"),
+     "[6, 4, 3], on {device}; got [5, 4, 3] on {device}"),
     (lambda a: a.__setitem__(2, torch.randn(6, 3, 4)), ValueError, "or per sample x's shape [B, N, S] = [6, 4, 3]"),
     (lambda a: a.__setitem__(2, torch.randn(6, 4, 3, dtype=torch.float64)), TypeError, "ref must have x's dtype"),
     (lambda a: a.__setitem__(2, torch.randn(6, 4, 3, device="meta")), ValueError, "got [6, 4, 3] on meta"),
@@ -339,7 +350,7 @@ def test_accumulate_bad_input_is_rejected_and_changes_nothing(force_backend, bac
     before = _clones(args)
     with pytest.raises(exc, match="neuslice.accumulate_") as info:
         ops.accumulate_(*args)
-    assert words in str(info.value)
+    assert words.replace("{device}", str(args[0].device)) in str(info.value)
     assert _unchanged(before, args)
 
 
@@ -772,6 +783,7 @@ def test_bad_output_is_rejected_and_changes_nothing(force_backend, backend, devi
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("op", list(_OUTPUTS))
 def test_outputs_in_disjoint_slices_of_one_buffer_are_fine(force_backend, backend, device, op):
+    _skip_unimplemented(backend, op)
     # The alias check compares memory, not storages: slices of one buffer that do not overlap pass.
     args, want = _mutating_args(op, device), _mutating_args(op, device)
     outs = [args[i] for i in _OUT_INDEX[op].values()]
@@ -791,6 +803,7 @@ def test_outputs_in_disjoint_slices_of_one_buffer_are_fine(force_backend, backen
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("op", list(_OUTPUTS))
 def test_inference_tensors_inside_inference_mode_are_updated(force_backend, backend, device, op):
+    _skip_unimplemented(backend, op)
     # Refused outside inference mode (above); inside it every backend writes them like the reference.
     with torch.inference_mode():
         args, want = _mutating_args(op, device), _mutating_args(op, device)
@@ -891,6 +904,7 @@ def test_float_step_is_refused_by_the_registered_op_too():
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_scalars_of_other_numeric_types_are_made_python_values(force_backend, backend, device, op_calls):
+    _skip_unimplemented(backend, "masked_adamw_")
     np = pytest.importorskip("numpy")
     force_backend(backend)
     a, b = _on(list(_adamw_args()), device), _on(list(_adamw_args()), device)

@@ -9,6 +9,7 @@ import torch
 
 import neuslice
 
+from ..engine.calls import call_model
 from ..engine.graph import discover
 from ..engine.slices import Profile, Slices
 from ..io import container
@@ -154,7 +155,7 @@ def cmd_predict(args) -> int:
     elif isinstance(model, RestructuredModel):
         predict, classes, how = model.predict, model.class_map.tolist(), "the restructured model's classes"
     else:
-        predict, classes, how = (lambda x: model(x).argmax(-1)), None, "every class"
+        predict, classes, how = (lambda x: call_model(model, x).argmax(-1)), None, "every class"
     preds = torch.cat([predict(x) for x, _ in bar(args, ds, "predict")])
     scored = _scored(ds, classes)
     result = {"data": ds.source, "samples": int(preds.numel()), "accuracy": acc(predict, ds, args, classes),

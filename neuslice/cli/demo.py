@@ -90,7 +90,7 @@ def _pipeline(out: Path, cfg: DemoConfig, run: RunOptions, t0: float) -> Dict:
     train, test = load_data("digits:train"), load_data("digits:test")
     model = fit(build(cfg.model, seed=cfg.seed).to(cfg.device), bar(run, train, "train", shuffle=True), epochs=cfg.epochs,
                 seed=cfg.seed)
-    base = acc(lambda x: model(x).argmax(-1), test, run)
+    base = acc(model, test, run)   # (a module: accuracy moves each batch to the model's device)
     prof = neuslice.profile(model, bar(run, train, "profile"), train.num_classes, class_names=train.class_names,
                             progress=False)
     slices = make_slices(prof, "semantic", cfg.metric, cfg.theta)
