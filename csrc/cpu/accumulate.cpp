@@ -65,7 +65,7 @@ inline void add_positions(const T* const* xp, const T* const* gp, const T* const
       if constexpr (HasG) {
         const Acc w = Elem<T>::load(gp[k], j * (Unit ? 1 : gn));
         sg += v * w;
-        if constexpr (HasR) sd += (v - Elem<T>::load(rp[k], j * rn)) * w;
+        if constexpr (HasR) sd += (v - Elem<T>::load(rp[k], j * (Unit ? 1 : rn))) * w;
       }
     }
     ax[j] += sx;
@@ -99,7 +99,7 @@ inline void add_samples(const T* const* xp, const T* const* gp, const T* const* 
       if constexpr (HasG) {
         const Acc w = Elem<T>::load(gp[k], j * (Unit ? 1 : gn));
         s2 += std::abs(v * w);
-        if constexpr (HasR) s3 += std::abs((v - Elem<T>::load(rp[k], j * rn)) * w);
+        if constexpr (HasR) s3 += std::abs((v - Elem<T>::load(rp[k], j * (Unit ? 1 : rn))) * w);
       }
     }
     if constexpr (!First) {
@@ -155,7 +155,7 @@ void sample_cf(const AccumulateArgs& a, int64_t b, int64_t c, Scratch<typename E
             const Acc v = Elem<T>::load(xp, s * xs), w = Elem<T>::load(gp, s * gs);
             sx += v;
             sg += v * w;
-            sd += (v - Elem<T>::load(rp, s * rs)) * w;
+            sd += (v - Elem<T>::load(rp, s * (Unit ? 1 : rs))) * w;
           }
         } else {
 #pragma omp simd reduction(+ : sx, sg)
@@ -470,8 +470,11 @@ int accumulate_typed(const AccumulateArgs& a, int nthreads) {
   const bool has_r = has_g && a.r != nullptr && out[3] != nullptr;
   std::vector<Scratch<Acc>> scs;
   // Unit: the axis the inner loop walks (s for channels-first, n otherwise) has stride 1.
-  const bool unit = (rows || a.channels_last) ? (a.x_sn == 1 && (!has_g || a.g_sn == 1))
-                                              : (a.x_ss == 1 && (!has_g || a.g_ss == 1));
+  // A reference read with a run-time stride kept the loop from contiguous vector loads: the DeepLIFT
+  // call on ViT taps (a shared [N, S]-contiguous ref under channels-last x) took 2.4x the taylor call.
+  const bool unit = (rows || a.channels_last)
+                        ? (a.x_sn == 1 && (!has_g || a.g_sn == 1) && (!has_r || a.r_sn == 1))
+                        : (a.x_ss == 1 && (!has_g || a.g_ss == 1) && (!has_r || a.r_ss == 1));
   int flags;
   if (!has_g) {
     flags = unit ? run<T, false, false, true>(a, bt, kb, nthreads, scs)

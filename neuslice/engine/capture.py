@@ -127,6 +127,14 @@ def tap_view(fn: str, info: LayerInfo, t: Tensor, labels: Tensor) -> Tuple[Tenso
     return x, cl
 
 
+def shared_ref(view: Tensor, cl: bool) -> Tensor:
+    """accumulate_'s shared ``ref`` ``[N, S]`` from the reference's tap view of one sample (``[1, N, S]``, or
+    channels-last ``[1, S, N]``), laid out as the tap is: channels-last, the ``[N, S]`` view of a contiguous
+    ``[S, N]`` (strides ``(1, N)``), so the kernels read it along n with unit stride as they read x (a
+    ``[N, S]``-contiguous copy made every ViT DeepLIFT call read it with stride S: 2.4x the taylor call)."""
+    return view[0].contiguous().t() if cl else view[0].contiguous()
+
+
 def join_calls(fn: str, info: LayerInfo, views: Sequence[Tuple[Tensor, bool]], labels: Tensor) -> Tuple[Tensor, bool]:
     """The :func:`tap_view` of each call of a layer in one forward, concatenated along s (docs/method.md
     §2): channels-first ``[B, N, S_1 + S_2 + …]`` (a ``[B, N]`` call counts one position), or

@@ -26,7 +26,7 @@ from ..ops.reference import acc_dtype
 from .capture import (GRADIENT_METRICS, add_present, batch_mask, call_model, call_valid, call_views, check_calls,
                       check_ignore_index, check_labels, check_metrics, check_num_classes, compact_ignore, dl_forms,
                       drop_unused, layer_entries, model_device, new_stats, new_totals, nonfinite_what,
-                      present_classes, target_of, to_device, unwrap, warn_unmasked, warn_unseen)
+                      present_classes, shared_ref, target_of, to_device, unwrap, warn_unmasked, warn_unseen)
 from .deeplift import Rescale
 from .graph import discover, head_entries, nonlinearity_modules
 from .hooks import ChainHooks, activation_modules, in_backward, no_inplace
@@ -126,7 +126,7 @@ class _Offline:
         key = _shape_key(x)
         if self.refs is None or self.refs[0] != key:
             views, dl = self._record(_baseline(self.fn, self.baseline, x), 1)
-            self.refs = (key, [(r[0].t() if cl else r[0]).contiguous() for r, cl in views], dl)
+            self.refs = (key, [shared_ref(r, cl) for r, cl in views], dl)
         if self.rescale is not None:
             self.rescale.use(self.refs[2])
         return self.refs[1]

@@ -20,7 +20,7 @@ from ..ops.reference import acc_dtype
 from .capture import (GRADIENT_METRICS, add_present_all, call_model, call_valid, call_views, check_calls,
                       check_ignore_index, check_labels, check_mask, check_metrics, check_num_classes, compact_ignore,
                       drop_unused, layer_entries, model_device, new_stats, new_totals, nonfinite_what,
-                      present_classes, tap_view, unwrap, warn_unmasked, warn_unseen)
+                      present_classes, shared_ref, tap_view, unwrap, warn_unmasked, warn_unseen)
 from .graph import discover, head_entries, traceable
 from .hooks import ChainHooks, in_backward
 from .metrics import kept_stats
@@ -229,7 +229,7 @@ class Profiler:
         for i, info in enumerate(self.plan.layers):
             if i in got:
                 r, cl, _ = call_views("neuslice.Profiler", info, got[i], one)
-                self.refs[i] = (r[0].t() if cl else r[0]).contiguous()
+                self.refs[i] = shared_ref(r, cl)
 
     def _on_tap(self, i: int, t) -> None:
         b = self._batch
