@@ -29,9 +29,19 @@ ACCUMULATE_CASES = {
 }
 
 
+# Taps of the transformer benches (bench_profiler.py): ViT (hidden 192, FFN 768, 65 tokens) and the MiniLM
+# config (hidden 384, FFN 1536, 64 tokens), batches of 32, channels-last; only in the floor comparison.
+TAP_CASES = {
+    "ViT tap B=32 S=65 N=192 (channels-last)": (32, 192, 65, True),
+    "ViT FFN tap B=32 S=65 N=768 (channels-last)": (32, 768, 65, True),
+    "MiniLM tap B=32 S=64 N=384 (channels-last)": (32, 384, 64, True),
+    "MiniLM FFN tap B=32 S=64 N=1536 (channels-last)": (32, 1536, 64, True),
+}
+
+
 def _accumulate_inputs(case):
-    """x, grad, labels, valid (None unless the case is masked), stats of one ACCUMULATE_CASES case."""
-    b, n, s, cl = ACCUMULATE_CASES[case]
+    """x, grad, labels, valid (None unless the case is masked), stats of one ACCUMULATE_CASES / TAP_CASES case."""
+    b, n, s, cl = ACCUMULATE_CASES[case] if case in ACCUMULATE_CASES else TAP_CASES[case]
     g = torch.Generator().manual_seed(0)
     shape = (b, s, n) if cl else ((b, n) if s == 1 else (b, n, s))
     x = torch.randn(shape, generator=g)
@@ -106,31 +116,41 @@ def _cold_seconds(fn):
     return time.perf_counter() - t0
 
 
-@pytest.mark.parametrize("case", list(ACCUMULATE_CASES))
+@pytest.mark.parametrize("case", list(ACCUMULATE_CASES) + list(TAP_CASES))
 def bench_accumulate_vs_floor(benchmark, threads, case):
     """The fused accumulate (cpu backend, through ops.accumulate_, masks included) against the
     read-only floor x.sum(); g.sum(), alternated call by call from a cold cache in one process:
     the median of each and their ratio (floor / fused; issue 13 wants >= 0.9). Interleaving keeps
-    the ratio honest on a machine whose bandwidth drifts within a minute (bench/harness.py)."""
-    b, n, s, cl = ACCUMULATE_CASES[case]
+    the ratio honest on a machine whose bandwidth drifts within a minute (bench/harness.py).
+    Also the kernel alone (``_C.accumulate_cpu`` on arguments built once: no checks, dispatch or
+    argument struct), so the front door's share shows. Run alone (keeps cpu_ops.md whole):
+    NEUSLICE_BENCH_NAME=accumulate_floor python -m pytest bench/bench_ops.py --benchmark-enable -q -k vs_floor"""
+    from neuslice import _C
+    from neuslice.ops._native import accumulate_args
     x, grad, labels, valid, stats = _accumulate_inputs(case)
+    cl = (ACCUMULATE_CASES[case] if case in ACCUMULATE_CASES else TAP_CASES[case])[3]
     _forced("cpu")
-    fused = lambda: ops.accumulate_(x, grad, None, labels, cl, *stats, valid, -100)  # noqa: E731
-    floor = lambda: (x.sum(), grad.sum())  # noqa: E731
-    fused(), floor()
-    tf, tl = [], []
+    args = accumulate_args(x, grad, None, labels, cl, tuple(stats), valid, -100)
+    fns = {
+        "cpu": lambda: ops.accumulate_(x, grad, None, labels, cl, *stats, valid, -100),
+        "cpu kernel alone": lambda: _C.accumulate_cpu(args, nthreads=torch.get_num_threads()),
+        "read-bound": lambda: (x.sum(), grad.sum()),
+    }
+    for f in fns.values():
+        f()
+    times = {k: [] for k in fns}
 
-    def both():
-        tf.append(_cold_seconds(fused))
-        tl.append(_cold_seconds(floor))
-    benchmark.pedantic(both, rounds=FLOOR_REPS, warmup_rounds=0)
+    def each():
+        for k, f in fns.items():
+            times[k].append(_cold_seconds(f))
+    benchmark.pedantic(each, rounds=FLOOR_REPS, warmup_rounds=0)
     if benchmark.stats is None:  # --benchmark-disable: nothing measured, nothing reported
         return
-    tf, tl = sorted(tf), sorted(tl)
-    mf, ml = tf[len(tf) // 2], tl[len(tl) // 2]
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
     nbytes = 2 * x.numel() * 4 + labels.numel() * 8
-    TABLE.add("accumulate vs floor (interleaved)", case, "cpu", threads, mf, nbytes, floor_ratio=ml / mf)
-    TABLE.add("accumulate vs floor (interleaved)", case, "read-bound", threads, ml, nbytes)
+    for k, t in med.items():
+        extra = {} if k == "read-bound" else {"floor_ratio": med["read-bound"] / t}
+        TABLE.add("accumulate vs floor (interleaved)", case, k, threads, t, nbytes, **extra)
 
 
 CALLS = 200
