@@ -50,13 +50,13 @@ def test_accumulate_dtypes(force_backend, dtype, cl):
         assert_close(a, b, ACCUMULATE, dtype)
 
 
-@pytest.mark.parametrize("n", [37, 1100], ids=["short rows", "rows over a page"])
+@pytest.mark.parametrize("n", [37, 2100], ids=["short rows", "rows over 8 KiB"])
 @pytest.mark.parametrize("ref_layout", ["[N, S]", "[S, N].t()"])
 @pytest.mark.parametrize("cl", [False, True], ids=["cf", "cl"])
 def test_accumulate_contiguous_x_with_a_shared_ref_of_either_layout(force_backend, cl, ref_layout, n):
     """Contiguous x and g with a shared ref in either layout: unit stride along the axis the kernel walks (n
     channels-last, s channels-first) takes the contiguous-load path, the other layout the strided one (the
-    engine passes channels-last refs as [S, N].t()); rows over a page take the 4-row schedule."""
+    engine passes channels-last refs as [S, N].t()); channels-last rows over 8 KiB take the 4-row schedule."""
     shape = (6, n, 5)
     x, g = make_x(shape, cl, torch.float32), make_x(shape, cl, torch.float32, seed=4)
     r = torch.randn(n, 5) if ref_layout == "[N, S]" else torch.randn(5, n).t()

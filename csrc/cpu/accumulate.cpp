@@ -42,13 +42,14 @@ using cpu::Elem;
 // registers and the L1 accumulators are read and written once per R rows. Measured on the linear
 // shape (hot cache, 1 thread): one row at a time was bound by those loads/stores, not by memory.
 constexpr int kRows = 4;
-// Channels-last rows shorter than a 4 KiB page are added one at a time, in memory order. Four
-// such rows lie in one page, and reading them side by side (row0[j], row1[j], ...) hides the
+// Channels-last rows shorter than 8 KiB are added one at a time, in memory order. Four short rows
+// lie in one or two pages, and reading them side by side (row0[j], row1[j], ...) hides the
 // sequential walk from the hardware prefetcher, which follows streams page by page. Measured on
-// 1 thread from a cold cache against x.sum(); g.sum() (/tmp-free: bench_ops.py shapes and ViT/
-// MiniLM taps, [B, S, N]): one row at a time, N = 192 / 384 / 768: 0.70 / 0.62 / 0.87 -> 1.22 /
-// 1.21 / 1.18; rows of 12 KiB (N = 3072) stay at 4 at a time (0.89, against 0.71 one at a time).
-constexpr int64_t kShortRowBytes = 4096;
+// 1 thread from a cold cache, kernel alone against x.sum(); g.sum() (bench_ops.py vs_floor, and
+// ViT/MiniLM tap shapes [B, S, N]): one row at a time, N = 192 / 384 / 768: 0.70 / 0.62 / 0.87 ->
+// 1.22 / 1.21 / 1.18; N = 1536 (6 KiB rows): 0.70 -> 0.91; rows of 12 KiB (N = 3072) stay at 4 at a
+// time (0.81, against 0.65 one at a time; 2 rows 0.73, 8 rows 0.83).
+constexpr int64_t kShortRowBytes = 8192;
 
 // Sums over R rows of one sample's positions (channels-last): ax += v, ag += v*w, ad += (v-r)*w.
 template <typename T, bool HasG, bool HasR, bool Unit, int R>
