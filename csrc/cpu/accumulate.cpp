@@ -7,8 +7,9 @@
 //    with many classes in a batch, threads instead own neuron tiles of one shared scratch. Either
 //    way no two threads write one address and no atomics are needed.
 //  - Channels-first with S > 1: each (b, n) is an S-run reduced in one SIMD loop. Channels-last:
-//    rows x[b, s, :] are summed 4 at a time into per-sample accumulators. One position per sample
-//    (S == 1, or per-token labels): rows sorted by class, summed 8 at a time per class run.
+//    rows x[b, s, :] are summed into per-sample accumulators, 4 at a time when a row is 8 KiB or
+//    more, one at a time below (kShortRowBytes). One position per sample (S == 1, or per-token
+//    labels): rows sorted by class, summed 4 at a time per class run.
 //  - Counted rows only: labels equal to ignore_index, samples with no valid position and invalid
 //    tokens are dropped before the pass; a sample's valid positions are walked as runs (padding
 //    is usually one run at an end), so padding is never read and costs nothing.
@@ -23,8 +24,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <memory>
-#include <new>
 #include <vector>
 
 #include "accumulate_scratch.h"
@@ -45,8 +44,9 @@ constexpr int kRows = 4;
 // Channels-last rows shorter than 8 KiB are added one at a time, in memory order. Four short rows
 // lie in one or two pages, and reading them side by side (row0[j], row1[j], ...) hides the
 // sequential walk from the hardware prefetcher, which follows streams page by page. Measured on
-// 1 thread from a cold cache, kernel alone against x.sum(); g.sum() (bench_ops.py vs_floor, and
-// ViT/MiniLM tap shapes [B, S, N]): one row at a time, N = 192 / 384 / 768: 0.70 / 0.62 / 0.87 ->
+// 1 thread from a cold cache, kernel alone against x.sum(); g.sum() (a scratch script, then
+// bench_ops.py vs_floor, which now times these ViT/MiniLM tap shapes [B, S, N]): one row at a
+// time, N = 192 / 384 / 768: 0.70 / 0.62 / 0.87 ->
 // 1.22 / 1.21 / 1.18; N = 1536 (6 KiB rows): 0.70 -> 0.91; rows of 12 KiB (N = 3072) stay at 4 at a
 // time (0.81, against 0.65 one at a time; 2 rows 0.73, 8 rows 0.83).
 constexpr int64_t kShortRowBytes = 8192;
