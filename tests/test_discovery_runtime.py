@@ -15,6 +15,7 @@ from torch import nn
 import neuslice
 import neuslice.models as M
 from maintain_fixtures import SMALL
+from neuslice.engine.calls import logits_of
 from neuslice.engine.graph import Attention, discover
 
 
@@ -202,27 +203,17 @@ def _hf():
     return hf_models
 
 
-class Logits(nn.Module):
-    """A Hugging Face model as a classifier giving logits (its output's ``logits``)."""
-
-    def __init__(self, m):
-        super().__init__()
-        self.m = m
-
-    def forward(self, *args, **kwargs):
-        return self.m(*args, **kwargs).logits
-
-
 def _build(arch, **kw):
     hf = _hf()
     model, batch = hf.ARCHITECTURES[arch](**kw)
     if arch == "gpt2":
         neuslice.conv1d_to_linear(model)
-    return Logits(model).eval(), batch
+    return model.eval(), batch   # as users pass it: its output is a ModelOutput holding .logits
 
 
 def _call(model, x):
-    return model(**x) if isinstance(x, dict) else model(x)
+    """The logits, read from the model's output as profile reads them."""
+    return logits_of(model(**x) if isinstance(x, dict) else model(x))
 
 
 # per architecture: FFN1 and its activation module, the attention layers (q, k, v offsets), out, heads
@@ -247,7 +238,7 @@ ARCH = {
 
 
 def _f(s, b):
-    return "m." + s.format(b=b)
+    return s.format(b=b)
 
 
 @pytest.mark.parametrize("arch", list(ARCH))
@@ -285,10 +276,10 @@ def test_bert_eager_attention_is_found_as_with_sdpa():
     torch.manual_seed(0)
     cfg = tf.BertConfig(vocab_size=96, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                         intermediate_size=48, num_labels=3, attn_implementation="eager")
-    model = Logits(tf.BertForSequenceClassification(cfg)).eval()
+    model = tf.BertForSequenceClassification(cfg).eval()
     x = {"input_ids": torch.randint(3, 96, (2, 5))}
     plan = discover(model, run=lambda: _call(model, x))
-    b = "m.bert.encoder.layer.0.attention."
+    b = "bert.encoder.layer.0.attention."
     assert plan.attention == [Attention(b + "self", (b + "self.query", 0), (b + "self.key", 0), (b + "self.value", 0),
                                         b + "output.dense", 4, 8, 4)]
 

@@ -9,7 +9,6 @@ exception, is counted and fails the test. The default suite samples; ``-m slow``
 from __future__ import annotations
 
 import json
-import math
 import random
 from collections import Counter
 

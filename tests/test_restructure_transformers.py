@@ -1,15 +1,12 @@
 """Physical restructure of transformers: whole heads and FFN neurons (docs/method.md §4 "Head units", §6
 "Restructure"), on tiny BERT, GPT-2, Llama (grouped-query attention) and ViT built offline from configs."""
-import re
-
 import pytest
 import torch
-from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
 import neuslice
-from neuslice.engine import graph, heads
+from neuslice.engine import heads
 from neuslice.engine.capture import call_model
 from neuslice.engine.graph import Attention
 from neuslice.io import container as _io
