@@ -1,6 +1,6 @@
 """Tiny Hugging Face transformers built offline from their configs (random weights), shared by the
-transformer tests: a BERT-like encoder, a GPT-2-like and a Llama-like decoder (grouped-query attention),
-and a ViT. ``transformers`` is a test dependency only; a test module using these calls
+transformer tests: a BERT-like encoder, a GPT-2-like, a Llama-like (grouped-query attention) and a Phi-like
+(partial rotary) decoder, and a ViT. ``transformers`` is a test dependency only; a test module using these calls
 ``pytest.importorskip("transformers")`` first.
 
 Each builder returns ``(model, batch)``: the model in eval mode (dropout off), and a function
@@ -71,6 +71,18 @@ def llama(num_labels: int = CLASSES):
     return _eval(tf.LlamaForSequenceClassification(cfg)), _text_batch("right")
 
 
+def phi(num_labels: int = CLASSES):
+    """Phi-like decoder: partial rotary embeddings, ``fc1``/``fc2`` MLP, ``dense`` out projection. Its
+    ``rotary_ndims`` (head_dim × 0.5 = 4) equals the head count, as in Phi-2 (32 heads, head_dim 80 × 0.4):
+    an attribute that must not change when heads are removed."""
+    import transformers as tf
+    torch.manual_seed(0)
+    cfg = tf.PhiConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                       intermediate_size=FFN, max_position_embeddings=64, num_labels=num_labels, pad_token_id=0,
+                       partial_rotary_factor=0.5, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0)
+    return _eval(tf.PhiForSequenceClassification(cfg)), _text_batch("right")
+
+
 def vit(num_labels: int = CLASSES):
     """ViT: ViTForImageClassification on 16×16 RGB images, 4×4 patches (16 tokens + CLS)."""
     import transformers as tf
@@ -85,4 +97,4 @@ def vit(num_labels: int = CLASSES):
     return _eval(tf.ViTForImageClassification(cfg)), batch
 
 
-ARCHITECTURES = {"bert": bert, "gpt2": gpt2, "llama": llama, "vit": vit}
+ARCHITECTURES = {"bert": bert, "gpt2": gpt2, "llama": llama, "phi": phi, "vit": vit}

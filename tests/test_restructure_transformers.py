@@ -2,6 +2,7 @@
 "Restructure"), on tiny BERT, GPT-2, Llama (grouped-query attention) and ViT built offline from configs."""
 import pytest
 import torch
+from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
@@ -175,3 +176,31 @@ def test_compression_rate_of_a_model_never_run_needs_example_inputs():
                                          r"pass example_inputs="):
         s.compression_rate(fresh, KEEP)
     assert s.compression_rate(fresh, KEEP, example_inputs=d[0][0]) == want
+
+
+def test_settle_counts_keeps_the_largest_agreeing_set_of_attribute_names():
+    """A head count changes; an attribute equal to it by coincidence (Phi's rotary_ndims) does not: the cut model
+    is run with every combination, largest first, and a combination whose forward raises counts as disagreeing."""
+    from neuslice.maintain._surgery import Count, settle_counts
+    blocks = [nn.Module(), nn.Module()]
+    for m in blocks:
+        m.num_heads, m.rotary_ndims, m.width = 4, 4, 32
+    counts = [c for i, m in enumerate(blocks) for c in (Count(m, f"b{i}", "num_heads", 4, 3),
+                                                           Count(m, f"b{i}", "rotary_ndims", 4, 3),
+                                                           Count(m, f"b{i}", "width", 32, 24))]
+    tried = []
+
+    def agrees():
+        state = [(m.num_heads, m.rotary_ndims, m.width) for m in blocks]
+        tried.append(state[0])
+        if any(s[1] != 4 for s in state):
+            raise RuntimeError("The size of tensor a (3) must match the size of tensor b (4)")
+        return all(s == (3, 4, 24) for s in state)
+    changed = settle_counts(counts, agrees)
+    assert changed == {f"b{i}": {"num_heads": (4, 3), "width": (32, 24)} for i in range(2)}
+    assert [(m.num_heads, m.rotary_ndims, m.width) for m in blocks] == [(3, 4, 24)] * 2
+    assert tried[0] == (3, 3, 24)                      # all of them first
+    assert len(tried) == 3                             # then the two-name sets: (num_heads, rotary) fails, next agrees
+    # nothing agrees: every candidate stays set, for the caller's check to report
+    assert settle_counts(counts, lambda: False) == {f"b{i}": {"num_heads": (4, 3), "rotary_ndims": (4, 3),
+                                                              "width": (32, 24)} for i in range(2)}

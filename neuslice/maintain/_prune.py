@@ -131,7 +131,10 @@ def physical(fn: str, model: nn.Module, plan: Plan, keep: Dict[str, Tensor], cla
                          "mode='mask', which zeroes every call")
     _surgery.check_residual(fn, plan, {i.name: ~keep[i.name].cpu() for i in plan.layers})
     if attention:
-        module, _ = _surgery.physical(fn, model, plan, keep, plan.heads[0], classes, attention, example_inputs)
+        module, counts = _surgery.physical(fn, model, plan, keep, plan.heads[0], classes, attention, example_inputs)
+        with torch.no_grad():
+            want = call_model(masked, example_inputs)
+            _surgery.settle_counts(counts, lambda: _agrees(call_model(module.eval(), example_inputs), want))
     else:
         tp = _tp()
         module = copy.deepcopy(model).eval()
@@ -140,10 +143,20 @@ def physical(fn: str, model: nn.Module, plan: Plan, keep: Dict[str, Tensor], cla
         _cut_head(tp, dg, module, plan.heads[0], classes)
     module.eval()
     with torch.no_grad():
-        got, want = call_model(module, example_inputs), call_model(masked, example_inputs)
-    if got.shape != want.shape or not torch.allclose(got, want, **_TOL):
-        diff = (got - want).abs().max().item() if got.shape == want.shape else f"shape {list(got.shape)}"
-        raise ValueError(f"{fn}: the physically restructured model disagrees with mask mode on example_inputs "
-                         f"(max difference {diff}); a layer's coupling is not what the dependency graph assumed. "
-                         f"Exclude the layers feeding non-channelwise operations from the slices, or use mode='mask'")
-    return module
+        want = call_model(masked, example_inputs)
+        try:
+            got = call_model(module, example_inputs)
+        except Exception as e:  # noqa: BLE001  (reported as the disagreement it is, with torch's words)
+            got, diff = None, f"its forward failed: {type(e).__name__}: {e}"
+    if got is not None and _agrees(got, want):
+        return module
+    if got is not None:
+        diff = f"max difference {(got - want).abs().max().item()}" if got.shape == want.shape else \
+            f"output shape {list(got.shape)} against {list(want.shape)}"
+    raise ValueError(f"{fn}: the physically restructured model disagrees with mask mode on example_inputs "
+                     f"({diff}); a layer's coupling is not what the dependency graph assumed. "
+                     f"Exclude the layers feeding non-channelwise operations from the slices, or use mode='mask'")
+
+
+def _agrees(got, want) -> bool:
+    return got.shape == want.shape and torch.allclose(got, want, **_TOL)

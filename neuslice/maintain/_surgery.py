@@ -17,7 +17,8 @@ is not constant on heads, a block losing every head, a layer read by no recorded
 from __future__ import annotations
 
 import copy
-from typing import Dict, List, Sequence, Set, Tuple
+from itertools import combinations
+from typing import Callable, Dict, List, Sequence, Set, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -26,7 +27,7 @@ from ..engine import heads as _heads
 from ..engine.graph import NORMS, Attention, Plan
 from ..engine.capture import call_model
 
-__all__ = ["physical", "check_residual"]
+__all__ = ["physical", "check_residual", "settle_counts", "Count"]
 
 _HINT = ("choose layers= with only removable layers, e.g. neuslice.profile(..., layers=neuslice.removable_layers("
          "model, example_inputs)) (FFN input layers and whole attention q/k/v), or use mode='mask'")
@@ -169,21 +170,31 @@ def _attribute_reads(module: nn.Module, names: Sequence[str], example_inputs) ->
     return reads
 
 
-def _update_counts(module: nn.Module, plan_blocks: Sequence[Attention], cut: List[Tuple[Attention, Tensor]],
-                   reads: Dict[str, Set[str]]) -> Dict[str, Dict[str, Tuple[int, int]]]:
-    """Set the attention modules' head-count and width attributes that forward reads; returns what changed
-    ``{module: {attribute: (old, new)}}``. An attribute counts only when every block of the same shape has it
-    with the same value (so a per-layer index is never taken for a head count), and a value that is also an
-    unchanged size (head_dim, query heads per key/value head) or maps to two new values is left alone."""
+class Count:
+    """One attribute of an attention block's module that may hold a head count or a heads × head_dim width:
+    ``old`` before the cut, ``new`` after it (set by :func:`settle_counts`)."""
+
+    __slots__ = ("module", "owner", "attr", "old", "new")
+
+    def __init__(self, module: nn.Module, owner: str, attr: str, old: int, new: int):
+        self.module, self.owner, self.attr, self.old, self.new = module, owner, attr, old, new
+
+
+def _count_candidates(module: nn.Module, plan_blocks: Sequence[Attention], cut: List[Tuple[Attention, Tensor]],
+                      reads: Dict[str, Set[str]]) -> List[Count]:
+    """The attention modules' integer attributes that forward reads and that hold the old head count, kv-head
+    count or heads × head_dim width, with their new values. An attribute counts only when every block of the
+    same shape has it with the same value (so a per-layer index is never taken for a head count), and a value
+    that is also an unchanged size (head_dim, query heads per key/value head) or maps to two new values is
+    left alone. A value can still match by coincidence (Phi's ``rotary_ndims`` = head_dim / 2 equals the head
+    count when there are head_dim / 2 heads): :func:`settle_counts` decides by the model's outputs."""
     mods = dict(module.named_modules())
     shape = lambda a: (a.heads, a.head_dim, a.kv_heads)    # noqa: E731
-    changed: Dict[str, Dict[str, Tuple[int, int]]] = {}
     before = {b.module: dict(mods[b.module].__dict__) for b in plan_blocks}   # peers compared as they were
-    todo = []
+    out: List[Count] = []
     for a, gone in cut:
         if not a.module or a.module not in mods:
             continue
-        m = mods[a.module]
         g = a.heads // a.kv_heads
         kv_new = a.kv_heads - int(gone.sum())
         new = {}
@@ -200,17 +211,50 @@ def _update_counts(module: nn.Module, plan_blocks: Sequence[Attention], cut: Lis
                 continue
             val = next(iter(new[v]))
             if val != v:
-                todo.append((m, attr, val))
-                changed.setdefault(a.module, {})[attr] = (v, val)
-    for m, attr, val in todo:
-        setattr(m, attr, val)
+                out.append(Count(mods[a.module], a.module, attr, v, val))
+    return out
+
+
+# Attribute names tried in every combination at most (2**6 = 64 forwards of example_inputs); more are set
+# all together, as found.
+MAX_SETTLE_NAMES = 6
+
+
+def settle_counts(counts: Sequence[Count], agrees: Callable[[], bool]) -> Dict[str, Dict[str, Tuple[int, int]]]:
+    """Set the candidate attributes to their new values, all of them first; when the cut model then disagrees
+    with mask mode (``agrees()`` False, or its forward fails), the largest set of attribute names (the same
+    names in every block) with which it agrees. Returns what was changed, ``{module: {attribute: (old,
+    new)}}``; when no combination agrees, every candidate stays set (the caller's check reports it)."""
+    names = sorted({c.attr for c in counts})
+
+    def use(on) -> None:
+        for c in counts:
+            setattr(c.module, c.attr, c.new if c.attr in on else c.old)
+
+    def ok() -> bool:
+        try:
+            return bool(agrees())
+        except Exception:  # noqa: BLE001  (a wrong count usually breaks a view/reshape: that combination fails)
+            return False
+
+    chosen = set(names)
+    use(chosen)
+    if counts and len(names) <= MAX_SETTLE_NAMES and not ok():
+        tries = (set(on) for size in range(len(names) - 1, -1, -1) for on in combinations(names, size))
+        chosen = next((on for on in tries if (use(on), ok())[1]), set(names))
+        use(chosen)
+    changed: Dict[str, Dict[str, Tuple[int, int]]] = {}
+    for c in counts:
+        if c.attr in chosen:
+            changed.setdefault(c.owner, {})[c.attr] = (c.old, c.new)
     return changed
 
 
 def physical(fn: str, model: nn.Module, plan: Plan, keep: Dict[str, Tensor], head: str, classes: Sequence[int],
-             attention: Sequence[Attention], example_inputs) -> Tuple[nn.Module, Dict[str, Dict[str, Tuple[int, int]]]]:
+             attention: Sequence[Attention], example_inputs) -> Tuple[nn.Module, List[Count]]:
     """A deep copy of ``model`` without the neurons outside ``keep`` (``{layer: bool [N]}``), whole heads in
-    ``attention``'s blocks, and the head's rows other than ``classes``; plus the attention attributes set."""
+    ``attention``'s blocks, and the head's rows other than ``classes``; plus the attention attributes that may
+    hold a head count or width, not yet set (:func:`settle_counts` sets them against mask mode)."""
     module = copy.deepcopy(model).eval()
     mods = dict(module.named_modules())
     removed = {i.name: ~keep[i.name].cpu() for i in plan.layers}
@@ -248,4 +292,4 @@ def physical(fn: str, model: nn.Module, plan: Plan, keep: Dict[str, Tensor], hea
     reads = _attribute_reads(module, list(dict.fromkeys(a.module for a in blocks)), example_inputs) \
         if cut_blocks else {}
     cut.apply()
-    return module.eval(), _update_counts(module, blocks, cut_blocks, reads)
+    return module.eval(), _count_candidates(module, blocks, cut_blocks, reads)
