@@ -204,3 +204,46 @@ def test_settle_counts_keeps_the_largest_agreeing_set_of_attribute_names():
     # nothing agrees: every candidate stays set, for the caller's check to report
     assert settle_counts(counts, lambda: False) == {f"b{i}": {"num_heads": (4, 3), "rotary_ndims": (4, 3),
                                                               "width": (32, 24)} for i in range(2)}
+
+
+def test_removable_layers_leave_out_shared_layers():
+    """ALBERT calls one layer group for every layer: its layers have shared weights, which restructure cannot
+    narrow (each call's readers are not cut as one), so removable_layers never offers them (the pooler is
+    left); profile and mask mode still slice them, and physical restructure of them is refused by name."""
+    import transformers as tf
+    torch.manual_seed(0)
+    cfg = tf.AlbertConfig(vocab_size=H.VOCAB, embedding_size=16, hidden_size=H.HIDDEN, num_hidden_layers=2,
+                          num_attention_heads=H.HEADS, intermediate_size=H.FFN, num_labels=H.CLASSES,
+                          hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout_prob=0.0)
+    model = tf.AlbertForSequenceClassification(cfg).eval()
+    x = H._text_batch("right")(6, 7, pad=2)
+    assert neuslice.removable_layers(model, x) == ["albert.pooler"]
+    ffn = "albert.encoder.albert_layer_groups.0.albert_layers.0.ffn"
+    prof = neuslice.profile(model, [(x, torch.arange(6) % H.CLASSES)], H.CLASSES, layers=[ffn, "albert.pooler"],
+                            progress=False)
+    s = neuslice.semantic_slice(prof, "taylor", 0.3)
+    masked, _ = neuslice.restructure(model, s, KEEP, mode="mask")
+    assert run(masked, x).shape == (6, 2)
+    with pytest.raises(ValueError, match=f"cannot remove the neurons of layer '{ffn}' physically: it is called "
+                                         "more than once in forward"):
+        neuslice.restructure(model, s, KEEP, example_inputs=x)
+    with pytest.warns(UserWarning, match="no sliced layer has such a tap"):     # the pooler reads [B, N]
+        p2 = neuslice.profile(model, [(x, torch.arange(6) % H.CLASSES)], H.CLASSES,
+                              layers=neuslice.removable_layers(model, x), progress=False)
+    ok = neuslice.semantic_slice(p2, "taylor", 0.3)
+    phys, _ = neuslice.restructure(model, ok, KEEP, example_inputs=x)
+    masked, _ = neuslice.restructure(model, ok, KEEP, mode="mask")
+    assert (run(phys, x) - run(masked, x)).abs().max() <= 1e-4 * run(masked, x).abs().max()
+
+
+def test_removable_layers_says_why_when_none_is_left():
+    class Shared(nn.Module):                         # one Linear called twice, then the head
+        def __init__(self):
+            super().__init__()
+            self.a, self.head = nn.Linear(8, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.a(torch.relu(self.a(x)))))
+    with pytest.raises(ValueError, match=r"no layer of the model can be narrowed physically: every sliceable layer "
+                                         r"is one of: called more than once in forward, with shared weights \(\['a'\]\)"):
+        neuslice.removable_layers(Shared(), torch.randn(4, 8))

@@ -173,18 +173,27 @@ def removable_layers(model: nn.Module, example_inputs) -> List[str]:
     """The sliceable layers whose neurons ``restructure(mode="physical")`` can remove, for ``profile(...,
     layers=...)``: every Conv/Linear but the head, less those whose width is the residual stream's
     (``Plan.residual``: attention out projections, FFN output layers, ...), less the q/k/v layers of an
-    attention block that cannot be sliced whole. ``example_inputs``: one input batch (the layers are found by
-    what the model does on it). See docs/method.md §6 "Restructure"."""
+    attention block that cannot be sliced whole, less layers called more than once in forward (shared
+    weights, e.g. ALBERT's layer groups: restructure refuses them). ``example_inputs``: one input batch (the
+    layers are found by what the model does on it). See docs/method.md §6 "Restructure"."""
     fn = "neuslice.removable_layers"
     C.check_module(fn, model)
     plan = discover(model, None, fn=fn, run=lambda: call_model(model, example_inputs))
     names = [i.name for i in plan.layers]
     whole = {x for a in _heads.active(plan.attention, names) for x in (a.q[0], a.k[0], a.v[0])}
     part = {x for a in plan.attention for x in (a.q[0], a.k[0], a.v[0])} - whole
-    out = [n for n in names if n not in plan.residual and n not in part]
+    shared = [i.name for i in plan.layers if i.calls > 1]
+    out = [n for n in names if n not in plan.residual and n not in part and n not in shared]
     if not out:
-        raise ValueError(f"{fn}: no layer of the model can be narrowed physically: every sliceable layer writes "
-                         f"into the residual stream ({dict(list(plan.residual.items())[:3])}); use mode='mask'")
+        why = []
+        if plan.residual:
+            why.append(f"writing into the residual stream ({dict(list(plan.residual.items())[:3])})")
+        if shared:
+            why.append(f"called more than once in forward, with shared weights ({shared[:3]})")
+        if part:
+            why.append(f"q/k/v layers of attention blocks that cannot be sliced whole ({sorted(part)[:3]})")
+        raise ValueError(f"{fn}: no layer of the model can be narrowed physically: every sliceable layer is one "
+                         f"of: {'; '.join(why)}; use mode='mask'")
     return out
 
 
