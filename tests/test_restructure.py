@@ -155,3 +155,21 @@ def test_a_coupled_layer_left_out_of_the_slices_is_named():
                                          r"not among the sliced layers"):
         restructure(model, s, KEEP, example_inputs=x[:2])
     assert restructure(model, s, KEEP, mode="mask")[0](x).shape == (4, 2)
+
+
+@pytest.mark.parametrize("arch", ["digits_cnn", "digits_resnet", "digits_separable"])
+def test_removable_layers_are_those_physical_restructure_cuts(arch):
+    """What removable_layers offers, profiled and sliced, restructures physically (equal to mask mode, exactly
+    the predicted parameters removed); ResNet's residual convs count (sliced together with their coupled group)."""
+    model = trained(arch)
+    x, _ = tensors("test", n=8)
+    names = neuslice.removable_layers(model, x[:2])
+    assert names
+    s = neuslice.semantic_slice(neuslice.profile(model, loader("test", n=120), 10, layers=names, progress=False),
+                                "taylor", 0.7)
+    phys, _ = restructure(model, s, KEEP, example_inputs=x[:2])
+    masked, _ = restructure(model, s, KEEP, mode="mask")
+    with torch.no_grad():
+        assert torch.allclose(phys(x), masked(x), rtol=1e-4, atol=1e-5)
+    total = sum(p.numel() for p in model.parameters())
+    assert round(s.compression_rate(model, KEEP) * total) == total - phys.num_params

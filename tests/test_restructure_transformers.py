@@ -247,3 +247,24 @@ def test_removable_layers_says_why_when_none_is_left():
     with pytest.raises(ValueError, match=r"no layer of the model can be narrowed physically: every sliceable layer "
                                          r"is one of: called more than once in forward, with shared weights \(\['a'\]\)"):
         neuslice.removable_layers(Shared(), torch.randn(4, 8))
+
+
+def test_removable_layers_of_a_convnext_leave_out_its_residual_stream():
+    """ConvNeXt has no attention: Torch-Pruning's dependency graph decides. The patch embedding, depthwise convs,
+    pwconv2 and downsampling layers all carry the residual stream (into LayerNorms); only pwconv1 can shrink."""
+    import transformers as tf
+    torch.manual_seed(0)
+    cfg = tf.ConvNextConfig(num_channels=3, hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, num_labels=H.CLASSES,
+                            image_size=16, drop_path_rate=0.0)
+    model = tf.ConvNextForImageClassification(cfg).eval()
+    x = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    names = neuslice.removable_layers(model, x)
+    assert names == [f"convnext.encoder.stages.{i}.layers.0.pwconv1" for i in range(2)]
+    data = [(torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(i)), torch.arange(6) % H.CLASSES)
+            for i in range(3)]
+    s = neuslice.semantic_slice(neuslice.profile(model, data, H.CLASSES, layers=names, progress=False), "taylor", 0.5)
+    phys, _ = neuslice.restructure(model, s, KEEP, example_inputs=x)
+    masked, _ = neuslice.restructure(model, s, KEEP, mode="mask")
+    assert (run(phys, x) - run(masked, x)).abs().max() <= 1e-4 * run(masked, x).abs().max()
+    total = sum(p.numel() for p in model.parameters())
+    assert total - phys.num_params == round(s.compression_rate(model, KEEP) * total) > 0

@@ -109,6 +109,33 @@ def _prune_layers(fn, tp, dg, module, plan: Plan, keep: Dict[str, Tensor]) -> No
         group.prune()
 
 
+def refusals(fn: str, model: nn.Module, plan: Plan, names: Sequence[str], example_inputs) -> Dict[str, str]:
+    """Of the layers ``names`` (a model without attention blocks: Torch-Pruning's path), those whose neurons
+    physical restructure would refuse to remove, with why: each layer is tried as sliced together with the
+    layers coupled to it (``Plan.coupled``: one slice for the group), the first neuron removed. What reaches a
+    LayerNorm, a depthwise conv outside the group, ... is refused as in :func:`physical`."""
+    tp = _tp()
+    module = copy.deepcopy(model).eval()
+    dg = _build(fn, tp, module, example_inputs)
+    mods = dict(module.named_modules())
+    by_name = {m: n for n, m in mods.items()}
+    own_norms = {n for i in plan.layers for n in i.chain[1:]}
+    out: Dict[str, str] = {}
+    for name in names:
+        layer = mods[name]
+        if layer not in dg.module2node:
+            out[name] = "no node of the traced graph"
+            continue
+        group_names = next((g for g in plan.coupled if name in g), [name])
+        prune_fn = tp.prune_linear_out_channels if isinstance(layer, nn.Linear) else tp.prune_conv_out_channels
+        try:
+            _check_group(fn, tp, dg.get_pruning_group(layer, prune_fn, idxs=[0]), name,
+                         {n: [0] for n in group_names}, by_name, own_norms)
+        except ValueError as e:
+            out[name] = str(e)
+    return out
+
+
 def _cut_head(tp, dg, module, head_name: str, classes: Sequence[int]) -> None:
     head = dict(module.named_modules())[head_name]
     drop = [k for k in range(head.out_features) if k not in set(classes)]

@@ -174,7 +174,9 @@ def removable_layers(model: nn.Module, example_inputs) -> List[str]:
     layers=...)``: every Conv/Linear but the head, less those whose width is the residual stream's
     (``Plan.residual``: attention out projections, FFN output layers, ...), less the q/k/v layers of an
     attention block that cannot be sliced whole, less layers called more than once in forward (shared
-    weights, e.g. ALBERT's layer groups: restructure refuses them). ``example_inputs``: one input batch (the
+    weights, e.g. ALBERT's layer groups: restructure refuses them); in a model without attention blocks, less
+    what Torch-Pruning's dependency graph shows restructure would refuse (channels reaching a LayerNorm, a
+    coupled layer outside the slices: ConvNeXt's residual stream). ``example_inputs``: one input batch (the
     layers are found by what the model does on it). See docs/method.md §6 "Restructure"."""
     fn = "neuslice.removable_layers"
     C.check_module(fn, model)
@@ -184,6 +186,11 @@ def removable_layers(model: nn.Module, example_inputs) -> List[str]:
     part = {x for a in plan.attention for x in (a.q[0], a.k[0], a.v[0])} - whole
     shared = [i.name for i in plan.layers if i.calls > 1]
     out = [n for n in names if n not in plan.residual and n not in part and n not in shared]
+    refused = {}
+    if not plan.attention and out:     # Torch-Pruning's path: what its dependency graph would refuse
+        from . import _prune
+        refused = _prune.refusals(fn, model, plan, [n for n in out if n not in plan.heads], example_inputs)
+        out = [n for n in out if n not in refused]
     if not out:
         why = []
         if plan.residual:
@@ -192,6 +199,9 @@ def removable_layers(model: nn.Module, example_inputs) -> List[str]:
             why.append(f"called more than once in forward, with shared weights ({shared[:3]})")
         if part:
             why.append(f"q/k/v layers of attention blocks that cannot be sliced whole ({sorted(part)[:3]})")
+        if refused:
+            first = next(iter(refused))
+            why.append(f"refused by the dependency graph ({list(refused)[:3]}; e.g. {refused[first]})")
         raise ValueError(f"{fn}: no layer of the model can be narrowed physically: every sliceable layer is one "
                          f"of: {'; '.join(why)}; use mode='mask'")
     return out
