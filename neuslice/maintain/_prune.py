@@ -157,10 +157,11 @@ def physical(fn: str, model: nn.Module, plan: Plan, keep: Dict[str, Tensor], cla
                          f"Exclude {shared[0]!r} from the sliced layers (neuslice.profile(..., layers=...)) or use "
                          "mode='mask', which zeroes every call")
     _surgery.check_residual(fn, plan, {i.name: ~keep[i.name].cpu() for i in plan.layers})
+    with torch.no_grad():
+        want = call_model(masked, example_inputs)
     if attention:
         module, counts = _surgery.physical(fn, model, plan, keep, plan.heads[0], classes, attention, example_inputs)
         with torch.no_grad():
-            want = call_model(masked, example_inputs)
             _surgery.settle_counts(counts, lambda: _agrees(call_model(module.eval(), example_inputs), want))
     else:
         tp = _tp()
@@ -170,7 +171,6 @@ def physical(fn: str, model: nn.Module, plan: Plan, keep: Dict[str, Tensor], cla
         _cut_head(tp, dg, module, plan.heads[0], classes)
     module.eval()
     with torch.no_grad():
-        want = call_model(masked, example_inputs)
         try:
             got = call_model(module, example_inputs)
         except Exception as e:  # noqa: BLE001  (reported as the disagreement it is, with torch's words)
