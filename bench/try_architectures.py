@@ -1,4 +1,5 @@
-"""neuslice used as a user would on model-library architectures the test suite does not build.
+"""neuslice used as a user would on model-library architectures the test suite does not build (Phi: in another
+configuration).
 
 Each architecture is built offline from a tiny config (random weights, ``transformers`` installed) and run
 through the public API: ``removable_layers``, ``profile`` (ens: every statistic, padded batches), a semantic

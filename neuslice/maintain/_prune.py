@@ -91,6 +91,12 @@ def _check_group(fn, tp, group, root: str, removed: Dict[str, List[int]], names,
     return cut
 
 
+def _group(tp, dg, layer: nn.Module, idxs: List[int]):
+    """Torch-Pruning's group of removing output channels ``idxs`` of the Linear/Conv ``layer``."""
+    prune_fn = tp.prune_linear_out_channels if isinstance(layer, nn.Linear) else tp.prune_conv_out_channels
+    return dg.get_pruning_group(layer, prune_fn, idxs=idxs)
+
+
 def _prune_layers(fn, tp, dg, module, plan: Plan, keep: Dict[str, Tensor]) -> None:
     mods = dict(module.named_modules())
     names = {m: n for n, m in mods.items()}
@@ -103,8 +109,7 @@ def _prune_layers(fn, tp, dg, module, plan: Plan, keep: Dict[str, Tensor]) -> No
         layer = mods[info.name]
         if layer not in dg.module2node:
             _refuse(fn, info.name, "no node of the traced graph", "the dependency graph cannot see")
-        prune_fn = tp.prune_linear_out_channels if isinstance(layer, nn.Linear) else tp.prune_conv_out_channels
-        group = dg.get_pruning_group(layer, prune_fn, idxs=removed[info.name])
+        group = _group(tp, dg, layer, removed[info.name])
         done.update(_check_group(fn, tp, group, info.name, removed, names, own_norms))
         group.prune()
 
@@ -124,13 +129,12 @@ def refusals(fn: str, model: nn.Module, plan: Plan, names: Sequence[str], exampl
     for name in names:
         layer = mods[name]
         if layer not in dg.module2node:
-            out[name] = "no node of the traced graph"
+            out[name] = "no node of the traced graph: the dependency graph cannot see it"
             continue
         group_names = next((g for g in plan.coupled if name in g), [name])
-        prune_fn = tp.prune_linear_out_channels if isinstance(layer, nn.Linear) else tp.prune_conv_out_channels
         try:
-            _check_group(fn, tp, dg.get_pruning_group(layer, prune_fn, idxs=[0]), name,
-                         {n: [0] for n in group_names}, by_name, own_norms)
+            _check_group(fn, tp, _group(tp, dg, layer, [0]), name, {n: [0] for n in group_names}, by_name,
+                         own_norms)
         except ValueError as e:
             out[name] = str(e)
     return out
