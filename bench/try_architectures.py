@@ -8,6 +8,7 @@ parameters removed against ``compression_rate``) and a ``Profiler`` around three
 reported with its message, not hidden. Run:
 
     python bench/try_architectures.py [NAME ...]      # table to stdout and bench/results/try_architectures.md
+    python bench/try_architectures.py --device cuda    # the same on a GPU: bench/results/try_architectures_cuda.md
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import neuslice
-from neuslice.engine.calls import logits_of
+from neuslice.engine.calls import logits_of, to_device
 
 K = 3
 # Known not to work yet, reported but not counted as a failure of this script: Swin's windowed attention folds
@@ -90,14 +91,20 @@ def _archs() -> Dict[str, Tuple[Callable[[], torch.nn.Module], Callable[[int], t
     }
 
 
+def _device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return "the CPU"
+
+
 def _logits(model, x):
     return logits_of(model(**x))
 
 
-def try_one(build, batch, k: int) -> Dict[str, object]:
+def try_one(build, batch, k: int, device: str = "cpu") -> Dict[str, object]:
     torch.manual_seed(0)
-    model = build().eval()
-    data = [batch(s) for s in range(3)]
+    model = build().eval().to(device)
+    data = [to_device(batch(s), device) for s in range(3)]
     x = data[0][0]
     row: Dict[str, object] = {}
     with warnings.catch_warnings(record=True) as caught:
@@ -131,6 +138,10 @@ def try_one(build, batch, k: int) -> Dict[str, object]:
 
 
 def main(argv: List[str]) -> int:
+    device = "cpu"
+    if "--device" in argv:
+        i = argv.index("--device")
+        device, argv = argv[i + 1], argv[:i] + argv[i + 2:]
     archs = _archs()
     which = argv or list(archs)
     cols = ["removable", "warnings", "phys vs mask (rel)", "params removed", "compression_rate", "Profiler layers"]
@@ -140,7 +151,7 @@ def main(argv: List[str]) -> int:
         build, batch, k = archs[name]
         t0 = time.perf_counter()
         try:
-            row, result = try_one(build, batch, k), "ok"
+            row, result = try_one(build, batch, k, device), "ok"
         except Exception as e:  # noqa: BLE001  (reported, never hidden)
             row, result = {}, f"{type(e).__name__}: {str(e)[:300]}"
             failed += name not in EXPECTED_FAIL
@@ -150,12 +161,15 @@ def main(argv: List[str]) -> int:
         print(lines[-1], flush=True)
         if result == "ok" and name in EXPECTED_FAIL:
             print(f"  {name} works now: take it out of EXPECTED_FAIL")
-    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "try_architectures.md")
+    out = os.path.join(os.environ.get("NEUSLICE_RESULTS", os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                                         "results")),
+                       "try_architectures.md" if device == "cpu" else f"try_architectures_{device}.md")
     if not argv:
         import transformers
         with open(out, "w") as f:
             f.write(f"# neuslice on architectures the tests do not build ({time.strftime('%Y-%m-%d %H:%M')})\n\n"
-                    f"`python bench/try_architectures.py` (torch {torch.__version__}, transformers "
+                    f"`python bench/try_architectures.py{'' if device == 'cpu' else ' --device ' + device}` "
+                    f"(on {_device_name(device)}; torch {torch.__version__}, transformers "
                     f"{transformers.__version__}); tiny configs, random weights, 3 batches of 6; 'params removed' "
                     "should equal 'compression_rate', 'phys vs mask' stay near 1e-7.\n\n" + "\n".join(lines) + "\n")
         print("wrote", out)
