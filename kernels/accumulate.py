@@ -294,7 +294,8 @@ def _strides_bsn(t: torch.Tensor, channels_last: bool):
 _INT64 = (-2**63, 2**63)
 
 
-def _segments(labels: torch.Tensor, k: int, valid: Optional[torch.Tensor], ignore_index: int):
+def _segments(labels: torch.Tensor, k: int, valid: Optional[torch.Tensor], ignore_index: int,
+              in_range: bool = False):
     """Units in sorted label order, counted ones first: the order, each sorted unit's segment id (int32),
     the label of each segment (-1: unused; K: the segment of skipped units) and the number of counted
     units (int32 ``[1]``, on the device: no host sync).
@@ -306,6 +307,9 @@ def _segments(labels: torch.Tensor, k: int, valid: Optional[torch.Tensor], ignor
     keep = None
     if _INT64[0] <= ignore_index < _INT64[1]:  # (no int64 label equals one outside that range)
         keep = flat != ignore_index
+    if in_range:   # labels not checked beforehand (a deferred status): one outside [0, K) is a skipped unit
+        ok = (flat >= 0) & (flat < k)
+        keep = ok if keep is None else keep & ok
     if valid is not None:
         vk = valid.reshape(-1) if labels.dim() == 2 else valid.any(1)
         keep = vk if keep is None else keep & vk
@@ -323,10 +327,12 @@ def _segments(labels: torch.Tensor, k: int, valid: Optional[torch.Tensor], ignor
 
 def accumulate(x, grad, ref, labels, channels_last, count, act_sum, act_sq, taylor_sum, deeplift_sum,
                valid=None, ignore_index=-100, *, interpret: bool = False,
-               config: Optional[dict] = None) -> Optional[torch.Tensor]:
+               config: Optional[dict] = None, status: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     """Launch the pass and the commit; return the int32 status word ``[1]`` (0 = committed), or None
     when there was nothing to add. Statistics must be contiguous; each of the four sums may be None
-    (not kept: not staged, not written). ``config`` overrides the blocks."""
+    (not kept: not staged, not written). ``config`` overrides the blocks. ``status``: the caller's status
+    word (int32, one element) instead of a fresh one; its labels have not been checked, so labels outside
+    [0, K) are skipped like ignore_index (the caller flags them)."""
     b, n, s = bns(x, channels_last)
     per_token = labels.dim() == 2
     units, s_unit = (b * s, 1) if per_token else (b, s)
@@ -339,14 +345,14 @@ def accumulate(x, grad, ref, labels, channels_last, count, act_sum, act_sq, tayl
     has_valid = valid is not None and not per_token       # per token, valid only decides which units count
     keeps = (act_sum is not None, act_sq is not None, has_grad and taylor_sum is not None,
              has_grad and deeplift_sum is not None)
-    order, seg, seg_label, kept = _segments(labels, k, valid, ignore_index)
+    order, seg, seg_label, kept = _segments(labels, k, valid, ignore_index, in_range=status is not None)
     d = seg_label.shape[0]
     nq = sum(keeps)
     # staging [nq, D, N] (one plane per kept statistic), per-segment counts [D] and the status word:
     # one zero-fill, one allocation.
     scratch = torch.zeros((nq * d * n + d + 1,), dtype=torch.float32, device=x.device)
     stage, cnt = scratch[:nq * d * n], scratch[nq * d * n:nq * d * n + d]
-    status = scratch[-1:].view(torch.int32)
+    status = scratch[-1:].view(torch.int32) if status is None else status.reshape(1)
     sms = 132 if interpret else torch.cuda.get_device_properties(x.device).multi_processor_count
     cfg = dict(default_config(units, n, s_unit, interpret, sms), **(config or {}))
     n_blocks = max(1, triton.cdiv(n, cfg["BLOCK_N"]))

@@ -91,12 +91,20 @@ def _on_device(t: torch.Tensor):
 
 
 def accumulate_(x, grad, ref, labels, channels_last, count, act_sum, act_sq, taylor_sum, deeplift_sum,
-                valid=None, ignore_index=-100):
+                valid=None, ignore_index=-100, *, status=None):
+    """With ``status`` (int32, one element, on x's device): the kernels' status word is the caller's and
+    nothing is read back (the commit adds only while it is 0; labels outside [0, K) are skipped units)."""
     with _on_device(x):
-        status = _acc.accumulate(x, grad, ref, labels, channels_last, count, act_sum, act_sq, taylor_sum,
-                                 deeplift_sum, valid, ignore_index, interpret=INTERPRETED)
-    code = 0 if status is None else int(status.item())
+        word = _acc.accumulate(x, grad, ref, labels, channels_last, count, act_sum, act_sq, taylor_sum,
+                               deeplift_sum, valid, ignore_index, interpret=INTERPRETED, status=status)
+    if status is not None:
+        return
+    code = 0 if word is None else int(word.item())
     raise_for_status("accumulate_", code, "triton", num_classes=count.shape[0])
+
+
+# Takes the caller's status word (neuslice.ops.accumulate_'s ``status``) and then does not wait for the device.
+accumulate_.defers = True
 
 
 def select(scores, theta):

@@ -22,6 +22,11 @@ class BackendError(NeusliceError, RuntimeError):
 STATUS_NONFINITE_X, STATUS_NONFINITE_G, STATUS_BAD_LABEL, STATUS_BAD_SCORE = 1, 2, 4, 8
 
 
+# The findings of accumulate_'s data errors, worded alike by every backend (and read back by status_of).
+NONFINITE_X = "non-finite value in x"
+NONFINITE_G = "non-finite value in grad (or in x*grad)"
+
+
 def raise_for_status(op: str, status: int, backend: str, *, num_classes: int = 0) -> None:
     """Turn a kernel's status word into the op's error (nothing was changed when it is nonzero)."""
     if status == 0:
@@ -29,9 +34,18 @@ def raise_for_status(op: str, status: int, backend: str, *, num_classes: int = 0
     if status & STATUS_BAD_LABEL:
         raise BadLabelError(f"neuslice.{op}: labels must lie in [0, {num_classes}); no statistic was changed")
     if status & STATUS_NONFINITE_X:
-        raise NonFiniteError(f"neuslice.{op}: non-finite value in x; no statistic was changed")
+        raise NonFiniteError(f"neuslice.{op}: {NONFINITE_X}; no statistic was changed")
     if status & STATUS_NONFINITE_G:
-        raise NonFiniteError(f"neuslice.{op}: non-finite value in grad (or in x*grad); no statistic was changed")
+        raise NonFiniteError(f"neuslice.{op}: {NONFINITE_G}; no statistic was changed")
     if status & STATUS_BAD_SCORE:
         raise ValueError(f"neuslice.{op}: scores must be finite and non-negative")
     raise RuntimeError(f"neuslice.{op}: {backend} kernel failed with status {status}")
+
+
+def status_of(e: Exception) -> int:
+    """The status bits of an accumulate_ data error (BadLabelError, or a NonFiniteError worded as above)."""
+    if isinstance(e, BadLabelError):
+        return STATUS_BAD_LABEL
+    if isinstance(e, NonFiniteError):
+        return STATUS_NONFINITE_X if f": {NONFINITE_X};" in str(e) else STATUS_NONFINITE_G
+    raise TypeError(f"not an accumulate_ data error: {type(e).__name__}: {e}")

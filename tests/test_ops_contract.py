@@ -67,7 +67,8 @@ def test_schemas_are_the_contract():
     assert schemas["accumulate_"] == (
         "neuslice::accumulate_(Tensor x, Tensor? grad, Tensor? ref, Tensor labels, bool channels_last, "
         "Tensor(a!) count, Tensor(b!)? act_sum, Tensor(c!)? act_sq, Tensor(d!)? taylor_sum, "
-        "Tensor(e!)? deeplift_sum, Tensor? valid=None, int ignore_index=-100) -> ()")
+        "Tensor(e!)? deeplift_sum, Tensor? valid=None, int ignore_index=-100, "
+        "Tensor(f!)? status=None) -> ()")
     assert schemas["select"] == "neuslice::select(Tensor scores, float theta) -> Tensor"
     assert schemas["select_topk"] == "neuslice::select_topk(Tensor scores, float ratio) -> Tensor"
     assert schemas["masked_sgd_"].startswith("neuslice::masked_sgd_(Tensor(a!) param, Tensor grad, "
@@ -979,3 +980,107 @@ def test_import_without_c_extension_falls_back_to_reference():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+# ------------------------------------------------------------------ status: deferred data errors
+# (accumulate_'s ``status`` argument: the engine's calls never wait for the device; docs/architecture.md)
+
+
+def _word(device="cpu", value=0):
+    return torch.full((1,), value, dtype=torch.int32, device=device)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("kind", ["valid", "token valid ignore"])
+def test_opcheck_with_status(force_backend, backend, kind):
+    force_backend(backend)
+    torch.library.opcheck(torch.ops.neuslice.accumulate_.default, (*_acc_extra(kind), _word()))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("kind", ["valid", "token valid ignore", "sample ref"])
+def test_status_call_adds_what_the_raising_call_adds(force_backend, backend, device, kind):
+    args = _on(_acc_extra(kind), device)
+    plain = _clones(args)
+    force_backend(backend)
+    word = _word(device)
+    ops.accumulate_(*plain)
+    ops.accumulate_(*args, status=word)
+    assert word.item() == 0
+    for got, want in zip(args[5:10], plain[5:10]):
+        if want is not None:
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("where", ["x", "grad"])
+def test_status_takes_a_non_finite_value_and_changes_nothing(force_backend, backend, device, where):
+    args = _acc_extra("valid")
+    for t in args[5:10]:
+        t.uniform_()
+    (args[0] if where == "x" else args[1])[3, 2, 1] = float("nan")   # sample 3 counts all positions
+    args = _on(args, device)
+    force_backend(backend)
+    before = _clones(args)
+    word = _word(device)
+    ops.accumulate_(*args, word)                    # positional, as the engine calls it: no raise
+    assert _unchanged(before, args)
+    # (a non-finite x makes x*grad non-finite too: a kernel may set both bits; the x finding comes first)
+    assert word.item() & 1 if where == "x" else word.item() == 2
+    with pytest.raises(NonFiniteError) as deferred:
+        ops.check_status(word)
+    with pytest.raises(NonFiniteError) as raised:
+        ops.accumulate_(*args)
+    assert str(deferred.value) == str(raised.value)      # the same finding, worded alike
+    assert "non-finite value in " + where in str(deferred.value)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_a_nonzero_status_skips_the_call(force_backend, backend, device):
+    args = _on(_acc_extra("valid"), device)
+    force_backend(backend)
+    before = _clones(args)
+    word = _word(device, 2)                          # an earlier call of the batch failed
+    ops.accumulate_(*args, status=word)
+    assert _unchanged(before, args)
+    assert word.item() == 2
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("bad", [5, -1])
+def test_status_takes_a_bad_label_and_changes_nothing(force_backend, backend, device, bad):
+    args = _acc_extra("valid")
+    args[3] = torch.tensor([0, 1, 2, 1, 0, bad])
+    args = _on(args, device)
+    force_backend(backend)
+    before = _clones(args)
+    word = _word(device)
+    ops.accumulate_(*args, status=word)
+    assert _unchanged(before, args)
+    assert word.item() & 4
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 5\)"):
+        ops.check_status(word, num_classes=5)
+
+
+def test_status_argument_errors_raise_at_once(force_backend):
+    force_backend("reference")
+    args = _acc_extra("valid")
+    before = _clones(args)
+    with pytest.raises(TypeError, match="status must be an int32 tensor of one element, got torch.float32"):
+        ops.accumulate_(*args, status=torch.zeros(1))
+    with pytest.raises(ValueError, match=r"status must be an int32 tensor of one element, got torch.int32 \[2\]"):
+        ops.accumulate_(*args, status=torch.zeros(2, dtype=torch.int32))
+    bad = list(args)
+    bad[3] = torch.tensor([0, 1])                    # an argument error, status or not
+    with pytest.raises(ValueError, match=r"labels must be \[B\]"):
+        ops.accumulate_(*bad, status=_word())
+    assert _unchanged(before, args)
+
+
+def test_fake_kernel_checks_status():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode() as mode:
+        args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in _acc_extra("valid")]
+        torch.ops.neuslice.accumulate_(*args, status=torch.zeros(1, dtype=torch.int32))
+        with pytest.raises(TypeError, match="status must be an int32"):
+            torch.ops.neuslice.accumulate_(*args, status=torch.zeros(1))

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._errors import NeusliceError, raise_for_status
 from ..io.container import layer_entry
 from .graph import LayerInfo, Plan
 from .calls import call_model, logits_of, model_device, to_device  # noqa: F401  (re-exported)
@@ -264,6 +265,38 @@ def drop_unused(fn: str, plan: Plan, no_grad: Sequence[str] = (), stacklevel: in
 def nonfinite_what(e: Exception) -> str:
     """The op's finding ("non-finite value in x") without its prefix and suffix."""
     return str(e).split(": ", 1)[-1].split(";")[0]
+
+
+class StatusWords:
+    """One batch's accumulate_ status words (docs/architecture.md, "The op contract"): one int32 per layer
+    and device, so that no call waits for the device (on a GPU each read is a synchronisation, and one per
+    layer stalled the training step), and one read per device when the batch ends says which layers failed."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.words: Dict[torch.device, Tensor] = {}
+
+    def slot(self, i: int, device: torch.device) -> Tensor:
+        """Layer ``i``'s word on ``device`` (a one-element view)."""
+        w = self.words.get(device)
+        if w is None:
+            w = self.words[device] = torch.zeros(self.n, dtype=torch.int32, device=device)
+        return w[i:i + 1]
+
+    def failed(self) -> List[Tuple[int, Exception]]:
+        """``(layer, the error its calls deferred)`` of every layer whose word is nonzero, layers ascending."""
+        codes: Dict[int, int] = {}
+        for w in self.words.values():
+            for i, c in enumerate(w.tolist()):
+                if c:
+                    codes[i] = codes.get(i, 0) | c
+        out = []
+        for i in sorted(codes):
+            try:
+                raise_for_status("accumulate_", codes[i], "status")
+            except NeusliceError as e:
+                out.append((i, e))
+        return out
 
 
 def new_stats(k: int, n: int, dtype: torch.dtype, device, keep: Sequence[str] = STATS) -> Dict[str, Tensor]:

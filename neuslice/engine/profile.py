@@ -26,7 +26,8 @@ from ..ops.reference import acc_dtype
 from .capture import (GRADIENT_METRICS, add_present, batch_mask, call_model, call_valid, call_views, check_calls,
                       check_ignore_index, check_labels, check_metrics, check_num_classes, compact_ignore, dl_forms,
                       drop_unused, layer_entries, model_device, new_stats, new_totals, nonfinite_what,
-                      present_classes, shared_ref, target_of, to_device, unwrap, warn_unmasked, warn_unseen)
+                      present_classes, shared_ref, target_of, to_device, unwrap, warn_unmasked, warn_unseen,
+                      StatusWords)
 from .deeplift import Rescale
 from .graph import discover, head_entries, nonlinearity_modules
 from .hooks import ChainHooks, activation_modules, in_backward, no_inplace
@@ -179,7 +180,8 @@ class _Offline:
                 del self.totals[name]
         present, yc = present_classes(y, self.ignore_index)    # [Kp, N] batch buffers, Kp = classes present
         partial, applied, missed = {}, False, {}
-        for info, ts, g, m, r in zip(self.plan.layers, self.taps, grads, mults, refs):
+        words = StatusWords(len(self.plan.layers))
+        for j, (info, ts, g, m, r) in enumerate(zip(self.plan.layers, self.taps, grads, mults, refs)):
             if info.name not in self.totals:
                 continue
             valid, hit, miss = call_valid(self.fn, info, ts, y, mask)
@@ -190,7 +192,12 @@ class _Offline:
                 continue
             xv, cl, gv = call_views(self.fn, info, ts, y, g)
             mv = None if m is None else call_views(self.fn, info, ts, y, m)[2]
-            partial[info.name] = self._accumulate(info, xv.detach(), cl, gv, mv, r, yc, len(present), valid)
+            partial[info.name] = self._accumulate(info, xv.detach(), cl, gv, mv, r, yc, len(present), valid,
+                                                  words.slot(j, xv.device))
+        for j, e in words.failed()[:1]:          # one read per device for all layers: the first layer that failed
+            info = self.plan.layers[j]
+            raise NonFiniteError(f"{self.fn}: layer {info.name!r} (tapped at {info.tap!r}): {nonfinite_what(e)}; "
+                                 "the batch was rejected and no statistic changed")
         if mask is not None and (missed or not applied) and not self.warned:
             self.warned = True
             warn_unmasked(self.fn, missed, mask.shape[1], stacklevel=4)
@@ -212,24 +219,21 @@ class _Offline:
                                "training loop with neuslice.Profiler (docs/method.md §2)") from None
         return [[next(gs) for _ in ts] for ts in self.taps]
 
-    def _accumulate(self, info, x, cl, gv, mv, r, y, kp, valid) -> Dict[str, Tensor]:
+    def _accumulate(self, info, x, cl, gv, mv, r, y, kp, valid, word) -> Dict[str, Tensor]:
         """The batch's sums ``[kp, N]`` of one layer (the kept statistics only); ``y`` are compact labels in
-        ``[0, kp)`` or ``compact_ignore(ignore_index)``; ``valid`` the positions that count, or None."""
+        ``[0, kp)`` or ``compact_ignore(ignore_index)``; ``valid`` the positions that count, or None. A data
+        error goes into the layer's status ``word`` (read once the batch's calls are all made)."""
         st = new_stats(kp, info.n, acc_dtype(x.dtype), x.device, self.keep)
         ig = compact_ignore(self.ignore_index)
         first = (st.get("act_sum"), st.get("act_sq"), st.get("taylor_sum"))
-        try:
-            if mv is None:   # m = g: one call gives taylor (ref None) and deeplift (ref r) alike
-                ops.accumulate_(x, gv, r, y, cl, st["count"], *first, st.get("deeplift_sum"), valid, ig)
-            else:            # Rescale: deeplift from the multipliers, in a call of its own
-                count = st["count"]
-                if any(t is not None for t in first):
-                    ops.accumulate_(x, gv, None, y, cl, count, *first, None, valid, ig)
-                    count = torch.zeros_like(count)
-                ops.accumulate_(x, mv, r, y, cl, count, None, None, None, st["deeplift_sum"], valid, ig)
-        except NonFiniteError as e:
-            raise NonFiniteError(f"{self.fn}: layer {info.name!r} (tapped at {info.tap!r}): {nonfinite_what(e)}; "
-                                 "the batch was rejected and no statistic changed") from None
+        if mv is None:   # m = g: one call gives taylor (ref None) and deeplift (ref r) alike
+            ops.accumulate_(x, gv, r, y, cl, st["count"], *first, st.get("deeplift_sum"), valid, ig, word)
+        else:            # Rescale: deeplift from the multipliers, in a call of its own
+            count = st["count"]
+            if any(t is not None for t in first):
+                ops.accumulate_(x, gv, None, y, cl, count, *first, None, valid, ig, word)
+                count = torch.zeros_like(count)
+            ops.accumulate_(x, mv, r, y, cl, count, None, None, None, st["deeplift_sum"], valid, ig, word)
         return st
 
 

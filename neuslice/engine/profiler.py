@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from .. import ops
 from .._errors import NeusliceError, NonFiniteError
 from ..ops.reference import acc_dtype
-from .capture import (GRADIENT_METRICS, add_present_all, call_model, call_valid, call_views, check_calls,
+from .capture import (GRADIENT_METRICS, StatusWords, add_present_all, call_model, call_valid, call_views, check_calls,
                       check_ignore_index, check_labels, check_mask, check_metrics, check_num_classes, compact_ignore,
                       drop_unused, layer_entries, model_device, new_stats, new_totals, nonfinite_what,
                       present_classes, shared_ref, tap_view, unwrap, warn_unmasked, warn_unseen)
@@ -262,6 +262,7 @@ class _Batch:
         self.awaiting: Dict[int, List[int]] = {}
         self.errors: List[Exception] = []
         self.error_layers: List[int] = []   # layer of each non-finite error: report the first in forward order
+        self.words: Optional[StatusWords] = None   # the accumulate_ status words, made at the first call
 
     def __enter__(self) -> "_Batch":
         self.p._batch = self
@@ -364,10 +365,18 @@ class _Batch:
             self.stats[i] = st
         r = self.p.refs[i]
         r = None if r is None else r.to(device=x.device, dtype=x.dtype)
-        try:
-            ops.accumulate_(x, g, r, yc, cl, st["count"], st.get("act_sum"), st.get("act_sq"), st.get("taylor_sum"),
-                            st.get("deeplift_sum"), valid, compact_ignore(self.p.ignore_index))
-        except NonFiniteError as e:
+        if self.words is None:
+            self.words = StatusWords(len(self.p.plan.layers))
+        # A data error goes into the layer's status word, read once when the block ends (_deferred_errors).
+        ops.accumulate_(x, g, r, yc, cl, st["count"], st.get("act_sum"), st.get("act_sq"), st.get("taylor_sum"),
+                        st.get("deeplift_sum"), valid, compact_ignore(self.p.ignore_index), self.words.slot(i, x.device))
+
+    def _deferred_errors(self) -> None:
+        """The layers whose accumulate_ calls found a non-finite value (one read of the status words)."""
+        if self.words is None:
+            return
+        for i, e in self.words.failed():
+            info = self.p.plan.layers[i]
             self.errors.append(NonFiniteError(f"{self.FN}: layer {info.name!r} (tapped at {info.tap!r}): "
                                               f"{nonfinite_what(e)}; the batch was rejected and no statistic "
                                               "changed"))
@@ -418,6 +427,7 @@ class _Batch:
             return False
         if self.p.plan is None:
             raise NeusliceError(f"{self.FN}: the model's forward did not run inside the block")
+        self._deferred_errors()
         unused = self._unused()
         problems = self._problems(unused)
         self.saved.clear()

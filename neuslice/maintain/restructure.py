@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from ..engine import heads as _heads
 from ..engine.graph import LayerInfo, Plan, discover
 from ..engine.hooks import ChainHooks, zero_outside
-from ..engine.capture import call_model, logits_of
+from ..engine.capture import call_model, logits_of, model_device, to_device
 from ..engine.slices import Slices
 from . import _common as C
 
@@ -162,6 +162,9 @@ def restructure(model: nn.Module, slices: Slices, classes, *, mode: str = "physi
         raise ValueError(f"{fn}: physical mode needs example_inputs (one input batch, e.g. x[:2]) to trace the "
                          "model's dependency graph; got None")
     from . import _prune
+    # On the model's device: Torch-Pruning's graph build calls the model on them as they are (a GPU model
+    # given CPU example inputs failed there: the CLI's restructure --device cuda).
+    example_inputs = to_device(example_inputs, model_device(model))
     module = _prune.physical(fn, model, plan, keep, idx, example_inputs, masked,
                              attention=slices.attention or plan.attention)
     out = RestructuredModel(module, idx, masked.class_names, mode="physical", original_params=C.param_count(model),
@@ -180,6 +183,7 @@ def removable_layers(model: nn.Module, example_inputs) -> List[str]:
     layers are found by what the model does on it). See docs/method.md §6 "Restructure"."""
     fn = "neuslice.removable_layers"
     C.check_module(fn, model)
+    example_inputs = to_device(example_inputs, model_device(model))   # (as restructure: Torch-Pruning's graph)
     plan = discover(model, None, fn=fn, run=lambda: call_model(model, example_inputs))
     names = [i.name for i in plan.layers]
     whole = {x for a in _heads.active(plan.attention, names) for x in (a.q[0], a.k[0], a.v[0])}

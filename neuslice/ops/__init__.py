@@ -4,7 +4,7 @@ Ops (schemas as registered):
 
 - ``neuslice::accumulate_(Tensor x, Tensor? grad, Tensor? ref, Tensor labels, bool channels_last,
   Tensor(a!) count, Tensor(b!)? act_sum, Tensor(c!)? act_sq, Tensor(d!)? taylor_sum, Tensor(e!)? deeplift_sum,
-  Tensor? valid=None, int ignore_index=-100) -> ()``
+  Tensor? valid=None, int ignore_index=-100, Tensor(f!)? status=None) -> ()``
 - ``neuslice::select(Tensor scores, float theta) -> Tensor``
 - ``neuslice::select_topk(Tensor scores, float ratio) -> Tensor``
 - ``neuslice::masked_sgd_(Tensor(a!) param, Tensor grad, Tensor(b!) momentum_buf, Tensor mask,
@@ -31,12 +31,12 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .._errors import BadLabelError
+from .._errors import STATUS_BAD_LABEL, BadLabelError, NonFiniteError, raise_for_status, status_of
 from . import _dispatch, reference
 from ._layout import bns
 from .reference import acc_dtype
 
-__all__ = ["accumulate_", "select", "select_topk", "masked_sgd_", "masked_adamw_"]
+__all__ = ["accumulate_", "check_status", "select", "select_topk", "masked_sgd_", "masked_adamw_"]
 
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _STATS = ("count", "act_sum", "act_sq", "taylor_sum", "deeplift_sum")
@@ -332,14 +332,14 @@ def _check_labels(labels: Tensor, k: int, ignore_index: int) -> None:
                                  f"({ignore_index}), got label {int(bad[0])}")
 
 
-@_custom_op("neuslice::accumulate_", mutates_args=_STATS, schema=(
+@_custom_op("neuslice::accumulate_", mutates_args=_STATS + ("status",), schema=(
     "(Tensor x, Tensor? grad, Tensor? ref, Tensor labels, bool channels_last, Tensor(a!) count, "
     "Tensor(b!)? act_sum, Tensor(c!)? act_sq, Tensor(d!)? taylor_sum, Tensor(e!)? deeplift_sum, "
-    "Tensor? valid=None, int ignore_index=-100) -> ()"))
+    "Tensor? valid=None, int ignore_index=-100, Tensor(f!)? status=None) -> ()"))
 def accumulate_(x: Tensor, grad: Optional[Tensor], ref: Optional[Tensor], labels: Tensor,
                 channels_last: bool, count: Tensor, act_sum: Optional[Tensor], act_sq: Optional[Tensor],
                 taylor_sum: Optional[Tensor], deeplift_sum: Optional[Tensor], valid: Optional[Tensor] = None,
-                ignore_index: int = -100) -> None:
+                ignore_index: int = -100, status: Optional[Tensor] = None) -> None:
     """Add one batch to one layer's per-class statistics (docs/method.md §2), in place.
 
     Args:
@@ -358,6 +358,12 @@ def accumulate_(x: Tensor, grad: Optional[Tensor], ref: Optional[Tensor], labels
             mean is over its valid positions, its Taylor/DeepLIFT sums run over them only, and a sample
             with no valid position is not counted. Values at invalid positions are never read.
         ignore_index: a label equal to it is skipped (the sample, or per token the token, counts nowhere).
+        status: None, or an int32 tensor of one element on x's device (zero to start with): the call does
+            not wait for the device. What would raise NonFiniteError or a bad-label error is instead OR-ed
+            into ``status`` (``neuslice._errors.STATUS_*`` bits) and, as always, no statistic changes; a call
+            made while ``status`` is nonzero changes nothing either. :func:`check_status` reads it (one
+            device synchronisation for any number of calls) and raises the error the call would have
+            raised. Argument errors (shapes, dtypes, devices) still raise at once.
 
     Raises ValueError/TypeError on bad arguments (docs/architecture.md, "The op contract") and
     NonFiniteError on a non-finite activation or gradient at a counted position; in every case no
@@ -365,6 +371,8 @@ def accumulate_(x: Tensor, grad: Optional[Tensor], ref: Optional[Tensor], labels
     """
     stats = (count, act_sum, act_sq, taylor_sum, deeplift_sum)
     b, n, _ = _check_accumulate(x, grad, ref, labels, channels_last, stats, valid, ignore_index, data=False)
+    if status is not None:
+        _check_status_arg(status, x)
     args = (x, grad, ref, labels, channels_last, *stats, valid, ignore_index)
     # The label values are checked after every other argument and before the outputs and the backend
     # choice. A backend whose kernel checks them itself (``checks_labels``: it changes nothing and
@@ -378,10 +386,17 @@ def accumulate_(x: Tensor, grad: Optional[Tensor], ref: Optional[Tensor], labels
             present = [(t, nm) for t, nm in zip(stats, _STATS) if t is not None]
             _check_outputs("accumulate_", [t for t, _ in present], [nm for _, nm in present],
                            args[:4] + (valid,), _ACC_INPUTS)
+        if status is not None:
+            _check_outputs("accumulate_", [status], ["status"], args[:4] + (valid,), _ACC_INPUTS)
         if b and n:  # (B = 0 changes nothing; N = 0 is counted by the reference, for every backend)
             fn = _dispatch.pick("accumulate_", args, x.device.type)[1]
     except Exception as e:  # noqa: BLE001  (re-raised below, after the labels had their say)
         failed = e
+    if status is not None:
+        if failed is not None:
+            raise failed
+        _accumulate_deferred(fn, args, b, n, status)
+        return
     kernel_checks = fn is not None and getattr(fn, "checks_labels", False)
     if not kernel_checks:
         _check_labels(labels, count.shape[0], ignore_index)
@@ -405,9 +420,62 @@ def accumulate_(x: Tensor, grad: Optional[Tensor], ref: Optional[Tensor], labels
 
 @accumulate_.register_fake
 def _accumulate_fake(x, grad, ref, labels, channels_last, count, act_sum, act_sq, taylor_sum, deeplift_sum,
-                     valid=None, ignore_index=-100):
+                     valid=None, ignore_index=-100, status=None):
     _check_accumulate(x, grad, ref, labels, channels_last, (count, act_sum, act_sq, taylor_sum, deeplift_sum),
                       valid, ignore_index, data=False)
+    if status is not None:
+        _check_status_arg(status, x)
+
+
+def _check_status_arg(status: Tensor, x: Tensor) -> None:
+    if status.dtype != torch.int32 or status.numel() != 1:
+        _fail("accumulate_", f"status must be an int32 tensor of one element, got {status.dtype} {_shape(status)}",
+              TypeError if status.dtype != torch.int32 else ValueError)
+    if status.device != x.device:
+        _fail("accumulate_", f"status must be on x's device {x.device}, got {status.device}")
+
+
+def _accumulate_deferred(fn, args: tuple, b: int, n: int, status: Tensor) -> None:
+    """accumulate_ with a ``status`` (arguments checked): data errors go into ``status``, nothing waits for
+    the device where the backend can avoid it. Backends marked ``defers`` (cuda, triton) take ``status`` as
+    their kernels' status word: their commit adds only while it is 0, and the cuda kernel flags bad labels
+    itself (triton's get a device-side check here, no read). The others run synchronously: a nonzero
+    ``status`` skips the call, and an error's bits are OR-ed in."""
+    labels, count, ignore_index = args[3], args[5], args[11]
+    if fn is not None and getattr(fn, "defers", False):
+        if not getattr(fn, "checks_labels", False):
+            _flag_bad_labels(labels, count.shape[0], ignore_index, status)
+        fn(*args, status=status)
+        return
+    if not b or int(status.reshape(())) != 0:
+        return
+    if fn is None or not getattr(fn, "checks_labels", False):
+        try:
+            _check_labels(labels, count.shape[0], ignore_index)
+        except ValueError:   # (the label check's own error, worded by check_status from the bit)
+            status.bitwise_or_(STATUS_BAD_LABEL)
+            return
+    try:
+        if fn is None:  # no neurons: only count grows
+            reference.accumulate_(*args)
+        else:
+            fn(*args)
+    except (NonFiniteError, BadLabelError) as e:
+        status.bitwise_or_(status_of(e))
+
+
+def _flag_bad_labels(labels: Tensor, k: int, ignore_index: int, status: Tensor) -> None:
+    """status |= STATUS_BAD_LABEL where a label lies outside [0, K) and is not ignore_index: device ops, no read."""
+    if labels.numel() == 0:
+        return
+    bad = ((labels < 0) | (labels >= k)) & (labels != ignore_index)
+    status.bitwise_or_(bad.any().to(torch.int32).reshape(status.shape) * STATUS_BAD_LABEL)
+
+
+def check_status(status: Tensor, *, num_classes: int = 0) -> None:
+    """Raise the error that the accumulate_ calls given ``status`` deferred (one device read), or return.
+    ``num_classes`` words a bad-label error (the K of those calls)."""
+    raise_for_status("accumulate_", int(status.reshape(())), "status", num_classes=num_classes)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -106,7 +106,9 @@ def _check_launch(op: str, rc: int, what: str) -> None:
 
 
 def accumulate_(x, grad, ref, labels, channels_last, count, act_sum, act_sq, taylor_sum, deeplift_sum,
-                valid=None, ignore_index=-100):
+                valid=None, ignore_index=-100, *, status=None):
+    """With ``status`` (int32, one element, on x's device): the kernels' status word is the caller's, and
+    nothing is read back (the commit adds only while it is 0; neuslice.ops.check_status reads it)."""
     dev = x.device
     with torch.cuda.device(dev):
         stream = torch.cuda.current_stream(dev).cuda_stream
@@ -115,11 +117,22 @@ def accumulate_(x, grad, ref, labels, channels_last, count, act_sum, act_sq, tay
         nbytes = int(_C.accumulate_cuda_scratch_bytes(args))
         buf = torch.zeros(_SCRATCH_OFFSET + nbytes, dtype=torch.uint8, device=dev)
         base = buf.data_ptr()
-        rc = _C.accumulate_cuda(args, scratch=base + _SCRATCH_OFFSET, scratch_bytes=nbytes, status=base,
+        word = base if status is None else status.data_ptr()
+        rc = _C.accumulate_cuda(args, scratch=base + _SCRATCH_OFFSET, scratch_bytes=nbytes, status=word,
                                 stream=stream, device=dev.index)
         _check_launch("accumulate_", rc, "no statistic was changed")
-        status = int(buf[:4].view(torch.int32).item())
-    raise_for_status("accumulate_", status, "cuda", num_classes=count.shape[0])
+        if status is not None:
+            return
+        code = int(buf[:4].view(torch.int32).item())
+    raise_for_status("accumulate_", code, "cuda", num_classes=count.shape[0])
+
+
+# The kernels check every label that is not ignore_index against [0, K) (out-of-range ones are never
+# counted and set the status' bad-label bit, so nothing changes): the front door skips its own label
+# pass (a torch.aminmax and a device read per call) and runs it only to word a BadLabelError.
+accumulate_.checks_labels = True
+# Takes the caller's status word (neuslice.ops.accumulate_'s ``status``) and then does not wait for the device.
+accumulate_.defers = True
 
 
 def _select(op: str, scores: torch.Tensor, theta: float, k: int) -> torch.Tensor:

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from .._errors import NonFiniteError
+from .._errors import NONFINITE_G, NONFINITE_X, NonFiniteError
 from ._layout import as_bns, broadcast_mask, ref_per_sample
 
 __all__ = ["accumulate_", "select", "select_topk", "masked_sgd_", "masked_adamw_", "acc_dtype", "topk_count"]
@@ -77,7 +77,7 @@ def accumulate_(x, grad, ref, labels, channels_last, count, act_sum, act_sq, tay
         xbar = xf.sum(-1) / vm.sum(1, keepdim=True).to(acc)
     xsq = xbar * xbar
     if not (torch.isfinite(xf).all() and torch.isfinite(xsq).all()):
-        raise NonFiniteError("neuslice.accumulate_: non-finite value in x; no statistic was changed")
+        raise NonFiniteError(f"neuslice.accumulate_: {NONFINITE_X}; no statistic was changed")
     taylor = deeplift = None
     if gf is not None:
         taylor = (xf * gf).sum(-1).abs()
@@ -86,8 +86,7 @@ def accumulate_(x, grad, ref, labels, channels_last, count, act_sum, act_sq, tay
             delta = torch.where(vm.unsqueeze(1), delta, torch.zeros((), dtype=acc, device=xf.device))
         deeplift = (delta * gf).sum(-1).abs()
         if not (torch.isfinite(gf).all() and torch.isfinite(taylor).all() and torch.isfinite(deeplift).all()):
-            raise NonFiniteError("neuslice.accumulate_: non-finite value in grad (or in x*grad); "
-                                 "no statistic was changed")
+            raise NonFiniteError(f"neuslice.accumulate_: {NONFINITE_G}; no statistic was changed")
     count.index_add_(0, labels, torch.ones(labels.shape[0], dtype=count.dtype, device=count.device))
     for out, v in ((act_sum, xbar), (act_sq, xsq), (taylor_sum, taylor), (deeplift_sum, deeplift)):
         if out is not None and v is not None:
