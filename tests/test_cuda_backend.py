@@ -579,3 +579,17 @@ def test_select_empty_shapes():
     for shape in ((0, 5), (3, 0)):
         s = torch.rand(shape, device="cuda")
         assert _cuda_select(s, theta=0.5).shape == shape
+
+
+@pytest.mark.gpu
+@needs_cuda_build
+def test_accumulate_on_cuda_tensors_prefers_the_cuda_backend():
+    """_dispatch.ORDER_BY_OP: accumulate_ on CUDA tries cuda before triton (host time per call, measured by
+    bench/gpu_engine.py); the other ops keep the device's order."""
+    dev = torch.device("cuda")
+    x, gr, _, labels = _inputs(8, 24, 16, True, torch.float32)
+    xd, gd, ld = _to(dev, x, gr, labels)
+    got = _stats(5, 24, device=dev)
+    assert _dispatch.choose("accumulate_", (xd, gd, None, ld, True, *got)) == "cuda"
+    want = "triton" if _dispatch.import_error("triton") is None else "cuda"
+    assert _dispatch.choose("select", (torch.rand(6, 50, device=dev), 0.9)) == want

@@ -45,7 +45,9 @@ class RestructuredModel(nn.Module):
         super().__init__()
         self.module = module
         self.mode = mode
-        self.register_buffer("class_map", torch.as_tensor(list(classes), dtype=torch.int64))
+        # On the module's device, as a buffer moves with it later: predict indexes it with the logits' argmax
+        # (a CPU map indexed by CUDA indices failed: neuslice demo --device cuda).
+        self.register_buffer("class_map", torch.as_tensor(list(classes), dtype=torch.int64, device=model_device(module)))
         self.class_names = list(class_names)
         self.original_params = int(original_params)
         self.kept = dict(kept)
@@ -78,7 +80,8 @@ class RestructuredModel(nn.Module):
     @torch.no_grad()
     def predict(self, x) -> Tensor:
         """Original class ids of the argmax outputs: int64 ``[B]``."""
-        return self.class_map[call_model(self, x).argmax(-1)]
+        idx = call_model(self, x).argmax(-1)
+        return self.class_map.to(idx.device)[idx]
 
     def targets(self, labels: Tensor) -> Tensor:
         """Original class ids ``[B]`` → output indices ``[B]`` int64; a label outside T is an error."""

@@ -4,7 +4,8 @@ Ops (schemas as registered):
 
 - ``neuslice::accumulate_(Tensor x, Tensor? grad, Tensor? ref, Tensor labels, bool channels_last,
   Tensor(a!) count, Tensor(b!)? act_sum, Tensor(c!)? act_sq, Tensor(d!)? taylor_sum, Tensor(e!)? deeplift_sum,
-  Tensor? valid=None, int ignore_index=-100, Tensor(f!)? status=None) -> ()``
+  Tensor? valid=None, int ignore_index=-100) -> ()`` (the front door ``neuslice.ops.accumulate_`` also takes
+  ``status``, see its docstring)
 - ``neuslice::select(Tensor scores, float theta) -> Tensor``
 - ``neuslice::select_topk(Tensor scores, float ratio) -> Tensor``
 - ``neuslice::masked_sgd_(Tensor(a!) param, Tensor grad, Tensor(b!) momentum_buf, Tensor mask,
@@ -202,7 +203,7 @@ def _direct(args, mutated) -> bool:
     return True
 
 
-def _custom_op(qualname: str, *, mutates_args, schema: str):
+def _custom_op(qualname: str, *, mutates_args, schema: str, front_only: Sequence[str] = (), slow=None):
     """``torch.library.custom_op`` with an eager front door.
 
     Through the dispatcher a Python custom op runs three Python-level kernels (autograd,
@@ -213,11 +214,18 @@ def _custom_op(qualname: str, *, mutates_args, schema: str):
     tensors, modes, vmap) it calls the registered op. The op is ``.op``; ``torch.ops.neuslice.<name>``
     is the same op. On both paths the scalar arguments are first checked against the schema
     (:func:`_checked_scalars`), since the direct path skips the dispatcher's check.
+
+    ``front_only``: the kernel's last parameters (default None), which the front door takes but the
+    registered op does not (accumulate_'s ``status``: a mutated optional argument with a default breaks
+    torch < 2.13's ADInplaceOrView kernel whenever a call leaves it out, which opcheck and torch.compile
+    do). They are mutated in place when given. Off the direct path a call giving one runs
+    ``slow(opdef, args)``; one giving none calls the op without them.
     """
     def wrap(kernel):
         opdef = torch.library.custom_op(qualname, kernel, mutates_args=mutates_args, schema=schema)
         sig = inspect.signature(kernel)
-        mutated = tuple(list(sig.parameters).index(m) for m in mutates_args)
+        nop = len(sig.parameters) - len(front_only)
+        mutated = tuple(list(sig.parameters).index(m) for m in (*mutates_args, *front_only))
         op, scalars = qualname.split("::")[1], _scalar_args(opdef._opoverload._schema)
         nparams = len(sig.parameters)
         # Defaults of the trailing parameters, for positional calls that omit them: filled in
@@ -240,6 +248,10 @@ def _custom_op(qualname: str, *, mutates_args, schema: str):
                 if mutated:
                     _INCREMENT_VERSION([args[i] for i in mutated if args[i] is not None])
                 return out
+            if nop < nparams:
+                if any(a is not None for a in args[nop:]):
+                    return slow(opdef, args)
+                args = args[:nop]
             return opdef(*args)
 
         front.op = opdef
@@ -332,10 +344,27 @@ def _check_labels(labels: Tensor, k: int, ignore_index: int) -> None:
                                  f"({ignore_index}), got label {int(bad[0])}")
 
 
-@_custom_op("neuslice::accumulate_", mutates_args=_STATS + ("status",), schema=(
+def _accumulate_slow(opdef, args: tuple) -> None:
+    """accumulate_ with a ``status`` off the direct path (tracing, torch.profiler, modes): the registered op,
+    run synchronously, its data error OR-ed into ``status`` (a nonzero one skips the call)."""
+    status = args[12]
+    _check_status_arg(status, args[0])
+    if int(status.reshape(())) != 0:
+        return
+    try:
+        opdef(*args[:12])
+    except (NonFiniteError, BadLabelError) as e:
+        status.bitwise_or_(status_of(e))
+    except ValueError as e:
+        if "labels must lie in" not in str(e):
+            raise
+        status.bitwise_or_(STATUS_BAD_LABEL)
+
+
+@_custom_op("neuslice::accumulate_", mutates_args=_STATS, front_only=("status",), slow=_accumulate_slow, schema=(
     "(Tensor x, Tensor? grad, Tensor? ref, Tensor labels, bool channels_last, Tensor(a!) count, "
     "Tensor(b!)? act_sum, Tensor(c!)? act_sq, Tensor(d!)? taylor_sum, Tensor(e!)? deeplift_sum, "
-    "Tensor? valid=None, int ignore_index=-100, Tensor(f!)? status=None) -> ()"))
+    "Tensor? valid=None, int ignore_index=-100) -> ()"))
 def accumulate_(x: Tensor, grad: Optional[Tensor], ref: Optional[Tensor], labels: Tensor,
                 channels_last: bool, count: Tensor, act_sum: Optional[Tensor], act_sq: Optional[Tensor],
                 taylor_sum: Optional[Tensor], deeplift_sum: Optional[Tensor], valid: Optional[Tensor] = None,
@@ -420,11 +449,9 @@ def accumulate_(x: Tensor, grad: Optional[Tensor], ref: Optional[Tensor], labels
 
 @accumulate_.register_fake
 def _accumulate_fake(x, grad, ref, labels, channels_last, count, act_sum, act_sq, taylor_sum, deeplift_sum,
-                     valid=None, ignore_index=-100, status=None):
+                     valid=None, ignore_index=-100):
     _check_accumulate(x, grad, ref, labels, channels_last, (count, act_sum, act_sq, taylor_sum, deeplift_sum),
                       valid, ignore_index, data=False)
-    if status is not None:
-        _check_status_arg(status, x)
 
 
 def _check_status_arg(status: Tensor, x: Tensor) -> None:

@@ -4,7 +4,7 @@ Backends declare what they can run: ``refuse(op, args)`` returns None when the b
 this call, or a sentence saying why not. The first backend in the device's order that does not
 refuse runs the call:
 
-    CUDA tensors: triton -> cuda -> reference
+    CUDA tensors: triton -> cuda -> reference  (accumulate_: cuda -> triton -> reference, ORDER_BY_OP)
     CPU tensors:  cpu -> reference
 
 ``NEUSLICE_BACKEND=<name>`` (read at every call) forces one backend; when it cannot run the call,
@@ -23,10 +23,18 @@ import torch
 
 from .._errors import BackendError
 
-__all__ = ["call", "choose", "pick", "backends", "refusals", "implementation", "import_error", "ORDER", "ENV"]
+__all__ = ["call", "choose", "pick", "backends", "refusals", "implementation", "import_error", "ORDER", "ORDER_BY_OP",
+           "ENV"]
 
 ENV = "NEUSLICE_BACKEND"
 ORDER: Dict[str, Tuple[str, ...]] = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
+# Per op and device type, where the device's order does not suit the op. accumulate_ on CUDA: cuda first.
+# The engine calls it once per tap per step, so per-call host time decides: on an H200, Profiler around an
+# AdamW step of a BERT-base encoder took 78 ms with cuda against 148 ms with triton (bare step 60 ms), and
+# 105 against 141 ms on a ViT-B/16 (bench/gpu_engine.py, gpu_engine_NVIDIA-H200_2026-11-30.md): the Triton
+# launch and its ~10 torch ops cost about 1 ms of host time per call. Triton's kernel stays faster on the
+# largest tensors alone (gpu_check: B=16 S=2048 N=14336 bf16, 1.48 against 1.86 ms), where forcing it pays.
+ORDER_BY_OP: Dict[Tuple[str, str], Tuple[str, ...]] = {("accumulate_", "cuda"): ("cuda", "triton", "reference")}
 # name -> module that defines `refuse(op, args) -> Optional[str]` and one function per op.
 _MODULES = {
     "reference": "neuslice.ops._backend_reference",
@@ -111,7 +119,7 @@ def choose(op: str, args: tuple, device: Optional[str] = None) -> str:
                            f"but cannot run this call. Backends: {detail}")
     if device is None:
         device = _device_type(args)
-    order = ORDER.get(device, ("reference",))
+    order = ORDER_BY_OP.get((op, device)) or ORDER.get(device, ("reference",))
     for name in order:
         if _refusal(name, op, args) is None:
             return name

@@ -36,5 +36,6 @@ def backend_info() -> Dict[str, Any]:
     info["cuda_available"] = torch.cuda.is_available()
     info["forced"] = os.environ.get(_dispatch.ENV) or None
     info["order"] = {k: list(v) for k, v in _dispatch.ORDER.items()}
+    info["order_by_op"] = {f"{op} on {dev}": list(v) for (op, dev), v in _dispatch.ORDER_BY_OP.items()}
     info["backends"] = {name: _dispatch.import_error(name) for name in _dispatch.backends()}
     return info
