@@ -16,6 +16,16 @@ from slicing_fixtures import F32, relu_cnn, small_loader, stats_close, trained
 K = 10
 
 
+
+@pytest.fixture(params=[False, True], ids=["raised", "deferred"])
+def deferred(request, monkeypatch):
+    """Both ways a data error reaches the engine: raised by a synchronous call (CPU), or deferred into the
+    layer's status word and read when the batch ends (how it runs on a GPU), here forced on the CPU."""
+    if request.param:
+        from neuslice.engine.capture import StatusWords
+        monkeypatch.setattr(StatusWords, "DEFERRED", ("cuda", "cpu"))
+    return request.param
+
 def _hand_stats(model, loader, taps, target="logit", deeplift_mults=None):
     """docs/method.md §2 by loops over samples, in float64: {layer: {stat: tensor}}; taps: {layer: tap module name}."""
     m64 = copy.deepcopy(model).double().eval()
@@ -89,7 +99,7 @@ def test_per_token_labels_with_absent_classes_equal_the_full_buffers(k, monkeypa
     stats_close(new.stats, neuslice.profile(model, data, k, progress=False).stats, rtol=0, atol=0)
 
 
-def test_a_batch_non_finite_in_its_second_layer_changes_no_total():
+def test_a_batch_non_finite_in_its_second_layer_changes_no_total(deferred):
     """All or nothing: the first layer's sums of a rejected batch never reach the totals."""
     from neuslice.engine.graph import discover
     from neuslice.engine.profile import _Offline
@@ -681,7 +691,7 @@ def test_bad_arguments(kw, match):
     assert _hooks_of(model) == 0
 
 
-def test_non_finite_batch_names_the_layer():
+def test_non_finite_batch_names_the_layer(deferred):
     model = trained()
     x, y = next(iter(small_loader(10, 10)))
     x = x.clone()
@@ -759,3 +769,14 @@ def test_the_probe_of_an_untraceable_model_runs_one_sample():
     prof = neuslice.profile(model, data, 3, metrics=("avg", "taylor"), progress=False)
     assert prof.layer_names == ["fc"] and prof.num_batches == 2
     assert seen == [1, 16, 16]          # the probe forward, then the two batches
+
+
+def test_deferred_status_profiles_the_same(monkeypatch):
+    """The engine's deferred path (status words, as on a GPU) gives the same profile as the raising one."""
+    from neuslice.engine.capture import StatusWords
+    model = trained()
+    loader = list(small_loader(60, 20))
+    plain = neuslice.profile(model, loader, K, metrics=("ens",), progress=False)
+    monkeypatch.setattr(StatusWords, "DEFERRED", ("cuda", "cpu"))
+    deferred = neuslice.profile(model, loader, K, metrics=("ens",), progress=False)
+    stats_close(deferred.stats, plain.stats, rtol=0, atol=0)

@@ -15,6 +15,16 @@ K = 10
 F64 = tol(ACCUMULATE, torch.float64)
 
 
+
+@pytest.fixture(params=[False, True], ids=["raised", "deferred"])
+def deferred(request, monkeypatch):
+    """Both ways a data error reaches the engine: raised by a synchronous call (CPU), or deferred into the
+    layer's status word and read when the batch ends (how it runs on a GPU), here forced on the CPU."""
+    if request.param:
+        from neuslice.engine.capture import StatusWords
+        monkeypatch.setattr(StatusWords, "DEFERRED", ("cuda", "cpu"))
+    return request.param
+
 def _hooks_of(model):
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
@@ -139,7 +149,7 @@ def test_only_batch_blocks_are_profiled_and_misuse_is_reported():
         prof.batch(y)
 
 
-def test_non_finite_batch_changes_nothing():
+def test_non_finite_batch_changes_nothing(deferred):
     model = trained()
     x, y = next(iter(small_loader(20, 20)))
     prof = neuslice.Profiler(model, K)
@@ -193,7 +203,7 @@ def test_batch_buffers_hold_the_classes_present_and_give_the_full_buffers_number
     stats_close(new.stats, _profiled(model, data, k).stats, rtol=0, atol=0)
 
 
-def test_a_batch_non_finite_in_its_second_layer_changes_no_total():
+def test_a_batch_non_finite_in_its_second_layer_changes_no_total(deferred):
     """All or nothing: the first layer's sums of a skipped batch never reach the totals."""
     (x, y), = small_loader(60, 60)
     model, y = WideHead(500), spread_labels(y, 500)

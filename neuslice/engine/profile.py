@@ -192,12 +192,13 @@ class _Offline:
                 continue
             xv, cl, gv = call_views(self.fn, info, ts, y, g)
             mv = None if m is None else call_views(self.fn, info, ts, y, m)[2]
-            partial[info.name] = self._accumulate(info, xv.detach(), cl, gv, mv, r, yc, len(present), valid,
-                                                  words.slot(j, xv.device))
-        for j, e in words.failed()[:1]:          # one read per device for all layers: the first layer that failed
-            info = self.plan.layers[j]
-            raise NonFiniteError(f"{self.fn}: layer {info.name!r} (tapped at {info.tap!r}): {nonfinite_what(e)}; "
-                                 "the batch was rejected and no statistic changed")
+            try:
+                partial[info.name] = self._accumulate(info, xv.detach(), cl, gv, mv, r, yc, len(present), valid,
+                                                      words.slot(j, xv.device))
+            except NonFiniteError as e:          # a synchronous call (CPU): at once
+                self._nonfinite(info, e)
+        for j, e in words.failed()[:1]:          # deferred calls (GPU), one read per device: the first that failed
+            self._nonfinite(self.plan.layers[j], e)
         if mask is not None and (missed or not applied) and not self.warned:
             self.warned = True
             warn_unmasked(self.fn, missed, mask.shape[1], stacklevel=4)
@@ -219,10 +220,15 @@ class _Offline:
                                "training loop with neuslice.Profiler (docs/method.md §2)") from None
         return [[next(gs) for _ in ts] for ts in self.taps]
 
+    def _nonfinite(self, info, e: Exception):
+        raise NonFiniteError(f"{self.fn}: layer {info.name!r} (tapped at {info.tap!r}): {nonfinite_what(e)}; "
+                             "the batch was rejected and no statistic changed") from None
+
     def _accumulate(self, info, x, cl, gv, mv, r, y, kp, valid, word) -> Dict[str, Tensor]:
         """The batch's sums ``[kp, N]`` of one layer (the kept statistics only); ``y`` are compact labels in
         ``[0, kp)`` or ``compact_ignore(ignore_index)``; ``valid`` the positions that count, or None. A data
-        error goes into the layer's status ``word`` (read once the batch's calls are all made)."""
+        error goes into the layer's status ``word`` on a GPU (read once the batch's calls are all made); with
+        ``word`` None (CPU) the call raises."""
         st = new_stats(kp, info.n, acc_dtype(x.dtype), x.device, self.keep)
         ig = compact_ignore(self.ignore_index)
         first = (st.get("act_sum"), st.get("act_sq"), st.get("taylor_sum"))

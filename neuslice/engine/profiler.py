@@ -367,20 +367,26 @@ class _Batch:
         r = None if r is None else r.to(device=x.device, dtype=x.dtype)
         if self.words is None:
             self.words = StatusWords(len(self.p.plan.layers))
-        # A data error goes into the layer's status word, read once when the block ends (_deferred_errors).
-        ops.accumulate_(x, g, r, yc, cl, st["count"], st.get("act_sum"), st.get("act_sq"), st.get("taylor_sum"),
-                        st.get("deeplift_sum"), valid, compact_ignore(self.p.ignore_index), self.words.slot(i, x.device))
+        # On a GPU a data error goes into the layer's status word, read once when the block ends
+        # (_deferred_errors); on the CPU the call raises at once.
+        try:
+            ops.accumulate_(x, g, r, yc, cl, st["count"], st.get("act_sum"), st.get("act_sq"),
+                            st.get("taylor_sum"), st.get("deeplift_sum"), valid, compact_ignore(self.p.ignore_index),
+                            self.words.slot(i, x.device))
+        except NonFiniteError as e:
+            self._nonfinite(i, e)
+
+    def _nonfinite(self, i: int, e: Exception) -> None:
+        info = self.p.plan.layers[i]
+        self.errors.append(NonFiniteError(f"{self.FN}: layer {info.name!r} (tapped at {info.tap!r}): "
+                                          f"{nonfinite_what(e)}; the batch was rejected and no statistic changed"))
+        self.error_layers.append(i)
 
     def _deferred_errors(self) -> None:
-        """The layers whose accumulate_ calls found a non-finite value (one read of the status words)."""
-        if self.words is None:
-            return
-        for i, e in self.words.failed():
-            info = self.p.plan.layers[i]
-            self.errors.append(NonFiniteError(f"{self.FN}: layer {info.name!r} (tapped at {info.tap!r}): "
-                                              f"{nonfinite_what(e)}; the batch was rejected and no statistic "
-                                              "changed"))
-            self.error_layers.append(i)
+        """The layers whose deferred accumulate_ calls found a non-finite value (one read of the status words)."""
+        if self.words is not None:
+            for i, e in self.words.failed():
+                self._nonfinite(i, e)
 
     def _unused(self) -> List[int]:
         """In the first batch, the layers tapped that no gradient reached while others got theirs: their output
