@@ -392,8 +392,12 @@ def interleaved_cpu(fns: Dict[str, Callable[[], None]], rounds: int = ROUNDS, wa
 
 
 def _profile_vs_plain(kind: str):
-    model, batches, k = _transformer(kind)
+    return profile_vs_plain_fns(*_transformer(kind))
 
+
+def profile_vs_plain_fns(model, batches, k):
+    """A plain forward+backward over ``batches`` and ``neuslice.profile`` (taylor; ens) over the same
+    (also bench/gpu_engine.py)."""
     def plain():
         for x, y in batches:
             model.zero_grad(set_to_none=True)

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_profiler import _Logits, _gelu_modules  # noqa: E402  (bench/ helpers)
+from bench_profiler import _Logits, _gelu_modules, profile_vs_plain_fns  # noqa: E402  (bench/ helpers)
 
 import neuslice  # noqa: E402
 
@@ -139,14 +139,7 @@ def one_model(name, build, dev, rounds, rows):
     model, batches, k = build(dev)
     model = _Logits(_gelu_modules(model)).to(dev).eval()
 
-    def plain():
-        for x, y in batches:
-            model.zero_grad(set_to_none=True)
-            F.cross_entropy(_call(model, x), y).backward()
-
-    def prof(metrics):
-        return lambda: neuslice.profile(model, batches, k, metrics=metrics, progress=False)
-    t = timed({"plain fwd+bwd": plain, "profile taylor": prof(("taylor",)), "profile ens": prof(("ens",))}, rounds)
+    t = timed(profile_vs_plain_fns(model, batches, k), rounds)
     for v, s in t.items():
         rows.append(dict(model=name, group=f"profile over {NBATCH} batches", variant=v, ms=s * 1e3,
                          ratio=s / t["plain fwd+bwd"]))

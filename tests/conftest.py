@@ -80,3 +80,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(params=[False, True], ids=["raised", "deferred"])
+def deferred(request, monkeypatch):
+    """Both ways a data error reaches the engine: raised by a synchronous call (CPU), or deferred into the
+    layer's status word and read when the batch ends (how it runs on a GPU), here forced on the CPU."""
+    if request.param:
+        from neuslice.engine.capture import StatusWords
+        monkeypatch.setattr(StatusWords, "DEFERRED", ("cuda", "cpu"))
+    return request.param

@@ -505,14 +505,19 @@ def test_nan_in_padding_and_in_ignored_samples_is_never_read(force_backend, back
         assert torch.isfinite(got).all()
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS)
-@pytest.mark.parametrize("where", ["x", "grad"])
-def test_non_finite_at_a_counted_position_still_changes_nothing(force_backend, backend, device, where):
+def _poisoned(where, device):
+    """_acc_extra("valid") on ``device``, statistics nonzero, a NaN in x or grad at a counted position."""
     args = _acc_extra("valid")
     for t in args[5:10]:
         t.uniform_()
     (args[0] if where == "x" else args[1])[3, 2, 1] = float("nan")   # sample 3 counts all positions
-    args = _on(args, device)
+    return _on(args, device)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("where", ["x", "grad"])
+def test_non_finite_at_a_counted_position_still_changes_nothing(force_backend, backend, device, where):
+    args = _poisoned(where, device)
     force_backend(backend)
     before = _clones(args)
     with pytest.raises(NonFiniteError, match="non-finite value in " + where):
@@ -1031,11 +1036,7 @@ def test_status_call_adds_what_the_raising_call_adds(force_backend, backend, dev
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("where", ["x", "grad"])
 def test_status_takes_a_non_finite_value_and_changes_nothing(force_backend, backend, device, where):
-    args = _acc_extra("valid")
-    for t in args[5:10]:
-        t.uniform_()
-    (args[0] if where == "x" else args[1])[3, 2, 1] = float("nan")   # sample 3 counts all positions
-    args = _on(args, device)
+    args = _poisoned(where, device)
     force_backend(backend)
     before = _clones(args)
     word = _word(device)

@@ -16,16 +16,6 @@ from slicing_fixtures import F32, relu_cnn, small_loader, stats_close, trained
 K = 10
 
 
-
-@pytest.fixture(params=[False, True], ids=["raised", "deferred"])
-def deferred(request, monkeypatch):
-    """Both ways a data error reaches the engine: raised by a synchronous call (CPU), or deferred into the
-    layer's status word and read when the batch ends (how it runs on a GPU), here forced on the CPU."""
-    if request.param:
-        from neuslice.engine.capture import StatusWords
-        monkeypatch.setattr(StatusWords, "DEFERRED", ("cuda", "cpu"))
-    return request.param
-
 def _hand_stats(model, loader, taps, target="logit", deeplift_mults=None):
     """docs/method.md §2 by loops over samples, in float64: {layer: {stat: tensor}}; taps: {layer: tap module name}."""
     m64 = copy.deepcopy(model).double().eval()

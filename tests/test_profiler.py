@@ -15,16 +15,6 @@ K = 10
 F64 = tol(ACCUMULATE, torch.float64)
 
 
-
-@pytest.fixture(params=[False, True], ids=["raised", "deferred"])
-def deferred(request, monkeypatch):
-    """Both ways a data error reaches the engine: raised by a synchronous call (CPU), or deferred into the
-    layer's status word and read when the batch ends (how it runs on a GPU), here forced on the CPU."""
-    if request.param:
-        from neuslice.engine.capture import StatusWords
-        monkeypatch.setattr(StatusWords, "DEFERRED", ("cuda", "cpu"))
-    return request.param
-
 def _hooks_of(model):
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
