@@ -13,7 +13,7 @@ import torch
 from neuslice import BackendError, ops
 from neuslice._errors import BadLabelError
 from neuslice.ops import _dispatch
-from neuslice.ops import _direct
+from neuslice.ops._front import _direct
 from neuslice.ops._layout import accumulate_layout, bns, ref_strides_bns, strides_bns
 from op_cases import K, new_stats
 
