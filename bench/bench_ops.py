@@ -123,7 +123,8 @@ def bench_accumulate_vs_floor(benchmark, threads, case):
     the median of each and their ratio (floor / fused; issue 13 wants >= 0.9). Interleaving keeps
     the ratio honest on a machine whose bandwidth drifts within a minute (bench/harness.py).
     Also the kernel alone (``_C.accumulate_cpu`` on arguments built once: no checks, dispatch or
-    argument struct), so the front door's share shows. Run alone (keeps cpu_ops.md whole):
+    argument struct), so the front door's share shows, in the build the CPU gets by default and in
+    the narrower ones but the baseline (AVX2 where AVX-512 is the default). Run alone (keeps cpu_ops.md whole):
     NEUSLICE_BENCH_NAME=accumulate_floor python -m pytest bench/bench_ops.py --benchmark-enable -q -k vs_floor"""
     from neuslice import _C
     from neuslice.ops._native import accumulate_args
@@ -131,18 +132,29 @@ def bench_accumulate_vs_floor(benchmark, threads, case):
     cl = (ACCUMULATE_CASES[case] if case in ACCUMULATE_CASES else TAP_CASES[case])[3]
     _forced("cpu")
     args = accumulate_args(x, grad, None, labels, cl, tuple(stats), valid, -100)
+    default = _C.cpu_isa()
+
+    def kernel(isa):
+        def run():
+            _C.set_cpu_isa(isa)
+            _C.accumulate_cpu(args, nthreads=torch.get_num_threads())
+        return run
     fns = {
         "cpu": lambda: ops.accumulate_(x, grad, None, labels, cl, *stats, valid, -100),
-        "cpu kernel alone": lambda: _C.accumulate_cpu(args, nthreads=torch.get_num_threads()),
+        "cpu kernel alone": kernel(default),
+        # the narrower instruction-set builds of the same kernel (csrc/cpu/isa.h), for comparison
+        **{f"cpu kernel alone, {isa}": kernel(isa) for isa in _C.cpu_isas() if isa not in ("base", default)},
         "read-bound": lambda: (x.sum(), grad.sum()),
     }
     for f in fns.values():
         f()
+    _C.set_cpu_isa(default)
     times = {k: [] for k in fns}
 
     def each():
         for k, f in fns.items():
             times[k].append(_cold_seconds(f))
+            _C.set_cpu_isa(default)
     benchmark.pedantic(each, rounds=FLOOR_REPS, warmup_rounds=0)
     if benchmark.stats is None:  # --benchmark-disable: nothing measured, nothing reported
         return

@@ -4,9 +4,11 @@
 // named as the struct fields in csrc/include/neuslice/*.h, and every function argument has its
 // name, so nothing is matched by position. Every kernel call releases the GIL. No math here.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "neuslice/accumulate.h"
 #include "neuslice/common.h"
@@ -14,8 +16,10 @@
 #include "neuslice/masked_update.h"
 #include "neuslice/select.h"
 
-namespace neuslice {
-const char* cpu_isa();  // csrc/cpu/isa_dispatch.cpp
+namespace neuslice {  // csrc/cpu/isa_dispatch.cpp (declared in csrc/cpu/isa.h)
+const char* cpu_isa();
+std::vector<std::string> cpu_isas();
+bool set_cpu_isa(const char* name);
 }
 
 #ifdef _OPENMP
@@ -154,6 +158,9 @@ PYBIND11_MODULE(_C, m) {
   m.attr("cuda_compiled") = false;
 #endif
   m.def("cpu_isa", []() { return std::string(neuslice::cpu_isa()); });
+  m.def("cpu_isas", &neuslice::cpu_isas);
+  m.def("set_cpu_isa", [](const std::string& name) { return neuslice::set_cpu_isa(name.c_str()); },
+        py::arg("name"));
   m.def("openmp_max_threads", []() {
 #ifdef _OPENMP
     return omp_get_max_threads();

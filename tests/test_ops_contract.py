@@ -1092,3 +1092,26 @@ def test_status_argument_errors_raise_at_once(force_backend):
     with pytest.raises(ValueError, match=r"labels must be \[B\]"):
         ops.accumulate_(*bad, status=_word())
     assert _unchanged(before, args)
+
+
+def test_isa_choice_is_reported_and_checked():
+    _C = pytest.importorskip("neuslice._C")
+    isas = _C.cpu_isas()
+    assert isas[0] == "base" and set(isas) <= {"base", "avx2", "avx512"}
+    assert _C.cpu_isa() in isas
+    before = _C.cpu_isa()
+    assert not _C.set_cpu_isa("avx1024") and _C.cpu_isa() == before   # unknown: nothing changes
+    for isa in isas:
+        assert _C.set_cpu_isa(isa) and _C.cpu_isa() == isa
+        assert neuslice.backend_info()["cpu_isa"] == isa
+    _C.set_cpu_isa(before)
+
+
+@pytest.mark.parametrize("env", ["base", "avx1024"])
+def test_isa_environment_variable(env):
+    """NEUSLICE_CPU_ISA picks the build at start-up; a name this CPU cannot run leaves the widest."""
+    _C = pytest.importorskip("neuslice._C")
+    code = "import torch; from neuslice import _C; print(_C.cpu_isa())"
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "NEUSLICE_CPU_ISA": env},
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert out == (env if env in _C.cpu_isas() else _C.cpu_isas()[-1])

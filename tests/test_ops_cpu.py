@@ -1,5 +1,6 @@
 """The `cpu` backend (neuslice._C) against `reference`: odd shapes, both layouts, per-token labels,
-dtypes, non-contiguous inputs, thread counts, and bit-identical frozen entries."""
+dtypes, non-contiguous inputs, thread counts, and bit-identical frozen entries; every test once per
+instruction-set build of the kernels this CPU runs (base, avx2, avx512: csrc/cpu/isa.h)."""
 from __future__ import annotations
 
 import pytest
@@ -15,6 +16,29 @@ pytestmark = pytest.mark.skipif(_dispatch.import_error("cpu") is not None,
                                 reason=f"cpu backend unavailable: {_dispatch.import_error('cpu')}")
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+def _isas():
+    try:
+        from neuslice import _C
+    except ImportError:
+        return ["none"]
+    return list(_C.cpu_isas())
+
+
+@pytest.fixture(autouse=True, params=_isas(), ids=lambda isa: f"isa={isa}")
+def cpu_isa(request):
+    """Each test runs the kernels of one instruction-set build; the default choice is restored after."""
+    if request.param == "none":
+        yield None
+        return
+    from neuslice import _C
+    before = _C.cpu_isa()
+    assert _C.set_cpu_isa(request.param)
+    try:
+        yield request.param
+    finally:
+        _C.set_cpu_isa(before)
 
 
 def _run_both(force_backend, x, g, r, labels, cl, acc, valid=None, extra=""):
@@ -374,3 +398,4 @@ def test_select_backend_on_empty_scores(shape):
     s = torch.rand(shape)
     assert _backend_cpu.select(s, 0.5).shape == shape
     assert _backend_cpu.select_topk(s, 0.5).shape == shape
+

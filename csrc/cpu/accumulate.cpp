@@ -52,8 +52,11 @@ constexpr int kRows = 4;
 constexpr int64_t kShortRowBytes = 8192;
 
 // Sums over R rows of one sample's positions (channels-last): ax += v, ag += v*w, ad += (v-r)*w.
+// 256-bit vectors in the AVX-512 build too (NEUSLICE_VEC256): on the MiniLM FFN tap shape (rows of
+// 6 KiB, one at a time: 2 loads and 2 stores of L1 accumulators per vector of x) 512-bit vectors were
+// 3-7% slower than the AVX2 build in two of three interleaved runs (1 thread, cold cache).
 template <typename T, bool HasG, bool HasR, bool Unit, int R>
-inline void add_positions(const T* const* xp, const T* const* gp, const T* const* rp, int64_t tn,
+NEUSLICE_VEC256 void add_positions(const T* const* xp, const T* const* gp, const T* const* rp, int64_t tn,
                           int64_t xn, int64_t gn, int64_t rn, typename Elem<T>::acc* __restrict__ ax,
                           typename Elem<T>::acc* __restrict__ ag, typename Elem<T>::acc* __restrict__ ad) {
   using Acc = typename Elem<T>::acc;
@@ -128,9 +131,11 @@ inline void add_samples(const T* const* xp, const T* const* gp, const T* const* 
 // Sample b, channels-first with S > 1, neurons [n0, n1): reduce each (b, n) S-run.
 // `runs` holds the sample's valid positions as nruns runs [runs[2i], runs[2i+1]) (one run [0, S)
 // without a valid mask; padding is usually one run at either end), and inv_s = 1 / |V_b|:
-// positions outside them are never read.
+// positions outside them are never read. 256-bit vectors in the AVX-512 build (NEUSLICE_VEC256): on
+// the conv shape (S = 196: runs of 12.25 512-bit vectors, each ending in a horizontal sum) 512-bit
+// vectors were 0-8% slower than the AVX2 build in interleaved runs (1 thread, cold cache).
 template <typename T, bool HasG, bool HasR, bool Unit>
-void sample_cf(const AccumulateArgs& a, int64_t b, int64_t c, Scratch<typename Elem<T>::acc>& sc,
+NEUSLICE_VEC256 void sample_cf(const AccumulateArgs& a, int64_t b, int64_t c, Scratch<typename Elem<T>::acc>& sc,
                int64_t n0, int64_t n1, const int64_t* runs, int64_t nruns, typename Elem<T>::acc inv_s) {
   using Acc = typename Elem<T>::acc;
   const T* x = static_cast<const T*>(a.x);
@@ -180,7 +185,8 @@ void sample_cf(const AccumulateArgs& a, int64_t b, int64_t c, Scratch<typename E
 }
 
 // Sample b, channels-last with S > 1, neurons [n0, n1): reduce rows x[b, s, n0:n1] over s into
-// `buf` (3 * (n1 - n0) accumulators), then add the sample's terms.
+// `buf` (3 accumulator rows, 64-byte aligned, Scratch::lead(n1 - n0) apart: rows that start mid-line
+// made every 512-bit load and store of them split a cache line), then add the sample's terms.
 // Positions: the valid runs of the sample and inv_s = 1 / |V_b|, as in sample_cf.
 template <typename T, bool HasG, bool HasR, bool Unit>
 void sample_cl(const AccumulateArgs& a, int64_t b, int64_t c, Scratch<typename Elem<T>::acc>& sc,
@@ -190,11 +196,11 @@ void sample_cl(const AccumulateArgs& a, int64_t b, int64_t c, Scratch<typename E
   const T* x = static_cast<const T*>(a.x);
   const T* g = static_cast<const T*>(a.g);
   const T* r = static_cast<const T*>(a.r);
-  const int64_t tn = n1 - n0;
+  const int64_t tn = n1 - n0, ld = Scratch<Acc>::lead(tn);
   Acc* ax = buf;
-  Acc* ag = ax + tn;
-  Acc* ad = ag + tn;
-  std::fill(buf, buf + 3 * tn, Acc(0));
+  Acc* ag = ax + ld;
+  Acc* ad = ag + ld;
+  std::fill(buf, buf + 3 * ld, Acc(0));
   const T* xp[kRows];
   const T* gp[kRows];
   const T* rp[kRows];
@@ -327,11 +333,12 @@ int run_range(const AccumulateArgs& a, const Batch<typename Elem<T>::acc>& bt, S
     return rows_by_class<T, HasG, HasR, Unit>(a, lab, order, sc, n0, n1);
   } else if (a.channels_last) {
     for (int64_t c = 0; c < sc.kb; ++c) sc.zero(c, n0, n1);
-    std::vector<Acc> buf(static_cast<size_t>(3 * std::min(kClBlock, n1 - n0)));
+    const Block buf = allocate(3 * Scratch<Acc>::lead(std::min(kClBlock, n1 - n0)) * sizeof(Acc));
     for (int64_t i = r0; i < r1; ++i) {
       const int64_t b = kept[i], q0 = bt.run_off[b];
       for (int64_t m0 = n0; m0 < n1; m0 += kClBlock)
-        sample_cl<T, HasG, HasR, Unit>(a, b, lab[b], sc, m0, std::min(n1, m0 + kClBlock), buf.data(),
+        sample_cl<T, HasG, HasR, Unit>(a, b, lab[b], sc, m0, std::min(n1, m0 + kClBlock),
+                                       reinterpret_cast<Acc*>(buf.get()),
                                        bt.runs.data() + 2 * q0, bt.run_off[b + 1] - q0, bt.inv[b]);
     }
   } else {

@@ -1,12 +1,25 @@
 // Instruction-set variants of the CPU kernels. accumulate.cpp and masked_update.cpp are compiled
-// twice: for the x86-64 baseline (namespace isa_base) and with AVX2+FMA (namespace isa_avx2, see
-// CMakeLists.txt); isa_dispatch.cpp picks one at run time. Measured on the dev box (1 thread, cold
-// cache): AVX2 made accumulate 10-20% faster on the linear and transformer shapes.
+// up to three times: for the x86-64 baseline (namespace isa_base), with AVX2+FMA (isa_avx2) and
+// with AVX-512 F/VL/BW/DQ and 512-bit vectors (isa_avx512), see CMakeLists.txt; isa_dispatch.cpp
+// picks the widest the CPU runs at run time. Measured on the dev box (1 thread, cold cache): AVX2
+// made accumulate 10-20% faster than the baseline on the linear and transformer shapes; AVX-512
+// (the ISA torch's own kernels use there, an AMD EPYC) a further ~5% (README, "Benchmarks").
 #pragma once
 
 #ifndef NEUSLICE_CPU_ISA
 #define NEUSLICE_CPU_ISA isa_base
 #endif
+
+// A loop that the AVX-512 build keeps at 256-bit vectors (where 512-bit ones measured slower); not
+// inlined, since GCC vectorizes an inlined body with its caller's options.
+#if defined(__AVX512F__) && defined(__GNUC__) && !defined(__clang__)
+#define NEUSLICE_VEC256 __attribute__((noinline, target("prefer-vector-width=256")))
+#else
+#define NEUSLICE_VEC256
+#endif
+
+#include <string>
+#include <vector>
 
 #include "neuslice/accumulate.h"
 #include "neuslice/masked_update.h"
@@ -23,8 +36,16 @@ namespace neuslice {
   }
 NEUSLICE_DECLARE_ISA(isa_base)
 NEUSLICE_DECLARE_ISA(isa_avx2)
+NEUSLICE_DECLARE_ISA(isa_avx512)
 #undef NEUSLICE_DECLARE_ISA
 
-// Name of the variant the dispatcher uses on this CPU ("avx2" or "base").
+// Name of the variant the dispatcher uses ("avx512", "avx2" or "base"): the widest this CPU and build
+// run, or the one NEUSLICE_CPU_ISA (read at the first call) or set_cpu_isa() chose.
 const char* cpu_isa();
+// The variants this CPU and build can run, narrowest first.
+std::vector<std::string> cpu_isas();
+// Use variant `name` from now on; false (nothing changes) when this CPU or build cannot run it.
+// For tests and benchmarks that compare the variants in one process; calls already running finish
+// with the variant they started with.
+bool set_cpu_isa(const char* name);
 }  // namespace neuslice

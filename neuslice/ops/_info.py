@@ -13,7 +13,8 @@ def backend_info() -> Dict[str, Any]:
     """A dict describing the built extension, Triton, the device, and each backend's availability.
 
     Keys: ``c_extension`` (bool), ``c_extension_error`` (str or None), ``cuda_compiled`` (bool: CUDA
-    kernels are in ``_C``), ``cuda_runtime_version`` (int or None), ``openmp_threads``, ``cpu_isa`` (kernel variant: avx2 or base), ``torch_threads``,
+    kernels are in ``_C``), ``cuda_runtime_version`` (int or None), ``openmp_threads``, ``cpu_isa`` (the
+    CPU kernels' instruction-set build in use: avx512, avx2 or base; ``NEUSLICE_CPU_ISA`` caps it), ``torch_threads``,
     ``triton`` (version or None), ``triton_error``, ``cuda_available`` (torch sees a GPU),
     ``forced`` (``NEUSLICE_BACKEND`` or None), ``order`` (per device type), ``backends``
     (name -> None if importable, else why not).
