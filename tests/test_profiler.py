@@ -383,3 +383,48 @@ def test_autocast_bf16_accumulates_in_float32_and_float64(monkeypatch):
         for s, tol_ in AUTOCAST_BF16.items():
             assert got.stats[n][s].dtype == torch.float64
             assert_normwise_close(got.stats[n][s], want.stats[n][s], tol_, f"{n}/{s}")
+
+
+@pytest.mark.parametrize("mask_from", ["attention_mask", "mask="])
+def test_profiler_reads_no_tensor_values_during_the_backward(monkeypatch, mask_from):
+    """On a GPU every host read of tensor values waits for the device, and one inside the backward's hooks
+    leaves the device idle while the host catches up (docs/architecture.md, "Deferred status"). The engine reads
+    a batch's labels and mask once, before the forward (host copies: capture.host_copy), and its status words once,
+    after the backward. Checked on the CPU with the status words deferred as on a GPU: every read of tensor
+    values made by code in neuslice/engine, by phase."""
+    pytest.importorskip("transformers")
+    import sys
+
+    import hf_models as hf
+    from neuslice.engine.capture import StatusWords
+    from neuslice.engine.hooks import in_backward
+    monkeypatch.setattr(StatusWords, "DEFERRED", ("cuda", "cpu"))
+    model, batch = hf.bert()
+    model.train()
+    x, y = batch(6, 8, pad=3), torch.tensor([0, 1, 2, 0, 1, -100])
+    mask = x["attention_mask"].bool() if mask_from == "mask=" else None
+    reads = []
+
+    def spy(name, real):
+        def read(*args, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename.replace("\\", "/")
+            if "/neuslice/engine/" in caller:
+                reads.append((name, "backward" if in_backward() else "outside"))
+            return real(*args, **kwargs)
+        return read
+    for name in ("tolist", "item", "__bool__", "__int__", "__float__", "__index__", "nonzero", "unique"):
+        monkeypatch.setattr(torch.Tensor, name, spy(name, getattr(torch.Tensor, name)))
+    for name in ("unique", "nonzero", "masked_select"):
+        monkeypatch.setattr(torch, name, spy(name, getattr(torch, name)))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with neuslice.Profiler(model, hf.CLASSES, metrics=("avg", "var", "taylor")) as prof:
+        for _ in range(2):                      # the first batch probes the model; the second is a plain step
+            reads.clear()
+            with prof.batch(y, mask=mask):
+                loss = F.cross_entropy(model(**x).logits, y)
+                loss.backward()
+            opt.step()
+            opt.zero_grad()
+    assert [r for r in reads if r[1] == "backward"] == []
+    assert any(r[0] == "tolist" for r in reads)         # (the spy sees the reads that remain: labels, status)
+    assert prof.profile().stats["bert.encoder.layer.0.intermediate.dense"]["count"].sum() == 10   # 5 labelled samples, 2 batches

@@ -41,28 +41,47 @@ def check_ignore_index(fn: str, ignore_index) -> int:
     return ignore_index
 
 
+def host_copy(t: Tensor) -> Tensor:
+    """``t`` on the CPU: ``t`` itself there, else a copy. On a GPU that is a read of device memory, which waits
+    for the device; the engine reads each batch's labels and mask once, before the forward (docs/architecture.md,
+    "Deferred status"), and decides everything that needs their values from these copies, so nothing in the
+    backward waits for the device."""
+    return t if t.device.type == "cpu" else t.cpu()
+
+
 def check_labels(fn: str, labels, num_classes: int, ignore_index: int = -100) -> Tensor:
     """``labels`` as int64 ``[B]`` or ``[B, T]`` in ``[0, num_classes)`` or equal to ``ignore_index`` (skipped);
     raises naming ``fn`` otherwise."""
+    return check_labels_host(fn, labels, num_classes, ignore_index)[0]
+
+
+def check_labels_host(fn: str, labels, num_classes: int, ignore_index: int = -100) -> Tuple[Tensor, Tensor]:
+    """:func:`check_labels`, and the labels' :func:`host_copy` (int64) the check read."""
     if not isinstance(labels, Tensor):
         raise TypeError(f"{fn}: labels must be an integer tensor [B] or [B, T], got {type(labels).__name__}")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise TypeError(f"{fn}: labels must be an integer tensor (class indices), got {labels.dtype}")
     if labels.dim() not in (1, 2):
         raise ValueError(f"{fn}: labels must be [B] (per sample) or [B, T] (per token), got {list(labels.shape)}")
-    if labels.numel():
-        lo, hi = torch.stack(torch.aminmax(labels)).tolist()
+    host = host_copy(labels).long()
+    if host.numel():
+        lo, hi = torch.stack(torch.aminmax(host)).tolist()
         if lo < 0 or hi >= num_classes:
-            bad = labels[(labels != ignore_index) & ((labels < 0) | (labels >= num_classes))]
+            bad = host[(host != ignore_index) & ((host < 0) | (host >= num_classes))]
             if bad.numel():
                 raise ValueError(f"{fn}: labels must lie in [0, {num_classes}) (num_classes={num_classes}) or equal "
                                  f"ignore_index ({ignore_index}), got label {int(bad[0])}")
-    return labels.long()
+    return labels.long(), host
 
 
 def check_mask(fn: str, mask, labels: Tensor, what: str = "mask") -> Tensor:
     """A batch's valid positions as bool ``[B, T]`` (True = the position counts; docs/method.md §2): ``mask``
     bool, or integer 0/1 (``attention_mask``: 1 = token, 0 = padding), with B the labels' batch size."""
+    return check_mask_host(fn, mask, labels, what)[0]
+
+
+def check_mask_host(fn: str, mask, labels: Tensor, what: str = "mask") -> Tuple[Tensor, Tensor]:
+    """:func:`check_mask` (on the mask's device), and its :func:`host_copy` (bool)."""
     hint = ("; pass an explicit bool [B, T] mask (True = the position counts) as the batch's third element "
             "(profile) or mask= (Profiler.batch)") if what == "attention_mask" else ""
     if not isinstance(mask, Tensor):
@@ -74,24 +93,37 @@ def check_mask(fn: str, mask, labels: Tensor, what: str = "mask") -> Tensor:
         raise ValueError(f"{fn}: {what} {list(mask.shape)} and per-token labels {list(labels.shape)} must have the "
                          "same T")
     if mask.dtype == torch.bool:
-        return mask
+        return mask, host_copy(mask)
     if mask.dtype.is_complex or (mask.dtype.is_floating_point and what != "attention_mask"):
         raise TypeError(f"{fn}: {what} must be bool (True = the position counts) or integer 0/1, got {mask.dtype}")
-    if mask.numel():
-        lo, hi = torch.stack(torch.aminmax(mask)).tolist()
+    host = host_copy(mask)
+    if host.numel():
+        lo, hi = torch.stack(torch.aminmax(host)).tolist()
         if lo < 0 or hi > 1:
             raise ValueError(f"{fn}: {what} must hold 0 (padding) and 1 (a token) only, got values in "
                              f"[{lo}, {hi}]{hint}")
-    return mask != 0
+    return mask != 0, host != 0
+
+
+def mask_facts(host: Optional[Tensor]) -> Optional[bool]:
+    """What :func:`call_valid` needs of a batch's mask values, from its host copy: whether every sample has a
+    valid position (None without a mask)."""
+    return None if host is None else bool(host.any(1).all())
 
 
 def batch_mask(fn: str, inputs, mask, labels: Tensor) -> Optional[Tensor]:
     """The valid positions of one batch (docs/method.md §2): ``mask`` when given, else the ``attention_mask``
     of a mapping of inputs (the Hugging Face convention), else None (every position counts)."""
+    got = batch_mask_host(fn, inputs, mask, labels)
+    return None if got is None else got[0]
+
+
+def batch_mask_host(fn: str, inputs, mask, labels: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
+    """:func:`batch_mask` and its host copy (:func:`check_mask_host`), or None."""
     if mask is not None:
-        return check_mask(fn, mask, labels)
+        return check_mask_host(fn, mask, labels)
     if isinstance(inputs, Mapping) and inputs.get("attention_mask") is not None:
-        return check_mask(fn, inputs["attention_mask"], labels, "attention_mask")
+        return check_mask_host(fn, inputs["attention_mask"], labels, "attention_mask")
     return None
 
 
@@ -151,8 +183,8 @@ def join_calls(fn: str, info: LayerInfo, views: Sequence[Tuple[Tensor, bool]], l
     return torch.cat([x.unsqueeze(2) if x.dim() == 2 else x for x, _ in views], 2), False
 
 
-def call_valid(fn: str, info: LayerInfo, ts: Sequence[Tensor], labels: Tensor,
-               mask: Optional[Tensor]) -> Tuple[Optional[Tensor], bool, Optional[list]]:
+def call_valid(fn: str, info: LayerInfo, ts: Sequence[Tensor], labels: Tensor, mask: Optional[Tensor],
+               every_sample: Optional[bool] = None) -> Tuple[Optional[Tensor], bool, Optional[list]]:
     """``(valid, applied, missed)`` for a layer's taps ``ts`` (one per call) and a batch's mask ``[B, T]``:
     accumulate_'s ``valid`` ``[B, S]`` (the calls joined along s as :func:`call_views` joins them; None where
     it would be all True), whether the mask applied to some call, and the tap shape of a call with positions
@@ -160,7 +192,8 @@ def call_valid(fn: str, info: LayerInfo, ts: Sequence[Tensor], labels: Tensor,
 
     ``mask`` applies to every call whose tap is ``[B, T, N]`` (channels-last) with the mask's T. A call of
     another shape keeps all its positions, except that a sample without any valid position counts nowhere
-    (so every layer counts the same samples)."""
+    (so every layer counts the same samples). ``every_sample``: whether every sample has a valid position, as
+    :func:`mask_facts` found it before the forward; None reads it from ``mask`` (on a GPU, a wait for the device)."""
     if mask is None:
         return None, False, None
     if mask.device != labels.device:
@@ -179,7 +212,7 @@ def call_valid(fn: str, info: LayerInfo, ts: Sequence[Tensor], labels: Tensor,
             missed = list(tap.shape)
         if sample is None:
             sample = mask.any(1, keepdim=True)
-            any_false = not bool(sample.all())
+            any_false = not (bool(sample.all()) if every_sample is None else every_sample)
         parts.append(sample.expand(b, s))
     if not applied and not any_false:
         return None, False, missed
@@ -346,7 +379,7 @@ def present_classes(labels: Tensor, ignore_index: int = -100) -> Tuple[Tensor, T
     ≤ B·T per token; ``ignore_index`` is no class) and ``labels`` as indices into ``present`` (same shape;
     skipped ones are ``compact_ignore(ignore_index)``). A batch accumulates into ``new_stats(Kp, ...)`` with the
     compact labels and is added to the ``[K, N]`` totals by :func:`add_present`, so its memory and time do not
-    grow with K (docs/method.md §2)."""
+    grow with K (docs/method.md §2). It reads the labels' values: the engine passes their :func:`host_copy`."""
     keep = labels != ignore_index
     if bool(keep.all()):
         present, compact = torch.unique(labels, sorted=True, return_inverse=True)

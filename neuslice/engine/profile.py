@@ -23,9 +23,9 @@ from torch import Tensor, nn
 from .. import ops
 from .._errors import NonFiniteError
 from ..ops.reference import acc_dtype
-from .capture import (GRADIENT_METRICS, add_present, batch_mask, call_model, call_valid, call_views, check_calls,
-                      check_ignore_index, check_labels, check_metrics, check_num_classes, compact_ignore, dl_forms,
-                      drop_unused, layer_entries, model_device, new_stats, new_totals, nonfinite_what,
+from .capture import (GRADIENT_METRICS, add_present, batch_mask_host, call_model, call_valid, call_views, check_calls,
+                      check_ignore_index, check_labels_host, check_metrics, check_num_classes, compact_ignore, dl_forms,
+                      drop_unused, layer_entries, mask_facts, model_device, new_stats, new_totals, nonfinite_what,
                       present_classes, shared_ref, target_of, to_device, unwrap, warn_unmasked, warn_unseen,
                       StatusWords)
 from .deeplift import Rescale
@@ -154,9 +154,12 @@ class _Offline:
     def batch(self, x, labels, mask=None) -> None:
         """Profile one batch: forward, the target's gradient(s) at the taps, then accumulate. ``mask``: the
         valid positions ``[B, T]`` (else the inputs' ``attention_mask``, if any; docs/method.md §2)."""
-        y = check_labels(self.fn, labels, self.k, self.ignore_index).to(self.device)
-        mask = batch_mask(self.fn, x, mask, y)
-        mask = None if mask is None else mask.to(self.device)
+        # Labels and mask are read once, here (their host copies decide what needs their values: on a GPU
+        # nothing after the forward waits for the device but the status words' read; capture.host_copy).
+        y, y_host = check_labels_host(self.fn, labels, self.k, self.ignore_index)
+        y = y.to(self.device)
+        mask, mask_host = batch_mask_host(self.fn, x, mask, y) or (None, None)
+        mask, every_sample = None if mask is None else mask.to(self.device), mask_facts(mask_host)
         x = to_device(x, self.device)
         refs = self._ensure_ref(x) if self.want_dl else [None] * len(self.taps)
         with torch.set_grad_enabled(self.grad):
@@ -178,13 +181,14 @@ class _Offline:
             self.kept = drop_unused(self.fn, self.plan, dead)
             for name in dead:
                 del self.totals[name]
-        present, yc = present_classes(y, self.ignore_index)    # [Kp, N] batch buffers, Kp = classes present
+        present, yc = present_classes(y_host, self.ignore_index)    # [Kp, N] batch buffers, Kp = classes present
+        yc = yc.to(self.device)
         partial, applied, missed = {}, False, {}
         words = StatusWords(len(self.plan.layers))
         for j, (info, ts, g, m, r) in enumerate(zip(self.plan.layers, self.taps, grads, mults, refs)):
             if info.name not in self.totals:
                 continue
-            valid, hit, miss = call_valid(self.fn, info, ts, y, mask)
+            valid, hit, miss = call_valid(self.fn, info, ts, y, mask, every_sample)
             applied = applied or hit
             if miss is not None:
                 missed[info.name] = miss

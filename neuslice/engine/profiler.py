@@ -18,9 +18,9 @@ from .. import ops
 from .._errors import NeusliceError, NonFiniteError
 from ..ops.reference import acc_dtype
 from .capture import (GRADIENT_METRICS, StatusWords, add_present_all, call_model, call_valid, call_views, check_calls,
-                      check_ignore_index, check_labels, check_mask, check_metrics, check_num_classes, compact_ignore,
-                      drop_unused, layer_entries, model_device, new_stats, new_totals, nonfinite_what,
-                      present_classes, shared_ref, tap_view, unwrap, warn_unmasked, warn_unseen)
+                      check_ignore_index, check_labels_host, check_mask_host, check_metrics, check_num_classes,
+                      compact_ignore, drop_unused, layer_entries, mask_facts, model_device, new_stats, new_totals,
+                      nonfinite_what, present_classes, shared_ref, tap_view, unwrap, warn_unmasked, warn_unseen)
 from .graph import discover, head_entries, traceable
 from .hooks import ChainHooks, in_backward
 from .metrics import kept_stats
@@ -114,8 +114,8 @@ class Profiler:
             raise RuntimeError(f"{fn}: the profiler is closed")
         if self._batch is not None:
             raise RuntimeError(f"{fn}: a batch is already open (batches do not nest)")
-        labels = check_labels(fn, labels, self.k, self.ignore_index)
-        return _Batch(self, labels, None if mask is None else check_mask(fn, mask, labels))
+        labels, host = check_labels_host(fn, labels, self.k, self.ignore_index)
+        return _Batch(self, labels, host, None if mask is None else check_mask_host(fn, mask, labels))
 
     def profile(self) -> Profile:
         """A snapshot :class:`~neuslice.Profile` (copies) of everything accumulated so far."""
@@ -180,20 +180,22 @@ class Profiler:
         b.forwards += 1
         if b.mask is None and b.forwards == 1:
             try:
-                b.mask = self._attention_mask(args, kwargs, b.labels)
+                got = self._attention_mask(args, kwargs, b.labels)
+                if got is not None:
+                    b.set_mask(*got)
             except (TypeError, ValueError) as e:        # reported when the block ends; the batch is rejected
                 b.errors.append(e)
         return None
 
-    def _attention_mask(self, args, kwargs, labels) -> Optional[Tensor]:
-        """The forward's ``attention_mask`` argument (by name or position), checked, or None."""
+    def _attention_mask(self, args, kwargs, labels) -> Optional[Tuple[Tensor, Tensor]]:
+        """The forward's ``attention_mask`` argument (by name or position), checked, and its host copy; or None."""
         am = kwargs.get("attention_mask")
         if am is None and args and self._forward_sig is not None and "attention_mask" in self._forward_sig.parameters:
             try:
                 am = self._forward_sig.bind_partial(*args, **kwargs).arguments.get("attention_mask")
             except TypeError:
                 am = None
-        return None if am is None else check_mask("neuslice.Profiler.batch", am, labels, "attention_mask")
+        return None if am is None else check_mask_host("neuslice.Profiler.batch", am, labels, "attention_mask")
 
     def _narrow(self, plan) -> None:
         """Adopt ``plan``, the current one without its unused layers (after the first batch)."""
@@ -248,11 +250,17 @@ class _Batch:
 
     FN = "neuslice.Profiler.batch"
 
-    def __init__(self, prof: Profiler, labels: Tensor, mask: Optional[Tensor] = None):
-        self.p, self.labels, self.mask = prof, labels, mask
+    def __init__(self, prof: Profiler, labels: Tensor, host: Tensor, mask: Optional[Tuple[Tensor, Tensor]] = None):
+        # Labels and mask, and their host copies (read once, before the forward: on a GPU nothing in the
+        # backward waits for the device; capture.host_copy). The compact labels go to each tap's device once.
+        self.p, self.labels = prof, labels
+        self.mask, self.every_sample = None, None
+        if mask is not None:
+            self.set_mask(*mask)
         self.applied, self.missed = False, {}      # the mask applied to some tap; layers it could not apply to
         self.stats: Dict[int, Dict[str, Tensor]] = {}    # per layer: [Kp, N] sums over the classes present
-        self.compact: Optional[Tuple[Tensor, Tensor]] = None   # present_classes(labels), on the labels' device
+        self.present, compact = present_classes(host, prof.ignore_index)   # on the CPU
+        self.compact: Dict[torch.device, Tensor] = {compact.device: compact}   # the compact labels per device
         self.saved: Dict[int, List[tuple]] = {}          # per layer, per call: (tap, tap version)
         self.grads: Dict[int, Dict[int, Tensor]] = {}   # per layer: {call: gradient}
         self.forwards = 0
@@ -263,6 +271,11 @@ class _Batch:
         self.errors: List[Exception] = []
         self.error_layers: List[int] = []   # layer of each non-finite error: report the first in forward order
         self.words: Optional[StatusWords] = None   # the accumulate_ status words, made at the first call
+
+    def set_mask(self, mask: Tensor, host: Tensor) -> None:
+        """The batch's valid positions (on their device) and what the engine needs of their values (read from
+        ``host``, their host copy, now: not in the backward)."""
+        self.mask, self.every_sample = mask, mask_facts(host)
 
     def __enter__(self) -> "_Batch":
         self.p._batch = self
@@ -341,7 +354,7 @@ class _Batch:
         try:
             taps = [x for x, _ in calls]
             x, cl, g = call_views(self.FN, info, taps, self.labels, grads)
-            valid, hit, miss = call_valid(self.FN, info, taps, self.labels, self.mask)
+            valid, hit, miss = call_valid(self.FN, info, taps, self.labels, self.mask, self.every_sample)
         except ValueError as e:
             self.errors.append(e)
             return
@@ -352,11 +365,12 @@ class _Batch:
 
     def _acc(self, i: int, x: Tensor, cl: bool, g: Optional[Tensor], valid: Optional[Tensor] = None) -> None:
         info = self.p.plan.layers[i]
-        if self.compact is None or self.compact[1].device != self.labels.device:
-            self.compact = present_classes(self.labels, self.p.ignore_index)
-        present, yc = self.compact
+        present = self.present
         if not len(present):                    # every sample/token is ignore_index
             return
+        yc = self.compact.get(x.device)
+        if yc is None:
+            yc = self.compact[x.device] = next(iter(self.compact.values())).to(x.device)
         st = self.stats.get(i)
         if st is None:
             key = (len(present), acc_dtype(x.dtype), x.device)
@@ -451,7 +465,7 @@ class _Batch:
             self.p._warned_mask = True
             warn_unmasked(self.FN, self.missed, self.mask.shape[1], stacklevel=3)
         layers = self.p.plan.layers
-        add_present_all([(self.p.totals[layers[i].name], st) for i, st in self.stats.items()], self.compact[0])
+        add_present_all([(self.p.totals[layers[i].name], st) for i, st in self.stats.items()], self.present)
         if self.stats:      # the buffers, zeroed in one call, serve the next batch with the same classes present
             torch._foreach_zero_([v for st in self.stats.values() for v in st.values()])
             for i, st in self.stats.items():
