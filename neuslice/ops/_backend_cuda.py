@@ -44,8 +44,8 @@ def refuse(op: str, args: tuple) -> Optional[str]:
     if op not in _OPS:
         return f"does not implement {op}"
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    devices = sorted({str(t.device) for t in tensors})
-    if not tensors or any(t.device.type != "cuda" for t in tensors):
+    if not tensors or any(not t.is_cuda for t in tensors):   # (the device names only when refusing: every call asks)
+        devices = sorted({str(t.device) for t in tensors})
         return f"runs CUDA tensors only, got tensors on {', '.join(devices) or 'no device'}"
     if _runtime_devices() == 0:
         return (f"the CUDA runtime compiled into neuslice._C ({_C.cuda_runtime_version()}) sees no GPU "
