@@ -68,9 +68,16 @@ class _Offline:
             raise
 
     def close(self) -> None:
+        """Remove the hooks and let go of every tensor but the totals. The run's objects reference one another
+        (hooks call its methods), so without this the taps, the reference rows and Rescale's buffers lived until
+        Python's cyclic collector ran: 0.8 GB per call on the padded MiniLM-config bench, and RSS grew from 1.9 to
+        5.8 GB over 6 calls while the time per call went from 6.5 to 8.7 s (a scratch loop)."""
         for h in (self.hooks, self.rescale):
             if h is not None:
                 h.remove()
+        self.hooks = self.rescale = self.refs = None
+        self.rows = RowRefs()
+        self.taps = [[] for _ in self.plan.layers]
 
     def _on_tap(self, i: int, t):
         if in_backward():               # gradient checkpointing recomputes a block: its taps were read in forward
