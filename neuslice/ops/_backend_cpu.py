@@ -7,6 +7,8 @@ Threads: ``torch.get_num_threads()`` at each call; torch's OpenMP runtime serves
 """
 from __future__ import annotations
 
+import os
+import warnings
 from typing import Optional
 
 import torch  # noqa: F401  (before _C: torch's libgomp then serves the kernels too)
@@ -17,6 +19,13 @@ from ._native import accumulate_args, masked_param, ptr, scores_for_kernel, sele
 from .reference import topk_count
 
 __all__ = ["refuse", "accumulate_", "select", "select_topk", "masked_sgd_", "masked_adamw_"]
+
+# NEUSLICE_CPU_ISA caps the kernels' instruction-set build (csrc/cpu/isa_dispatch.cpp); a name this CPU and
+# build cannot run is ignored there, and said here.
+_ISA = os.environ.get("NEUSLICE_CPU_ISA")
+if _ISA is not None and _ISA not in _C.cpu_isas():
+    warnings.warn(f"NEUSLICE_CPU_ISA={_ISA!r} is not a kernel build this CPU runs (expected one of "
+                  f"{', '.join(_C.cpu_isas())}); using {_C.cpu_isa()}", RuntimeWarning)
 
 
 def _contiguous(*ts) -> bool:
