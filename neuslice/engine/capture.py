@@ -49,14 +49,9 @@ def host_copy(t: Tensor) -> Tensor:
     return t if t.device.type == "cpu" else t.cpu()
 
 
-def check_labels(fn: str, labels, num_classes: int, ignore_index: int = -100) -> Tensor:
-    """``labels`` as int64 ``[B]`` or ``[B, T]`` in ``[0, num_classes)`` or equal to ``ignore_index`` (skipped);
-    raises naming ``fn`` otherwise."""
-    return check_labels_host(fn, labels, num_classes, ignore_index)[0]
-
-
-def check_labels_host(fn: str, labels, num_classes: int, ignore_index: int = -100) -> Tuple[Tensor, Tensor]:
-    """:func:`check_labels`, and the labels' :func:`host_copy` (int64) the check read."""
+def check_labels(fn: str, labels, num_classes: int, ignore_index: int = -100) -> Tuple[Tensor, Tensor]:
+    """``labels`` as int64 ``[B]`` or ``[B, T]`` in ``[0, num_classes)`` or equal to ``ignore_index`` (skipped),
+    and their :func:`host_copy` (int64), which the check read; raises naming ``fn`` otherwise."""
     if not isinstance(labels, Tensor):
         raise TypeError(f"{fn}: labels must be an integer tensor [B] or [B, T], got {type(labels).__name__}")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
@@ -74,14 +69,10 @@ def check_labels_host(fn: str, labels, num_classes: int, ignore_index: int = -10
     return labels.long(), host
 
 
-def check_mask(fn: str, mask, labels: Tensor, what: str = "mask") -> Tensor:
-    """A batch's valid positions as bool ``[B, T]`` (True = the position counts; docs/method.md §2): ``mask``
-    bool, or integer 0/1 (``attention_mask``: 1 = token, 0 = padding), with B the labels' batch size."""
-    return check_mask_host(fn, mask, labels, what)[0]
-
-
-def check_mask_host(fn: str, mask, labels: Tensor, what: str = "mask") -> Tuple[Tensor, Tensor]:
-    """:func:`check_mask` (on the mask's device), and its :func:`host_copy` (bool)."""
+def check_mask(fn: str, mask, labels: Tensor, what: str = "mask") -> Tuple[Tensor, Tensor]:
+    """A batch's valid positions as bool ``[B, T]`` (True = the position counts; docs/method.md §2), on the mask's
+    device, and their :func:`host_copy`: ``mask`` bool, or integer 0/1 (``attention_mask``: 1 = token,
+    0 = padding), with B the labels' batch size."""
     hint = ("; pass an explicit bool [B, T] mask (True = the position counts) as the batch's third element "
             "(profile) or mask= (Profiler.batch)") if what == "attention_mask" else ""
     if not isinstance(mask, Tensor):
@@ -111,19 +102,14 @@ def mask_facts(host: Optional[Tensor]) -> Optional[bool]:
     return None if host is None else bool(host.any(1).all())
 
 
-def batch_mask(fn: str, inputs, mask, labels: Tensor) -> Optional[Tensor]:
-    """The valid positions of one batch (docs/method.md §2): ``mask`` when given, else the ``attention_mask``
-    of a mapping of inputs (the Hugging Face convention), else None (every position counts)."""
-    got = batch_mask_host(fn, inputs, mask, labels)
-    return None if got is None else got[0]
-
-
-def batch_mask_host(fn: str, inputs, mask, labels: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
-    """:func:`batch_mask` and its host copy (:func:`check_mask_host`), or None."""
+def batch_mask(fn: str, inputs, mask, labels: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
+    """The valid positions of one batch and their host copy (:func:`check_mask`; docs/method.md §2): ``mask`` when
+    given, else the ``attention_mask`` of a mapping of inputs (the Hugging Face convention), else None (every
+    position counts)."""
     if mask is not None:
-        return check_mask_host(fn, mask, labels)
+        return check_mask(fn, mask, labels)
     if isinstance(inputs, Mapping) and inputs.get("attention_mask") is not None:
-        return check_mask_host(fn, inputs["attention_mask"], labels, "attention_mask")
+        return check_mask(fn, inputs["attention_mask"], labels, "attention_mask")
     return None
 
 

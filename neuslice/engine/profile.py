@@ -23,8 +23,8 @@ from torch import Tensor, nn
 from .. import ops
 from .._errors import NonFiniteError
 from ..ops.reference import acc_dtype
-from .capture import (GRADIENT_METRICS, add_present, batch_mask_host, call_model, call_valid, call_views, check_calls,
-                      check_ignore_index, check_labels_host, check_metrics, check_num_classes, compact_ignore, dl_forms,
+from .capture import (GRADIENT_METRICS, add_present, batch_mask, call_model, call_valid, call_views, check_calls,
+                      check_ignore_index, check_labels, check_metrics, check_num_classes, compact_ignore, dl_forms,
                       drop_unused, layer_entries, mask_facts, model_device, new_stats, new_totals, nonfinite_what,
                       present_classes, shared_ref, target_of, to_device, unwrap, warn_unmasked, warn_unseen,
                       StatusWords)
@@ -163,9 +163,9 @@ class _Offline:
         valid positions ``[B, T]`` (else the inputs' ``attention_mask``, if any; docs/method.md §2)."""
         # Labels and mask are read once, here (their host copies decide what needs their values: on a GPU
         # nothing after the forward waits for the device but the status words' read; capture.host_copy).
-        y, y_host = check_labels_host(self.fn, labels, self.k, self.ignore_index)
+        y, y_host = check_labels(self.fn, labels, self.k, self.ignore_index)
         y = y.to(self.device)
-        mask, mask_host = batch_mask_host(self.fn, x, mask, y) or (None, None)
+        mask, mask_host = batch_mask(self.fn, x, mask, y) or (None, None)
         mask, every_sample = None if mask is None else mask.to(self.device), mask_facts(mask_host)
         x = to_device(x, self.device)
         refs = self._ensure_ref(x) if self.want_dl else [None] * len(self.taps)

@@ -18,7 +18,7 @@ from .. import ops
 from .._errors import NeusliceError, NonFiniteError
 from ..ops.reference import acc_dtype
 from .capture import (GRADIENT_METRICS, StatusWords, add_present_all, call_model, call_valid, call_views, check_calls,
-                      check_ignore_index, check_labels_host, check_mask_host, check_metrics, check_num_classes,
+                      check_ignore_index, check_labels, check_mask, check_metrics, check_num_classes,
                       compact_ignore, drop_unused, layer_entries, mask_facts, model_device, new_stats, new_totals,
                       nonfinite_what, present_classes, shared_ref, tap_view, unwrap, warn_unmasked, warn_unseen)
 from .graph import discover, head_entries, traceable
@@ -114,8 +114,8 @@ class Profiler:
             raise RuntimeError(f"{fn}: the profiler is closed")
         if self._batch is not None:
             raise RuntimeError(f"{fn}: a batch is already open (batches do not nest)")
-        labels, host = check_labels_host(fn, labels, self.k, self.ignore_index)
-        return _Batch(self, labels, host, None if mask is None else check_mask_host(fn, mask, labels))
+        labels, host = check_labels(fn, labels, self.k, self.ignore_index)
+        return _Batch(self, labels, host, None if mask is None else check_mask(fn, mask, labels))
 
     def profile(self) -> Profile:
         """A snapshot :class:`~neuslice.Profile` (copies) of everything accumulated so far."""
@@ -195,7 +195,7 @@ class Profiler:
                 am = self._forward_sig.bind_partial(*args, **kwargs).arguments.get("attention_mask")
             except TypeError:
                 am = None
-        return None if am is None else check_mask_host("neuslice.Profiler.batch", am, labels, "attention_mask")
+        return None if am is None else check_mask("neuslice.Profiler.batch", am, labels, "attention_mask")
 
     def _narrow(self, plan) -> None:
         """Adopt ``plan``, the current one without its unused layers (after the first batch)."""
