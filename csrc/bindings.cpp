@@ -10,17 +10,12 @@
 #include <string>
 #include <vector>
 
+#include "cpu/isa.h"  // cpu_isa, cpu_isas, set_cpu_isa (csrc/cpu/isa_dispatch.cpp)
 #include "neuslice/accumulate.h"
 #include "neuslice/common.h"
 #include "neuslice/cuda_runtime.h"
 #include "neuslice/masked_update.h"
 #include "neuslice/select.h"
-
-namespace neuslice {  // csrc/cpu/isa_dispatch.cpp (declared in csrc/cpu/isa.h)
-const char* cpu_isa();
-std::vector<std::string> cpu_isas();
-bool set_cpu_isa(const char* name);
-}
 
 #ifdef _OPENMP
 #include <omp.h>

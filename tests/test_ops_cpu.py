@@ -398,4 +398,3 @@ def test_select_backend_on_empty_scores(shape):
     s = torch.rand(shape)
     assert _backend_cpu.select(s, 0.5).shape == shape
     assert _backend_cpu.select_topk(s, 0.5).shape == shape
-

@@ -259,8 +259,8 @@ class _Batch:
             self.set_mask(*mask)
         self.applied, self.missed = False, {}      # the mask applied to some tap; layers it could not apply to
         self.stats: Dict[int, Dict[str, Tensor]] = {}    # per layer: [Kp, N] sums over the classes present
-        self.present, compact = present_classes(host, prof.ignore_index)   # on the CPU
-        self.compact: Dict[torch.device, Tensor] = {compact.device: compact}   # the compact labels per device
+        self.present, self.compact_host = present_classes(host, prof.ignore_index)   # on the CPU
+        self.compact: Dict[torch.device, Tensor] = {}   # the compact labels on each tap's device
         self.saved: Dict[int, List[tuple]] = {}          # per layer, per call: (tap, tap version)
         self.grads: Dict[int, Dict[int, Tensor]] = {}   # per layer: {call: gradient}
         self.forwards = 0
@@ -370,7 +370,7 @@ class _Batch:
             return
         yc = self.compact.get(x.device)
         if yc is None:
-            yc = self.compact[x.device] = next(iter(self.compact.values())).to(x.device)
+            yc = self.compact[x.device] = self.compact_host.to(x.device)
         st = self.stats.get(i)
         if st is None:
             key = (len(present), acc_dtype(x.dtype), x.device)
