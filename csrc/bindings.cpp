@@ -2,12 +2,14 @@
 // the Python side of this boundary (neuslice/ops/_native.py) checks shapes and dtypes and builds
 // the argument structs. Every name is a keyword: the structs' constructors take keywords only,
 // named as the struct fields in csrc/include/neuslice/*.h, and every function argument has its
-// name, so nothing is matched by position. Every kernel call releases the GIL. No math here.
+// name, so nothing is matched by position (AccumulateArgs.from_fields takes one tuple whose order is
+// AccumulateArgs.FIELDS, expanded from the same list as its fields: see NEUSLICE_ACCUMULATE_FIELDS). Every kernel call releases the GIL. No math here.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <cstdint>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/isa.h"  // cpu_isa, cpu_isas, set_cpu_isa (csrc/cpu/isa_dispatch.cpp)
@@ -29,48 +31,119 @@ namespace {
 template <typename T>
 T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
 
-// The argument structs as Python classes, constructed from keywords only.
+// Every field of neuslice::AccumulateArgs, once, in the order of AccumulateArgs.FIELDS: the keyword
+// constructor, from_fields and as_dict are all expanded from this list, so a name and its place cannot
+// part. A field added to the struct must be added here (the count is checked against the struct below).
+#define NEUSLICE_ACCUMULATE_FIELDS(X)                                                                   \
+  X(x) X(g) X(r) X(labels) X(dtype) X(B) X(N) X(S) X(K) X(channels_last) X(per_token) X(x_sb) X(x_sn)  \
+  X(x_ss) X(g_sb) X(g_sn) X(g_ss) X(r_sb) X(r_sn) X(r_ss) X(l_sb) X(l_ss) X(count) X(act_sum) X(act_sq) \
+  X(taylor_sum) X(deeplift_sum) X(valid) X(v_sb) X(v_ss) X(ignore_index)
+#define NEUSLICE_FIELD_NAME(f) #f,
+constexpr const char* kAccumulateFields[] = {NEUSLICE_ACCUMULATE_FIELDS(NEUSLICE_FIELD_NAME)};
+#undef NEUSLICE_FIELD_NAME
+constexpr size_t kAccumulateFieldCount = sizeof(kAccumulateFields) / sizeof(kAccumulateFields[0]);
+// 10 pointers, 18 int64, the dtype and the 2 bools (each padded to 8 bytes on 64-bit targets): a field added
+// to the struct but not to the list fails here.
+static_assert(sizeof(void*) != 8 || sizeof(neuslice::AccumulateArgs) == 10 * 8 + 18 * 8 + 8 + 8,
+              "AccumulateArgs changed: update NEUSLICE_ACCUMULATE_FIELDS");
+static_assert(kAccumulateFieldCount == 31, "NEUSLICE_ACCUMULATE_FIELDS lists every AccumulateArgs field once");
+
+[[noreturn]] void bad_field(const char* name, const char* want, PyObject* got) {
+  throw py::type_error(std::string("AccumulateArgs: ") + name + " must be " + want + ", got " +
+                       Py_TYPE(got)->tp_name);
+}
+
+[[noreturn]] void out_of_range(const char* name, const char* range, PyObject* got) {
+  PyErr_Clear();
+  throw py::value_error(std::string("AccumulateArgs: ") + name + " must lie in " + range + ", got " +
+                        std::string(py::repr(got)));
+}
+
+// A field's value from a Python object, by the field's C++ type: pointers from non-negative ints
+// (tensor.data_ptr(), 0 = null), integers from ints, flags from bools, the dtype from its code.
+template <typename T>
+T field_from(const char* name, PyObject* o) {
+  if constexpr (std::is_pointer_v<T>) {
+    if (!PyLong_Check(o)) bad_field(name, "an int (a data pointer)", o);
+    const unsigned long long v = PyLong_AsUnsignedLongLong(o);
+    if (v == static_cast<unsigned long long>(-1) && PyErr_Occurred()) out_of_range(name, "[0, 2**64)", o);
+    return reinterpret_cast<T>(static_cast<uintptr_t>(v));
+  } else if constexpr (std::is_same_v<T, bool>) {
+    if (!PyBool_Check(o)) bad_field(name, "a bool", o);
+    return o == Py_True;
+  } else if constexpr (std::is_same_v<T, DType>) {
+    if (!PyLong_Check(o) || PyBool_Check(o)) bad_field(name, "an int (a dtype code)", o);
+    const long v = PyLong_AsLong(o);
+    if (v == -1 && PyErr_Occurred()) out_of_range(name, "[0, 3]", o);
+    if (v < 0 || v > 3) throw py::value_error(std::string("AccumulateArgs: dtype must be a code in [0, 3], got ") +
+                                              std::to_string(v));
+    return static_cast<DType>(v);
+  } else {
+    static_assert(std::is_same_v<T, int64_t>);
+    if (!PyLong_Check(o) || PyBool_Check(o)) bad_field(name, "an int", o);
+    const long long v = PyLong_AsLongLong(o);
+    if (v == -1 && PyErr_Occurred()) out_of_range(name, "[-2**63, 2**63)", o);
+    return v;
+  }
+}
+
+template <typename T>
+py::object field_to(T v) {
+  if constexpr (std::is_pointer_v<T>) return py::int_(reinterpret_cast<uintptr_t>(v));
+  else if constexpr (std::is_same_v<T, DType>) return py::int_(static_cast<int>(v));
+  else if constexpr (std::is_same_v<T, bool>) return py::bool_(v);
+  else return py::int_(v);
+}
+
+// The argument structs as Python classes, constructed from keywords (AccumulateArgs also from a FIELDS tuple).
 void bind_arg_structs(py::module_& m) {
-  py::class_<neuslice::AccumulateArgs>(m, "AccumulateArgs")
-      .def(py::init([](uintptr_t x, uintptr_t g, uintptr_t r, uintptr_t labels, int dtype,
-                       int64_t B, int64_t N, int64_t S, int64_t K, bool channels_last,
-                       bool per_token, int64_t x_sb, int64_t x_sn, int64_t x_ss, int64_t g_sb,
-                       int64_t g_sn, int64_t g_ss, int64_t r_sb, int64_t r_sn, int64_t r_ss,
-                       int64_t l_sb,
-                       int64_t l_ss, uintptr_t count, uintptr_t act_sum, uintptr_t act_sq,
-                       uintptr_t taylor_sum, uintptr_t deeplift_sum, uintptr_t valid,
-                       int64_t v_sb, int64_t v_ss, int64_t ignore_index) {
-             neuslice::AccumulateArgs a;
-             a.x = ptr<const void>(x);
-             a.g = ptr<const void>(g);
-             a.r = ptr<const void>(r);
-             a.labels = ptr<const int64_t>(labels);
-             a.dtype = static_cast<DType>(dtype);
-             a.B = B; a.N = N; a.S = S; a.K = K;
-             a.channels_last = channels_last;
-             a.per_token = per_token;
-             a.x_sb = x_sb; a.x_sn = x_sn; a.x_ss = x_ss;
-             a.g_sb = g_sb; a.g_sn = g_sn; a.g_ss = g_ss;
-             a.r_sb = r_sb; a.r_sn = r_sn; a.r_ss = r_ss;
-             a.l_sb = l_sb; a.l_ss = l_ss;
-             a.count = ptr<void>(count);
-             a.act_sum = ptr<void>(act_sum);
-             a.act_sq = ptr<void>(act_sq);
-             a.taylor_sum = ptr<void>(taylor_sum);
-             a.deeplift_sum = ptr<void>(deeplift_sum);
-             a.valid = ptr<const bool>(valid);
-             a.v_sb = v_sb; a.v_ss = v_ss;
-             a.ignore_index = ignore_index;
-             return a;
-           }),
-           py::kw_only(), py::arg("x"), py::arg("g"), py::arg("r"), py::arg("labels"),
-           py::arg("dtype"), py::arg("B"), py::arg("N"), py::arg("S"), py::arg("K"),
-           py::arg("channels_last"), py::arg("per_token"), py::arg("x_sb"), py::arg("x_sn"),
-           py::arg("x_ss"), py::arg("g_sb"), py::arg("g_sn"), py::arg("g_ss"), py::arg("r_sb"), py::arg("r_sn"),
-           py::arg("r_ss"), py::arg("l_sb"), py::arg("l_ss"), py::arg("count"),
-           py::arg("act_sum"), py::arg("act_sq"), py::arg("taylor_sum"),
-           py::arg("deeplift_sum"), py::arg("valid"), py::arg("v_sb"), py::arg("v_ss"),
-           py::arg("ignore_index"));
+  // AccumulateArgs is built on every accumulate_ call (once per tap per batch in the engine), so besides
+  // keywords it is built from one tuple in FIELDS order (from_fields): pybind11 matches keywords by
+  // creating a string per name, 79 us for the 31 of them from a cold cache against 36 us for a tuple
+  // (a scratch module timed after bench/harness.py's cache flush). The Python side makes the tuple with
+  // operator.itemgetter(*FIELDS) from a dict keyed by name, so no position is ever written by hand.
+  auto acc = py::class_<neuslice::AccumulateArgs>(m, "AccumulateArgs");
+  py::tuple fields(kAccumulateFieldCount);
+  for (size_t i = 0; i < kAccumulateFieldCount; ++i) fields[i] = py::str(kAccumulateFields[i]);
+  acc.attr("FIELDS") = fields;
+  acc.def(py::init([](const py::kwargs& kw) {
+            neuslice::AccumulateArgs a;
+            size_t used = 0;
+#define NEUSLICE_FIELD_KW(f)                                                                    \
+  if (!kw.contains(#f)) throw py::type_error("AccumulateArgs: missing keyword argument '" #f "'"); \
+  a.f = field_from<decltype(a.f)>(#f, kw[#f].ptr());                                           \
+  ++used;
+            NEUSLICE_ACCUMULATE_FIELDS(NEUSLICE_FIELD_KW)
+#undef NEUSLICE_FIELD_KW
+            if (used != kw.size()) {
+              for (auto item : kw) {
+                const std::string name = py::str(item.first);
+                bool known = false;
+                for (const char* f : kAccumulateFields) known = known || name == f;
+                if (!known) throw py::type_error("AccumulateArgs: unexpected keyword argument '" + name + "'");
+              }
+            }
+            return a;
+          }))
+      .def_static("from_fields", [](const py::tuple& t) {
+            if (t.size() != kAccumulateFieldCount)
+              throw py::value_error("AccumulateArgs.from_fields: expected a tuple of " +
+                                    std::to_string(kAccumulateFieldCount) + " values (AccumulateArgs.FIELDS), got " +
+                                    std::to_string(t.size()));
+            neuslice::AccumulateArgs a;
+            size_t i = 0;
+#define NEUSLICE_FIELD_POS(f) a.f = field_from<decltype(a.f)>(#f, PyTuple_GET_ITEM(t.ptr(), i++));
+            NEUSLICE_ACCUMULATE_FIELDS(NEUSLICE_FIELD_POS)
+#undef NEUSLICE_FIELD_POS
+            return a;
+          }, py::arg("fields"))
+      .def("as_dict", [](const neuslice::AccumulateArgs& a) {
+            py::dict d;
+#define NEUSLICE_FIELD_OUT(f) d[#f] = field_to(a.f);
+            NEUSLICE_ACCUMULATE_FIELDS(NEUSLICE_FIELD_OUT)
+#undef NEUSLICE_FIELD_OUT
+            return d;
+          });
 
   py::class_<neuslice::SelectArgs>(m, "SelectArgs")
       .def(py::init([](uintptr_t scores, int dtype, int64_t R, int64_t N, int64_t s_r,
