@@ -136,8 +136,8 @@ def tap_view(fn: str, info: LayerInfo, t: Tensor, labels: Tensor) -> Tuple[Tenso
                          "with B the batch size of the labels")
     if t.dim() == 2:
         x, cl = t, False
-    elif linear:
-        x, cl = t.reshape(b, -1, n), True
+    elif linear:     # (a [B, T, N] tap is its own view: no reshape, once per tap and per call of the engine)
+        x, cl = (t if t.dim() == 3 else t.reshape(b, -1, n)), True
     else:
         x, cl = t.flatten(2), False
     if labels.dim() == 2 and not (cl and x.shape[1] == labels.shape[1]):
@@ -213,7 +213,8 @@ def call_views(fn: str, info: LayerInfo, ts: Sequence[Tensor], labels: Tensor,
     x, cl = join_calls(fn, info, views, labels)
     if grads is None:
         return x, cl, None
-    gs = [(torch.zeros_like(v) if g is None else g.reshape(v.shape), c) for g, (v, c) in zip(grads, views)]
+    gs = [(torch.zeros_like(v) if g is None else g if g.shape == v.shape else g.reshape(v.shape), c)
+          for g, (v, c) in zip(grads, views)]
     return x, cl, join_calls(fn, info, gs, labels)[0]
 
 
