@@ -750,7 +750,7 @@ class _Untraceable(nn.Module):
         return self.head(h if float(h.detach().sum()) >= 0 else -h)
 
 
-def test_the_probe_of_an_untraceable_model_runs_one_sample():
+def test_the_probe_of_an_untraceable_model_runs_two_samples():
     model = _Untraceable().eval()
     seen = []
     model.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
@@ -758,7 +758,7 @@ def test_the_probe_of_an_untraceable_model_runs_one_sample():
     data = [(torch.randn(16, 8, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(2)]
     prof = neuslice.profile(model, data, 3, metrics=("avg", "taylor"), progress=False)
     assert prof.layer_names == ["fc"] and prof.num_batches == 2
-    assert seen == [1, 16, 16]          # the probe forward, then the two batches
+    assert seen == [2, 16, 16]          # the probe forward, then the two batches
 
 
 def test_deferred_status_profiles_the_same(monkeypatch):

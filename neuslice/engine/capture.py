@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import mmap
 import warnings
+import weakref
 from collections.abc import Mapping
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -128,12 +129,30 @@ def tap_view(fn: str, info: LayerInfo, t: Tensor, labels: Tensor) -> Tuple[Tenso
     """A tapped output as accumulate_'s ``[B, N]``, ``[B, N, S]`` or channels-last ``[B, S, N]``."""
     b, n = labels.shape[0], info.n
     linear = isinstance(info.module, nn.Linear)
+    if info.fold > 1 and isinstance(t, Tensor) and t.dim() == 3 and t.shape[0] == b * info.fold and t.shape[0] != b:
+        why = info.fold_error
+        if why is None and not info.fold_ordered and b > 1:
+            why = ("the probe forward ran on one sample, which cannot show that its batch dim keeps the samples "
+                   "apart; probe with two samples or more (neuslice.Profiler: without baseline=, it probes the first "
+                   "batch)")
+        if why is not None:
+            raise ValueError(f"{fn}: layer {info.name!r} (tapped at {info.tap!r}) gave output {list(t.shape)}, "
+                             f"{info.fold} pieces per sample folded into the batch dim (windowed attention), but "
+                             f"{why}; choose layers= without it")
+        # [B * f, T, N], sample-major (docs/method.md §1): sample b's f pieces are its f * T positions
+        # (those that pad the sample are left out by call_valid)
+        t = t.reshape(b, info.fold * t.shape[1], n)
     ok = isinstance(t, Tensor) and t.dim() >= 2 and t.shape[0] == b and (t.shape[-1] if linear else t.shape[1]) == n
     if not ok:
         shape = list(t.shape) if isinstance(t, Tensor) else type(t).__name__
         want = f"[B, ..., N] = [{b}, ..., {n}]" if linear else f"[B, N, ...] = [{b}, {n}, ...]"
+        folded = ""
+        if isinstance(t, Tensor) and t.dim() == 3 and b and t.shape[0] > b and t.shape[0] % b == 0 and info.fold == 1:
+            folded = (f" (its batch dim holds {t.shape[0] // b} rows per sample, as windowed attention folds windows "
+                      "into it: such a fold is read from the probe forward of a model that torch.fx cannot trace, "
+                      f"not from a traced graph; choose layers= without {info.name!r})")
         raise ValueError(f"{fn}: layer {info.name!r} (tapped at {info.tap!r}) gave output {shape}; expected {want} "
-                         "with B the batch size of the labels")
+                         f"with B the batch size of the labels{folded}")
     if t.dim() == 2:
         x, cl = t, False
     elif linear:     # (a [B, T, N] tap is its own view: no reshape, once per tap and per call of the engine)
@@ -169,6 +188,21 @@ def join_calls(fn: str, info: LayerInfo, views: Sequence[Tuple[Tensor, bool]], l
     return torch.cat([x.unsqueeze(2) if x.dim() == 2 else x for x, _ in views], 2), False
 
 
+# A layer's fold_valid (a CPU tensor of the plan) on each device it was asked for: copied once, not per batch (on
+# a GPU each copy from host memory would wait for the device in the middle of the backward).
+_DEVICE_COPIES: "weakref.WeakKeyDictionary[Tensor, Dict[torch.device, Tensor]]" = weakref.WeakKeyDictionary()
+
+
+def _on_device(t: Tensor, device: torch.device) -> Tensor:
+    if t.device == device:
+        return t
+    per = _DEVICE_COPIES.setdefault(t, {})
+    got = per.get(device)
+    if got is None:
+        got = per[device] = t.to(device)
+    return got
+
+
 def call_valid(fn: str, info: LayerInfo, ts: Sequence[Tensor], labels: Tensor, mask: Optional[Tensor],
                every_sample: Optional[bool] = None) -> Tuple[Optional[Tensor], bool, Optional[list]]:
     """``(valid, applied, missed)`` for a layer's taps ``ts`` (one per call) and a batch's mask ``[B, T]``:
@@ -179,27 +213,36 @@ def call_valid(fn: str, info: LayerInfo, ts: Sequence[Tensor], labels: Tensor, m
     ``mask`` applies to every call whose tap is ``[B, T, N]`` (channels-last) with the mask's T. A call of
     another shape keeps all its positions, except that a sample without any valid position counts nowhere
     (so every layer counts the same samples). ``every_sample``: whether every sample has a valid position, as
-    :func:`mask_facts` found it before the forward; None reads it from ``mask`` (on a GPU, a wait for the device)."""
-    if mask is None:
+    :func:`mask_facts` found it before the forward; None reads it from ``mask`` (on a GPU, a wait for the device).
+    A layer whose windows pad each sample (``info.fold_valid``, found by the probe: docs/method.md §1) leaves
+    those positions out of its folded calls, with or without ``mask``."""
+    pad = info.fold_valid
+    if mask is None and pad is None:
         return None, False, None
-    if mask.device != labels.device:
+    if mask is not None and mask.device != labels.device:
         mask = mask.to(labels.device)
-    b, t = mask.shape
+    b = labels.shape[0]
+    t = None if mask is None else mask.shape[1]
     sample: Optional[Tensor] = None            # per sample: has a valid position, [B, 1]
     parts, applied, any_false, missed = [], False, False, None
     for tap in ts:
         x, cl = tap_view(fn, info, tap, labels)
         s = x.shape[1] if cl else (1 if x.dim() == 2 else x.shape[2])
-        if cl and tap.dim() == 3 and tap.shape[1] == t:
+        folded = pad is not None and cl and tap.dim() == 3 and tap.shape[0] != b and s == pad.shape[0]
+        if mask is not None and cl and tap.dim() == 3 and tap.shape[0] == b and tap.shape[1] == t:
             parts.append(mask)
             applied = True
             continue
-        if tap.dim() >= 3 and missed is None:
-            missed = list(tap.shape)
-        if sample is None:
-            sample = mask.any(1, keepdim=True)
-            any_false = not (bool(sample.all()) if every_sample is None else every_sample)
-        parts.append(sample.expand(b, s))
+        part = _on_device(pad, labels.device).expand(b, s) if folded else None
+        any_false = any_false or folded
+        if mask is not None:
+            if tap.dim() >= 3 and missed is None:
+                missed = list(tap.shape)
+            if sample is None:
+                sample = mask.any(1, keepdim=True)
+                any_false = any_false or not (bool(sample.all()) if every_sample is None else every_sample)
+            part = sample.expand(b, s) if part is None else part & sample
+        parts.append(torch.ones(b, s, dtype=torch.bool, device=labels.device) if part is None else part)
     if not applied and not any_false:
         return None, False, missed
     return (parts[0] if len(parts) == 1 else torch.cat(parts, 1)), applied, missed

@@ -371,22 +371,27 @@ def sources(flow: Flow, is_layer: Callable[[str], bool], add_consumer: Callable,
 
 _CARRY_CALLS = {"dropout", "contiguous", "clone", "to", "float", "half", "type_as", "add", "add_", "sub", "sub_",
                 "cat", "flatten", "transpose", "permute"}
+# Layout operations that carry the channels on when the last dim keeps their number (Swin's window partition
+# and reverse, its cyclic shift, padding and crop between an attention output projection and its residual add)
+_CARRY_LAYOUT = {"view", "reshape", "roll", "pad", "getitem", "unflatten", "narrow", "squeeze", "unsqueeze"}
 
 
 def residual(flow: Flow, users, layers: Dict[str, int], is_layer: Callable[[str], bool]) -> Dict[str, str]:
     """Layers whose channels reach, unchanged in number (pass-through modules, dropout, residual adds,
-    concatenation along other dims, flatten/transpose of conv channels), a LayerNorm-like module (one
+    concatenation along other dims, flatten/transpose of conv channels, views, shifts, padding and crops that keep
+    them in the last dim), a LayerNorm-like module (one
     whose every output channel depends on all its input channels) over those channels: ``{layer: text}``
     naming the residual add and the LayerNorm (docs/method.md §1)."""
     out: Dict[str, str] = {}
     for i, node in enumerate(flow.nodes):
         if node.kind != "module" or node.target not in layers or node.target in out:
             continue
-        n = layers[node.target]
-        seen, todo, add = set(), [_ref(i, 0)], None
+        # (tensor, the size of the last dim that holds the layer's channels: n, or more after a concatenation
+        # along it, as Swin's patch merging concatenates 4 shifted samplings of the stream)
+        seen, todo, add = set(), [(_ref(i, 0), layers[node.target])], None
         found = None
         while todo and found is None:
-            r = todo.pop(0)
+            r, n = todo.pop(0)
             for j in users.get(r, ()):
                 if j in seen:
                     continue
@@ -400,14 +405,20 @@ def residual(flow: Flow, users, layers: Dict[str, int], is_layer: Callable[[str]
                         found = (u, add)
                         break
                     if "pass" in u.tags:
-                        todo.append(_ref(j, 0))
+                        todo.append((_ref(j, 0), n))
+                elif u.target in _CARRY_LAYOUT:
+                    if shape is not None and shape[-1] == n and refs_of(u.args[:1]) == [r]:
+                        todo.append((_ref(j, 0), n))
                 elif u.target in _CARRY_CALLS:
+                    if u.target == "cat" and shape is not None and shape[-1] != n and _cat_last(u, len(shape)):
+                        todo.append((_ref(j, 0), shape[-1]))
+                        continue
                     if u.target in ("transpose", "permute", "flatten", "cat") and (shape is None or shape[-1] != n):
                         if not (u.target == "flatten"):
                             continue
                     if u.target.startswith(("add", "sub")) and add is None:
                         add = u
-                    todo.append(_ref(j, 0))
+                    todo.append((_ref(j, 0), n))
         if found is not None:
             ln, add = found
             what = f"LayerNorm-like module {ln.target!r} ({ln.cls})"
@@ -415,6 +426,12 @@ def residual(flow: Flow, users, layers: Dict[str, int], is_layer: Callable[[str]
             out[node.target] = (f"the residual add in {where} before {what}" if add is not None
                                 else f"{what}, which normalises over its channels")
     return out
+
+
+def _cat_last(node: Node, ndim: int) -> bool:
+    """Whether the ``cat`` call ``node`` concatenates along the last of its ``ndim`` dims."""
+    d = _arg(node, 1, "dim", 0)
+    return isinstance(d, int) and d in (-1, ndim - 1)
 
 
 _SPLITS = {"split", "chunk", "split_with_sizes", "unbind"}
@@ -531,3 +548,169 @@ def attention(flow: Flow, layers: Dict[str, int]) -> List[tuple]:
             for k_ in range(len(node.shapes) or 1):
                 tag[_ref(i, k_)] = tags[0]
     return found
+
+
+# --------------------------------------------------------------------------------------------- batch folds
+# Layout operations: each output element is one input element (or a constant padding), so replaying them on
+# a tensor of indices shows where every element came from.
+_LAYOUT = {"view", "reshape", "permute", "transpose", "contiguous", "roll", "pad", "flatten", "unflatten", "getitem",
+           "clone", "squeeze", "unsqueeze", "movedim", "swapaxes", "narrow", "t"}
+
+
+def batch_size(flow: Flow) -> Optional[int]:
+    """The probe batch's size: the leading dim of the model's first output tensor (None if unknown)."""
+    out = flow.output
+    while True:
+        if isinstance(out, _R):
+            shape = flow.nodes[out[0]].shapes[out[1]]
+            return shape[0] if shape else None
+        if isinstance(out, dict) and out:
+            out = next(iter(out.values()))
+        elif isinstance(out, (tuple, list)) and out:
+            out = out[0]
+        else:
+            return None
+
+
+def _layout_step(node: Node, cur: _R) -> bool:
+    """Whether ``node`` moves the elements of ``cur`` (its first argument, its only tensor) and nothing else."""
+    if node.kind == "module":
+        return "pass" in node.tags and refs_of(node.args[:1]) == [cur]
+    return (node.kind == "call" and node.target in _LAYOUT and callable(node.func)
+            and refs_of((node.args, tuple(node.kwargs.values()))) == [cur] and refs_of(node.args[:1]) == [cur])
+
+
+def _replay(chain: List[Node], x: torch.Tensor) -> torch.Tensor:
+    """``chain``'s operations (each reading the previous one's output) applied to ``x`` instead."""
+    def sub(a):
+        if isinstance(a, _R):
+            return x_
+        if isinstance(a, tuple) and not isinstance(a, torch.Size):
+            return tuple(sub(v) for v in a)
+        if isinstance(a, dict):
+            return {k: sub(v) for k, v in a.items()}
+        return a
+    for node in chain:
+        if node.kind == "module":
+            continue
+        x_ = x
+        x = node.func(*sub(node.args), **sub(node.kwargs))
+    return x
+
+
+def _chain_back(flow: Flow, ref: _R, b: int) -> Optional[List[Node]]:
+    """The layout operations that made ``ref`` from a tensor with leading dim ``b``: the longest such chain (so
+    a padding on the way is in it), that tensor's node first, as the chain's source; or None."""
+    back: List[Tuple[Node, _R]] = []                 # (node, the ref it produced), from ref backwards
+    while len(back) <= 64:
+        node = flow.nodes[ref[0]]
+        back.append((node, ref))
+        if not node.args or not isinstance(node.args[0], _R) or not _layout_step(node, node.args[0]):
+            break
+        ref = node.args[0]
+    for k in range(len(back) - 1, 0, -1):           # the earliest [b, ...] tensor the chain starts from
+        node, r = back[k]
+        shape = node.shapes[r[1]]
+        if shape and shape[0] == b and r[1] == 0:
+            return [node] + [n for n, _ in back[:k]][::-1]
+    return None
+
+
+def _chain_forward(flow: Flow, users, ref: _R, b: int) -> Optional[List[Node]]:
+    """The layout operations that carry ``ref`` on, each its only user, to a tensor with leading dim ``b``: the
+    longest such chain (so a crop on the way is in it), or None."""
+    chain: List[Node] = []
+    end = 0
+    while len(chain) <= 64:
+        nxt = users.get(ref, ())
+        if len(nxt) != 1 or not _layout_step(flow.nodes[nxt[0]], ref):
+            break
+        chain.append(flow.nodes[nxt[0]])
+        ref = _ref(nxt[0], 0)
+        shape = flow.nodes[nxt[0]].shapes[0]
+        if shape and shape[0] == b:
+            end = len(chain)
+    return chain[:end] or None
+
+
+class Fold(tuple):
+    """``(f, valid, error, ordered)``: :func:`batch_fold`'s finding for one layer call."""
+
+    @property
+    def f(self) -> int:
+        return self[0]
+
+    @property
+    def valid(self) -> Optional[torch.Tensor]:
+        return self[1]
+
+    @property
+    def error(self) -> Optional[str]:
+        return self[2]
+
+    @property
+    def ordered(self) -> bool:
+        return self[3]
+
+
+def batch_fold(flow: Flow, users, i: int, b: int) -> Fold:
+    """Whether the layer call ``flow.nodes[i]`` (a Linear whose output is ``[b * f, T, N]`` in a probe of ``b``
+    samples) runs on ``f`` pieces of each sample folded into the batch dim, sample-major (Swin's windows: rows
+    ``s*f … s*f + f - 1`` are sample ``s``'s), as :class:`Fold` ``(f, valid, error)``: ``f`` (1 for an output
+    that is not folded); ``valid``, bool ``[f * T]``, the positions of a sample that hold its own input (False:
+    padding the windows added, the same for every sample), None when all do; ``error``, why the output cannot
+    be read that way, or None (docs/method.md §1).
+
+    Evidence, with no extra forward: replay the layout operations (view, permute, roll, pad, crop, …) that made
+    the layer's input from a ``[b, …]`` tensor on sample numbers instead, and read whose elements each row
+    holds (0: padding); or, where the input is not such a chain (an attention output projection), replay those
+    that carry the output on into a ``[b, …]`` tensor on position numbers, and read which sample each position
+    lands in (and which are cropped away: padding)."""
+    node = flow.nodes[i]
+    shape = node.shapes[0] if node.shapes else None
+    if not shape or len(shape) != 3 or b < 1 or shape[0] == b or shape[0] % b:
+        return Fold((1, None, None, True))
+    f, t = shape[0] // b, shape[1]
+    mixed = Fold((f, None, "the probe shows its rows mix samples", True))
+    src = node.args[0] if node.args and isinstance(node.args[0], _R) else None
+    chain = None if src is None else _chain_back(flow, src, b)
+    if chain is not None:
+        s_shape = chain[0].shapes[0]
+        ids = (torch.arange(1, b + 1, dtype=torch.int32).view(b, *([1] * (len(s_shape) - 1)))
+               .expand(s_shape).contiguous())
+        try:
+            got = _replay(chain[1:], ids)
+        except Exception:                                   # noqa: BLE001  (no evidence)
+            got = None
+        if got is not None and got.dim() == 3 and tuple(got.shape[:2]) == (shape[0], t):
+            pos = got.reshape(b, f * t, -1)
+            own = torch.arange(1, b + 1, dtype=torch.int32)[:, None, None]
+            if not bool(((pos == own) | (pos == 0)).all()):
+                return mixed
+            valid = (pos != 0).all(-1)                      # [b, f * t]
+            if bool((pos != 0).any(-1).ne(valid).any()) or bool((valid != valid[:1]).any()):
+                return mixed
+            return Fold((f, None if bool(valid.all()) else valid[0].clone(), None, b > 1))
+    chain = _chain_forward(flow, users, _ref(i, 0), b)
+    if chain is not None:
+        dt = torch.int32 if b * f * t < 2 ** 31 else torch.int64
+        ids = torch.arange(1, b * f * t + 1, dtype=dt).view(b * f, t, 1).expand(shape).contiguous()
+        try:
+            got = _replay(chain, ids)
+        except Exception:                                   # noqa: BLE001
+            got = None
+        if got is not None and got.shape[0] == b:
+            valid = None
+            for smp in range(b):
+                mine = got[smp].reshape(-1).to(torch.int64) - 1 - smp * f * t     # positions of sample smp
+                if not bool(((mine >= 0) & (mine < f * t)).all()):
+                    return mixed
+                here = torch.zeros(f * t, dtype=torch.bool)
+                here[mine] = True
+                if valid is not None and not torch.equal(here, valid):
+                    return mixed
+                valid = here
+            return Fold((f, None if bool(valid.all()) else valid, None, b > 1))
+    return Fold((f, None, f"its output {list(shape)} holds {f} rows per sample of the probe, in an order the probe "
+                          "could not read from layout operations (view, permute, roll, pad, …) to or from a "
+                          "[B, …] tensor", True))

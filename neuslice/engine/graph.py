@@ -16,7 +16,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from ..io.container import SignatureError, check_model as _check_names, compare_layers, layer_entry
 from . import dataflow
@@ -67,6 +67,14 @@ class LayerInfo:
     # the functional nonlinearity itself (a function, or a Tensor method's name); with tap_stage ==
     # len(chain) the tap is its output (docs/method.md §1)
     functional_target: object = field(default=None, compare=False, repr=False)
+    # pieces of each sample folded into the batch dim of the layer's output ([B * fold, T, N]: Swin's windows,
+    # sample-major), found by the probe (docs/method.md §1); fold_valid: bool [fold * T], the positions of a
+    # sample that are its own (False: padding the windows added), None if all; fold_error: why such an output
+    # cannot be read
+    fold: int = 1
+    fold_valid: Optional[Tensor] = field(default=None, compare=False, repr=False)
+    fold_error: Optional[str] = None
+    fold_ordered: bool = True            # the probe had two samples or more, so it showed the fold's order
 
     @property
     def tap(self) -> str:
@@ -495,9 +503,11 @@ def _discover(model: nn.Module, layers: LayerSpec = None, *, tap: str = "auto", 
         if node.op == "call_module":
             nodes.setdefault(node.target, []).append(node)
     infos = []
+    batch = dataflow.batch_size(flow) if flow is not None and gm is None else None
     for name in names:
         m, n = candidates[name], _neurons(candidates[name])
         functional = target = None
+        fold, fold_valid, fold_error, fold_ordered = 1, None, None, True
         if gm is not None:
             chain, act, fnode = _same_chain(fn, name, [_graph_chain(node, modules) for node in nodes[name]])
             if fnode is not None:
@@ -511,18 +521,33 @@ def _discover(model: nn.Module, layers: LayerSpec = None, *, tap: str = "auto", 
             if fnode is not None:
                 functional, target = canonical(fnode.target).rstrip("_"), fnode.target
             source, cons = "probe", list(dict.fromkeys(consumers.get(name, [])))
+            fold, fold_valid, fold_error, fold_ordered = (_fold(flow, users, calls_of, batch)
+                                                          if isinstance(m, nn.Linear) else (1, None, None, True))
         else:
             chain, act = _order_chain(name, n, leaves, leaf_index[name])
             source, cons = "module order", _order_consumers(name, n, leaves, leaf_index[name])
         stage = (len(chain) - (0 if functional else 1)) if ((act or functional) and tap == "auto") else 0
         infos.append(LayerInfo(name, m, n, chain, stage, source if stage else "layer", functional, cons,
-                               calls.get(name, 1), target))
+                               calls.get(name, 1), target, fold, fold_valid, fold_error, fold_ordered))
     groups: Dict[str, List[str]] = {}
     for name in names:
         groups.setdefault(uf.find(name), []).append(name)
     coupled = [g for g in groups.values() if len(g) > 1 and len({_neurons(modules[x]) for x in g}) == 1]
     return Plan(infos, heads, coupled, err, probed=gm is None and flow is not None, unused=uncalled, named=named,
                 attention=attention, residual={n: residual[n] for n in candidates if n in residual})
+
+
+def _fold(flow, users, calls: List[int], batch: Optional[int]) -> Tuple[int, Optional[Tensor], Optional[str], bool]:
+    """The batch fold of a layer's output (:func:`dataflow.batch_fold`), the same for every call."""
+    if batch is None or not calls:
+        return 1, None, None, True
+    got = [dataflow.batch_fold(flow, users, i, batch) for i in calls]
+    first = got[0]
+    for g in got[1:]:
+        if g.f != first.f or g.error != first.error or (g.valid is None) != (first.valid is None) or \
+                (g.valid is not None and not torch.equal(g.valid, first.valid)):
+            return max(x.f for x in got), None, "its calls fold the batch differently", True
+    return first.f, first.valid, first.error, all(g.ordered for g in got)
 
 
 def _attention(flow, widths: Dict[str, int], modules) -> List[Attention]:

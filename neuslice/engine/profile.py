@@ -323,16 +323,18 @@ def _zeros_one(x):
     return x
 
 
-def _one_sample(x, labels):
-    """The first sample of a batch's inputs ``x``: every tensor whose first dimension is the labels' batch
-    size, sliced to ``[:1]`` (what the probe forward of an untraceable model runs, docs/method.md §1)."""
+def _probe_samples(x, labels, n: int = 2):
+    """The first ``n`` samples of a batch's inputs ``x``: every tensor whose first dimension is the labels' batch
+    size, sliced to ``[:n]`` (what the probe forward of an untraceable model runs, docs/method.md §1: two
+    samples, so that the probe shows whether a layer's batch dim keeps the samples apart, as windowed attention
+    folds each sample's windows into it)."""
     b = labels.shape[0] if isinstance(labels, Tensor) and labels.dim() else None
     if isinstance(x, Tensor):
-        return x[:1] if b is not None and x.dim() and x.shape[0] == b else x
+        return x[:n] if b is not None and x.dim() and x.shape[0] == b else x
     if isinstance(x, (list, tuple)):
-        return type(x)(_one_sample(v, labels) for v in x)
+        return type(x)(_probe_samples(v, labels, n) for v in x)
     if isinstance(x, Mapping):
-        return {k: _one_sample(v, labels) for k, v in x.items()}
+        return {k: _probe_samples(v, labels, n) for k, v in x.items()}
     return x
 
 
@@ -397,8 +399,8 @@ def profile(model: nn.Module, data: Iterable, num_classes: int, *, layers=None,
     first = next(it, None)
     if first is not None:
         data = itertools.chain([first], it)
-    first_batch = None if first is None else (        # the probe needs one sample, not the whole batch
-        lambda: call_model(model, to_device(_one_sample(*_unpack(fn, first)[:2]), model_device(model))))
+    first_batch = None if first is None else (        # the probe needs two samples, not the whole batch
+        lambda: call_model(model, to_device(_probe_samples(*_unpack(fn, first)[:2]), model_device(model))))
     plan = discover(model, layers, tap=tap, fn=fn, run=first_batch)   # the probe where tracing fails
     warn_unseen(fn, plan, tap)
     training = {m: m.training for m in model.modules()}
