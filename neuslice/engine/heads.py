@@ -11,12 +11,12 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .graph import Attention
 
 __all__ = ["segments", "out_columns", "active", "unit_scores", "expand", "unit_keep", "to_entry", "from_entry",
-           "blocks_of"]
+           "blocks_of", "per_head_tensors", "query_heads"]
 
 
 def segments(a: Attention) -> List[Tuple[str, Tensor]]:
@@ -91,4 +91,34 @@ def blocks_of(attention: Sequence) -> List[Attention]:
             raise ValueError(f"attention block {a.module!r}: heads ({a.heads}) must be a positive multiple of "
                              f"kv_heads ({a.kv_heads}) and head_dim ({a.head_dim}) positive")
         out.append(a)
+    return out
+
+
+def query_heads(a: Attention, units: Tensor) -> Tensor:
+    """A bool per unit ``[U]`` as a bool per query head ``[heads]`` (unit ``u`` holds query heads ``u*g …``)."""
+    return units.repeat_interleave(a.heads // a.kv_heads)
+
+
+def per_head_tensors(model: nn.Module, a: Attention) -> List[Tuple[str, nn.Module, str, int]]:
+    """The block's own per-head parameters, which a removed head takes with it (docs/method.md §6): the parameters
+    of the block's module and its submodules, other than its q, k, v and out layers, with exactly one dim of size
+    ``heads`` (Swin's relative position bias table ``[(2w-1)^2, heads]``), as ``(qualified name, owning module,
+    attribute, dim)``. Buffers are left alone (rotary frequencies ``[head_dim / 2]`` can equal the head count by
+    coincidence); with one head nothing is per head by its size alone. Physical restructure checks the cut model
+    against mask mode, so a parameter taken for a per-head one by coincidence is an error, never a wrong model."""
+    mods = dict(model.named_modules())
+    root = mods.get(a.module) if a.module else None
+    if root is None or a.heads < 2:
+        return []
+    skip = (a.q[0], a.k[0], a.v[0], a.out)
+    out = []
+    for name, m in root.named_modules(prefix=a.module):
+        if any(name == x or name.startswith(x + ".") for x in skip):
+            continue
+        for attr, t in m._parameters.items():
+            if t is None or not t.is_floating_point():
+                continue
+            dims = [d for d, size in enumerate(t.shape) if size == a.heads]
+            if len(dims) == 1:
+                out.append((f"{name}.{attr}", m, attr, dims[0]))
     return out

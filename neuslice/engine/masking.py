@@ -75,6 +75,9 @@ def compression_rate(slices, model: nn.Module, classes, *, restrict_head: bool =
         gone = ~_heads.unit_keep(a, {n: keep[n].cpu().unsqueeze(0) for n in (a.q[0], a.k[0], a.v[0])})[0]
         if bool(gone.any()):
             _mark(removed, modules[a.out].weight, (slice(None), _heads.out_columns(a)[gone].flatten()))
+            gone_q = _heads.query_heads(a, gone)
+            for _, m, attr, dim in _heads.per_head_tensors(model, a):
+                _mark(removed, m._parameters[attr], (slice(None),) * dim + (gone_q,))
     if restrict_head and len(plan.heads) == 1:
         head = modules[plan.heads[0]]
         rows = torch.ones(slices.num_classes, dtype=torch.bool)

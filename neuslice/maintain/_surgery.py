@@ -6,9 +6,11 @@ exactly what ``Slices.compression_rate`` counts (docs/method.md §4):
 - a sliced layer's removed neurons: its weight rows and bias entries, the 1-d entries of its chain's norm;
 - an FFN neuron: also its columns in the layers that read it (``LayerInfo.consumers``); a layer with no
   recorded reader must share its slice with a coupled layer that has one (Llama's gate with up);
-- a whole attention head (a key/value group under grouped-query attention): its q, k and v channels and the
-  out projection's matching input columns (``Attention``); then the attention module's integer attributes
-  that its forward reads and that hold a head count or a heads × head_dim width are updated.
+- a whole attention head (a key/value group under grouped-query attention): its q, k and v channels, the
+  out projection's matching input columns (``Attention``) and the block's per-head parameters (a parameter of
+  the block's module with one dim of size heads: Swin's relative position bias table);
+  then the attention module's integer attributes that its forward reads and that hold a head count or a
+  heads × head_dim width are updated.
 
 Refused, with an error naming the layer: a layer in ``Plan.residual`` (its width is the residual stream's,
 the error names the LayerNorm / residual add), a q/k/v layer whose block is not sliced whole, a slice that
@@ -142,6 +144,16 @@ def _consumer_cols(fn: str, mods, layer: str, cname: str, cols: int, r: Tensor) 
     if n_in != r.numel() * cols:
         raise _fail(fn, layer, f"its reader {cname!r} has {n_in} inputs, not {cols} per neuron of its {r.numel()}")
     return r.repeat_interleave(cols)
+
+
+@torch.no_grad()
+def _cut_per_head(module: nn.Module, a: Attention, gone: Tensor) -> None:
+    """The block's per-head parameters (:func:`~neuslice.engine.heads.per_head_tensors`: Swin's relative position
+    bias table) without the entries of the heads gone (``gone``: bool per unit)."""
+    for _, m, attr, dim in _heads.per_head_tensors(module, a):
+        t = getattr(m, attr)
+        kept = torch.nonzero(~_heads.query_heads(a, gone)).flatten().to(t.device)
+        m._parameters[attr] = nn.Parameter(t.index_select(dim, kept).clone(), requires_grad=t.requires_grad)
 
 
 def _attribute_reads(module: nn.Module, names: Sequence[str], example_inputs) -> Dict[str, Set[str]]:
@@ -292,4 +304,6 @@ def physical(fn: str, model: nn.Module, plan: Plan, keep: Dict[str, Tensor], hea
     reads = _attribute_reads(module, list(dict.fromkeys(a.module for a in blocks)), example_inputs) \
         if cut_blocks else {}
     cut.apply()
+    for a, gone in cut_blocks:
+        _cut_per_head(module, a, gone)
     return module.eval(), _count_candidates(module, blocks, cut_blocks, reads)
