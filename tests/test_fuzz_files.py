@@ -49,8 +49,7 @@ def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("fuzz")
     torch.manual_seed(1)
     x, y = torch.randn(30, 6), torch.arange(30) % 3
-    with pytest.warns(UserWarning):    # functional ReLUs: DeepLIFT falls back to gradient × Δ
-        prof = neuslice.profile(_model(), [(x, y)], 3, progress=False, class_names=["a", "b", "c"])
+    prof = neuslice.profile(_model(), [(x, y)], 3, progress=False, class_names=["a", "b", "c"])
     assert prof.coupled and prof.heads
     sl = neuslice.semantic_slice(prof, "ens", 0.9, share=0.6, tau=0.4, min_keep=2)
     out = {}

@@ -96,6 +96,25 @@ def test_padding_changes_no_statistic(arch):
     assert not torch.allclose(leaked.stats[n]["act_sum"], bucketed.stats[n]["act_sum"], **F64)
 
 
+def test_padding_changes_no_statistic_through_a_functional_nonlinearity():
+    """DistilBERT's classifier runs ``nn.ReLU()(pre_classifier(x))``, a ReLU that is no module of the model: the
+    Rescale rule reaches it through the tap hooks, with each padded sample's reference row (docs/method.md §2)."""
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = tf.DistilBertConfig(vocab_size=96, dim=32, n_layers=2, n_heads=4, hidden_dim=48, num_labels=K, dropout=0.0,
+                              attention_dropout=0.0, seq_classif_dropout=0.0)
+    model = tf.DistilBertForSequenceClassification(cfg).eval().double()
+    seqs, ys = _sequences(96)
+    metrics = ("avg", "var", "taylor", "deeplift")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        padded = neuslice.profile(model, _padded(seqs, ys), K, metrics=metrics, progress=False)
+    bucketed = neuslice.profile(model, _bucketed(seqs, ys), K, metrics=metrics, progress=False)
+    entry = next(e for e in padded.layers if e["name"] == "pre_classifier")
+    assert entry["tap"] == "relu(pre_classifier)" and padded.deeplift == "rescale"
+    _same(padded, bucketed)
+
+
 def test_per_token_labels_padding_changes_no_statistic():
     """Per-token labels on the encoder: each token's DeepLIFT reference is its sequence's, padded as it is."""
     model, vocab = _hf("bert", token=True)

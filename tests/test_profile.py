@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -398,17 +399,29 @@ def test_taps_found_for_shared_modules_and_by_module_order(kind):
 
 
 @pytest.mark.parametrize("kind", ["functional", "torch.relu", "method"])
-def test_functional_nonlinearity_is_tapped_after_the_function_and_warns_for_deeplift(kind):
+def test_functional_nonlinearity_is_tapped_after_the_function_and_rescaled_for_deeplift(kind, monkeypatch):
+    """A functional nonlinearity at a sliced layer's output is read after it and takes the Rescale rule as a
+    module does: every statistic, DeepLIFT's included, equals the nn.ReLU version's (the second layer's ReLU lies
+    on the first layer's path to the output, so the first layer's multipliers go through its Rescale)."""
     base, model = _twin(kind)
     loader = small_loader(60, 30)
-    with pytest.warns(UserWarning, match=r"gradient × Δ.*\['fc1', 'fc2'\]"):
-        prof = neuslice.profile(model, loader, K, progress=False)
+    metrics = ("avg", "var", "taylor", "deeplift")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prof = neuslice.profile(model, loader, K, metrics=metrics, progress=False)
     assert [e["tap"] for e in prof.layers] == ["relu(fc1)", "relu(fc2)"]
     assert [e["tap_source"] for e in prof.layers] == ["graph", "graph"]
-    assert prof.deeplift == "gradient" and [e["deeplift"] for e in prof.layers] == ["gradient"] * 2
-    # read after the function: every statistic but deeplift's form equals the nn.ReLU version's
-    want = neuslice.profile(base, loader, K, progress=False)
-    stats_close(prof.stats, want.stats, keys=["count", "act_sum", "act_sq", "taylor_sum"], rtol=1e-6, atol=1e-9)
+    assert prof.deeplift == "rescale" and [e["deeplift"] for e in prof.layers] == ["rescale"] * 2
+    want = neuslice.profile(base, loader, K, metrics=metrics, progress=False)
+    stats_close(prof.stats, want.stats, keys=["count", "act_sum", "act_sq", "taylor_sum", "deeplift_sum"],
+                rtol=1e-6, atol=1e-9)
+    # and the Rescale rule at the functional ReLU is what made them equal: through its plain derivative, the first
+    # layer's (upstream of it) differ
+    from neuslice.engine.deeplift import Rescale
+    monkeypatch.setattr(Rescale, "functional", lambda self, i, inp, out, local: None)
+    plain = neuslice.profile(model, loader, K, metrics=metrics, progress=False)
+    assert not torch.allclose(plain.stats["fc1"]["deeplift_sum"], want.stats["fc1"]["deeplift_sum"], rtol=1e-3)
+    stats_close(plain.stats, want.stats, keys=["taylor_sum"], rtol=1e-6, atol=1e-9)
     lay = neuslice.profile(model, loader, K, tap="layer", metrics=("taylor",), progress=False)
     assert [e["tap"] for e in lay.layers] == ["fc1", "fc2"]
     # for a ReLU, z·∂f/∂z = a·∂f/∂a: taylor is the same at either tap

@@ -477,10 +477,10 @@ def target_of(fn: str, out, labels: Tensor, target: str, ignore_index: int = -10
 
 
 def dl_forms(fn: str, plan: Plan, rescale: bool, warn: bool) -> Dict[str, str]:
-    """Per layer: ``"rescale"``, or ``"gradient"`` (m = g) where the nonlinearity is functional; warns once."""
-    functional = [i.name for i in plan.layers if i.functional]
-    if warn and (functional or not rescale):
-        names = functional or [i.name for i in plan.layers]
-        warnings.warn(f"{fn}: DeepLIFT uses gradient × Δ (m = g) for layer(s) {names}: their nonlinearity is "
-                      "a functional call, not a module, so the Rescale rule cannot see it", stacklevel=3)
-    return {i.name: ("rescale" if rescale and not i.functional else "gradient") for i in plan.layers}
+    """Per layer: ``"rescale"``, or ``"gradient"`` (m = g) for every layer when the model has no nonlinearity the
+    Rescale rule can see (no module, no functional one at a sliced layer's tap); warns once then."""
+    if warn and not rescale and plan.layers:
+        warnings.warn(f"{fn}: DeepLIFT uses gradient × Δ (m = g) for layer(s) {[i.name for i in plan.layers]}: the "
+                      "model has no nonlinearity module, nor a functional nonlinearity at a sliced layer's output, "
+                      "that the Rescale rule can see", stacklevel=3)
+    return {i.name: ("rescale" if rescale else "gradient") for i in plan.layers}

@@ -1,4 +1,5 @@
-"""DeepLIFT multipliers under the Rescale rule (Shrikumar et al. 2017) through nonlinearity modules.
+"""DeepLIFT multipliers under the Rescale rule (Shrikumar et al. 2017) through nonlinearity modules, and through
+the functional nonlinearities that are sliced layers' taps (``F.relu(fc(x))``: seen by the tap hooks).
 
 One forward serves both gradients: every nonlinearity module's output is routed through
 :class:`_Rescale`, an identity in the forward whose backward either passes the gradient on unchanged
@@ -10,7 +11,7 @@ with the same input (docs/method.md §2), so the recompute saves what the forwar
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -120,7 +121,8 @@ class Rescale:
             self._refs = {}
 
     def recorded(self) -> Dict[int, List[tuple]]:
-        """The references recorded by the last ``record()`` forward: per module id, per call ``(input, output)``
+        """The references recorded by the last ``record()`` forward: per module id (``("functional", layer)`` for a
+        functional one), per call ``(input, output)``
         of the reference batch (detached)."""
         return self._refs
 
@@ -131,16 +133,28 @@ class Rescale:
     def _hook(self, module, args, out):
         if not args or not isinstance(args[0], torch.Tensor) or not isinstance(out, torch.Tensor):
             return None
-        k = id(module)
+        return self._apply(id(module), args[0], out, lambda: _local(module))
+
+    def functional(self, i: int, inp: torch.Tensor, out: torch.Tensor, local) -> Optional[torch.Tensor]:
+        """A functional nonlinearity (``F.relu(x)``, ``torch.tanh(x)``, ``x.relu()``) that is sliced layer ``i``'s
+        tap, seen by :class:`~neuslice.engine.hooks.ChainHooks` (``on_functional``): rescaled as a module would be,
+        its references matched by call order under the key ``("functional", i)``. ``local``: its function applied
+        to one tensor (the local derivative where |Δin| <= EPS)."""
+        if not isinstance(out, torch.Tensor) or not out.is_floating_point() or out.shape != inp.shape:
+            return None
+        return self._apply(("functional", i), inp, out, lambda: local)
+
+    def _apply(self, k, inp: torch.Tensor, out: torch.Tensor, local):
+        """Record (``record()`` mode) or reroute ``out`` (the nonlinearity ``k``'s output for input ``inp``) through
+        :class:`_Rescale`; ``local()`` gives the function for the local derivative, or None."""
         if in_backward() and not self._recording:     # a checkpointed block recomputed: the same call's ratio
-            x = args[0].detach()
+            x = inp.detach()
             for seen, ratio, off in self._done.get(k, []):
                 if seen.shape == x.shape and torch.equal(seen, x):
-                    return _Rescale.apply(out, args[0], ratio, off, self.switch, _local(module))
+                    return _Rescale.apply(out, inp, ratio, off, self.switch, local())
             return None
         idx = self._calls.get(k, 0)
         self._calls[k] = idx + 1
-        inp = args[0]
         if self._recording:
             self._refs.setdefault(k, []).append((inp.detach(), out.detach()))
             return None
@@ -155,7 +169,7 @@ class Rescale:
                             _buffer(self._bufs, (k, idx, "off"), y, torch.bool),
                             _buffer(self._bufs, ("scratch", y.shape, y.dtype, y.device), y))
         self._done.setdefault(k, []).append((x, ratio, off))
-        return _Rescale.apply(out, inp, ratio, off, self.switch, _local(module))
+        return _Rescale.apply(out, inp, ratio, off, self.switch, local())
 
     def remove(self) -> None:
         for h in self._handles:

@@ -41,7 +41,8 @@ class _Watch(torch.Tensor):
         watch = getattr(x, "_ns_watch", None) if isinstance(x, _Watch) else None
         if watch is not None and isinstance(out, torch.Tensor) and watch[0](func):
             x._ns_watch = None                          # one nonlinearity per call of the layer
-            r = watch[1](out)
+            rest, kw = args[1:], kwargs or {}
+            r = watch[1](out, x.as_subclass(torch.Tensor), lambda t: func(t, *rest, **kw))
             return out if r is None else r
         return out
 
@@ -62,12 +63,19 @@ class ChainHooks:
 
     Gradient checkpointing recomputes blocks during the backward (docs/method.md §2): those calls still
     reach ``on_point`` (a mask must be applied to the recompute too), but they are not counted in
-    ``calls`` and do not restart the forward; ``on_point`` tells them apart with :func:`in_backward`."""
+    ``calls`` and do not restart the forward; ``on_point`` tells them apart with :func:`in_backward`.
+
+    ``on_functional(i, input, output, local)``: called first where layer ``i``'s tap is a functional
+    nonlinearity's output, with that call's input and its function on one tensor (``local``); a tensor returned
+    replaces the output, and ``on_point`` sees the replacement (DeepLIFT's Rescale, :mod:`.deeplift`)."""
 
     def __init__(self, model: nn.Module, infos: Sequence[LayerInfo],
-                 on_point: Callable[[int, torch.Tensor], Optional[torch.Tensor]], point: str = "tap"):
+                 on_point: Callable[[int, torch.Tensor], Optional[torch.Tensor]], point: str = "tap",
+                 on_functional: Optional[Callable[[int, torch.Tensor, torch.Tensor, Callable], Optional[torch.Tensor]]]
+                 = None):
         modules = dict(model.named_modules())
         self._on_point = on_point
+        self._on_functional = on_functional
         self._pending: List[List[Tuple[int, torch.Tensor]]] = [[] for _ in infos]
         self.calls = [0] * len(infos)
         per_module: Dict[str, List[Tuple[int, int, str, object]]] = {}
@@ -107,12 +115,20 @@ class ChainHooks:
                         result = r
                 elif kind == "watch" and isinstance(cur, torch.Tensor):
                     w = cur.as_subclass(_Watch)
-                    w._ns_watch = (match, lambda a, i=i: self._on_point(i, a))
+                    w._ns_watch = (match, lambda a, x, local, i=i: self._watched(i, a, x, local))
                     result = w
                 else:
                     self._pending[i].append((j, cur))
             return result
         return hook
+
+    def _watched(self, i: int, out: torch.Tensor, x: torch.Tensor, local: Callable) -> Optional[torch.Tensor]:
+        """Layer ``i``'s functional nonlinearity ran (``x`` -> ``out``): ``on_functional``, then ``on_point``."""
+        if self._on_functional is not None:
+            r = self._on_functional(i, x, out, local)
+            out = out if r is None else r
+        r = self._on_point(i, out)
+        return out if r is None else r
 
     def reset(self) -> None:
         self._pending = [[] for _ in self._pending]

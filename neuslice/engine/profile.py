@@ -60,9 +60,11 @@ class _Offline:
         self.rescale = self.hooks = None
         try:
             acts = [n for n, _ in activation_modules(model, nonlinearity_modules(model))]
-            self.rescale = Rescale(model, acts) if (self.want_dl and acts) else None
+            functional = any(i.functional and i.tap_stage == len(i.chain) for i in plan.layers)
+            self.rescale = Rescale(model, acts) if (self.want_dl and (acts or functional)) else None
             self.forms = dl_forms(fn, plan, self.rescale is not None, self.want_dl) if self.want_dl else {}
-            self.hooks = ChainHooks(model, plan.layers, self._on_tap)
+            self.hooks = ChainHooks(model, plan.layers, self._on_tap,
+                                    on_functional=None if self.rescale is None else self.rescale.functional)
         except BaseException:
             self.close()
             raise
