@@ -142,6 +142,8 @@ class Rescale:
         to one tensor (the local derivative where |Δin| <= EPS)."""
         if not isinstance(out, torch.Tensor) or not out.is_floating_point() or out.shape != inp.shape:
             return None
+        if out.data_ptr() == inp.data_ptr():        # in place (x.relu_()): its input is gone, Δin unknown
+            return None
         return self._apply(("functional", i), inp, out, lambda: local)
 
     def _apply(self, k, inp: torch.Tensor, out: torch.Tensor, local):
