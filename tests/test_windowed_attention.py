@@ -214,3 +214,12 @@ def test_a_probe_of_one_sample_cannot_vouch_for_the_order():
         with ok.batch(y):
             nn.functional.cross_entropy(model(**x).logits, y).backward()
     assert ok.profile().num_batches == 1
+
+
+def test_an_input_size_the_probe_did_not_see_is_refused_by_name():
+    model = swin(32)
+    d32, d40 = data(32), data(40)
+    with pytest.raises(ValueError, match=r"gave output \[54, 16, 16\]; expected .* \(its batch dim holds 9 rows per "
+                                         r"sample where the probe forward saw 4: inputs of another size fold "
+                                         r"differently; profile one input size at a time\)"):
+        neuslice.profile(model, d32[:1] + d40[:1], K, metrics=("avg",), progress=False)

@@ -147,10 +147,12 @@ def tap_view(fn: str, info: LayerInfo, t: Tensor, labels: Tensor) -> Tuple[Tenso
         shape = list(t.shape) if isinstance(t, Tensor) else type(t).__name__
         want = f"[B, ..., N] = [{b}, ..., {n}]" if linear else f"[B, N, ...] = [{b}, {n}, ...]"
         folded = ""
-        if isinstance(t, Tensor) and t.dim() == 3 and b and t.shape[0] > b and t.shape[0] % b == 0 and info.fold == 1:
+        if isinstance(t, Tensor) and t.dim() == 3 and b and t.shape[0] > b and t.shape[0] % b == 0:
             folded = (f" (its batch dim holds {t.shape[0] // b} rows per sample, as windowed attention folds windows "
                       "into it: such a fold is read from the probe forward of a model that torch.fx cannot trace, "
-                      f"not from a traced graph; choose layers= without {info.name!r})")
+                      f"not from a traced graph; choose layers= without {info.name!r})" if info.fold == 1 else
+                      f" (its batch dim holds {t.shape[0] // b} rows per sample where the probe forward saw "
+                      f"{info.fold}: inputs of another size fold differently; profile one input size at a time)")
         raise ValueError(f"{fn}: layer {info.name!r} (tapped at {info.tap!r}) gave output {shape}; expected {want} "
                          f"with B the batch size of the labels{folded}")
     if t.dim() == 2:
