@@ -247,10 +247,24 @@ def _flow(gm, modules):
                     uf.union(s_new)
             elif t in _PRESERVE_FUNCS or (node.op == "call_method" and t in _PRESERVE_METHODS):
                 s_new, f_new = s0, f0
+            elif t is F.pad:
+                s_new = frozenset(x for x in s0 if _fx_pad_keeps(node, modules[x]))
             elif t in _FLATTEN_FUNCS or (node.op == "call_method" and t in _FLATTEN_METHODS):
                 f_new = s0 | f0
         src[node], flat[node] = s_new, f_new
     return consumers, uf, calls
+
+
+def _fx_pad_keeps(node, source: nn.Module) -> bool:
+    """Whether the traced ``F.pad`` call ``node`` leaves the channels of ``source``'s output alone: a Linear's are
+    the last dim (its first pad pair must be zeros); a conv's are dim 1 of a ``[B, C, *spatial]`` tensor, padded
+    only by a pad of more than 2 × (spatial dims) values (``dataflow._pad_keeps`` reads the shapes instead)."""
+    pad = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
+    if not isinstance(pad, (tuple, list)) or not all(isinstance(v, int) for v in pad):
+        return False
+    if isinstance(source, nn.Linear):
+        return len(pad) < 2 or (pad[0] == 0 and pad[1] == 0)
+    return len(pad) <= 2 * len(getattr(source, "kernel_size", ()))
 
 
 def _add_consumer(consumers, name, m, s0, f0, modules) -> None:
@@ -575,7 +589,8 @@ def _probe_flow(flow, modules, candidates):
 
     is_layer = lambda x: x in candidates   # noqa: E731
     consumers, unions, calls = dataflow.sources(flow, is_layer, add_consumer, lambda x: _is_depthwise(modules[x]),
-                                                preserve, lambda nd: isinstance(modules[nd.target], nn.Flatten))
+                                                preserve, lambda nd: isinstance(modules[nd.target], nn.Flatten),
+                                                lambda x: isinstance(modules[x], nn.Linear))
     uf = _Union()
     for u in unions:
         uf.union(u)
