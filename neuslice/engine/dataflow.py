@@ -206,29 +206,33 @@ def leaf_evidence(module: nn.Module, args, kwargs, out) -> frozenset:
     ``elementwise`` (parameter-free, shape-preserving, and each channel of the last dim depends on that
     channel alone, the same function for every channel: perturbing channel 0 changes only channel 0, and
     the call commutes with a roll of the last dim), ``mixes`` (shape-preserving, perturbing channel 0
-    changes the others: LayerNorm-like). Calls the module's ``forward`` twice more, hooks bypassed."""
+    changes the others: LayerNorm-like). Where the last dim has one element, the last dim with two or more
+    is probed instead. Calls the module's ``forward`` twice more, hooks bypassed."""
     xs = [a for a in args if isinstance(a, torch.Tensor)]
     if len(xs) != 1 or not isinstance(out, torch.Tensor) or not isinstance(args[0], torch.Tensor):
         return frozenset()
     x = args[0]
     if out is x and getattr(module, "inplace", False):  # its input is already overwritten: no evidence
         return frozenset()
-    if out.shape != x.shape or not x.is_floating_point() or x.dim() < 1 or x.shape[-1] < 2 or x.numel() == 0:
+    # the axis probed: the last dim, or where it has one element (a conv output [B, C, 1, 1] at the end of a
+    # network) the last dim with two or more
+    axis = next((d for d in range(x.dim() - 1, -1, -1) if x.shape[d] >= 2), None) if x.dim() else None
+    if out.shape != x.shape or not x.is_floating_point() or axis is None or x.numel() == 0:
         return frozenset({"pass"}) if out is x else frozenset()
     if out is x or torch.equal(out, x):
         return frozenset({"pass"})
     try:
         x2 = x.clone()
-        x2[..., 0] += 1.0
+        x2.select(axis, 0).add_(1.0)
         y2 = module.forward(x2, *args[1:], **kwargs)
         if not isinstance(y2, torch.Tensor) or y2.shape != out.shape:
             return frozenset()
-        if not torch.equal(y2[..., 1:], out[..., 1:]):
+        if not torch.equal(y2.narrow(axis, 1, x.shape[axis] - 1), out.narrow(axis, 1, x.shape[axis] - 1)):
             return frozenset({"mixes"})
         if any(True for _ in module.parameters(recurse=False)):
             return frozenset()
-        y3 = module.forward(x.roll(1, -1), *args[1:], **kwargs)
-        if isinstance(y3, torch.Tensor) and torch.allclose(y3, out.roll(1, -1), rtol=0, atol=0):
+        y3 = module.forward(x.roll(1, axis), *args[1:], **kwargs)
+        if isinstance(y3, torch.Tensor) and torch.allclose(y3, out.roll(1, axis), rtol=0, atol=0):
             return frozenset({"elementwise"})
     except Exception:                               # a module that cannot be called again is no evidence
         return frozenset()
@@ -330,9 +334,23 @@ _PRESERVE = {"relu", "relu_", "gelu", "silu", "sigmoid", "sigmoid_", "tanh", "ta
 _FLATTEN = {"flatten", "view", "reshape"}
 
 
+def _pad_keeps(node: Node, in_shape, channel_last: bool) -> bool:
+    """Whether the ``pad`` call ``node`` (its input of shape ``in_shape``) leaves a source's channels alone: the
+    channel axis (the last for a Linear source, dim 1 for a conv's) keeps its size (an explicit "same" padding
+    before a conv, as TensorFlow-ported models do, pads only the spatial dims)."""
+    out = node.shapes[0] if node.shapes else None
+    if not in_shape or not out or len(in_shape) != len(out) or len(out) < 2:
+        return False
+    axis = -1 if channel_last else 1
+    return in_shape[axis] == out[axis]
+
+
 def sources(flow: Flow, is_layer: Callable[[str], bool], add_consumer: Callable, depthwise: Callable[[str], bool],
-            preserve_module: Callable[[Node], bool], flatten_module: Callable[[Node], bool]):
-    """Channel sources per tensor, as ``graph._flow`` on the traced graph: ``(consumers, unions, calls)``."""
+            preserve_module: Callable[[Node], bool], flatten_module: Callable[[Node], bool],
+            channel_last: Optional[Callable[[str], bool]] = None):
+    """Channel sources per tensor, as ``graph._flow`` on the traced graph: ``(consumers, unions, calls)``.
+    ``channel_last(layer)``: whether that layer's channels are its output's last dim (a Linear's) rather than
+    dim 1 (a conv's); with it, a padding that leaves a source's channel axis alone carries that source on."""
     src: Dict[_R, frozenset] = {}
     flat: Dict[_R, frozenset] = {}
     consumers: Dict[str, List[Tuple[str, int]]] = {}
@@ -364,6 +382,9 @@ def sources(flow: Flow, is_layer: Callable[[str], bool], add_consumer: Callable,
             s_new, f_new = s0, f0
         elif node.target in _FLATTEN:
             f_new = s0 | f0
+        elif node.target == "pad" and channel_last is not None and ins:
+            in_shape = flow.nodes[ins[0][0]].shapes[ins[0][1]] if flow.nodes[ins[0][0]].shapes else None
+            s_new = frozenset(x for x in s0 if _pad_keeps(node, in_shape, channel_last(x)))
         for k in range(len(node.shapes) or 1):
             src[_ref(i, k)], flat[_ref(i, k)] = s_new, f_new
     return consumers, unions, calls
@@ -373,13 +394,17 @@ _CARRY_CALLS = {"dropout", "contiguous", "clone", "to", "float", "half", "type_a
                 "cat", "flatten", "transpose", "permute"}
 # Layout operations that carry the channels on when the last dim keeps their number (Swin's window partition
 # and reverse, its cyclic shift, padding and crop between an attention output projection and its residual add)
-_CARRY_LAYOUT = {"view", "reshape", "roll", "pad", "getitem", "unflatten", "narrow", "squeeze", "unsqueeze"}
+_CARRY_LAYOUT = {"view", "reshape", "roll", "pad", "getitem", "unflatten", "narrow", "squeeze", "unsqueeze",
+                 "mean", "sum"}   # (and pooling over the tokens: BEiT's mean before its pooler's LayerNorm)
+# Scalings that keep each channel itself when the last dim keeps their number (BEiT's and CaiT's layer scale
+# γ ⊙ x before the residual add, a gate x ⊙ σ(·))
+_CARRY_SCALE = {"mul", "mul_", "div", "div_"}
 
 
 def residual(flow: Flow, users, layers: Dict[str, int], is_layer: Callable[[str], bool]) -> Dict[str, str]:
     """Layers whose channels reach, unchanged in number (pass-through modules, dropout, residual adds,
-    concatenation along other dims, flatten/transpose of conv channels, views, shifts, padding and crops that keep
-    them in the last dim), a LayerNorm-like module (one
+    concatenation along other dims, flatten/transpose of conv channels, views, shifts, padding, crops and scalings
+    that keep them in the last dim), a LayerNorm-like module (one
     whose every output channel depends on all its input channels) over those channels: ``{layer: text}``
     naming the residual add and the LayerNorm (docs/method.md §1)."""
     out: Dict[str, str] = {}
@@ -408,6 +433,9 @@ def residual(flow: Flow, users, layers: Dict[str, int], is_layer: Callable[[str]
                         todo.append((_ref(j, 0), n))
                 elif u.target in _CARRY_LAYOUT:
                     if shape is not None and shape[-1] == n and refs_of(u.args[:1]) == [r]:
+                        todo.append((_ref(j, 0), n))
+                elif u.target in _CARRY_SCALE:
+                    if shape is not None and shape[-1] == n:
                         todo.append((_ref(j, 0), n))
                 elif u.target in _CARRY_CALLS:
                     if u.target == "cat" and shape is not None and shape[-1] != n and _cat_last(u, len(shape)):
