@@ -77,6 +77,9 @@ def _check_group(fn, tp, group, root: str, removed: Dict[str, List[int]], names,
         plain = sorted(int(i) for i in tp._helpers.to_plain_idxs(idxs))
         if kind in _REFUSED:
             _refuse(fn, root, f"{type(mod).__name__} {name!r}", _REFUSED[kind])
+        if node.type == T.CONV and getattr(mod, "groups", 1) > 1:
+            _refuse(fn, root, f"grouped convolution {name!r} ({mod.groups} groups)",
+                    "needs every group to keep as many channels as the others, which a slice does not give")
         if node.type in (T.CONV, T.LINEAR, T.DEPTHWISE_CONV) and dg.is_out_channel_pruning_fn(dep.handler):
             if name not in removed:
                 _refuse(fn, root, f"{type(mod).__name__} {name!r} (its output channels are coupled to them)",
