@@ -1,5 +1,5 @@
 """neuslice used as a user would on model-library architectures the test suite does not build (Phi: in another
-configuration).
+configuration; Swin, BEiT, RegNet and MobileNetV2 have tests of their own since, in other configurations).
 
 Each architecture is built offline from a tiny config (random weights, ``transformers`` installed) and run
 through the public API: ``removable_layers``, ``profile`` (ens: every statistic, padded batches), a semantic
@@ -25,8 +25,11 @@ import neuslice
 from neuslice.engine.calls import logits_of, to_device
 
 K = 3
-# Known not to work yet, reported but not counted as a failure of this script (none at present).
-EXPECTED_FAIL: set = set()
+# Known not to work yet, reported but not counted as a failure of this script: Swin-V2's continuous position bias
+# is a small MLP of Linear layers run on a table of coordinates, not on the samples (its outputs have no batch
+# dim), which profile refuses by name; MobileViT unfolds each sample's patches into the batch dim in an order the
+# probe does not read (a fold it refuses by name).
+EXPECTED_FAIL = {"swinv2 (position-bias MLP)", "mobilevit (unfolded patches)"}
 
 
 def _text(seed: int, pad_left: bool = False, per_token: bool = False, k: int = K, b: int = 6, t: int = 12):
@@ -87,6 +90,30 @@ def _archs() -> Dict[str, Tuple[Callable[[], torch.nn.Module], Callable[[int], t
         "swin (windowed attention)": (lambda: tf.SwinForImageClassification(tf.SwinConfig(
             patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 4], window_size=4, drop_path_rate=0.0,
             **drop, **vis)), _image, K),
+        "beit (layer scale, relative position bias)": (lambda: tf.BeitForImageClassification(tf.BeitConfig(
+            patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+            use_relative_position_bias=True, **vis)), _image, K),
+        "dinov2": (lambda: tf.Dinov2ForImageClassification(tf.Dinov2Config(
+            patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, **vis)),
+            _image, K),
+        "levit": (lambda: tf.LevitForImageClassification(tf.LevitConfig(
+            hidden_sizes=[16, 24, 32], num_attention_heads=[1, 2, 2], depths=[1, 1, 1], key_dim=[8, 8, 8], **vis)),
+            _image, K),
+        "resnet (bottleneck)": (lambda: tf.ResNetForImageClassification(tf.ResNetConfig(
+            embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="bottleneck", **vis)), _image, K),
+        "regnet (grouped convolutions)": (lambda: tf.RegNetForImageClassification(tf.RegNetConfig(
+            embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], groups_width=4, **vis)), _image, K),
+        "mobilenet-v2 (same padding, depthwise)": (lambda: tf.MobileNetV2ForImageClassification(tf.MobileNetV2Config(
+            depth_multiplier=0.25, **vis)), _image, K),
+        "efficientnet (squeeze-excitation)": (lambda: tf.EfficientNetForImageClassification(tf.EfficientNetConfig(
+            width_coefficient=0.25, depth_coefficient=0.2, hidden_dim=320, **vis)), _image, K),
+        "poolformer": (lambda: tf.PoolFormerForImageClassification(tf.PoolFormerConfig(
+            hidden_sizes=[8, 16, 16, 16], depths=[1, 1, 1, 1], num_channels=3, num_labels=K)), _image, K),
+        "swinv2 (position-bias MLP)": (lambda: tf.Swinv2ForImageClassification(tf.Swinv2Config(
+            patch_size=4, embed_dim=16, depths=[2, 1], num_heads=[2, 4], window_size=4, drop_path_rate=0.0,
+            **drop, **vis)), _image, K),
+        "mobilevit (unfolded patches)": (lambda: tf.MobileViTForImageClassification(tf.MobileViTConfig(
+            hidden_sizes=[16, 24, 32], neck_hidden_sizes=[8, 8, 16, 16, 24, 24, 32], **vis)), _image, K),
     }
 
 
@@ -119,7 +146,8 @@ def try_one(build, batch, k: int, device: str = "cpu") -> Dict[str, object]:
     phys, rep = neuslice.restructure(model, s, keep, example_inputs=x)
     with torch.no_grad():
         a, b = phys(**data[1][0]), masked(**data[1][0])
-    row["phys vs mask (rel)"] = f"{((a - b).abs().max() / b.abs().max()).item():.1e}"
+    scale = b.abs().max()               # (a model library may zero-initialise its classifier: then absolute)
+    row["phys vs mask (rel)"] = f"{((a - b).abs().max() / (scale if scale > 0 else 1)).item():.1e}"
     total = sum(p.numel() for p in model.parameters())
     row["params removed"] = f"{(total - rep.params) / total:.4f}"
     row["compression_rate"] = f"{s.compression_rate(model, keep):.4f}"
