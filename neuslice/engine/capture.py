@@ -311,10 +311,11 @@ def drop_unused(fn: str, plan: Plan, no_grad: Sequence[str] = (), stacklevel: in
                          "output does not reach the loss: unused); choose layers= without them or profile "
                          "without gradient metrics")
     unused = list(plan.unused) + list(no_grad)
-    if not unused:
+    if not unused and not plan.batchless:
         return plan
     why = [f"never called in forward: {list(plan.unused)}"] if plan.unused else []
     why += [f"called, but no gradient reaches them: {list(no_grad)}"] if no_grad else []
+    why += [f"run on no sample (outputs without the batch dim): {list(plan.batchless)}"] if plan.batchless else []
     warnings.warn(f"{fn}: unused layer(s) are excluded and not in the profile ({'; '.join(why)})",
                   stacklevel=stacklevel)
     if not no_grad:

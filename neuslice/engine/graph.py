@@ -114,6 +114,9 @@ class Plan:
     probed: bool = False                 # untraceable: layers, calls and head came from a probe forward
     # Conv/Linear modules never called in forward (traced graph or probe; unknown otherwise): not sliced
     unused: List[str] = field(default_factory=list)
+    # Conv/Linear modules called on no sample (probe: no output with the batch's size as its leading dim, e.g.
+    # Swin-V2's position-bias MLP over a table of coordinates): not sliced, warned once with the unused ones
+    batchless: List[str] = field(default_factory=list)
     named: frozenset = frozenset()       # layers the user named (layers=[...]): never excluded silently
     attention: List[Attention] = field(default_factory=list)
     # layer -> what its channels feed that forbids changing their number (the residual add / LayerNorm)
@@ -497,6 +500,15 @@ def _discover(model: nn.Module, layers: LayerSpec = None, *, tap: str = "auto", 
         heads = list(candidates)[-1:]
     uncalled = [n for n, m in modules.items() if isinstance(m, LAYER_TYPES) and n not in excluded
                 and n not in candidates] if flow is not None else []
+    batchless = _batchless(flow, candidates) if flow is not None and gm is None else []
+    if batchless:
+        named_batchless = [s for s in (layers if isinstance(layers, (list, tuple)) else [layers])
+                           if isinstance(s, str) and s in batchless]
+        if named_batchless:
+            raise ValueError(f"{fn}: layer(s) {named_batchless} run on no sample: their outputs have no batch dim "
+                             "(a position-bias MLP over a table of coordinates), so their neurons say nothing about "
+                             "classes; choose layers= without them")
+        candidates = {n: m for n, m in candidates.items() if n not in batchless}
     names, named = _select(fn, candidates, layers, heads, uncalled, model)
     residual, attention, users = {}, [], None
     if flow is not None:
@@ -548,7 +560,22 @@ def _discover(model: nn.Module, layers: LayerSpec = None, *, tap: str = "auto", 
         groups.setdefault(uf.find(name), []).append(name)
     coupled = [g for g in groups.values() if len(g) > 1 and len({_neurons(modules[x]) for x in g}) == 1]
     return Plan(infos, heads, coupled, err, probed=gm is None and flow is not None, unused=uncalled, named=named,
+                batchless=batchless,
                 attention=attention, residual={n: residual[n] for n in candidates if n in residual})
+
+
+def _batchless(flow, candidates: Dict[str, nn.Module]) -> List[str]:
+    """The layers whose every call in the probe gave an output without the batch: a leading dim that is not a
+    multiple of the probe's batch size (which must be 2 or more to tell; docs/method.md §1)."""
+    b = dataflow.batch_size(flow)
+    if b is None or b < 2:
+        return []
+    seen: Dict[str, bool] = {}
+    for node in flow.nodes:
+        if node.kind == "module" and node.target in candidates and node.shapes and node.shapes[0]:
+            lead = node.shapes[0][0]
+            seen[node.target] = seen.get(node.target, True) and lead % b != 0
+    return [n for n in candidates if seen.get(n)]
 
 
 def _fold(flow, users, calls: List[int], batch: Optional[int]) -> Tuple[int, Optional[Tensor], Optional[str], bool]:
