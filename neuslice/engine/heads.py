@@ -102,8 +102,9 @@ def query_heads(a: Attention, units: Tensor) -> Tensor:
 def per_head_tensors(model: nn.Module, a: Attention) -> List[Tuple[str, nn.Module, str, int]]:
     """The block's own per-head parameters, which a removed head takes with it (docs/method.md §6): the parameters
     with exactly one dim of size ``heads`` of the block's module and its submodules, other than its q, k, v and out
-    layers (Swin's relative position bias table ``[(2w-1)^2, heads]``), and of the module around it where they are
-    not inside a Linear, a convolution or a norm (BEiT keeps its table beside the attention, in the layer), as
+    layers (Swin's relative position bias table ``[(2w-1)^2, heads]``, Swin-V2's logit scale and the last Linear of
+    its position-bias MLP, by its outputs only), and of the module around it where they are not inside a Linear, a
+    convolution or a norm (BEiT keeps its table beside the attention, in the layer), as
     ``(qualified name, owning module, attribute, dim)``. Buffers are left alone (rotary frequencies ``[head_dim /
     2]`` can equal the head count by coincidence); a table shared by several blocks lies outside both and is not
     found; with one head nothing is per head by its size alone. Physical restructure checks the cut model against
@@ -112,24 +113,22 @@ def per_head_tensors(model: nn.Module, a: Attention) -> List[Tuple[str, nn.Modul
     root = mods.get(a.module) if a.module else None
     if root is None or a.heads < 2:
         return []
-    skip = [a.q[0], a.k[0], a.v[0], a.out]
-    scopes = [a.module]
+    skip = {a.module: [a.q[0], a.k[0], a.v[0], a.out]}
     if "." in a.module:                 # the module around the block, never the whole model
-        parent_name = a.module.rsplit(".", 1)[0]
-        scopes.append(parent_name)
-        skip += [n for n, m in mods.items() if n.startswith(parent_name + ".")
-                 and isinstance(m, (nn.Linear, nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase,
-                                    nn.LayerNorm, nn.GroupNorm))]
+        parent = a.module.rsplit(".", 1)[0]
+        skip[parent] = [a.module] + [n for n, m in mods.items() if n.startswith(parent + ".") and isinstance(
+            m, (nn.Linear, nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm))]
     out, seen = [], set()
-    for scope in scopes:
+    for scope, not_here in skip.items():
         for name, m in mods[scope].named_modules(prefix=scope):
-            if any(name == x or name.startswith(x + ".") for x in skip) or \
-                    (scope != a.module and (name == a.module or name.startswith(a.module + "."))):
+            if any(name == x or name.startswith(x + ".") for x in not_here):
                 continue
             for attr, t in m._parameters.items():
                 if t is None or not t.is_floating_point() or id(t) in seen:
                     continue
                 dims = [d for d, size in enumerate(t.shape) if size == a.heads]
+                if isinstance(m, nn.Linear):    # a Linear computing one value per head (Swin-V2's position-bias
+                    dims = [d for d in dims if d == 0]   # MLP): its outputs, never its inputs (2-d coordinates)
                 if len(dims) == 1:
                     seen.add(id(t))
                     out.append((f"{name}.{attr}" if name else attr, m, attr, dims[0]))

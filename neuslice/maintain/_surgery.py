@@ -154,6 +154,8 @@ def _cut_per_head(module: nn.Module, a: Attention, gone: Tensor) -> None:
         t = getattr(m, attr)
         kept = torch.nonzero(~_heads.query_heads(a, gone)).flatten().to(t.device)
         m._parameters[attr] = nn.Parameter(t.index_select(dim, kept).clone(), requires_grad=t.requires_grad)
+        if isinstance(m, nn.Linear) and attr == "weight":      # (Swin-V2's position-bias MLP: one output per head)
+            m.out_features, m.in_features = m.weight.shape
 
 
 def _attribute_reads(module: nn.Module, names: Sequence[str], example_inputs) -> Dict[str, Set[str]]:
