@@ -223,3 +223,40 @@ def test_an_input_size_the_probe_did_not_see_is_refused_by_name():
                                          r"sample where the probe forward saw 4: inputs of another size fold "
                                          r"differently; profile one input size at a time\)"):
         neuslice.profile(model, d32[:1] + d40[:1], K, metrics=("avg",), progress=False)
+
+
+def test_swin_v2_position_bias_mlp_is_not_sliced_and_heads_take_their_per_head_parameters():
+    """Swin-V2 computes its relative position bias with a small MLP of Linear layers over a table of coordinates:
+    they run on no sample (outputs without the batch dim), so they are left out with a warning naming them; a
+    removed head takes its logit scale and its output of that MLP's last Linear."""
+    torch.manual_seed(0)
+    model = transformers.Swinv2ForImageClassification(transformers.Swinv2Config(
+        image_size=32, patch_size=4, embed_dim=16, depths=[2, 1], num_heads=[2, 4], window_size=4, num_channels=3,
+        num_labels=K)).eval()
+    d = data(32)
+    v2 = "swinv2.encoder.layers.0.blocks.1.attention.self."
+    mlp = v2 + "continuous_position_bias_mlp.0"
+    with pytest.warns(UserWarning, match=r"run on no sample \(outputs without the batch dim\): \[.*'" +
+                      mlp.replace(".", r"\.") + "'"):
+        prof = neuslice.profile(model, d, K, metrics=("taylor",), progress=False)
+    assert mlp not in prof.layer_names and v2 + "query" in prof.layer_names
+    with pytest.raises(ValueError, match=r"run on no sample: their outputs have no batch dim"):
+        neuslice.profile(model, d, K, layers=[mlp], metrics=("taylor",), progress=False)
+    names = neuslice.removable_layers(model, d[0][0])
+    with pytest.warns(UserWarning, match=r"run on no sample"):
+        prof = neuslice.profile(model, d, K, layers=names, metrics=("taylor",), progress=False)
+    s = neuslice.semantic_slice(prof, "taylor", 0.3)
+    masked, _ = neuslice.restructure(model, s, KEEP, mode="mask")
+    phys, rep = neuslice.restructure(model, s, KEEP, example_inputs=d[0][0])
+    with torch.no_grad():
+        ym, yp = call_model(masked, d[1][0]), call_model(phys, d[1][0])
+    assert (yp - ym).abs().max() <= 1e-4 * ym.abs().max()
+    total = sum(p.numel() for p in model.parameters())
+    assert round(s.compression_rate(model, KEEP) * total) == total - phys.num_params
+    keep, mods, lost = s.mask(KEEP), dict(phys.module.named_modules()), 0
+    for a in s.attention:
+        left = a.heads - int((~heads.unit_keep(a, {n: keep[n].unsqueeze(0) for n in (a.q[0], a.k[0], a.v[0])})[0]).sum())
+        assert mods[a.module].logit_scale.shape[0] == left
+        assert mods[a.module + ".continuous_position_bias_mlp.2"].out_features == left
+        lost += a.heads - left
+    assert lost > 0
