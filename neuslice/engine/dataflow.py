@@ -608,8 +608,32 @@ def _layout_step(node: Node, cur: _R) -> bool:
             and refs_of((node.args, tuple(node.kwargs.values()))) == [cur] and refs_of(node.args[:1]) == [cur])
 
 
+# Operations batched over dim 0 (each dim-0 slice of the output computed from the same slice of the first input
+# alone): per-position modules (LayerNorm-like, Linear, elementwise ones), arithmetic with a row-aligned operand,
+# softmax, attention. Between a fold and its source they keep which sample each row of dim 0 holds, not positions.
+_BATCHED_CALLS = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "softmax", "matmul", "bmm",
+                  "scaled_dot_product_attention", "dropout", "gelu", "relu", "silu", "tanh", "sigmoid"}
+
+
+class _Mixed(Exception):
+    """A replay found a row of dim 0 holding several samples (or padding) where a batched step needs one."""
+
+
+def _batched_step(node: Node, cur: _R, in_shape) -> bool:
+    """Whether ``node`` (reading ``cur`` as its first argument) is batched over dim 0 (``_BATCHED_CALLS``, or a
+    per-position module) and keeps that dim's size."""
+    out = node.shapes[0] if node.shapes else None
+    if not out or not in_shape or out[0] != in_shape[0] or refs_of(node.args[:1]) != [cur]:
+        return False
+    if node.kind == "module":
+        return bool(node.tags & {"pass", "elementwise", "mixes"}) or node.cls == "Linear"
+    return node.kind == "call" and node.target in _BATCHED_CALLS
+
+
 def _replay(chain: List[Node], x: torch.Tensor) -> torch.Tensor:
-    """``chain``'s operations (each reading the previous one's output) applied to ``x`` instead."""
+    """``chain``'s operations (each reading the previous one's output) applied to ``x`` instead. A batched step
+    (``_batched_step``) maps each dim-0 row of ``x`` that holds one sample number to a row of its output shape
+    holding that number (:class:`_Mixed` where a row holds several, or padding)."""
     def sub(a):
         if isinstance(a, _R):
             return x_
@@ -619,7 +643,18 @@ def _replay(chain: List[Node], x: torch.Tensor) -> torch.Tensor:
             return {k: sub(v) for k, v in a.items()}
         return a
     for node in chain:
-        if node.kind == "module":
+        if node.kind == "module" and "pass" in node.tags and node.shapes and tuple(node.shapes[0]) == tuple(x.shape):
+            continue
+        if node.kind == "module" or node.target not in _LAYOUT:
+            out = tuple(node.shapes[0])
+            rows = x.reshape(x.shape[0], -1)
+            if rows.shape[0] != out[0]:
+                raise _Mixed("samples")
+            if bool((rows == 0).any()):                 # padding: its positions cannot be followed through here
+                raise _Mixed("padding")
+            if not bool((rows == rows[:, :1]).all()):
+                raise _Mixed("samples")
+            x = rows[:, :1].expand(out[0], max(1, int(torch.Size(out[1:]).numel()))).reshape(out).contiguous()
             continue
         x_ = x
         x = node.func(*sub(node.args), **sub(node.kwargs))
@@ -630,12 +665,17 @@ def _chain_back(flow: Flow, ref: _R, b: int) -> Optional[List[Node]]:
     """The layout operations that made ``ref`` from a tensor with leading dim ``b``: the longest such chain (so
     a padding on the way is in it), that tensor's node first, as the chain's source; or None."""
     back: List[Tuple[Node, _R]] = []                 # (node, the ref it produced), from ref backwards
-    while len(back) <= 64:
+    while len(back) <= 256:
         node = flow.nodes[ref[0]]
         back.append((node, ref))
-        if not node.args or not isinstance(node.args[0], _R) or not _layout_step(node, node.args[0]):
+        if not node.args or not isinstance(node.args[0], _R):
             break
-        ref = node.args[0]
+        prev = node.args[0]
+        pnode = flow.nodes[prev[0]]
+        in_shape = pnode.shapes[prev[1]] if pnode.shapes else None
+        if not (_layout_step(node, prev) or _batched_step(node, prev, in_shape)):
+            break
+        ref = prev
     for k in range(len(back) - 1, 0, -1):           # the earliest [b, ...] tensor the chain starts from
         node, r = back[k]
         shape = node.shapes[r[1]]
@@ -700,6 +740,7 @@ def batch_fold(flow: Flow, users, i: int, b: int) -> Fold:
         return Fold((1, None, None, True))
     f, t = shape[0] // b, shape[1]
     mixed = Fold((f, None, "the probe shows its rows mix samples", True))
+    padded_through = False
     src = node.args[0] if node.args and isinstance(node.args[0], _R) else None
     chain = None if src is None else _chain_back(flow, src, b)
     if chain is not None:
@@ -708,6 +749,10 @@ def batch_fold(flow: Flow, users, i: int, b: int) -> Fold:
                .expand(s_shape).contiguous())
         try:
             got = _replay(chain[1:], ids)
+        except _Mixed as e:
+            if str(e) != "padding":
+                return mixed
+            got, padded_through = None, True                 # positions lost in a batched step: read them forward
         except Exception:                                   # noqa: BLE001  (no evidence)
             got = None
         if got is not None and got.dim() == 3 and tuple(got.shape[:2]) == (shape[0], t):
@@ -739,6 +784,9 @@ def batch_fold(flow: Flow, users, i: int, b: int) -> Fold:
                     return mixed
                 valid = here
             return Fold((f, None if bool(valid.all()) else valid, None, b > 1))
+    if padded_through:
+        return Fold((f, None, "its windows pad the sample, and the positions that are padding cannot be read through "
+                              "the attention before it", True))
     return Fold((f, None, f"its output {list(shape)} holds {f} rows per sample of the probe, in an order the probe "
                           "could not read from layout operations (view, permute, roll, pad, …) to or from a "
                           "[B, …] tensor", True))
