@@ -276,6 +276,11 @@ def physical(fn: str, model: nn.Module, plan: Plan, keep: Dict[str, Tensor], hea
     cut_blocks = _check_blocks(fn, plan, attention, removed)
     in_blocks = {x for a in _heads.active(attention, list(removed)) for x in (a.q[0], a.k[0], a.v[0])}
     by_name = {i.name: i for i in plan.layers}
+    # the attributes the blocks' forward reads, from a forward of the copy before anything is cut (the chains'
+    # norms below are cut at once, and a conv's BatchNorm cut before its conv would fail that forward)
+    blocks = [a for a in attention if a.module and a.module in mods]
+    reads = _attribute_reads(module, list(dict.fromkeys(a.module for a in blocks)), example_inputs) \
+        if cut_blocks else {}
     cut = _Cut(mods)
     for info in plan.layers:
         r = removed[info.name]
@@ -302,9 +307,6 @@ def physical(fn: str, model: nn.Module, plan: Plan, keep: Dict[str, Tensor], hea
     drop[list(classes)] = False
     if bool(drop.any()):
         cut.drop_rows(head, drop)
-    blocks = [a for a in attention if a.module and a.module in mods]
-    reads = _attribute_reads(module, list(dict.fromkeys(a.module for a in blocks)), example_inputs) \
-        if cut_blocks else {}
     cut.apply()
     for a, gone in cut_blocks:
         _cut_per_head(module, a, gone)
