@@ -115,3 +115,33 @@ def test_a_nonlinearity_on_one_pixel_is_found_by_its_channels():
     last = "poolformer.encoder.block.3.0.output."
     assert plan[last + "conv1"].tap == last + "act_fn" and plan[last + "conv1"].consumers == [(last + "conv2", 1)]
     restructured(model, d, 0.7)
+
+
+def test_mobilevit_patches_unfolded_into_the_batch_are_read_through_its_layernorms():
+    """MobileViT's transformer runs on ``[B * patch_area, patches, C]``: each sample's pixels of one patch offset
+    unfolded into the batch dim, sample-major, with a LayerNorm between the unfolding and q/k/v, and attention
+    before the out projection. The probe follows the sample of each row through them (batched steps); the conv
+    stages are not offered for physical removal in a model with attention blocks."""
+    torch.manual_seed(0)
+    model = transformers.MobileViTForImageClassification(transformers.MobileViTConfig(
+        image_size=32, hidden_sizes=[16, 24, 32], neck_hidden_sizes=[8, 8, 16, 16, 24, 24, 32], num_channels=3,
+        num_labels=K)).eval()
+    d = images()
+    att = "mobilevit.encoder.layer.2.transformer.layer.0.attention."
+    plan = {i.name: i for i in discover(model, run=lambda: call_model(model, d[0][0]), _probe=True).layers}
+    for name in (att + "attention.query", att + "output.dense"):
+        assert (plan[name].fold, plan[name].fold_error, plan[name].fold_ordered) == (4, None, True)
+    names = neuslice.removable_layers(model, d[0][0])
+    assert att + "attention.query" in names and not [n for n in names if "conv" in n]
+    prof = neuslice.profile(model, d, K, layers=[att + "attention.query"], metrics=("avg",), progress=False)
+    got = []
+    h = dict(model.named_modules())[att + "attention.query"].register_forward_hook(lambda m, a, o: got.append(o))
+    with torch.no_grad():
+        for x, _ in d:
+            call_model(model, x)
+    h.remove()
+    want = torch.zeros(K, got[0].shape[-1], dtype=torch.float64)
+    for (_, y), o in zip(d, got):       # rows b*4 ... b*4+3 are sample b's: its mean over all of them
+        want.index_add_(0, y, o.double().reshape(y.shape[0], -1, o.shape[-1]).mean(1))
+    torch.testing.assert_close(prof.stats[att + "attention.query"]["act_sum"].double(), want, rtol=1e-5, atol=1e-6)
+    restructured(model, d, 0.7)
