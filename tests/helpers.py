@@ -85,3 +85,24 @@ def spread_labels(y: torch.Tensor, k: int) -> torch.Tensor:
     """Labels in ``[0, 10)`` as classes of ``[0, k)``: c mod k for k ≤ 10; c·(k // 10) + 1 otherwise, so with
     k = 500 a batch holds at most 10 of the 500 classes, none of them class 0."""
     return y % k if k <= 10 else y * (k // 10) + 1
+
+
+def physical_equals_mask(model, slices, keep, example_inputs, other_inputs):
+    """Restructure ``model`` to the classes ``keep`` in mask and physical mode: the physical outputs on
+    ``other_inputs`` equal mask mode's (≤ 1e-4 relative) and ``compression_rate`` counts exactly the parameters
+    removed. Returns the physical model (a ``RestructuredModel``) and, per attention block of the slices, the
+    heads it keeps."""
+    import neuslice
+    from neuslice.engine import heads
+    from neuslice.engine.capture import call_model
+    masked, _ = neuslice.restructure(model, slices, keep, mode="mask")
+    phys, rep = neuslice.restructure(model, slices, keep, example_inputs=example_inputs)
+    with torch.no_grad():
+        ym, yp = call_model(masked, other_inputs), call_model(phys, other_inputs)
+    assert (yp - ym).abs().max() <= 1e-4 * ym.abs().max()
+    total = sum(p.numel() for p in model.parameters())
+    assert round(slices.compression_rate(model, keep) * total) == total - phys.num_params == total - rep.params
+    m = slices.mask(keep)
+    left = {a: a.heads - int((~heads.unit_keep(a, {n: m[n].unsqueeze(0) for n in (a.q[0], a.k[0], a.v[0])})[0]).sum())
+            for a in slices.attention}
+    return phys, left

@@ -13,6 +13,7 @@ import neuslice
 from neuslice.engine import heads
 from neuslice.engine.capture import call_model
 from neuslice.engine.graph import discover
+from helpers import physical_equals_mask
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -48,14 +49,8 @@ def restructured(model, d, theta):
     names = neuslice.removable_layers(model, d[0][0])
     prof = neuslice.profile(model, d, K, layers=names, metrics=("taylor",), progress=False)
     s = neuslice.semantic_slice(prof, "taylor", theta)
-    masked, _ = neuslice.restructure(model, s, KEEP, mode="mask")
-    phys, rep = neuslice.restructure(model, s, KEEP, example_inputs=d[0][0])
-    with torch.no_grad():
-        ym, yp = call_model(masked, d[1][0]), call_model(phys, d[1][0])
-    assert (yp - ym).abs().max() <= 1e-4 * ym.abs().max()
-    total = sum(p.numel() for p in model.parameters())
-    assert round(s.compression_rate(model, KEEP) * total) == total - phys.num_params == total - rep.params
-    return names, s, phys
+    phys, left = physical_equals_mask(model, s, KEEP, d[0][0], d[1][0])
+    return names, s, phys, left
 
 
 def test_consumers_are_found_behind_a_same_padding():
@@ -63,7 +58,7 @@ def test_consumers_are_found_behind_a_same_padding():
     plan = {i.name: i for i in discover(model, run=lambda: call_model(model, d[0][0]), _probe=True).layers}
     reduce0, expand1 = "mobilenet_v2.layer.0.reduce_1x1.convolution", "mobilenet_v2.layer.1.expand_1x1.convolution"
     assert (expand1, 1) in plan[reduce0].consumers          # an F.pad of the spatial dims lies between them
-    names, s, phys = restructured(model, d, 0.7)
+    names, s, phys, _ = restructured(model, d, 0.7)
     assert expand1 in names                                  # coupled with its depthwise conv through the padding
     kept = int(s.mask(KEEP)[expand1].sum())
     assert dict(phys.module.named_modules())["mobilenet_v2.layer.1.conv_3x3.convolution"].out_channels == kept
@@ -94,14 +89,11 @@ def test_layer_scale_keeps_the_residual_stream_and_the_table_beside_the_attentio
     a = plan.attention[0]
     assert [(n, dim) for n, _, _, dim in heads.per_head_tensors(model, a)] == \
         [("beit.layers.0.relative_position_bias.relative_position_bias_table", 1)]
-    names, s, phys = restructured(model, d, 0.3)
-    keep, mods, lost = s.mask(KEEP), dict(phys.module.named_modules()), 0
-    for a in s.attention:
-        gone = int((~heads.unit_keep(a, {n: keep[n].unsqueeze(0) for n in (a.q[0], a.k[0], a.v[0])})[0]).sum())
-        table = mods[a.module.rsplit(".", 1)[0] + ".relative_position_bias"].relative_position_bias_table
-        assert table.shape[1] == a.heads - gone
-        lost += gone
-    assert lost > 0
+    names, s, phys, left = restructured(model, d, 0.3)
+    mods = dict(phys.module.named_modules())
+    for a, n in left.items():
+        assert mods[a.module.rsplit(".", 1)[0] + ".relative_position_bias"].relative_position_bias_table.shape[1] == n
+    assert sum(a.heads - n for a, n in left.items()) > 0
 
 
 def test_a_nonlinearity_on_one_pixel_is_found_by_its_channels():

@@ -13,6 +13,7 @@ import neuslice
 from neuslice.engine import heads
 from neuslice.engine.capture import call_model
 from neuslice.engine.graph import discover
+from helpers import physical_equals_mask
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -124,21 +125,11 @@ def test_physical_restructure_removes_heads_with_their_relative_position_bias(im
     assert B0 + "attention.q_proj" in names and B0 + "mlp.fc1" in names
     assert B0 + "attention.o_proj" not in names and B0 + "mlp.fc2" not in names     # the residual stream
     prof = neuslice.profile(model, d, K, layers=names, metrics=("taylor",), progress=False)
-    s = neuslice.semantic_slice(prof, "taylor", 0.3)
-    masked, _ = neuslice.restructure(model, s, KEEP, mode="mask")
-    phys, rep = neuslice.restructure(model, s, KEEP, example_inputs=d[0][0])
-    with torch.no_grad():
-        ym, yp = call_model(masked, d[1][0]), call_model(phys, d[1][0])
-    assert (yp - ym).abs().max() <= 1e-4 * ym.abs().max()
-    total = sum(p.numel() for p in model.parameters())
-    assert round(s.compression_rate(model, KEEP) * total) == total - phys.num_params == total - rep.params
-    keep, mods, lost = s.mask(KEEP), dict(phys.module.named_modules()), 0
-    for a in s.attention:
-        gone = ~heads.unit_keep(a, {n: keep[n].unsqueeze(0) for n in (a.q[0], a.k[0], a.v[0])})[0]
-        table = mods[a.module + ".relative_position_bias"].relative_position_bias_table
-        assert table.shape == (49, a.heads - int(gone.sum()))
-        lost += int(gone.sum())
-    assert lost > 0
+    phys, left = physical_equals_mask(model, neuslice.semantic_slice(prof, "taylor", 0.3), KEEP, d[0][0], d[1][0])
+    mods = dict(phys.module.named_modules())
+    for a, n in left.items():
+        assert mods[a.module + ".relative_position_bias"].relative_position_bias_table.shape == (49, n)
+    assert sum(a.heads - n for a, n in left.items()) > 0
 
 
 def test_per_head_tensors_are_the_blocks_own_with_one_heads_dim():
@@ -245,18 +236,8 @@ def test_swin_v2_position_bias_mlp_is_not_sliced_and_heads_take_their_per_head_p
     names = neuslice.removable_layers(model, d[0][0])
     with pytest.warns(UserWarning, match=r"run on no sample"):
         prof = neuslice.profile(model, d, K, layers=names, metrics=("taylor",), progress=False)
-    s = neuslice.semantic_slice(prof, "taylor", 0.3)
-    masked, _ = neuslice.restructure(model, s, KEEP, mode="mask")
-    phys, rep = neuslice.restructure(model, s, KEEP, example_inputs=d[0][0])
-    with torch.no_grad():
-        ym, yp = call_model(masked, d[1][0]), call_model(phys, d[1][0])
-    assert (yp - ym).abs().max() <= 1e-4 * ym.abs().max()
-    total = sum(p.numel() for p in model.parameters())
-    assert round(s.compression_rate(model, KEEP) * total) == total - phys.num_params
-    keep, mods, lost = s.mask(KEEP), dict(phys.module.named_modules()), 0
-    for a in s.attention:
-        left = a.heads - int((~heads.unit_keep(a, {n: keep[n].unsqueeze(0) for n in (a.q[0], a.k[0], a.v[0])})[0]).sum())
-        assert mods[a.module].logit_scale.shape[0] == left
-        assert mods[a.module + ".continuous_position_bias_mlp.2"].out_features == left
-        lost += a.heads - left
-    assert lost > 0
+    phys, left = physical_equals_mask(model, neuslice.semantic_slice(prof, "taylor", 0.3), KEEP, d[0][0], d[1][0])
+    mods = dict(phys.module.named_modules())
+    for a, n in left.items():
+        assert mods[a.module].logit_scale.shape[0] == mods[a.module + ".continuous_position_bias_mlp.2"].out_features == n
+    assert sum(a.heads - n for a, n in left.items()) > 0
