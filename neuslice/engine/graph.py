@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..io.container import SignatureError, check_model as _check_names, compare_layers, layer_entry
-from . import dataflow
+from . import dataflow, folds
 from .compat import transposed_linears
 from .dataflow import canonical
 
@@ -500,15 +500,8 @@ def _discover(model: nn.Module, layers: LayerSpec = None, *, tap: str = "auto", 
         heads = list(candidates)[-1:]
     uncalled = [n for n, m in modules.items() if isinstance(m, LAYER_TYPES) and n not in excluded
                 and n not in candidates] if flow is not None else []
-    batchless = _batchless(flow, candidates) if flow is not None and gm is None else []
-    if batchless:
-        named_batchless = [s for s in (layers if isinstance(layers, (list, tuple)) else [layers])
-                           if isinstance(s, str) and s in batchless]
-        if named_batchless:
-            raise ValueError(f"{fn}: layer(s) {named_batchless} run on no sample: their outputs have no batch dim "
-                             "(a position-bias MLP over a table of coordinates), so their neurons say nothing about "
-                             "classes; choose layers= without them")
-        candidates = {n: m for n, m in candidates.items() if n not in batchless}
+    batchless = folds.batchless(fn, flow, candidates, layers) if flow is not None and gm is None else []
+    candidates = {n: m for n, m in candidates.items() if n not in batchless}
     names, named = _select(fn, candidates, layers, heads, uncalled, model)
     residual, attention, users = {}, [], None
     if flow is not None:
@@ -529,7 +522,7 @@ def _discover(model: nn.Module, layers: LayerSpec = None, *, tap: str = "auto", 
         if node.op == "call_module":
             nodes.setdefault(node.target, []).append(node)
     infos = []
-    batch = dataflow.batch_size(flow) if flow is not None and gm is None else None
+    batch = folds.batch_size(flow) if flow is not None and gm is None else None
     for name in names:
         m, n = candidates[name], _neurons(candidates[name])
         functional = target = None
@@ -547,7 +540,7 @@ def _discover(model: nn.Module, layers: LayerSpec = None, *, tap: str = "auto", 
             if fnode is not None:
                 functional, target = canonical(fnode.target).rstrip("_"), fnode.target
             source, cons = "probe", list(dict.fromkeys(consumers.get(name, [])))
-            fold, fold_valid, fold_error, fold_ordered = (_fold(flow, users, calls_of, batch)
+            fold, fold_valid, fold_error, fold_ordered = (folds.layer_fold(flow, users, calls_of, batch)
                                                           if isinstance(m, nn.Linear) else (1, None, None, True))
         else:
             chain, act = _order_chain(name, n, leaves, leaf_index[name])
@@ -562,33 +555,6 @@ def _discover(model: nn.Module, layers: LayerSpec = None, *, tap: str = "auto", 
     return Plan(infos, heads, coupled, err, probed=gm is None and flow is not None, unused=uncalled, named=named,
                 batchless=batchless,
                 attention=attention, residual={n: residual[n] for n in candidates if n in residual})
-
-
-def _batchless(flow, candidates: Dict[str, nn.Module]) -> List[str]:
-    """The layers whose every call in the probe gave an output without the batch: a leading dim that is not a
-    multiple of the probe's batch size (which must be 2 or more to tell; docs/method.md §1)."""
-    b = dataflow.batch_size(flow)
-    if b is None or b < 2:
-        return []
-    seen: Dict[str, bool] = {}
-    for node in flow.nodes:
-        if node.kind == "module" and node.target in candidates and node.shapes and node.shapes[0]:
-            lead = node.shapes[0][0]
-            seen[node.target] = seen.get(node.target, True) and lead % b != 0
-    return [n for n in candidates if seen.get(n)]
-
-
-def _fold(flow, users, calls: List[int], batch: Optional[int]) -> Tuple[int, Optional[Tensor], Optional[str], bool]:
-    """The batch fold of a layer's output (:func:`dataflow.batch_fold`), the same for every call."""
-    if batch is None or not calls:
-        return 1, None, None, True
-    got = [dataflow.batch_fold(flow, users, i, batch) for i in calls]
-    first = got[0]
-    for g in got[1:]:
-        if g.f != first.f or g.error != first.error or (g.valid is None) != (first.valid is None) or \
-                (g.valid is not None and not torch.equal(g.valid, first.valid)):
-            return max(x.f for x in got), None, "its calls fold the batch differently", True
-    return first.f, first.valid, first.error, all(g.ordered for g in got)
 
 
 def _attention(flow, widths: Dict[str, int], modules) -> List[Attention]:
