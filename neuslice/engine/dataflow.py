@@ -296,7 +296,7 @@ class FunctionalAct:
 
 def chain_of(flow: Flow, users, i: int, is_layer: Callable[[str], bool]) -> Tuple[List[str], bool, Optional[FunctionalAct]]:
     """The per-neuron modules after the layer call ``flow.nodes[i]``: ``(chain, ends_in_activation,
-    functional)`` as ``graph._graph_chain``: a first BatchNorm, pass-through modules, and one elementwise
+    functional)`` as ``traced._graph_chain``: a first BatchNorm, pass-through modules, and one elementwise
     nonlinearity (a module, or a functional call); only while the tensor has exactly one user."""
     chain, cur, seen_norm = [flow.nodes[i].target], _ref(i, 0), False
     while len(users.get(cur, ())) == 1:
@@ -348,7 +348,7 @@ def _pad_keeps(node: Node, in_shape, channel_last: bool) -> bool:
 def sources(flow: Flow, is_layer: Callable[[str], bool], add_consumer: Callable, depthwise: Callable[[str], bool],
             preserve_module: Callable[[Node], bool], flatten_module: Callable[[Node], bool],
             channel_last: Optional[Callable[[str], bool]] = None):
-    """Channel sources per tensor, as ``graph._flow`` on the traced graph: ``(consumers, unions, calls)``.
+    """Channel sources per tensor, as ``traced._flow`` on the traced graph: ``(consumers, unions, calls)``.
     ``channel_last(layer)``: whether that layer's channels are its output's last dim (a Linear's) rather than
     dim 1 (a conv's); with it, a padding that leaves a source's channel axis alone carries that source on."""
     src: Dict[_R, frozenset] = {}
