@@ -187,24 +187,35 @@ def test_a_fold_in_a_traced_model_is_named_in_the_error():
 
 
 def test_a_probe_of_one_sample_cannot_vouch_for_the_order():
-    """With one sample every row is that sample's, whatever the order: the fold is read, and a batch of more
-    samples is refused by name (here: the Profiler probing its batch-of-one baseline)."""
+    """With one sample every row is that sample's, whatever the order: the fold is read but not its order. The
+    Profiler, whose baseline (a batch of one) was its probe, probes its first batch of more samples again; a batch
+    of more samples after a first batch of one is refused by name."""
     model = swin(32)
     info = plan_of(model, data(32, b=1)[0][0])
     q = info[B0 + "attention.q_proj"]
     assert (q.fold, q.fold_error, q.fold_ordered) == (4, None, False)
     x, y = data(32)[0]
-    prof = neuslice.Profiler(model, num_classes=K, metrics=("avg", "deeplift"),
-                             baseline=torch.zeros(1, 3, 32, 32))
-    with pytest.raises(ValueError, match=r"attention.q_proj' \(tapped at .*\) gave output \[24, 16, 16\], 4 pieces per "
-                                         r"sample folded into the batch dim \(windowed attention\), but the probe "
-                                         r"forward ran on one sample.*without baseline=, it probes the first batch"):
+    baseline = torch.zeros(1, 3, 32, 32)
+    with neuslice.Profiler(model, num_classes=K, metrics=("avg",), baseline=baseline) as prof:
+        assert prof.plan is not None and prof._unordered_folds()
         with prof.batch(y):
             nn.functional.cross_entropy(model(**x).logits, y).backward()
-    with neuslice.Profiler(model, num_classes=K, metrics=("avg",)) as ok:    # probes the batch: 6 samples
-        with ok.batch(y):
+        assert not prof._unordered_folds()
+    with neuslice.Profiler(model, num_classes=K, metrics=("avg",)) as plain:    # probes the batch: 6 samples
+        with plain.batch(y):
             nn.functional.cross_entropy(model(**x).logits, y).backward()
-    assert ok.profile().num_batches == 1
+    torch.testing.assert_close(prof.profile().stats[B0 + "attention.q_proj"]["act_sum"],
+                               plain.profile().stats[B0 + "attention.q_proj"]["act_sum"])
+    x1, y1 = data(32, b=1)[0]
+    late = neuslice.Profiler(model, num_classes=K, metrics=("avg",), baseline=baseline)
+    with late.batch(y1):                                # a first batch of one: the order stays unknown
+        nn.functional.cross_entropy(model(**x1).logits, y1).backward()
+    with pytest.raises(ValueError, match=r"attention.q_proj' \(tapped at .*\) gave output \[24, 16, 16\], 4 pieces per "
+                                         r"sample folded into the batch dim \(windowed attention\), but the probe "
+                                         r"forward ran on one sample"):
+        with late.batch(y):
+            nn.functional.cross_entropy(model(**x).logits, y).backward()
+    late.close()
 
 
 def test_an_input_size_the_probe_did_not_see_is_refused_by_name():

@@ -133,8 +133,8 @@ def tap_view(fn: str, info: LayerInfo, t: Tensor, labels: Tensor) -> Tuple[Tenso
         why = info.fold_error
         if why is None and not info.fold_ordered and b > 1:
             why = ("the probe forward ran on one sample, which cannot show that its batch dim keeps the samples "
-                   "apart; probe with two samples or more (neuslice.Profiler: without baseline=, it probes the first "
-                   "batch)")
+                   "apart; probe with two samples or more (neuslice.Profiler probes its first batch again when that "
+                   "has two samples or more)")
         if why is not None:
             raise ValueError(f"{fn}: layer {info.name!r} (tapped at {info.tap!r}) gave output {list(t.shape)}, "
                              f"{info.fold} pieces per sample folded into the batch dim (windowed attention), but "

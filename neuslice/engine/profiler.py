@@ -49,7 +49,8 @@ class Profiler:
     ``baseline``: DeepLIFT's reference input as a batch of one, ``[1, ...]``; its activations are computed
     once, at construction (eval mode, no grad); without it the reference is zero.
 
-    A model that cannot be traced is probed once (docs/method.md §1): with ``baseline`` at construction,
+    A model that cannot be traced is probed once (docs/method.md §1): with ``baseline`` at construction (and again
+    on a first batch of two samples or more where a layer folds the batch, whose order one sample cannot show),
     otherwise by one extra forward (eval mode, no grad) of the first batch's input, when its forward
     starts; the layers, their call counts and the head come from it. A layer called more than once per
     forward is accumulated over all its calls when the block ends (docs/method.md §2).
@@ -171,7 +172,13 @@ class Profiler:
         b = self._batch
         if self._probing or b is None:
             return None
-        if self.plan is None:
+        if self.plan is None or (self.num_batches == 0 and b.forwards == 0 and self._unordered_folds()
+                                 and b.labels.shape[0] > 1):
+            # (a plan probed on the batch-of-one baseline cannot show the order of a batch fold, docs/method.md §1:
+            # the first batch of two samples or more probes again, before anything is accumulated)
+            if self._hooks is not None:
+                self._hooks.remove()
+                self._hooks = None
             self._probing = True
             try:
                 self._start(self._discover(lambda: self.model(*args, **kwargs)))
@@ -186,6 +193,10 @@ class Profiler:
             except (TypeError, ValueError) as e:        # reported when the block ends; the batch is rejected
                 b.errors.append(e)
         return None
+
+    def _unordered_folds(self) -> bool:
+        """Some layer's batch fold came from a probe of one sample, which cannot show its order."""
+        return self.plan is not None and any(i.fold > 1 and not i.fold_ordered for i in self.plan.layers)
 
     def _attention_mask(self, args, kwargs, labels) -> Optional[Tuple[Tensor, Tensor]]:
         """The forward's ``attention_mask`` argument (by name or position), checked, and its host copy; or None."""
