@@ -5,7 +5,7 @@ around the layer on index tensors; and the layers that run on no sample at all.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
@@ -136,33 +136,20 @@ def _chain_forward(flow: Flow, users, ref: _R, b: int) -> Optional[List[Node]]:
     return chain[:end] or None
 
 
-class Fold(tuple):
-    """``(f, valid, error, ordered)``: :func:`batch_fold`'s finding for one layer call."""
-
-    @property
-    def f(self) -> int:
-        return self[0]
-
-    @property
-    def valid(self) -> Optional[torch.Tensor]:
-        return self[1]
-
-    @property
-    def error(self) -> Optional[str]:
-        return self[2]
-
-    @property
-    def ordered(self) -> bool:
-        return self[3]
+class Fold(NamedTuple):
+    """:func:`batch_fold`'s finding for one layer call."""
+    f: int                              # rows per sample in the batch dim (1: not folded)
+    valid: Optional[torch.Tensor]       # bool [f * T]: a sample's own positions (False: padding); None when all are
+    error: Optional[str]                # why the output cannot be read as a sample-major fold, or None
+    ordered: bool                       # the probe showed the order (two samples or more)
 
 
 def batch_fold(flow: Flow, users, i: int, b: int) -> Fold:
     """Whether the layer call ``flow.nodes[i]`` (a Linear whose output is ``[b * f, T, N]`` in a probe of ``b``
     samples) runs on ``f`` pieces of each sample folded into the batch dim, sample-major (Swin's windows: rows
-    ``s*f … s*f + f - 1`` are sample ``s``'s), as :class:`Fold` ``(f, valid, error)``: ``f`` (1 for an output
-    that is not folded); ``valid``, bool ``[f * T]``, the positions of a sample that hold its own input (False:
-    padding the windows added, the same for every sample), None when all do; ``error``, why the output cannot
-    be read that way, or None (docs/method.md §1).
+    ``s*f … s*f + f - 1`` are sample ``s``'s), as a :class:`Fold`: ``valid`` holds the positions of a sample that
+    are its own input (False: padding the windows added, the same for every sample); with one sample in the probe
+    every row is that sample's whatever the order, so ``ordered`` is False (docs/method.md §1).
 
     Evidence, with no extra forward: replay the layout operations (view, permute, roll, pad, crop, …) that made
     the layer's input from a ``[b, …]`` tensor on sample numbers instead, and read whose elements each row
@@ -172,9 +159,9 @@ def batch_fold(flow: Flow, users, i: int, b: int) -> Fold:
     node = flow.nodes[i]
     shape = node.shapes[0] if node.shapes else None
     if not shape or len(shape) != 3 or b < 1 or shape[0] == b or shape[0] % b:
-        return Fold((1, None, None, True))
+        return Fold(1, None, None, True)
     f, t = shape[0] // b, shape[1]
-    mixed = Fold((f, None, "the probe shows its rows mix samples", True))
+    mixed = Fold(f, None, "the probe shows its rows mix samples", True)
     padded_through = False
     src = node.args[0] if node.args and isinstance(node.args[0], _R) else None
     chain = None if src is None else _chain_back(flow, src, b)
@@ -198,7 +185,7 @@ def batch_fold(flow: Flow, users, i: int, b: int) -> Fold:
             valid = (pos != 0).all(-1)                      # [b, f * t]
             if bool((pos != 0).any(-1).ne(valid).any()) or bool((valid != valid[:1]).any()):
                 return mixed
-            return Fold((f, None if bool(valid.all()) else valid[0].clone(), None, b > 1))
+            return Fold(f, None if bool(valid.all()) else valid[0].clone(), None, b > 1)
     chain = _chain_forward(flow, users, _ref(i, 0), b)
     if chain is not None:
         dt = torch.int32 if b * f * t < 2 ** 31 else torch.int64
@@ -218,13 +205,13 @@ def batch_fold(flow: Flow, users, i: int, b: int) -> Fold:
                 if valid is not None and not torch.equal(here, valid):
                     return mixed
                 valid = here
-            return Fold((f, None if bool(valid.all()) else valid, None, b > 1))
+            return Fold(f, None if bool(valid.all()) else valid, None, b > 1)
     if padded_through:
-        return Fold((f, None, "its windows pad the sample, and the positions that are padding cannot be read through "
-                              "the attention before it", True))
-    return Fold((f, None, f"its output {list(shape)} holds {f} rows per sample of the probe, in an order the probe "
-                          "could not read from layout operations (view, permute, roll, pad, …) to or from a "
-                          "[B, …] tensor", True))
+        return Fold(f, None, "its windows pad the sample, and the positions that are padding cannot be read through "
+                             "the attention before it", True)
+    return Fold(f, None, f"its output {list(shape)} holds {f} rows per sample of the probe, in an order the probe "
+                         "could not read from layout operations (view, permute, roll, pad, …) to or from a "
+                         "[B, …] tensor", True)
 
 
 def batchless(fn: str, flow: Flow, candidates: Dict[str, nn.Module], layers=None) -> List[str]:
@@ -248,14 +235,14 @@ def batchless(fn: str, flow: Flow, candidates: Dict[str, nn.Module], layers=None
     return out
 
 
-def layer_fold(flow: Flow, users, calls: List[int], batch: Optional[int]) -> Tuple[int, Optional[torch.Tensor], Optional[str], bool]:
+def layer_fold(flow: Flow, users, calls: List[int], batch: Optional[int]) -> Fold:
     """The batch fold of a layer's output (:func:`batch_fold`), the same for every call."""
     if batch is None or not calls:
-        return 1, None, None, True
+        return Fold(1, None, None, True)
     got = [batch_fold(flow, users, i, batch) for i in calls]
     first = got[0]
     for g in got[1:]:
         if g.f != first.f or g.error != first.error or (g.valid is None) != (first.valid is None) or \
                 (g.valid is not None and not torch.equal(g.valid, first.valid)):
-            return max(x.f for x in got), None, "its calls fold the batch differently", True
-    return first.f, first.valid, first.error, all(g.ordered for g in got)
+            return Fold(max(x.f for x in got), None, "its calls fold the batch differently", True)
+    return first._replace(ordered=all(g.ordered for g in got))

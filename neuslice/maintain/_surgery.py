@@ -29,7 +29,7 @@ from ..engine import heads as _heads
 from ..engine.graph import NORMS, Attention, Plan
 from ..engine.capture import call_model
 
-__all__ = ["physical", "check_residual", "settle_counts", "Count"]
+__all__ = ["physical", "refusals", "check_residual", "settle_counts", "Count"]
 
 _HINT = ("choose layers= with only removable layers, e.g. neuslice.profile(..., layers=neuslice.removable_layers("
          "model, example_inputs)) (FFN input layers and whole attention q/k/v), or use mode='mask'")
@@ -136,9 +136,37 @@ def _cut_chain(mods, chain: Sequence[str], n: int, keep: Tensor) -> None:
             m.num_features = int(keep.sum())
 
 
+def _grouped(m: nn.Module) -> bool:
+    """A grouped (or depthwise) convolution: the surgery cuts neither it nor its input channels."""
+    return not isinstance(m, nn.Linear) and getattr(m, "groups", 1) != 1
+
+
+def refusals(model: nn.Module, plan: Plan, names: Sequence[str]) -> Dict[str, str]:
+    """Of the layers ``names`` (outside whole attention blocks, in a model with attention blocks), those whose
+    neurons :func:`physical` would refuse to remove, or could not remove exactly, with why (``removable_layers``
+    leaves them out, as ``_prune.refusals`` does on Torch-Pruning's path): a grouped convolution or reader, any
+    convolution (MobileViT's conv stages, whose outputs also reach channel concatenations: readers the plan does
+    not record), or no known reader, alone or in a coupled group."""
+    mods = dict(model.named_modules())
+    by = {i.name: i for i in plan.layers}
+    out: Dict[str, str] = {}
+    for n in names:
+        info = by[n]
+        grouped = [c for c, _ in info.consumers if _grouped(mods[c])]
+        if _grouped(info.module):
+            out[n] = "it is a grouped convolution"
+        elif not isinstance(info.module, nn.Linear):
+            out[n] = "a convolution in a model with attention blocks: its readers are not all recorded"
+        elif grouped:
+            out[n] = f"its reader {grouped[0]!r} is a grouped convolution"
+        elif not info.consumers and not any(by[x].consumers for g in plan.coupled if n in g for x in g if x in by):
+            out[n] = "no layer reading its neurons is known"
+    return out
+
+
 def _consumer_cols(fn: str, mods, layer: str, cname: str, cols: int, r: Tensor) -> Tensor:
     c = mods[cname]
-    if not isinstance(c, nn.Linear) and getattr(c, "groups", 1) != 1:
+    if _grouped(c):
         raise _fail(fn, layer, f"its reader {cname!r} is a grouped convolution")
     n_in = c.weight.shape[1]
     if n_in != r.numel() * cols:
@@ -286,7 +314,7 @@ def physical(fn: str, model: nn.Module, plan: Plan, keep: Dict[str, Tensor], hea
         r = removed[info.name]
         if not bool(r.any()):
             continue
-        if not isinstance(info.module, nn.Linear) and getattr(info.module, "groups", 1) != 1:
+        if _grouped(info.module):
             raise _fail(fn, info.name, "it is a grouped convolution")
         cut.drop_rows(info.name, r)
         _cut_chain(mods, info.chain, info.n, ~r)

@@ -199,7 +199,8 @@ def removable_layers(model: nn.Module, example_inputs) -> List[str]:
         refused = _prune.refusals(fn, model, plan, [n for n in out if n not in plan.heads], example_inputs)
         out = [n for n in out if n not in refused]
     elif out:                          # the plan's own path (maintain/_surgery.py): what it would refuse
-        refused = _surgery_refusals(model, plan, [n for n in out if n not in whole and n not in plan.heads])
+        from . import _surgery
+        refused = _surgery.refusals(model, plan, [n for n in out if n not in whole and n not in plan.heads])
         out = [n for n in out if n not in refused]
     if not out:
         why = []
@@ -214,30 +215,6 @@ def removable_layers(model: nn.Module, example_inputs) -> List[str]:
             why.append(f"refused by the dependency graph ({list(refused)[:3]}; e.g. {refused[first]})")
         raise ValueError(f"{fn}: no layer of the model can be narrowed physically: every sliceable layer is one "
                          f"of: {'; '.join(why)}; use mode='mask'")
-    return out
-
-
-def _surgery_refusals(model: nn.Module, plan, names: List[str]) -> Dict[str, str]:
-    """Of the layers ``names`` (outside whole attention blocks, in a model with attention blocks), those whose
-    neurons the plan's surgery (``_surgery.physical``) would refuse to remove, or could not remove exactly, with why:
-    a grouped or depthwise convolution or reader, any convolution (MobileViT's conv stages, whose outputs also reach
-    channel concatenations), or no known reader, alone or in a coupled group."""
-    mods = dict(model.named_modules())
-    by = {i.name: i for i in plan.layers}
-    out: Dict[str, str] = {}
-    for n in names:
-        info = by[n]
-        grouped = [c for c, _ in info.consumers if not isinstance(mods[c], nn.Linear) and getattr(mods[c], "groups", 1) != 1]
-        if not isinstance(info.module, nn.Linear) and getattr(info.module, "groups", 1) != 1:
-            out[n] = "it is a grouped convolution"
-        elif not isinstance(info.module, nn.Linear):
-            # (MobileViT's conv stages: a conv output also reaches a channel concatenation, whose reader the plan
-            # does not record; the surgery cuts only what the plan records)
-            out[n] = "a convolution in a model with attention blocks: its readers are not all recorded"
-        elif grouped:
-            out[n] = f"its reader {grouped[0]!r} is a grouped convolution"
-        elif not info.consumers and not any(by[x].consumers for g in plan.coupled if n in g for x in g if x in by):
-            out[n] = "no layer reading its neurons is known"
     return out
 
 
