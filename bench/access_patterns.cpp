@@ -8,6 +8,9 @@
 //   - the kernel's inner loop (csrc/cpu/accumulate.cpp, add_samples): R rows of one class added into
 //     the class's three float accumulator rows (sum v, sum v^2, sum |v*w|; 48 KiB, L2), the
 //     non-finite probe folded in.
+//   - the same arithmetic with no accumulator rows at all (every sum kept in registers, folded into
+//     one value): strictly less than the op must do, so what this loop reaches bounds any one-thread
+//     kernel that computes the three sums;
 //   - the same loop on data already in cache (2 MiB), which bounds its speed when memory is not
 //     the limit.
 // Build and run (README "Benchmarks" quotes one run):
@@ -114,6 +117,34 @@ __attribute__((noinline)) float accumulate(const float* x, const float* g, const
   return q + acc[5];
 }
 
+// The kernel's arithmetic on R rows of one class (sum v, sum v^2, sum |v*w|) with no accumulator
+// rows: the three sums stay in registers and are folded into one value per call. Less than the op
+// must do (nothing is stored), so it bounds what any loop computing these sums on one thread reaches.
+template <int R>
+__attribute__((noinline)) float arithmetic(const float* x, const float* g, const std::vector<int>& order) {
+  float a = 0;
+  for (size_t i = 0; i + R <= order.size(); i += R) {
+    const float* xp[R];
+    const float* gp[R];
+    for (int k = 0; k < R; ++k) {
+      xp[k] = x + size_t(order[i + k]) * kN;
+      gp[k] = g + size_t(order[i + k]) * kN;
+    }
+#pragma omp simd reduction(+ : a)
+    for (int j = 0; j < kN; ++j) {
+      float s0 = 0, s1 = 0, s2 = 0;
+      for (int k = 0; k < R; ++k) {
+        const float v = xp[k][j], w = gp[k][j];
+        s0 += v;
+        s1 += v * v;
+        s2 += std::abs(v * w);
+      }
+      a += s0 + s1 + s2;
+    }
+  }
+  return a;
+}
+
 template <typename F>
 double median_cold(F f) {
   std::vector<double> t;
@@ -163,6 +194,8 @@ int main() {
                                        const std::vector<int>&, float*) { return read_rows<4>(x, g, c); }},
       {"read, class order, 8 rows", [](const float* x, const float* g, const std::vector<int>&, const std::vector<int>& c,
                                        const std::vector<int>&, float*) { return read_rows<8>(x, g, c); }},
+      {"arithmetic only, 4 rows", [](const float* x, const float* g, const std::vector<int>&, const std::vector<int>& c,
+                                     const std::vector<int>&, float*) { return arithmetic<4>(x, g, c); }},
       {"accumulate, 2 rows", [](const float* x, const float* g, const std::vector<int>&, const std::vector<int>& c,
                                 const std::vector<int>& l, float* a) { return accumulate<2>(x, g, c, l, a); }},
       {"accumulate, 4 rows (kernel)", [](const float* x, const float* g, const std::vector<int>&, const std::vector<int>& c,

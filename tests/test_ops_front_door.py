@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from neuslice import BackendError, ops
-from neuslice._errors import BadLabelError
+from neuslice._errors import BadLabelError, NonFiniteError
 from neuslice.ops import _dispatch
 from neuslice.ops._front import _direct
 from neuslice.ops._layout import accumulate_layout, bns, ref_strides_bns, strides_bns
@@ -221,3 +221,68 @@ def test_direct_refuses_subclasses_torch_function_modes_and_functorch():
     b = list(a)
     b[0] = b[0].clone().requires_grad_()             # an input that requires grad: no mutation of it
     assert _direct(tuple(b), mutated)
+
+
+# ------------------------------------------------------------------ accumulate_trusted_: the engine's call
+
+@pytest.mark.parametrize("case", ["cf", "cl valid", "per token", "2d shared [N] ref"])
+def test_trusted_call_equals_the_front_door_on_every_backend(force_backend, case):
+    """Same statistics as accumulate_, on each backend the dispatcher would run, with the status word too."""
+    for backend in CPU_BACKENDS:
+        force_backend(backend)
+        args = _args(cl=case in ("cl valid", "per token"), per_token=case == "per token", valid=case == "cl valid")
+        if case == "2d shared [N] ref":
+            args[0], args[1], args[2] = args[0][:, :, 0], args[1][:, :, 0], torch.randn(4)
+        if case == "per token":
+            args[2] = None
+        want, got, deferred = _clones(args), _clones(args), _clones(args)
+        ops.accumulate_(*want)
+        ops.accumulate_trusted_(*got)
+        status = torch.zeros(1, dtype=torch.int32)
+        ops.accumulate_trusted_(*deferred, status)
+        assert int(status) == 0
+        for w, g, d in zip(want[5:10], got[5:10], deferred[5:10]):
+            assert torch.equal(w, g) and torch.equal(w, d), (backend, case)
+
+
+def test_trusted_call_keeps_the_data_errors_and_the_forced_backend(force_backend, monkeypatch):
+    args = _args()
+    args[0][2, 1, 0] = float("nan")
+    for backend in CPU_BACKENDS:
+        force_backend(backend)
+        with pytest.raises(NonFiniteError):
+            ops.accumulate_trusted_(*args)
+        assert not any(t.any() for t in args[5:10])
+        status = torch.zeros(1, dtype=torch.int32)
+        ops.accumulate_trusted_(*args, status)         # deferred: into the word, nothing changes
+        assert int(status) != 0 and not any(t.any() for t in args[5:10])
+    force_backend("cuda")
+    with pytest.raises(BackendError, match="backend 'cuda' was forced"):
+        ops.accumulate_trusted_(*_args())
+    monkeypatch.delenv("NEUSLICE_BACKEND")
+    calls = []
+    real = _dispatch.pick
+    monkeypatch.setattr(_dispatch, "pick", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    ops.accumulate_trusted_(*_args())
+    assert calls == ["accumulate_"]
+
+
+def test_trusted_call_takes_the_front_door_where_the_dispatcher_is_needed():
+    """Under a torch function mode (as torch.compile's tracing would be) and for empty taps, the checked op runs:
+    a bad argument is then refused as accumulate_ refuses it."""
+    from torch.overrides import TorchFunctionMode
+
+    class Mode(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    args = _args()
+    args[3] = torch.tensor([0, 1, 2, 1, 0, 9])        # label 9 of K = 5
+    with Mode(), pytest.raises(ValueError, match="got label 9"):
+        ops.accumulate_trusted_(*_clones(args))
+    empty = _args()
+    empty[0], empty[1] = empty[0][:0], empty[1][:0]
+    empty[3] = empty[3][:0]
+    before = _clones(empty)
+    ops.accumulate_trusted_(*empty)                    # B = 0 changes nothing, as accumulate_ says
+    assert _same(before, empty)

@@ -67,8 +67,8 @@ def test_batch_buffers_hold_the_classes_present_and_give_the_full_buffers_number
     from neuslice.engine import profile as offline
     model, data = WideHead(k).eval(), _wide_data(k)
     rows = []
-    real = neuslice.ops.accumulate_
-    monkeypatch.setattr(neuslice.ops, "accumulate_", lambda *a: (rows.append(a[5].shape[0]), real(*a))[1])
+    real = neuslice.ops.accumulate_trusted_
+    monkeypatch.setattr(neuslice.ops, "accumulate_trusted_", lambda *a: (rows.append(a[5].shape[0]), real(*a))[1])
     new = neuslice.profile(model, data, k, progress=False)
     assert new.deeplift == "rescale" and len(rows) == 2 * 2 * 2
     assert rows == [len(y.unique()) for _, y in data for _ in range(4)] and max(rows) <= min(k, 10)
@@ -344,8 +344,8 @@ def test_forward_only_without_gradient_metrics():
 
 def test_all_accumulation_goes_through_the_op(monkeypatch):
     calls = []
-    real = neuslice.ops.accumulate_
-    monkeypatch.setattr(neuslice.ops, "accumulate_", lambda *a: (calls.append(a[0].shape), real(*a))[1])
+    real = neuslice.ops.accumulate_trusted_
+    monkeypatch.setattr(neuslice.ops, "accumulate_trusted_", lambda *a: (calls.append(a[0].shape), real(*a))[1])
     neuslice.profile(trained(), small_loader(60, 30), K, progress=False)
     assert len(calls) == 2 * 2 * 2      # 2 batches × 2 layers × (gradient call + Rescale multiplier call)
     calls.clear()

@@ -184,8 +184,8 @@ def test_batch_buffers_hold_the_classes_present_and_give_the_full_buffers_number
         model, y = WideHead(k), spread_labels(y, k)
         data = [(x[:25], y[:25]), (x[25:], y[25:])]
     rows = []
-    real = neuslice.ops.accumulate_
-    monkeypatch.setattr(neuslice.ops, "accumulate_", lambda *a: (rows.append(a[5].shape[0]), real(*a))[1])
+    real = neuslice.ops.accumulate_trusted_
+    monkeypatch.setattr(neuslice.ops, "accumulate_trusted_", lambda *a: (rows.append(a[5].shape[0]), real(*a))[1])
     new = _profiled(model, data, k)
     assert rows == [len(y.unique()) for _, y in data for _ in range(2)]
     assert int((new.counts > 0).sum()) == min(k, 4 if per_token else 10)
@@ -236,6 +236,21 @@ def test_deeplift_with_a_baseline_is_gradient_times_delta():
                                          r"\[1, \.\.\.\], got \[8, 8\]"):
         neuslice.Profiler(model, K, metrics=("deeplift",), baseline=torch.zeros(8, 8))
 
+
+
+def test_a_baseline_of_other_positions_than_the_batch_is_refused_by_name():
+    """The Profiler's baseline is one forward: a batch whose taps have another number of positions has no
+    reference there. Refused with the layer named, the batch not counted, nothing read out of bounds."""
+    model = TokenNet(pooled=True).eval()
+    tok, y = token_data(per_token=False)[0]
+    with neuslice.Profiler(model, 4, metrics=("deeplift",), baseline=torch.zeros(1, 5, dtype=torch.long)) as prof:
+        with prof.batch(y):
+            F.cross_entropy(model(tok), y).backward()
+        with pytest.raises(ValueError, match=r"layer 'ffn2' \(tapped at 'ffn2'\) has 7 positions in this batch and "
+                                             r"5 in the baseline's forward.*pad the baseline and the batches"):
+            with prof.batch(y):
+                F.cross_entropy(model(torch.cat([tok, tok[:, :2]], 1)), y).backward()
+    assert prof.profile().num_batches == 1
 
 def test_per_token_labels_in_a_training_loop():
     model = TokenNet(pooled=False).eval()
@@ -361,7 +376,7 @@ def test_gradient_checkpointing_counts_each_block_once(mode):
 def test_autocast_bf16_accumulates_in_float32_and_float64(monkeypatch):
     model, loader = trained(), small_loader(120, 40)
     seen = []
-    real = neuslice.ops.accumulate_
+    real = neuslice.ops.accumulate_trusted_
 
     def spy(x, g, *args):
         seen.append((x.dtype, None if g is None else g.dtype, args[3].dtype))     # args[3]: count
@@ -374,7 +389,7 @@ def test_autocast_bf16_accumulates_in_float32_and_float64(monkeypatch):
                     F.cross_entropy(model(x).float(), y, reduction="sum").backward()
         return prof.profile()
 
-    monkeypatch.setattr(neuslice.ops, "accumulate_", spy)
+    monkeypatch.setattr(neuslice.ops, "accumulate_trusted_", spy)
     got = loop(True)
     assert seen and all(s == (torch.bfloat16, torch.bfloat16, torch.float32) for s in seen), set(seen)
     monkeypatch.undo()

@@ -241,18 +241,19 @@ class _Offline:
         """The batch's sums ``[kp, N]`` of one layer (the kept statistics only); ``y`` are compact labels in
         ``[0, kp)`` or ``compact_ignore(ignore_index)``; ``valid`` the positions that count, or None. A data
         error goes into the layer's status ``word`` on a GPU (read once the batch's calls are all made); with
-        ``word`` None (CPU) the call raises."""
+        ``word`` None (CPU) the call raises. The arguments are the engine's own (taps checked against the layer,
+        these statistics, compact labels), so the op runs without its argument checks (``accumulate_trusted_``)."""
         st = new_stats(kp, info.n, acc_dtype(x.dtype), x.device, self.keep)
         ig = compact_ignore(self.ignore_index)
         first = (st.get("act_sum"), st.get("act_sq"), st.get("taylor_sum"))
         if mv is None:   # m = g: one call gives taylor (ref None) and deeplift (ref r) alike
-            ops.accumulate_(x, gv, r, y, cl, st["count"], *first, st.get("deeplift_sum"), valid, ig, word)
+            ops.accumulate_trusted_(x, gv, r, y, cl, st["count"], *first, st.get("deeplift_sum"), valid, ig, word)
         else:            # Rescale: deeplift from the multipliers, in a call of its own
             count = st["count"]
             if any(t is not None for t in first):
-                ops.accumulate_(x, gv, None, y, cl, count, *first, None, valid, ig, word)
+                ops.accumulate_trusted_(x, gv, None, y, cl, count, *first, None, valid, ig, word)
                 count = torch.zeros_like(count)
-            ops.accumulate_(x, mv, r, y, cl, count, None, None, None, st["deeplift_sum"], valid, ig, word)
+            ops.accumulate_trusted_(x, mv, r, y, cl, count, None, None, None, st["deeplift_sum"], valid, ig, word)
         return st
 
 

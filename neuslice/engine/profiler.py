@@ -389,13 +389,23 @@ class _Batch:
             st = spare[1] if spare is not None and spare[0] == key else new_stats(key[0], info.n, *key[1:], self.p.keep)
             self.stats[i] = st
         r = self.p.refs[i]
-        r = None if r is None else r.to(device=x.device, dtype=x.dtype)
+        if r is not None:
+            s = 1 if x.dim() == 2 else x.shape[1] if cl else x.shape[2]
+            if r.dim() == 2 and r.shape[1] != s:   # (the op is called without its checks: this one is ours)
+                self.errors.append(ValueError(
+                    f"{self.FN}: layer {info.name!r} (tapped at {info.tap!r}) has {s} positions in this batch and "
+                    f"{r.shape[1]} in the baseline's forward, so the baseline gives no reference for them: pass a "
+                    "baseline shaped as every batch after the batch dim (pad the baseline and the batches to one "
+                    "length), or use neuslice.profile, whose default baseline (zeros) takes each batch's shape"))
+                return
+            r = r.to(device=x.device, dtype=x.dtype)
         if self.words is None:
             self.words = StatusWords(len(self.p.plan.layers))
         # On a GPU a data error goes into the layer's status word, read once when the block ends
-        # (_deferred_errors); on the CPU the call raises at once.
+        # (_deferred_errors); on the CPU the call raises at once. The arguments are the engine's own (a tap
+        # checked against the layer, its statistics, compact labels): the op without its argument checks.
         try:
-            ops.accumulate_(x, g, r, yc, cl, st["count"], st.get("act_sum"), st.get("act_sq"),
+            ops.accumulate_trusted_(x, g, r, yc, cl, st["count"], st.get("act_sum"), st.get("act_sq"),
                             st.get("taylor_sum"), st.get("deeplift_sum"), valid, compact_ignore(self.p.ignore_index),
                             self.words.slot(i, x.device))
         except NonFiniteError as e:
