@@ -206,7 +206,8 @@ def _on_device(t: Tensor, device: torch.device) -> Tensor:
 
 
 def call_valid(fn: str, info: LayerInfo, ts: Sequence[Tensor], labels: Tensor, mask: Optional[Tensor],
-               every_sample: Optional[bool] = None) -> Tuple[Optional[Tensor], bool, Optional[list]]:
+               every_sample: Optional[bool] = None, views: Optional[Sequence[Tuple[Tensor, bool]]] = None
+               ) -> Tuple[Optional[Tensor], bool, Optional[list]]:
     """``(valid, applied, missed)`` for a layer's taps ``ts`` (one per call) and a batch's mask ``[B, T]``:
     accumulate_'s ``valid`` ``[B, S]`` (the calls joined along s as :func:`call_views` joins them; None where
     it would be all True), whether the mask applied to some call, and the tap shape of a call with positions
@@ -217,7 +218,8 @@ def call_valid(fn: str, info: LayerInfo, ts: Sequence[Tensor], labels: Tensor, m
     (so every layer counts the same samples). ``every_sample``: whether every sample has a valid position, as
     :func:`mask_facts` found it before the forward; None reads it from ``mask`` (on a GPU, a wait for the device).
     A layer whose windows pad each sample (``info.fold_valid``, found by the probe: docs/method.md §1) leaves
-    those positions out of its folded calls, with or without ``mask``."""
+    those positions out of its folded calls, with or without ``mask``. ``views``: the calls' :func:`tap_views`,
+    where the caller has them."""
     pad = info.fold_valid
     if mask is None and pad is None:
         return None, False, None
@@ -227,8 +229,7 @@ def call_valid(fn: str, info: LayerInfo, ts: Sequence[Tensor], labels: Tensor, m
     t = None if mask is None else mask.shape[1]
     sample: Optional[Tensor] = None            # per sample: has a valid position, [B, 1]
     parts, applied, any_false, missed = [], False, False, None
-    for tap in ts:
-        x, cl = tap_view(fn, info, tap, labels)
+    for tap, (x, cl) in zip(ts, tap_views(fn, info, ts, labels) if views is None else views):
         s = x.shape[1] if cl else (1 if x.dim() == 2 else x.shape[2])
         folded = pad is not None and cl and tap.dim() == 3 and tap.shape[0] != b and s == pad.shape[0]
         if mask is not None and cl and tap.dim() == 3 and tap.shape[0] == b and tap.shape[1] == t:
@@ -250,11 +251,21 @@ def call_valid(fn: str, info: LayerInfo, ts: Sequence[Tensor], labels: Tensor, m
     return (parts[0] if len(parts) == 1 else torch.cat(parts, 1)), applied, missed
 
 
+def tap_views(fn: str, info: LayerInfo, ts: Sequence[Tensor], labels: Tensor) -> List[Tuple[Tensor, bool]]:
+    """The :func:`tap_view` of each call's tap ``ts``: the engine takes them once per tap and hands them to
+    :func:`call_views` and :func:`call_valid` (three ``tap_view`` per tap and step before, 6-10 us each in a
+    training step's backward)."""
+    return [tap_view(fn, info, t, labels) for t in ts]
+
+
 def call_views(fn: str, info: LayerInfo, ts: Sequence[Tensor], labels: Tensor,
-               grads: Optional[Sequence[Optional[Tensor]]] = None) -> Tuple[Tensor, bool, Optional[Tensor]]:
+               grads: Optional[Sequence[Optional[Tensor]]] = None,
+               views: Optional[Sequence[Tuple[Tensor, bool]]] = None) -> Tuple[Tensor, bool, Optional[Tensor]]:
     """``(x, channels_last, g)``: a layer's taps ``ts`` (one per call) and their gradients joined along s;
-    a missing gradient (None: that call does not reach the target) counts as zero."""
-    views = [tap_view(fn, info, t, labels) for t in ts]
+    a missing gradient (None: that call does not reach the target) counts as zero. ``views``: the taps'
+    :func:`tap_views`, where the caller has them."""
+    if views is None:
+        views = tap_views(fn, info, ts, labels)
     x, cl = join_calls(fn, info, views, labels)
     if grads is None:
         return x, cl, None

@@ -26,8 +26,8 @@ from ..ops.reference import acc_dtype
 from .capture import (GRADIENT_METRICS, add_present, batch_mask, call_model, call_valid, call_views, check_calls,
                       check_ignore_index, check_labels, check_metrics, check_num_classes, compact_ignore, dl_forms,
                       drop_unused, layer_entries, mask_facts, model_device, new_stats, new_totals, nonfinite_what,
-                      present_classes, shared_ref, target_of, to_device, unwrap, warn_unmasked, warn_unseen,
-                      StatusWords)
+                      present_classes, shared_ref, tap_views, target_of, to_device, unwrap, warn_unmasked,
+                      warn_unseen, StatusWords)
 from .deeplift import Rescale
 from .graph import discover, head_entries, nonlinearity_modules
 from .hooks import ChainHooks, activation_modules, in_backward, no_inplace
@@ -173,8 +173,9 @@ class _Offline:
         refs = self._ensure_ref(x) if self.want_dl else [None] * len(self.taps)
         with torch.set_grad_enabled(self.grad):
             out = self._forward(x)
-            for info, ts in zip(self.plan.layers, self.taps):
-                call_views(self.fn, info, ts, y)                 # shape errors before the backward
+            views = [tap_views(self.fn, info, ts, y) for info, ts in zip(self.plan.layers, self.taps)]
+            for info, ts, vs in zip(self.plan.layers, self.taps, views):
+                call_views(self.fn, info, ts, y, views=vs)       # shape errors before the backward
             grads = mults = [None] * len(self.taps)
             if self.grad:
                 tgt = target_of(self.fn, out, y, self.target, self.ignore_index, mask)
@@ -194,17 +195,17 @@ class _Offline:
         yc = yc.to(self.device)
         partial, applied, missed = {}, False, {}
         words = StatusWords(len(self.plan.layers))
-        for j, (info, ts, g, m, r) in enumerate(zip(self.plan.layers, self.taps, grads, mults, refs)):
+        for j, (info, ts, vs, g, m, r) in enumerate(zip(self.plan.layers, self.taps, views, grads, mults, refs)):
             if info.name not in self.totals:
                 continue
-            valid, hit, miss = call_valid(self.fn, info, ts, y, mask, every_sample)
+            valid, hit, miss = call_valid(self.fn, info, ts, y, mask, every_sample, vs)
             applied = applied or hit
             if miss is not None:
                 missed[info.name] = miss
             if not len(present):                                # every sample/token is ignore_index
                 continue
-            xv, cl, gv = call_views(self.fn, info, ts, y, g)
-            mv = None if m is None else call_views(self.fn, info, ts, y, m)[2]
+            xv, cl, gv = call_views(self.fn, info, ts, y, g, vs)
+            mv = None if m is None else call_views(self.fn, info, ts, y, m, vs)[2]
             try:
                 partial[info.name] = self._accumulate(info, xv.detach(), cl, gv, mv, r, yc, len(present), valid,
                                                       words.slot(j, xv.device))

@@ -272,7 +272,7 @@ class _Batch:
         self.stats: Dict[int, Dict[str, Tensor]] = {}    # per layer: [Kp, N] sums over the classes present
         self.present, self.compact_host = present_classes(host, prof.ignore_index)   # on the CPU
         self.compact: Dict[torch.device, Tensor] = {}   # the compact labels on each tap's device
-        self.saved: Dict[int, List[tuple]] = {}          # per layer, per call: (tap, tap version)
+        self.saved: Dict[int, List[tuple]] = {}          # per layer, per call: (tap, tap version, its tap_view)
         self.grads: Dict[int, Dict[int, Tensor]] = {}   # per layer: {call: gradient}
         self.forwards = 0
         self.ntaps: Dict[int, int] = {}
@@ -302,17 +302,18 @@ class _Batch:
                                              "block; open one block per forward"))
             return
         self.seen.add(i)
+        x = t.detach() if isinstance(t, Tensor) else t
         try:
             if self.labels.device != t.device:
                 self.labels = self.labels.to(t.device)
-            tap_view(self.FN, info, t, self.labels)
+            view = tap_view(self.FN, info, x, self.labels)     # (kept: _finish reads the tap through it)
         except ValueError as e:
             self.errors.append(e)
             return
         calls = self.saved.setdefault(i, [])
         if self.p.grad and not t.requires_grad and not torch.is_grad_enabled():
-            x = t.detach()                  # reentrant checkpointing: the recompute's tap gets the gradient
-            calls.append((x, x._version))
+            # reentrant checkpointing: the recompute's tap gets the gradient
+            calls.append((x, x._version, view))
             self.awaiting.setdefault(i, []).append(len(calls) - 1)
             self.ntaps[i] = self.ntaps.get(i, 0) + 1
             return
@@ -321,8 +322,7 @@ class _Batch:
                                              "require grad, so no gradient can reach it; unfreeze something "
                                              "upstream or profile without gradient metrics"))
             return
-        x = t.detach()
-        calls.append((x, x._version))
+        calls.append((x, x._version, view))
         self.ntaps[i] = self.ntaps.get(i, 0) + 1
         if self.p.grad:
             t.register_hook(self._grad_hook(i, len(calls) - 1))
@@ -337,7 +337,7 @@ class _Batch:
             return
         c = waiting.pop(0)
         x = t.detach()
-        self.saved[i][c] = (x, x._version)
+        self.saved[i][c] = (x, x._version, tap_view(self.FN, self.p.plan.layers[i], x, self.labels))
         t.register_hook(self._grad_hook(i, c))
 
     def _grad_hook(self, i: int, c: int):
@@ -356,16 +356,16 @@ class _Batch:
         self.graded.add(i)
         info = self.p.plan.layers[i]
         calls = self.saved.pop(i, [])
-        if any(x._version != v for x, v in calls):
+        if any(x._version != v for x, v, _ in calls):
             self.errors.append(NeusliceError(f"{self.FN}: layer {info.name!r}'s activation was modified in place "
                                              "after it was tapped; the profile cannot read it"))
             return
         got = self.grads.pop(i, {})
         grads = [got.get(c) for c in range(len(calls))] if self.p.grad else None
         try:
-            taps = [x for x, _ in calls]
-            x, cl, g = call_views(self.FN, info, taps, self.labels, grads)
-            valid, hit, miss = call_valid(self.FN, info, taps, self.labels, self.mask, self.every_sample)
+            taps, views = [c[0] for c in calls], [c[2] for c in calls]
+            x, cl, g = call_views(self.FN, info, taps, self.labels, grads, views)
+            valid, hit, miss = call_valid(self.FN, info, taps, self.labels, self.mask, self.every_sample, views)
         except ValueError as e:
             self.errors.append(e)
             return
