@@ -2,6 +2,7 @@
 
     python bench/gpu_engine.py [--out DIR] [--rounds N]
     python bench/gpu_engine.py --dry-run    # CPU, tiny models, one round: every code path, no results written
+    python bench/gpu_engine.py --host [--rounds N]   # CPU: the engine's host time (below)
 
 Models (random weights, dropout 0, transformers' ``GELUActivation`` replaced by ``nn.GELU`` as in
 bench_profiler.py so DeepLIFT's Rescale rule applies):
@@ -17,6 +18,12 @@ Per model, every variant timed interleaved (CUDA-synchronised wall time, median 
   - device synchronisations per step (``torch.cuda.set_sync_debug_mode``: torch operations that wait for
     the GPU), bare and with the Profiler.
 Results: DIR/gpu_engine_<device>_<date>.{md,json} (default bench/results).
+
+``--host`` runs the same variants on the CPU, one thread, on the same architectures at 12 layers but hidden 32
+(4 heads, FFN 48; ViT on 32x32 images, patch 16) and 16 tokens, batches of 32: the tensor work is then a small
+part of each step, so the ratios show the Python and dispatch time that the engine adds per tap and batch,
+which a GPU cannot hide when the host is the bottleneck (the CPU stand-in for this script's ratios between GPU
+sessions). Results: DIR/engine_host_<date>.{md,json}.
 """
 from __future__ import annotations
 
@@ -41,6 +48,7 @@ import neuslice  # noqa: E402
 BATCH, TOKENS, NBATCH = 32, 128, 3
 BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48)
+HOST = dict(hidden_size=32, num_hidden_layers=12, num_attention_heads=4, intermediate_size=48)
 SIZE = dict(BASE)   # TINY under --dry-run
 
 
@@ -76,8 +84,13 @@ def _vit(dev):
     return tf.ViTForImageClassification(cfg), batches, 10
 
 
-MODELS = {f"BERT-base, {BATCH}x{TOKENS} tokens, lengths {TOKENS // 4}-{TOKENS} right-padded": _bert,
-          f"ViT-B/16, batch {BATCH}, 224x224": _vit}
+def _models():
+    if SIZE == BASE:
+        return {f"BERT-base, {BATCH}x{TOKENS} tokens, lengths {TOKENS // 4}-{TOKENS} right-padded": _bert,
+                f"ViT-B/16, batch {BATCH}, 224x224": _vit}
+    size = f"{SIZE['num_hidden_layers']} layers, hidden {SIZE['hidden_size']}"
+    return {f"BERT ({size}), {BATCH}x{TOKENS} tokens, lengths {TOKENS // 4}-{TOKENS} right-padded": _bert,
+            f"ViT ({size}, patch 16), batch {BATCH}, 32x32": _vit}
 
 
 def _call(model, x):
@@ -184,8 +197,16 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny models, one round; nothing written")
+    p.add_argument("--host", action="store_true", help="CPU, one thread, 12-layer models of hidden 32: host time")
     args = p.parse_args()
-    if args.dry_run:
+    global TOKENS
+    if args.host:
+        SIZE.clear()
+        SIZE.update(HOST)
+        TOKENS = 16
+        torch.set_num_threads(1)
+        dev, name = torch.device("cpu"), "cpu"
+    elif args.dry_run:
         SIZE.clear()
         SIZE.update(TINY)
         args.rounds = 1
@@ -199,18 +220,30 @@ def main() -> int:
     info = neuslice.backend_info() if hasattr(neuslice, "backend_info") else {}
     import transformers
     rows = []
-    for mname, build in MODELS.items():
+    for mname, build in _models().items():
         one_model(mname, build, dev, args.rounds, rows)
     if args.dry_run:
         print(f"dry run: {len(rows)} rows")
         return 0
-    stem = f"gpu_engine_{name.replace(' ', '-')}_{time.strftime('%Y-%m-%d')}"
     args.out.mkdir(parents=True, exist_ok=True)
-    head = (f"# The slicing engine on {name} ({time.strftime('%Y-%m-%d %H:%M')})\n\n"
-            f"Command: `python bench/gpu_engine.py --rounds {args.rounds}`; torch {torch.__version__}, transformers "
-            f"{transformers.__version__}. CUDA-synchronised wall time, variants interleaved, median of {args.rounds}; "
-            "ratio against the group's first row; syncs = synchronising torch operations in one call "
-            "(torch.cuda.set_sync_debug_mode).\n\n")
+    if args.host:
+        import subprocess
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
+        stem = f"engine_host_{time.strftime('%Y-%m-%d')}"
+        head = (f"# The slicing engine's host time on the CPU ({time.strftime('%Y-%m-%d %H:%M')}, commit {commit})\n\n"
+                f"Command: `python bench/gpu_engine.py --host --rounds {args.rounds}`; torch {torch.__version__}, "
+                f"transformers {transformers.__version__}, one thread. Models of 12 layers and hidden 32: the tensor "
+                "work is small, so the ratios are mostly the Python and dispatch time the engine adds (what a GPU "
+                "cannot hide when the host is the bottleneck). Wall time, variants interleaved, median of "
+                f"{args.rounds}; ratio against the group's first row.\n\n")
+    else:
+        stem = f"gpu_engine_{name.replace(' ', '-')}_{time.strftime('%Y-%m-%d')}"
+        head = (f"# The slicing engine on {name} ({time.strftime('%Y-%m-%d %H:%M')})\n\n"
+                f"Command: `python bench/gpu_engine.py --rounds {args.rounds}`; torch {torch.__version__}, transformers "
+                f"{transformers.__version__}. CUDA-synchronised wall time, variants interleaved, median of {args.rounds}; "
+                "ratio against the group's first row; syncs = synchronising torch operations in one call "
+                "(torch.cuda.set_sync_debug_mode).\n\n")
     lines = ["| model | group | variant | ms | ratio | syncs |", "|---|---|---|---|---|---|"]
     for r in rows:
         ms = "" if r["ms"] is None else f"{r['ms']:.2f}"

@@ -177,6 +177,37 @@ def test_a_fold_in_another_order_is_refused_by_name():
     assert neuslice.profile(model, d, K, layers=["embed"], metrics=("avg",), progress=False).layer_names == ["embed"]
 
 
+
+class TwoOrders(nn.Module):
+    """Adds the sample-major fold of its tokens (Swin's order) to the window-major one before the q/k/v layers:
+    each row of the sum holds two samples. The sum's first operand alone follows the samples, so a probe that
+    read only that one would take the fold for Swin's."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(4, 8)
+        self.q, self.k, self.v = (nn.Linear(8, 8) for _ in range(3))
+        self.head = nn.Linear(8, K)
+
+    def forward(self, x):                                       # x [B, 8, 4]
+        b = x.shape[0]
+        h = self.embed(x)
+        if bool(h.isnan().any()):                               # (keeps torch.fx from tracing it)
+            raise ValueError("nan")
+        w = h.view(b, 2, 4, 8).reshape(2 * b, 4, 8) + h.view(b, 2, 4, 8).transpose(0, 1).reshape(2 * b, 4, 8)
+        att = torch.softmax(self.q(w) @ self.k(w).transpose(1, 2), -1) @ self.v(w)
+        return self.head(att.reshape(b, 8, 8).mean(1))
+
+
+def test_a_fold_made_of_two_orders_is_refused():
+    model = TwoOrders().eval()
+    x = torch.randn(4, 8, 4, generator=torch.Generator().manual_seed(0))
+    info = plan_of(model, x)
+    for r in ("q", "k", "v"):
+        assert info[r].fold == 2 and info[r].fold_error == "the probe shows its rows mix samples"
+    with pytest.raises(ValueError, match=r"layer 'q' .* but the probe shows its rows mix samples"):
+        neuslice.profile(model, [(x, torch.arange(4) % K)], K, metrics=("avg",), progress=False)
+
 def test_a_fold_in_a_traced_model_is_named_in_the_error():
     model = WindowMajor(traceable=True).eval()
     d = [(torch.randn(4, 8, 4), torch.arange(4) % K)]

@@ -5,7 +5,7 @@ around the layer on index tensors; and the layers that run on no sample at all.
 """
 from __future__ import annotations
 
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -65,10 +65,15 @@ def _batched_step(node: Node, cur: _R, in_shape) -> bool:
     return node.kind == "call" and node.target in _BATCHED_CALLS
 
 
-def _replay(chain: List[Node], x: torch.Tensor) -> torch.Tensor:
+def _replay(chain: List[Node], x: torch.Tensor,
+            rows_of: Optional[Callable[[_R, tuple], Union[None, bool, torch.Tensor]]] = None) -> torch.Tensor:
     """``chain``'s operations (each reading the previous one's output) applied to ``x`` instead. A batched step
     (``_batched_step``) maps each dim-0 row of ``x`` that holds one sample number to a row of its output shape
-    holding that number (:class:`_Mixed` where a row holds several, or padding)."""
+    holding that number (:class:`_Mixed` where a row holds several, or padding). Its other operands with that
+    many rows (``q @ k^T``'s k, ``attn @ v``'s v, a second folded tensor added) must hold the same sample in each
+    row where ``rows_of`` can read theirs (the sample number of each row): a row that differs is :class:`_Mixed`
+    too. An operand it cannot read is let through, as one that made of no sample is (Swin's shifted-window mask,
+    a ``repeat`` of the window grid's)."""
     def sub(a):
         if isinstance(a, _R):
             return x_
@@ -89,6 +94,14 @@ def _replay(chain: List[Node], x: torch.Tensor) -> torch.Tensor:
                 raise _Mixed("padding")
             if not bool((rows == rows[:, :1]).all()):
                 raise _Mixed("samples")
+            for other in refs_of((node.args[1:], tuple(node.kwargs.values()))):
+                if rows_of is None:
+                    continue
+                theirs = rows_of(other, out)
+                if theirs is None or theirs is False:   # unread (a mask built from the window grid), or broadcast
+                    continue
+                if theirs.shape[0] != rows.shape[0] or not torch.equal(theirs, rows[:, 0]):
+                    raise _Mixed("samples")
             x = rows[:, :1].expand(out[0], max(1, int(torch.Size(out[1:]).numel()))).reshape(out).contiguous()
             continue
         x_ = x
@@ -117,6 +130,37 @@ def _chain_back(flow: Flow, ref: _R, b: int) -> Optional[List[Node]]:
         if shape and shape[0] == b and r[1] == 0:
             return [node] + [n for n, _ in back[:k]][::-1]
     return None
+
+
+def _sample_ids(shape, b: int) -> torch.Tensor:
+    """A tensor of ``shape`` (leading dim ``b``) holding in every element its sample's number, 1 … b."""
+    return torch.arange(1, b + 1, dtype=torch.int32).view(b, *([1] * (len(shape) - 1))).expand(shape).contiguous()
+
+
+def _operand_rows(flow: Flow, b: int, depth: int = 0) -> Callable[[_R, tuple], Union[None, bool, torch.Tensor]]:
+    """For :func:`_replay`: the sample number each dim-0 row of a batched step's other operand holds (from the
+    layout and batched operations that made it from a ``[b, …]`` tensor, replayed on sample numbers), False for
+    an operand broadcast over dim 0 of the step's output ``out`` (fewer dims, or one row), or None where the
+    probe cannot tell (no such chain, or a row that mixes samples or padding)."""
+    def rows_of(ref: _R, out: tuple) -> Union[None, bool, torch.Tensor]:
+        node = flow.nodes[ref[0]]
+        shape = node.shapes[ref[1]] if node.shapes and ref[1] < len(node.shapes) else None
+        if shape is None:
+            return None
+        if len(shape) < len(out) or shape[0] == 1:
+            return False
+        chain = _chain_back(flow, ref, b) if depth < 8 else None
+        if chain is None:
+            return None
+        try:
+            got = _replay(chain[1:], _sample_ids(chain[0].shapes[0], b), _operand_rows(flow, b, depth + 1))
+        except Exception:                                   # noqa: BLE001  (_Mixed, or no evidence)
+            return None
+        rows = got.reshape(got.shape[0], -1)
+        if not bool((rows != 0).all()) or not bool((rows == rows[:, :1]).all()):
+            return None
+        return rows[:, 0]
+    return rows_of
 
 
 def _chain_forward(flow: Flow, users, ref: _R, b: int) -> Optional[List[Node]]:
@@ -166,11 +210,8 @@ def batch_fold(flow: Flow, users, i: int, b: int) -> Fold:
     src = node.args[0] if node.args and isinstance(node.args[0], _R) else None
     chain = None if src is None else _chain_back(flow, src, b)
     if chain is not None:
-        s_shape = chain[0].shapes[0]
-        ids = (torch.arange(1, b + 1, dtype=torch.int32).view(b, *([1] * (len(s_shape) - 1)))
-               .expand(s_shape).contiguous())
         try:
-            got = _replay(chain[1:], ids)
+            got = _replay(chain[1:], _sample_ids(chain[0].shapes[0], b), _operand_rows(flow, b))
         except _Mixed as e:
             if str(e) != "padding":
                 return mixed
