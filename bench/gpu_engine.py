@@ -23,7 +23,7 @@ Results: DIR/gpu_engine_<device>_<date>.{md,json} (default bench/results).
 (4 heads, FFN 48; ViT on 32x32 images, patch 16) and 16 tokens, batches of 32: the tensor work is then a small
 part of each step, so the ratios show the Python and dispatch time that the engine adds per tap and batch,
 which a GPU cannot hide when the host is the bottleneck (the CPU stand-in for this script's ratios between GPU
-sessions). Results: DIR/engine_host_<date>.{md,json}.
+sessions). Results: DIR/engine_host_<date><--suffix>.{md,json}; the header names neuslice's commit.
 """
 from __future__ import annotations
 
@@ -198,6 +198,7 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny models, one round; nothing written")
     p.add_argument("--host", action="store_true", help="CPU, one thread, 12-layer models of hidden 32: host time")
+    p.add_argument("--suffix", default="", help="appended to the results' file name (--host: engine_host_<date><suffix>)")
     args = p.parse_args()
     global TOKENS
     if args.host:
@@ -228,9 +229,9 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.host:
         import subprocess
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
-        stem = f"engine_host_{time.strftime('%Y-%m-%d')}"
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,   # (neuslice's)
+                                cwd=Path(neuslice.__file__).resolve().parent).stdout.strip() or "unknown"
+        stem = f"engine_host_{time.strftime('%Y-%m-%d')}{args.suffix}"
         head = (f"# The slicing engine's host time on the CPU ({time.strftime('%Y-%m-%d %H:%M')}, commit {commit})\n\n"
                 f"Command: `python bench/gpu_engine.py --host --rounds {args.rounds}`; torch {torch.__version__}, "
                 f"transformers {transformers.__version__}, one thread. Models of 12 layers and hidden 32: the tensor "
