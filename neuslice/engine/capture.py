@@ -438,11 +438,15 @@ def add_present(totals: Dict[str, Tensor], batch: Dict[str, Tensor], present: Te
                 skip: Sequence[str] = ()) -> None:
     """Add a batch's ``[Kp, ...]`` sums into the rows ``present`` of the float64 ``[K, ...]`` totals (each
     row once: the same numbers as adding a ``[K, ...]`` batch buffer whose absent rows are zero)."""
+    on: Dict[torch.device, Tensor] = {}          # present on each device the totals use (one copy each, not one per sum)
     for s, v in batch.items():
         if s in skip:
             continue
         tot = totals[s]
-        tot.index_add_(0, present.to(tot.device), v.to(device=tot.device, dtype=tot.dtype))
+        where = on.get(tot.device)
+        if where is None:
+            where = on[tot.device] = present.to(tot.device)
+        tot.index_add_(0, where, v.to(device=tot.device, dtype=tot.dtype))
 
 
 def add_present_all(pairs: Sequence[Tuple[Dict[str, Tensor], Dict[str, Tensor]]], present: Tensor) -> None:
