@@ -289,8 +289,9 @@ def accumulate_trusted_(x, grad, ref, labels, channels_last, count, act_sum, act
     accumulation dtype, ``[Kp]`` / ``[Kp, N]``) and passes compact labels in ``[0, Kp)`` or the compact
     ignore label. The same backend choice (:func:`_dispatch.pick`, ``NEUSLICE_BACKEND`` honoured), the same
     deferred ``status`` and the same data errors (non-finite values) as :func:`accumulate_`, without its
-    argument checks: per call on a tiny tap 9 us against 20 us hot, and 2.3-2.8 ms less engine time per
-    step of a 73-layer BERT ``Profiler`` (docs/architecture.md, "Host time per tap"). Where the dispatcher
+    argument checks: per call on a tiny tap 9 us against 20 us hot; with single tap views, 0.4-2.2 ms less
+    host time per step of a 73-layer, hidden-32 BERT or ViT ``Profiler`` (``bench/gpu_engine.py --host``;
+    docs/architecture.md, "Host time per tap"). Where the dispatcher
     is needed (torch.compile, tracing, modes, functorch; see ``_front._direct``) and for empty taps, it
     calls :func:`accumulate_` itself, checks included. Bad input is not caught here: a caller that cannot
     vouch for its arguments calls :func:`accumulate_`."""
