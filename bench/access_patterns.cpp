@@ -44,6 +44,15 @@ __attribute__((noinline)) float sum(const float* p, size_t n) {
   return a;
 }
 
+// Pointers to rows order[i], ..., order[i + n - 1] of x and g.
+inline void row_pointers(const float* x, const float* g, const std::vector<int>& order, size_t i, int n,
+                         const float** xp, const float** gp) {
+  for (int k = 0; k < n; ++k) {
+    xp[k] = x + size_t(order[i + k]) * kN;
+    gp[k] = g + size_t(order[i + k]) * kN;
+  }
+}
+
 // Reads rows `order` of x and g, R side by side, and sums them (no accumulator rows).
 template <int R>
 __attribute__((noinline)) float read_rows(const float* x, const float* g, const std::vector<int>& order) {
@@ -51,10 +60,7 @@ __attribute__((noinline)) float read_rows(const float* x, const float* g, const 
   for (size_t i = 0; i + R <= order.size(); i += R) {
     const float* xp[R];
     const float* gp[R];
-    for (int k = 0; k < R; ++k) {
-      xp[k] = x + size_t(order[i + k]) * kN;
-      gp[k] = g + size_t(order[i + k]) * kN;
-    }
+    row_pointers(x, g, order, i, R, xp, gp);
 #pragma omp simd reduction(+ : a)
     for (int j = 0; j < kN; ++j)
       for (int k = 0; k < R; ++k) a += xp[k][j] + gp[k][j];
@@ -80,10 +86,7 @@ __attribute__((noinline)) float accumulate(const float* x, const float* g, const
       const int rows = end - r >= size_t(R) ? R : 1;
       const float* xp[R];
       const float* gp[R];
-      for (int k = 0; k < rows; ++k) {
-        xp[k] = x + size_t(order[r + k]) * kN;
-        gp[k] = g + size_t(order[r + k]) * kN;
-      }
+      row_pointers(x, g, order, r, rows, xp, gp);
       float p = 0;
       if (rows == R) {
 #pragma omp simd reduction(+ : p)
@@ -126,10 +129,7 @@ __attribute__((noinline)) float arithmetic(const float* x, const float* g, const
   for (size_t i = 0; i + R <= order.size(); i += R) {
     const float* xp[R];
     const float* gp[R];
-    for (int k = 0; k < R; ++k) {
-      xp[k] = x + size_t(order[i + k]) * kN;
-      gp[k] = g + size_t(order[i + k]) * kN;
-    }
+    row_pointers(x, g, order, i, R, xp, gp);
 #pragma omp simd reduction(+ : a)
     for (int j = 0; j < kN; ++j) {
       float s0 = 0, s1 = 0, s2 = 0;
