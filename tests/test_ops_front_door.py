@@ -286,3 +286,16 @@ def test_trusted_call_takes_the_front_door_where_the_dispatcher_is_needed():
     before = _clones(empty)
     ops.accumulate_trusted_(*empty)                    # B = 0 changes nothing, as accumulate_ says
     assert _same(before, empty)
+
+
+def test_trusted_call_refuses_a_ref_that_does_not_fit_x():
+    """A ref the kernels would read out of bounds (a shared [N, S'] with S' != S) goes to accumulate_'s checks,
+    whatever the caller vouches for: the op's error, and nothing changes."""
+    for backend in CPU_BACKENDS:
+        args = _args()                                  # x [6, 4, 3]: N = 4, S = 3
+        args[2] = torch.randn(4, 2)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("NEUSLICE_BACKEND", backend)
+            with pytest.raises(ValueError, match=r"ref must be \[N, S\] = \[4, 3\] or \[N\] = \[4\]"):
+                ops.accumulate_trusted_(*args)
+        assert not any(t.any() for t in args[5:10])

@@ -694,6 +694,32 @@ def test_bad_arguments(kw, match):
     assert _hooks_of(model) == 0
 
 
+class _DictTokens(nn.Module):
+    """TokenNet (pooled) called with a mapping of inputs, as a model library's model is."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = _TokenNet(pooled=True)
+
+    def forward(self, input_ids):
+        return self.net(input_ids)
+
+
+def test_a_mapping_baseline_of_other_positions_than_a_batch_is_refused_by_name():
+    """A baseline mapping is used as given, so a batch of another length has no reference at its positions: the
+    error names the layer and the fix (the op is called without its checks; before, the kernel read the shorter
+    reference out of bounds). A batch of the baseline's length is profiled."""
+    model = _DictTokens().eval()
+    tok, y = _token_data(per_token=False)[0]              # [6, 5] tokens
+    base = {"input_ids": torch.zeros(1, 5, dtype=torch.long)}
+    p = neuslice.profile(model, [({"input_ids": tok}, y)], 4, metrics=("deeplift",), baseline=base, progress=False)
+    assert p.num_batches == 1
+    longer = {"input_ids": torch.cat([tok, tok[:, :2]], 1)}
+    with pytest.raises(ValueError, match=r"neuslice.profile: layer 'net.ffn\d' \(tapped at 'net.\w+'\) has 7 "
+                                         r"positions in this batch and 5 in the baseline's forward.*leave "
+                                         r"baseline=None"):
+        neuslice.profile(model, [(longer, y)], 4, metrics=("deeplift",), baseline=base, progress=False)
+
 def test_non_finite_batch_names_the_layer(deferred):
     model = trained()
     x, y = next(iter(small_loader(10, 10)))

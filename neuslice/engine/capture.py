@@ -167,6 +167,20 @@ def tap_view(fn: str, info: LayerInfo, t: Tensor, labels: Tensor) -> Tuple[Tenso
     return x, cl
 
 
+def ref_positions_error(fn: str, info: LayerInfo, x: Tensor, cl: bool, r: Optional[Tensor],
+                        fix: str) -> Optional[ValueError]:
+    """The error for a shared reference ``[N, S0]`` (from a forward of the baseline) of a layer whose tap ``x``
+    has other positions in this batch (a baseline of 8 tokens, a batch of 12), or None. The engine calls the
+    op without its argument checks, so this one is the engine's (``fix``: what the caller can do)."""
+    if r is None or r.dim() != 2:
+        return None
+    s = 1 if x.dim() == 2 else x.shape[1] if cl else x.shape[2]
+    if r.shape[1] == s:
+        return None
+    return ValueError(f"{fn}: layer {info.name!r} (tapped at {info.tap!r}) has {s} positions in this batch and "
+                      f"{r.shape[1]} in the baseline's forward, so the baseline gives no reference for them: {fix}")
+
+
 def shared_ref(view: Tensor, cl: bool) -> Tensor:
     """accumulate_'s shared ``ref`` ``[N, S]`` from the reference's tap view of one sample (``[1, N, S]``, or
     channels-last ``[1, S, N]``), laid out as the tap is: channels-last, the ``[N, S]`` view of a contiguous
@@ -438,7 +452,7 @@ def add_present(totals: Dict[str, Tensor], batch: Dict[str, Tensor], present: Te
                 skip: Sequence[str] = ()) -> None:
     """Add a batch's ``[Kp, ...]`` sums into the rows ``present`` of the float64 ``[K, ...]`` totals (each
     row once: the same numbers as adding a ``[K, ...]`` batch buffer whose absent rows are zero)."""
-    on: Dict[torch.device, Tensor] = {}          # present on each device the totals use (one copy each, not one per sum)
+    on: Dict[torch.device, Tensor] = {}     # present on each device the totals use (one copy each, not one per sum)
     for s, v in batch.items():
         if s in skip:
             continue

@@ -26,8 +26,8 @@ from ..ops.reference import acc_dtype
 from .capture import (GRADIENT_METRICS, add_present, batch_mask, call_model, call_valid, call_views, check_calls,
                       check_ignore_index, check_labels, check_metrics, check_num_classes, compact_ignore, dl_forms,
                       drop_unused, layer_entries, mask_facts, model_device, new_stats, new_totals, nonfinite_what,
-                      present_classes, shared_ref, tap_views, target_of, to_device, unwrap, warn_unmasked,
-                      warn_unseen, StatusWords)
+                      present_classes, ref_positions_error, shared_ref, tap_views, target_of, to_device, unwrap,
+                      warn_unmasked, warn_unseen, StatusWords)
 from .deeplift import Rescale
 from .graph import discover, head_entries, nonlinearity_modules
 from .hooks import ChainHooks, activation_modules, in_backward, no_inplace
@@ -244,6 +244,11 @@ class _Offline:
         error goes into the layer's status ``word`` on a GPU (read once the batch's calls are all made); with
         ``word`` None (CPU) the call raises. The arguments are the engine's own (taps checked against the layer,
         these statistics, compact labels), so the op runs without its argument checks (``accumulate_trusted_``)."""
+        e = ref_positions_error(self.fn, info, x, cl, r, "pass a baseline with each batch's shape after the batch "
+                                "dim (pad the baseline and the batches to one length), or leave baseline=None: zeros "
+                                "like each batch")
+        if e is not None:
+            raise e
         st = new_stats(kp, info.n, acc_dtype(x.dtype), x.device, self.keep)
         ig = compact_ignore(self.ignore_index)
         first = (st.get("act_sum"), st.get("act_sq"), st.get("taylor_sum"))

@@ -20,7 +20,8 @@ from ..ops.reference import acc_dtype
 from .capture import (GRADIENT_METRICS, StatusWords, add_present_all, call_model, call_valid, call_views, check_calls,
                       check_ignore_index, check_labels, check_mask, check_metrics, check_num_classes,
                       compact_ignore, drop_unused, layer_entries, mask_facts, model_device, new_stats, new_totals,
-                      nonfinite_what, present_classes, shared_ref, tap_view, unwrap, warn_unmasked, warn_unseen)
+                      nonfinite_what, present_classes, ref_positions_error, shared_ref, tap_view, unwrap,
+                      warn_unmasked, warn_unseen)
 from .graph import discover, head_entries, traceable
 from .hooks import ChainHooks, in_backward
 from .metrics import kept_stats
@@ -390,13 +391,11 @@ class _Batch:
             self.stats[i] = st
         r = self.p.refs[i]
         if r is not None:
-            s = 1 if x.dim() == 2 else x.shape[1] if cl else x.shape[2]
-            if r.dim() == 2 and r.shape[1] != s:   # (the op is called without its checks: this one is ours)
-                self.errors.append(ValueError(
-                    f"{self.FN}: layer {info.name!r} (tapped at {info.tap!r}) has {s} positions in this batch and "
-                    f"{r.shape[1]} in the baseline's forward, so the baseline gives no reference for them: pass a "
-                    "baseline shaped as every batch after the batch dim (pad the baseline and the batches to one "
-                    "length), or use neuslice.profile, whose default baseline (zeros) takes each batch's shape"))
+            e = ref_positions_error(self.FN, info, x, cl, r, "pass a baseline shaped as every batch after the batch "
+                                    "dim (pad the baseline and the batches to one length), or use neuslice.profile, "
+                                    "whose default baseline (zeros) takes each batch's shape")
+            if e is not None:
+                self.errors.append(e)
                 return
             r = r.to(device=x.device, dtype=x.dtype)
         if self.words is None:

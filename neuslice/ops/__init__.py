@@ -282,6 +282,14 @@ def _accumulate_deferred(fn, args: tuple, b: int, n: int, status: Tensor) -> Non
 _ACC_MUTATED = (5, 6, 7, 8, 9)   # accumulate_'s statistics, by position
 
 
+def _ref_fits(ref: Tensor, x: Tensor, channels_last: bool) -> bool:
+    """Whether ``ref`` has a shape accumulate_ takes for ``x``: shared ``[N, S]`` or ``[N]``, or x's own."""
+    if ref.shape == x.shape:
+        return True
+    _, n, s = bns(x, channels_last)
+    return ref.shape == (n, s) or ref.shape == (n,)
+
+
 def accumulate_trusted_(x, grad, ref, labels, channels_last, count, act_sum, act_sq, taylor_sum, deeplift_sum,
                         valid, ignore_index, status=None) -> None:
     """:func:`accumulate_` for a caller whose arguments are right by construction: the slicing engine, which
@@ -293,11 +301,13 @@ def accumulate_trusted_(x, grad, ref, labels, channels_last, count, act_sum, act
     host time per step of a 73-layer, hidden-32 BERT or ViT ``Profiler`` (``bench/gpu_engine.py --host``;
     docs/architecture.md, "Host time per tap"). Where the dispatcher
     is needed (torch.compile, tracing, modes, functorch; see ``_front._direct``) and for empty taps, it
-    calls :func:`accumulate_` itself, checks included. Bad input is not caught here: a caller that cannot
-    vouch for its arguments calls :func:`accumulate_`."""
+    calls :func:`accumulate_` itself, checks included, and so it does for a ``ref`` whose shape does not fit
+    ``x`` (the kernels would read it out of bounds; the engine's references come from a separate forward of
+    the baseline, whose positions a caller's baseline may not match). Other bad input is not caught here: a
+    caller that cannot vouch for its arguments calls :func:`accumulate_`."""
     args = (x, grad, ref, labels, channels_last, count, act_sum, act_sq, taylor_sum, deeplift_sum, valid,
             ignore_index)
-    if not x.numel() or not _direct(args, _ACC_MUTATED):
+    if not x.numel() or not _direct(args, _ACC_MUTATED) or (ref is not None and not _ref_fits(ref, x, channels_last)):
         accumulate_(*args, status)
         return
     fn = _dispatch.pick("accumulate_", args, x.device.type)[1]
