@@ -169,16 +169,21 @@ def tap_view(fn: str, info: LayerInfo, t: Tensor, labels: Tensor) -> Tuple[Tenso
 
 def ref_positions_error(fn: str, info: LayerInfo, x: Tensor, cl: bool, r: Optional[Tensor],
                         fix: str) -> Optional[ValueError]:
-    """The error for a shared reference ``[N, S0]`` (from a forward of the baseline) of a layer whose tap ``x``
-    has other positions in this batch (a baseline of 8 tokens, a batch of 12), or None. The engine calls the
-    op without its argument checks, so this one is the engine's (``fix``: what the caller can do)."""
-    if r is None or r.dim() != 2:
+    """The error for a reference ``r`` (from a forward of the baseline) that does not fit a layer's tap ``x``
+    (accumulate_'s view: ``[B, N]``, ``[B, N, S]`` or channels-last ``[B, S, N]``): neither x's own shape (one
+    per sample) nor a shared ``[N, S]`` / ``[N]``, as when the baseline has 8 tokens and the batch 12; else None.
+    The engine calls the op without its argument checks, so this one is the engine's (``fix``: what the caller
+    can do)."""
+    if r is None or r.shape == x.shape:
         return None
     s = 1 if x.dim() == 2 else x.shape[1] if cl else x.shape[2]
-    if r.shape[1] == s:
+    n = x.shape[-1] if cl or x.dim() == 2 else x.shape[1]
+    if r.shape == (n, s) or r.shape == (n,):
         return None
+    got = (f"{r.shape[1]} in the baseline's forward" if r.dim() == 2 and r.shape[0] == n else
+           f"a reference of shape {list(r.shape)} from the baseline's forward")
     return ValueError(f"{fn}: layer {info.name!r} (tapped at {info.tap!r}) has {s} positions in this batch and "
-                      f"{r.shape[1]} in the baseline's forward, so the baseline gives no reference for them: {fix}")
+                      f"{got}, so the baseline gives no reference for them: {fix}")
 
 
 def shared_ref(view: Tensor, cl: bool) -> Tensor:
