@@ -299,3 +299,21 @@ def test_trusted_call_refuses_a_ref_that_does_not_fit_x():
             with pytest.raises(ValueError, match=r"ref must be \[N, S\] = \[4, 3\] or \[N\] = \[4\]"):
                 ops.accumulate_trusted_(*args)
         assert not any(t.any() for t in args[5:10])
+
+
+@pytest.mark.parametrize("bad", ["grad dtype", "grad shape", "ref dtype", "x dtype"])
+def test_trusted_call_takes_the_checks_for_a_grad_or_ref_it_could_not_read_as_x(bad):
+    """A gradient or reference of another dtype or shape than the kernels read (a float64 gradient of a float32
+    x would be read past its end): accumulate_'s checks and error, nothing changed."""
+    args = _args()
+    if bad == "grad dtype":
+        args[1], want = args[1].double(), "grad must have x's dtype"
+    elif bad == "grad shape":
+        args[1], want = args[1][:, :, :2], "grad must have shape"
+    elif bad == "ref dtype":
+        args[2], want = args[2].double(), "ref must have x's dtype"
+    else:
+        args[0], want = args[0].to(torch.int32), "x must be float32"
+    with pytest.raises((TypeError, ValueError), match=want):
+        ops.accumulate_trusted_(*args)
+    assert not any(t.any() for t in args[5:10])

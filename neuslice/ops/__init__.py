@@ -282,12 +282,16 @@ def _accumulate_deferred(fn, args: tuple, b: int, n: int, status: Tensor) -> Non
 _ACC_MUTATED = (5, 6, 7, 8, 9)   # accumulate_'s statistics, by position
 
 
-def _ref_fits(ref: Tensor, x: Tensor, channels_last: bool) -> bool:
-    """Whether ``ref`` has a shape accumulate_ takes for ``x``: shared ``[N, S]`` or ``[N]``, or x's own."""
-    if ref.shape == x.shape:
+def _read_as_x(x: Tensor, grad: Optional[Tensor], ref: Optional[Tensor], channels_last: bool) -> bool:
+    """Whether the kernels can read ``grad`` and ``ref`` as they read ``x`` (its dtype, a float one; grad of x's
+    shape; ref of x's shape or a shared ``[N, S]`` / ``[N]``, on x's device): what accumulate_trusted_ checks
+    itself, since a gradient or reference of another dtype or shape would be read out of bounds."""
+    if x.dtype not in _FLOATS or (grad is not None and (grad.dtype != x.dtype or grad.shape != x.shape)):
+        return False
+    if ref is None or (ref.shape == x.shape and ref.dtype == x.dtype and ref.device == x.device):
         return True
     _, n, s = bns(x, channels_last)
-    return ref.shape == (n, s) or ref.shape == (n,)
+    return (ref.shape == (n, s) or ref.shape == (n,)) and ref.dtype == x.dtype and ref.device == x.device
 
 
 def accumulate_trusted_(x, grad, ref, labels, channels_last, count, act_sum, act_sq, taylor_sum, deeplift_sum,
@@ -297,17 +301,18 @@ def accumulate_trusted_(x, grad, ref, labels, channels_last, count, act_sum, act
     accumulation dtype, ``[Kp]`` / ``[Kp, N]``) and passes compact labels in ``[0, Kp)`` or the compact
     ignore label. The same backend choice (:func:`_dispatch.pick`, ``NEUSLICE_BACKEND`` honoured), the same
     deferred ``status`` and the same data errors (non-finite values) as :func:`accumulate_`, without its
-    argument checks: per call on a tiny tap 9 us against 20 us hot; with single tap views, 0.4-2.2 ms less
+    argument checks: per call on a tiny tap 12.5 us against 21 us hot; with single tap views, 0.4-2.2 ms less
     host time per step of a 73-layer, hidden-32 BERT or ViT ``Profiler`` (``bench/gpu_engine.py --host``;
     docs/architecture.md, "Host time per tap"). Where the dispatcher
     is needed (torch.compile, tracing, modes, functorch; see ``_front._direct``) and for empty taps, it
-    calls :func:`accumulate_` itself, checks included, and so it does for a ``ref`` whose shape does not fit
-    ``x`` (the kernels would read it out of bounds; the engine's references come from a separate forward of
-    the baseline, whose positions a caller's baseline may not match). Other bad input is not caught here: a
-    caller that cannot vouch for its arguments calls :func:`accumulate_`."""
+    calls :func:`accumulate_` itself, checks included, and so it does for a ``grad`` or ``ref`` the kernels
+    could not read as they read ``x`` (:func:`_read_as_x`: another dtype or shape would be read out of bounds;
+    the engine's references come from a separate forward of the baseline, whose positions a caller's baseline
+    may not match). Other bad input is not caught here: a caller that cannot vouch for its arguments calls
+    :func:`accumulate_`."""
     args = (x, grad, ref, labels, channels_last, count, act_sum, act_sq, taylor_sum, deeplift_sum, valid,
             ignore_index)
-    if not x.numel() or not _direct(args, _ACC_MUTATED) or (ref is not None and not _ref_fits(ref, x, channels_last)):
+    if not x.numel() or not _direct(args, _ACC_MUTATED) or not _read_as_x(x, grad, ref, channels_last):
         accumulate_(*args, status)
         return
     fn = _dispatch.pick("accumulate_", args, x.device.type)[1]
