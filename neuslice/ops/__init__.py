@@ -301,7 +301,7 @@ def accumulate_trusted_(x, grad, ref, labels, channels_last, count, act_sum, act
     accumulation dtype, ``[Kp]`` / ``[Kp, N]``) and passes compact labels in ``[0, Kp)`` or the compact
     ignore label. The same backend choice (:func:`_dispatch.pick`, ``NEUSLICE_BACKEND`` honoured), the same
     deferred ``status`` and the same data errors (non-finite values) as :func:`accumulate_`, without its
-    argument checks: per call on a tiny tap 12.5 us against 21 us hot; with single tap views, 0.4-2.2 ms less
+    argument checks: per call on a tiny tap 12.5 us against 21 us hot; with single tap views, 1.1-1.7 ms less
     host time per step of a 73-layer, hidden-32 BERT or ViT ``Profiler`` (``bench/gpu_engine.py --host``;
     docs/architecture.md, "Host time per tap"). Where the dispatcher
     is needed (torch.compile, tracing, modes, functorch; see ``_front._direct``) and for empty taps, it
