@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from .._errors import NeusliceError, raise_for_status
 from ..io.container import layer_entry
+from ..ops._layout import bns, ref_fits
 from .graph import LayerInfo, Plan
 from .calls import call_model, logits_of, model_device, to_device  # noqa: F401  (re-exported)
 from .metrics import METRICS, STATS
@@ -174,12 +175,9 @@ def ref_positions_error(fn: str, info: LayerInfo, x: Tensor, cl: bool, r: Option
     per sample) nor a shared ``[N, S]`` / ``[N]``, as when the baseline has 8 tokens and the batch 12; else None.
     The engine calls the op without its argument checks, so this one is the engine's (``fix``: what the caller
     can do)."""
-    if r is None or r.shape == x.shape:
+    if r is None or ref_fits(r, x, cl):
         return None
-    s = 1 if x.dim() == 2 else x.shape[1] if cl else x.shape[2]
-    n = x.shape[-1] if cl or x.dim() == 2 else x.shape[1]
-    if r.shape == (n, s) or r.shape == (n,):
-        return None
+    _, n, s = bns(x, cl)
     got = (f"{r.shape[1]} in the baseline's forward" if r.dim() == 2 and r.shape[0] == n else
            f"a reference of shape {list(r.shape)} from the baseline's forward")
     return ValueError(f"{fn}: layer {info.name!r} (tapped at {info.tap!r}) has {s} positions in this batch and "

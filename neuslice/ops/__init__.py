@@ -32,7 +32,7 @@ from torch import Tensor
 from .._errors import STATUS_BAD_LABEL, BadLabelError, NonFiniteError, raise_for_status, status_of
 from . import _dispatch, reference
 from ._front import _check_outputs, _check_same, _custom_op, _direct, _fail, _shape
-from ._layout import bns
+from ._layout import bns, ref_fits
 from .reference import acc_dtype
 
 __all__ = ["accumulate_", "check_status", "select", "select_topk", "masked_sgd_", "masked_adamw_"]
@@ -67,7 +67,7 @@ def _check_accumulate(x, grad, ref, labels, channels_last, stats, valid, ignore_
     if ref is not None:
         if ref.dtype != x.dtype:
             _fail(op, f"ref must have x's dtype {x.dtype}, got {ref.dtype}", TypeError)
-        if ref.device != device or ref.shape not in ((n, s), (n,), shape):
+        if ref.device != device or not ref_fits(ref, x, channels_last):
             per_sample = "[B, N]" if x.dim() == 2 else "[B, S, N]" if channels_last else "[B, N, S]"
             _fail(op, f"ref must be [N, S] = [{n}, {s}] or [N] = [{n}] (shared by the batch), or per sample "
                       f"x's shape {per_sample} = {_shape(x)}, on {x.device}; got {_shape(ref)} on {ref.device}")
@@ -288,10 +288,7 @@ def _read_as_x(x: Tensor, grad: Optional[Tensor], ref: Optional[Tensor], channel
     itself, since a gradient or reference of another dtype or shape would be read out of bounds."""
     if x.dtype not in _FLOATS or (grad is not None and (grad.dtype != x.dtype or grad.shape != x.shape)):
         return False
-    if ref is None or (ref.shape == x.shape and ref.dtype == x.dtype and ref.device == x.device):
-        return True
-    _, n, s = bns(x, channels_last)
-    return (ref.shape == (n, s) or ref.shape == (n,)) and ref.dtype == x.dtype and ref.device == x.device
+    return ref is None or (ref.dtype == x.dtype and ref.device == x.device and ref_fits(ref, x, channels_last))
 
 
 def accumulate_trusted_(x, grad, ref, labels, channels_last, count, act_sum, act_sq, taylor_sum, deeplift_sum,

@@ -17,7 +17,7 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["bns", "accumulate_layout",
+__all__ = ["bns", "ref_fits", "accumulate_layout",
            "as_bns", "strides_bns", "ref_per_sample", "ref_strides_bns", "rows_cols", "per_neuron_mask",
            "broadcast_mask"]
 
@@ -33,6 +33,15 @@ def bns(x: torch.Tensor, channels_last: bool) -> Tuple[int, int, int]:
     """Sizes (B, N, S) of an activation given as [B, N], [B, N, S] or (channels_last) [B, S, N]."""
     db, dn, ds = _axes(x, channels_last)
     return x.shape[db], x.shape[dn], 1 if ds is None else x.shape[ds]
+
+
+def ref_fits(ref: torch.Tensor, x: torch.Tensor, channels_last: bool) -> bool:
+    """Whether ``ref``'s shape is one accumulate_ takes for ``x``: x's own (one reference per sample), or a
+    shared ``[N, S]`` / ``[N]``. The one rule for the op's check, the engine's unchecked call and its error."""
+    if ref.shape == x.shape:
+        return True
+    _, n, s = bns(x, channels_last)
+    return ref.shape == (n, s) or ref.shape == (n,)
 
 
 def accumulate_layout(x: torch.Tensor, grad: Optional[torch.Tensor], ref: Optional[torch.Tensor],
