@@ -268,3 +268,85 @@ def test_removable_layers_of_a_convnext_leave_out_its_residual_stream():
     assert (run(phys, x) - run(masked, x)).abs().max() <= 1e-4 * run(masked, x).abs().max()
     total = sum(p.numel() for p in model.parameters())
     assert total - phys.num_params == round(s.compression_rate(model, KEEP) * total) > 0
+
+
+INIT = 0.1
+
+
+def _bert(layers=2, hidden=384, heads=6, ffn=1536, init=INIT):
+    """A BERT with all-MiniLM-L6-v2's widths (2 layers), its random weights drawn wider than BERT's default (std 0.02,
+    whose logits hardly depend on the input): enough rounding in bfloat16 that mask mode and the physical model
+    differ by more than float32's tolerance of the structural check, as pre-trained weights do."""
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=H.VOCAB, hidden_size=hidden, num_hidden_layers=layers,
+                                  num_attention_heads=heads, intermediate_size=ffn, max_position_embeddings=64,
+                                  num_labels=H.CLASSES, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                                  initializer_range=init)
+    return transformers.BertForSequenceClassification(cfg).eval()
+
+
+def _autocast_forward(model, dtype=torch.bfloat16):
+    """Wrap ``model.forward`` in CPU autocast as accelerate does for a Trainer run with bf16=True (the wrapper
+    stays on the model after training): an instance attribute bound to the model."""
+    import types
+    f = type(model).forward
+
+    def forward(self, *args, **kwargs):
+        with torch.autocast("cpu", dtype=dtype):
+            return f(self, *args, **kwargs)
+    model.forward = types.MethodType(forward, model)
+    return model
+
+
+def _low(kind):
+    model = _bert()
+    if kind == "autocast":
+        return _autocast_forward(model)
+    return model.to(torch.bfloat16 if kind == "bf16" else torch.float16)
+
+
+@pytest.mark.parametrize("kind", ["bf16", "fp16", "autocast"])
+def test_physical_restructure_of_a_model_computing_in_bf16_or_fp16(kind):
+    # A model computing in bfloat16 (its dtype, or autocast) was refused by the check against mask mode, whose
+    # float32 tolerance its rounding exceeds, with an error blaming the couplings.
+    model = _low(kind)
+    batch = H._text_batch("right")
+    d = [(batch(8, 16, pad=4, seed=i), torch.arange(8) % H.CLASSES) for i in range(2)]
+    names = neuslice.removable_layers(model, d[0][0])
+    s = neuslice.semantic_slice(neuslice.profile(model, d, H.CLASSES, layers=names, progress=False), "taylor", 0.5)
+    masked, _ = neuslice.restructure(model, s, KEEP, mode="mask")
+    phys, rep = neuslice.restructure(model, s, KEEP, example_inputs=d[0][0])
+    eps = torch.finfo(torch.float16 if kind == "fp16" else torch.bfloat16).eps
+    for x, _ in d:
+        ym, yp = run(masked, x).float(), run(phys, x).float()
+        assert (yp - ym).abs().max() <= 8 * eps * ym.abs().max()
+    if kind != "fp16":      # the case needs the wider tolerance: float32's is exceeded on the example inputs
+        ym, yp = run(masked, d[0][0]).float(), run(phys, d[0][0]).float()
+        assert not torch.allclose(yp, ym, rtol=1e-3, atol=1e-4)
+    total = sum(p.numel() for p in model.parameters())
+    assert rep.params == phys.num_params < total
+    assert round(s.compression_rate(model, KEEP) * total) == total - phys.num_params
+
+
+@pytest.mark.parametrize("kind", ["fp32", "bf16", "autocast"])
+def test_a_wrong_cut_is_still_caught_in_low_precision(kind, monkeypatch):
+    # The check's wider tolerance in bfloat16 still refuses a cut that computes something else than mask mode:
+    # here one kept head's columns of the output projection zeroed after the surgery.
+    from neuslice.maintain import _surgery
+    model = _bert() if kind == "fp32" else _low(kind)
+    batch = H._text_batch("right")
+    d = [(batch(8, 16, pad=4, seed=i), torch.arange(8) % H.CLASSES) for i in range(2)]
+    names = neuslice.removable_layers(model, d[0][0])
+    s = neuslice.semantic_slice(neuslice.profile(model, d, H.CLASSES, layers=names, progress=False), "taylor", 0.5)
+    real = _surgery.physical
+
+    def wrong(*args, **kwargs):
+        module, counts = real(*args, **kwargs)
+        out = dict(module.named_modules())[s.attention[0].out]
+        with torch.no_grad():
+            out.weight[:, :out.in_features // 2] = 0
+        return module, counts
+    monkeypatch.setattr(_surgery, "physical", wrong)
+    with pytest.raises(ValueError, match="disagrees with mask mode") as e:
+        neuslice.restructure(model, s, KEEP, example_inputs=d[0][0])
+    assert ("computing in torch.bfloat16" in str(e.value)) == (kind != "fp32")
