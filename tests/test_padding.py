@@ -147,6 +147,110 @@ def test_profiler_padding_changes_no_statistic(arch):
     _same(run(_padded(seqs, ys)), run(_bucketed(seqs, ys)))
 
 
+class _Features(torch.nn.Module):
+    """A wrapper taking the tokenizer's output as one mapping argument, as sentence-transformers' models do
+    (``model(features)`` / ``model(features=...)``): the attention mask is nested in the inputs."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, features):
+        return self.inner(**features).logits
+
+
+def _nest(batches):
+    return [({"features": x}, y) for x, y in batches]
+
+
+def test_padding_changes_no_statistic_when_the_attention_mask_is_nested_in_the_inputs():
+    """profile and Profiler find the attention_mask of a mapping nested in the inputs: every statistic, DeepLIFT's
+    reference padded as each sample included, equals the bucketed one; before, the padding counted unseen."""
+    model, vocab = _hf("bert")
+    wrapped = _Features(model)
+    seqs, ys = _sequences(vocab)
+    metrics = ("avg", "var", "taylor", "deeplift")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        padded = neuslice.profile(wrapped, _nest(_padded(seqs, ys)), K, metrics=metrics, progress=False)
+        bucketed = neuslice.profile(model, _bucketed(seqs, ys), K, metrics=metrics, progress=False)
+        with neuslice.Profiler(wrapped, K, metrics=("avg", "var", "taylor")) as prof:
+            for x, y in _nest(_padded(seqs, ys)):
+                with prof.batch(y):
+                    F.cross_entropy(wrapped(x["features"]), y, reduction="sum").backward()   # by position
+        with neuslice.Profiler(model, K, metrics=("avg", "var", "taylor")) as plain:
+            for x, y in _bucketed(seqs, ys):
+                with plain.batch(y):
+                    F.cross_entropy(model(**x).logits, y, reduction="sum").backward()
+        model.zero_grad(set_to_none=True)
+        # the padded batches' mask moved out of the inputs: the padding counts, the statistics differ
+        leaky = [({"features": {"input_ids": x["input_ids"]}}, y) for x, y in _padded(seqs, ys)]
+        leaked = neuslice.profile(wrapped, leaky, K, metrics=("avg",), progress=False)
+    strip = [n[len("inner."):] for n in padded.layer_names]
+    assert strip == bucketed.layer_names
+    for n in bucketed.layer_names:
+        for s in padded.statistics:
+            torch.testing.assert_close(padded.stats["inner." + n][s], bucketed.stats[n][s], **F64)
+        for s in ("act_sum", "act_sq", "taylor_sum"):
+            torch.testing.assert_close(prof.profile().stats["inner." + n][s], plain.profile().stats[n][s], **F64)
+    n = padded.layer_names[0]
+    assert not torch.allclose(leaked.stats[n]["act_sum"], padded.stats[n]["act_sum"], **F64)
+
+
+def test_several_attention_masks_in_the_inputs_apply_none_and_warn_once_naming_them():
+    class Pair(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, a, b):
+            return self.inner(**a).logits + self.inner(**b).logits
+
+    model, vocab = _hf("bert")
+    pair = Pair(model)
+    seqs, ys = _sequences(vocab)
+    batches = [({"a": x, "b": {**x, "attention_mask": x["attention_mask"].clone()}}, y) for x, y in _padded(seqs, ys)]
+    for run in ("profile", "Profiler"):
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            if run == "profile":
+                neuslice.profile(pair, batches, K, metrics=("avg",), progress=False)
+            else:
+                with neuslice.Profiler(pair, K, metrics=("avg",)) as prof:
+                    for x, y in batches:
+                        with prof.batch(y):
+                            F.cross_entropy(pair(**x), y).backward()
+        said = [str(m.message) for m in w if "attention_mask tensors" in str(m.message)]
+        assert len(said) == 1, said
+        assert "a.attention_mask, b.attention_mask" in said[0] and "mask=" in said[0]
+
+
+def test_a_nested_attention_mask_gives_deeplift_the_baseline_padded_as_each_sample():
+    """The reference of a padded sample is the baseline with its own mask row put where the inputs hold it; a
+    user baseline is given structured as the inputs."""
+    class Nested(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mix = _Mix().double()
+
+        def forward(self, features):
+            return self.mix(**features)
+
+    model = Nested().eval()
+    batches = _mix_batches()
+    base_tok = torch.tensor([[3, 1, 4, 1, 5, 9]])
+    for baseline in (None, {"features": {"tok": base_tok, "attention_mask": torch.ones(1, 6, dtype=torch.long)}}):
+        prof = neuslice.profile(model, [({"features": x}, y) for x, y in batches], 4, layers=["mix.ffn1", "mix.ffn2"],
+                                metrics=("deeplift",), baseline=baseline, progress=False)
+        want = _mix_deeplift_by_hand(model.mix, batches, base_tok[0] if baseline else torch.zeros(6, dtype=torch.long))
+        for n in ("ffn1", "ffn2"):
+            torch.testing.assert_close(prof.stats["mix." + n]["deeplift_sum"], want[n], **F64)
+    with pytest.raises(TypeError, match=r"attention_mask \(at features.attention_mask\) pads, so baseline must be "
+                                        r"one sample's inputs structured as each batch's"):
+        neuslice.profile(model, [({"features": x}, y) for x, y in batches], 4, metrics=("deeplift",),
+                         baseline={"tok": base_tok}, progress=False)
+
+
 # ---------------------------------------------------------------------------------------------
 # per-token labels with ignore positions, against a float64 hand loop over unpadded sequences
 
@@ -503,8 +607,9 @@ def test_deeplift_reference_is_the_baseline_padded_as_each_sample_matching_a_han
 
 def test_a_padded_mapping_needs_a_mapping_baseline():
     model = _Mix().double().eval()
-    with pytest.raises(TypeError, match=r"neuslice.profile: the inputs are a mapping whose attention_mask pads, so "
-                                        r"baseline must be a mapping .* got Tensor"):
+    with pytest.raises(TypeError, match=r"neuslice.profile: the inputs' attention_mask \(at attention_mask\) pads, "
+                                        r"so baseline must be one sample's inputs structured as each batch's.* got "
+                                        r"Tensor"):
         neuslice.profile(model, _mix_batches()[:1], 4, metrics=("deeplift",), baseline=torch.zeros(1, 6),
                          progress=False)
 

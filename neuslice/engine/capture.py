@@ -76,7 +76,7 @@ def check_mask(fn: str, mask, labels: Tensor, what: str = "mask") -> Tuple[Tenso
     device, and their :func:`host_copy`: ``mask`` bool, or integer 0/1 (``attention_mask``: 1 = token,
     0 = padding), with B the labels' batch size."""
     hint = ("; pass an explicit bool [B, T] mask (True = the position counts) as the batch's third element "
-            "(profile) or mask= (Profiler.batch)") if what == "attention_mask" else ""
+            "(profile) or mask= (Profiler.batch)") if what.endswith("attention_mask") else ""
     if not isinstance(mask, Tensor):
         raise TypeError(f"{fn}: {what} must be a bool or integer tensor [B, T], got {type(mask).__name__}")
     if mask.dim() != 2 or mask.shape[0] != labels.shape[0]:
@@ -87,7 +87,7 @@ def check_mask(fn: str, mask, labels: Tensor, what: str = "mask") -> Tuple[Tenso
                          "same T")
     if mask.dtype == torch.bool:
         return mask, host_copy(mask)
-    if mask.dtype.is_complex or (mask.dtype.is_floating_point and what != "attention_mask"):
+    if mask.dtype.is_complex or (mask.dtype.is_floating_point and not what.endswith("attention_mask")):
         raise TypeError(f"{fn}: {what} must be bool (True = the position counts) or integer 0/1, got {mask.dtype}")
     host = host_copy(mask)
     if host.numel():
@@ -104,15 +104,68 @@ def mask_facts(host: Optional[Tensor]) -> Optional[bool]:
     return None if host is None else bool(host.any(1).all())
 
 
-def batch_mask(fn: str, inputs, mask, labels: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
+MASK_DEPTH = 3   # how deep find_attention_mask looks into nested mappings, lists and tuples
+
+
+def find_attention_mask(inputs) -> Tuple[Optional[tuple], List[str]]:
+    """Where a batch's inputs hold the Hugging Face ``attention_mask``: ``(path, [])`` with ``path`` the keys and
+    indices leading to it (``("attention_mask",)`` for a mapping of inputs), or ``(None, [])`` when there is
+    none. A mapping nested in the inputs counts too, searched breadth first (MASK_DEPTH levels of mappings,
+    lists and tuples): a wrapper's argument, as sentence-transformers' ``model(features={"input_ids": ...,
+    "attention_mask": ...})``, would otherwise let its padding count unseen (docs/method.md §2). Different
+    tensors found at the shallowest level holding one: ``(None, their paths)``, for the caller's warning."""
+    level = [((), inputs)]
+    for _ in range(MASK_DEPTH + 1):
+        found, seen, nxt = [], set(), []
+        for path, obj in level:
+            if isinstance(obj, Mapping):
+                am = obj.get("attention_mask")
+                if isinstance(am, Tensor):
+                    if id(am) not in seen:
+                        seen.add(id(am))
+                        found.append(path + ("attention_mask",))
+                    continue
+                nxt.extend((path + (k,), v) for k, v in obj.items())
+            elif isinstance(obj, (list, tuple)):
+                nxt.extend((path + (i,), v) for i, v in enumerate(obj))
+        if len(found) == 1:
+            return found[0], []
+        if found:
+            return None, [path_name(f) for f in found]
+        level = nxt
+    return None, []
+
+
+def path_name(path: Sequence) -> str:
+    """A path of :func:`find_attention_mask` as text: ``features.attention_mask``, ``[0].attention_mask``."""
+    return "".join(f"[{k}]" if isinstance(k, int) else (f".{k}" if i else str(k)) for i, k in enumerate(path))
+
+
+def at_path(obj, path: Sequence):
+    for k in path:
+        obj = obj[k]
+    return obj
+
+
+def warn_ambiguous_masks(fn: str, paths: Sequence[str], stacklevel: int = 3) -> None:
+    """Warn (once per run: the caller remembers) that the inputs hold several attention masks, none applied."""
+    warnings.warn(f"{fn}: the inputs hold {len(paths)} different attention_mask tensors ({', '.join(paths)}); "
+                  "neuslice cannot tell which one marks the padding of the sliced layers, so every position counts. "
+                  "Pass the valid positions yourself: bool [B, T], as the batch's third element (profile) or "
+                  "mask= (Profiler.batch)", stacklevel=stacklevel)
+
+
+def batch_mask(fn: str, inputs, mask, labels: Tensor) -> Tuple[Optional[Tuple[Tensor, Tensor]], List[str]]:
     """The valid positions of one batch and their host copy (:func:`check_mask`; docs/method.md §2): ``mask`` when
-    given, else the ``attention_mask`` of a mapping of inputs (the Hugging Face convention), else None (every
-    position counts)."""
+    given, else the ``attention_mask`` the inputs hold (:func:`find_attention_mask`: the Hugging Face convention,
+    in a mapping of inputs or one nested in them), else None (every position counts); with the paths of the
+    attention masks when there are several (none applied: the caller warns)."""
     if mask is not None:
-        return check_mask(fn, mask, labels)
-    if isinstance(inputs, Mapping) and inputs.get("attention_mask") is not None:
-        return check_mask(fn, inputs["attention_mask"], labels, "attention_mask")
-    return None
+        return check_mask(fn, mask, labels), []
+    path, several = find_attention_mask(inputs)
+    if path is None:
+        return None, several
+    return check_mask(fn, at_path(inputs, path), labels, path_name(path)), []
 
 
 def check_num_classes(fn: str, num_classes, class_names) -> List[str]:

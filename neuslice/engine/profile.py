@@ -23,7 +23,8 @@ from torch import Tensor, nn
 from .. import ops
 from .._errors import NonFiniteError
 from ..ops.reference import acc_dtype
-from .capture import (GRADIENT_METRICS, add_present, batch_mask, call_model, call_valid, call_views, check_calls,
+from .capture import (GRADIENT_METRICS, add_present, at_path, batch_mask, call_model, call_valid, call_views,
+                      check_calls, find_attention_mask, path_name, warn_ambiguous_masks,
                       check_ignore_index, check_labels, check_metrics, check_num_classes, compact_ignore, dl_forms,
                       drop_unused, layer_entries, mask_facts, model_device, new_stats, new_totals, nonfinite_what,
                       present_classes, ref_positions_error, shared_ref, tap_views, target_of, to_device, unwrap,
@@ -55,6 +56,7 @@ class _Offline:
         self.taps: List[List[Tensor]] = [[] for _ in plan.layers]     # one tensor per call of the layer
         self.refs: Optional[Tuple[object, List[Tensor], dict]] = None   # the shared reference (unpadded batches)
         self.rows = RowRefs()           # per mask row: the references of padded batches (docs/method.md §2)
+        self.warned_masks = False       # several attention masks in the inputs: warned once per call
         self.recording = False
         self.num_batches = 0
         self.rescale = self.hooks = None
@@ -130,9 +132,10 @@ class _Offline:
         from one forward of the baseline (again only when the per-sample shape or dtype changes), or, when
         ``x``'s ``attention_mask`` pads, per sample from the baseline with each sample's mask row
         (docs/method.md §2, Reference r)."""
-        am = x.get("attention_mask") if isinstance(x, Mapping) else None
+        path = find_attention_mask(x)[0]
+        am = at_path(x, path) if path is not None else None
         if isinstance(am, Tensor) and am.dim() == 2 and am.numel() and not bool((am != 0).all()):
-            return self._row_refs(x, am)
+            return self._row_refs(x, am, path)
         key = _shape_key(x)
         if self.refs is None or self.refs[0] != key:
             views, dl = self._record(_baseline(self.fn, self.baseline, x), 1)
@@ -141,7 +144,7 @@ class _Offline:
             self.rescale.use(self.refs[2])
         return self.refs[1]
 
-    def _row_refs(self, x, am: Tensor) -> List[Tensor]:
+    def _row_refs(self, x, am: Tensor, path: tuple) -> List[Tensor]:
         """Per-sample references of a padded batch: each distinct mask row's from the cache, or from one forward
         of the baseline over the rows not cached; assembled into ``[B, ...]``."""
         rows, inv = torch.unique(am, dim=0, return_inverse=True)
@@ -151,7 +154,7 @@ class _Offline:
         miss = [j for j, e in enumerate(entries) if e is None]
         if miss:
             sel = rows[torch.tensor(miss, device=rows.device)]
-            views, dl = self._record(_baseline_rows(self.fn, self.baseline, x, sel), len(miss))
+            views, dl = self._record(_baseline_rows(self.fn, self.baseline, x, sel, path), len(miss))
             for j, e in zip(miss, self.rows.split([v for v, _ in views], dl, len(miss))):
                 entries[j] = e          # held for this batch even if the cache's bound evicts it
                 self.rows.insert(keys[j], e)
@@ -167,7 +170,11 @@ class _Offline:
         # nothing after the forward waits for the device but the status words' read; capture.host_copy).
         y, y_host = check_labels(self.fn, labels, self.k, self.ignore_index)
         y = y.to(self.device)
-        mask, mask_host = batch_mask(self.fn, x, mask, y) or (None, None)
+        got, several = batch_mask(self.fn, x, mask, y)
+        if several and not self.warned_masks:
+            self.warned_masks = True
+            warn_ambiguous_masks(self.fn, several, stacklevel=4)
+        mask, mask_host = got or (None, None)
         mask, every_sample = None if mask is None else mask.to(self.device), mask_facts(mask_host)
         x = to_device(x, self.device)
         refs = self._ensure_ref(x) if self.want_dl else [None] * len(self.taps)
@@ -290,23 +297,52 @@ def _baseline(fn: str, baseline, x):
     return to_device(baseline, _first_device(x))
 
 
-def _baseline_rows(fn: str, baseline, x, rows: Tensor):
-    """The reference inputs of padded samples: the baseline (zeros like one sample of the mapping ``x`` unless
-    the user gave one) as ``u`` samples, with ``rows`` ``[u, T]`` (their attention_mask rows) as its
-    ``attention_mask``: each reference is padded as its sample is (docs/method.md §2)."""
+def _baseline_rows(fn: str, baseline, x, rows: Tensor, path: tuple = ("attention_mask",)):
+    """The reference inputs of padded samples: the baseline (zeros like one sample of ``x`` unless the user gave
+    one, structured as ``x``) as ``u`` samples, with ``rows`` ``[u, T]`` (their attention_mask rows) as the
+    attention mask at ``path`` (where ``x`` holds it: capture.find_attention_mask): each reference is padded as
+    its sample is (docs/method.md §2)."""
     u = rows.shape[0]
     if baseline is None:
-        base = {k: _zeros_rows(v, u) for k, v in x.items()}
-    elif isinstance(baseline, Mapping):
-        dev = _first_device(x)
-        base = {k: (v.to(dev).expand(u, *v.shape[1:]).contiguous() if isinstance(v, Tensor) and v.dim()
-                    and v.shape[0] == 1 else v) for k, v in baseline.items()}
+        base = _zeros_rows(x, u)
     else:
-        raise TypeError(f"{fn}: the inputs are a mapping whose attention_mask pads, so baseline must be a mapping of "
-                        "one sample's inputs (DeepLIFT's reference is the baseline padded as each sample is, "
-                        f"docs/method.md §2), got {type(baseline).__name__}")
-    base["attention_mask"] = rows
-    return base
+        base = _rows_of(baseline, u, _first_device(x))
+    try:
+        return _replace_at(base, path, rows)
+    except (KeyError, IndexError, TypeError):
+        raise TypeError(f"{fn}: the inputs' attention_mask (at {path_name(path)}) pads, so baseline must be one "
+                        "sample's inputs structured as each batch's, holding the mask there too (DeepLIFT's "
+                        "reference is the baseline padded as each sample is, docs/method.md §2), got "
+                        f"{type(baseline).__name__}") from None
+
+
+def _rows_of(v, u: int, dev):
+    """The user's baseline of one sample as ``u`` samples: each tensor of batch size 1 expanded."""
+    if isinstance(v, Tensor):
+        return v.to(dev).expand(u, *v.shape[1:]).contiguous() if v.dim() and v.shape[0] == 1 else v
+    if isinstance(v, (list, tuple)):
+        return type(v)(_rows_of(w, u, dev) for w in v)
+    if isinstance(v, Mapping):
+        return {k: _rows_of(w, u, dev) for k, w in v.items()}
+    return v
+
+
+def _replace_at(obj, path: Sequence, value):
+    """``obj`` with ``value`` at ``path`` (keys and indices), rebuilt along the path (tuples are immutable)."""
+    if not path:
+        return value
+    k, rest = path[0], path[1:]
+    if isinstance(obj, Mapping):
+        if rest and k not in obj:
+            raise KeyError(k)
+        out = dict(obj)
+        out[k] = _replace_at(obj[k], rest, value) if rest else value
+        return out
+    if isinstance(obj, (list, tuple)):
+        items = list(obj)
+        items[k] = _replace_at(items[k], rest, value)
+        return type(obj)(items)
+    raise TypeError(type(obj).__name__)
 
 
 def _zeros_rows(v, u: int):

@@ -17,7 +17,8 @@ from torch import Tensor, nn
 from .. import ops
 from .._errors import NeusliceError, NonFiniteError
 from ..ops.reference import acc_dtype
-from .capture import (GRADIENT_METRICS, StatusWords, add_present_all, call_model, call_valid, call_views, check_calls,
+from .capture import (GRADIENT_METRICS, StatusWords, add_present_all, at_path, call_model, call_valid, call_views,
+                      check_calls, find_attention_mask, path_name, warn_ambiguous_masks,
                       check_ignore_index, check_labels, check_mask, check_metrics, check_num_classes,
                       compact_ignore, drop_unused, layer_entries, mask_facts, model_device, new_stats, new_totals,
                       nonfinite_what, present_classes, ref_positions_error, shared_ref, tap_view, unwrap,
@@ -83,6 +84,7 @@ class Profiler:
         self.ignore_index = check_ignore_index(fn, ignore_index)
         self.keep = kept_stats(self.metrics)
         self._warned_mask = False
+        self._warned_masks = False      # several attention masks among the forward's arguments: warned once
         try:
             self._forward_sig: Optional[inspect.Signature] = inspect.signature(model.forward)
         except (TypeError, ValueError):
@@ -188,7 +190,7 @@ class Profiler:
         b.forwards += 1
         if b.mask is None and b.forwards == 1:
             try:
-                got = self._attention_mask(args, kwargs, b.labels)
+                got = self._attention_mask(args, kwargs, b)
                 if got is not None:
                     b.set_mask(*got)
             except (TypeError, ValueError) as e:        # reported when the block ends; the batch is rejected
@@ -199,15 +201,36 @@ class Profiler:
         """Some layer's batch fold came from a probe of one sample, which cannot show its order."""
         return self.plan is not None and any(i.fold > 1 and not i.fold_ordered for i in self.plan.layers)
 
-    def _attention_mask(self, args, kwargs, labels) -> Optional[Tuple[Tensor, Tensor]]:
-        """The forward's ``attention_mask`` argument (by name or position), checked, and its host copy; or None."""
-        am = kwargs.get("attention_mask")
-        if am is None and args and self._forward_sig is not None and "attention_mask" in self._forward_sig.parameters:
+    def _attention_mask(self, args, kwargs, b: "_Batch") -> Optional[Tuple[Tensor, Tensor]]:
+        """The attention mask the forward receives, checked, and its host copy; or None: the ``attention_mask``
+        argument (by name or position), or one in a mapping among the arguments (capture.find_attention_mask;
+        several: none, and their paths kept for the block's warning)."""
+        named = self._named_arguments(args, kwargs)
+        path, b.several_masks = find_attention_mask(named)
+        if path is None:
+            return None
+        return check_mask(_Batch.FN, at_path(named, path), b.labels, path_name(path))
+
+    def _named_arguments(self, args, kwargs) -> dict:
+        """The forward's arguments by parameter name (``**kwargs`` flattened in; positions as ints when the
+        signature is unknown or does not bind)."""
+        sig = self._forward_sig
+        if sig is not None:
             try:
-                am = self._forward_sig.bind_partial(*args, **kwargs).arguments.get("attention_mask")
+                bound = sig.bind_partial(*args, **kwargs).arguments
             except TypeError:
-                am = None
-        return None if am is None else check_mask("neuslice.Profiler.batch", am, labels, "attention_mask")
+                bound = None
+            if bound is not None:
+                out: dict = {}
+                for name, v in bound.items():
+                    if sig.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+                        out.update(v)
+                    else:
+                        out[name] = v
+                return out
+        out = dict(kwargs)
+        out.update(enumerate(args))
+        return out
 
     def _narrow(self, plan) -> None:
         """Adopt ``plan``, the current one without its unused layers (after the first batch)."""
@@ -270,6 +293,7 @@ class _Batch:
         if mask is not None:
             self.set_mask(*mask)
         self.applied, self.missed = False, {}      # the mask applied to some tap; layers it could not apply to
+        self.several_masks: List[str] = []         # paths of the attention masks the forward got, when several
         self.stats: Dict[int, Dict[str, Tensor]] = {}    # per layer: [Kp, N] sums over the classes present
         self.present, self.compact_host = present_classes(host, prof.ignore_index)   # on the CPU
         self.compact: Dict[torch.device, Tensor] = {}   # the compact labels on each tap's device
@@ -481,6 +505,9 @@ class _Batch:
         plan = self.p.plan
         if self.p.num_batches == 0:
             plan = drop_unused(self.FN, plan, [plan.layers[i].name for i in unused], stacklevel=3)
+        if self.several_masks and not self.p._warned_masks:
+            self.p._warned_masks = True
+            warn_ambiguous_masks(self.FN, self.several_masks, stacklevel=3)
         if self.mask is not None and (self.missed or not self.applied) and not self.p._warned_mask:
             self.p._warned_mask = True
             warn_unmasked(self.FN, self.missed, self.mask.shape[1], stacklevel=3)
