@@ -443,3 +443,44 @@ def test_profiler_reads_no_tensor_values_during_the_backward(monkeypatch, mask_f
     assert [r for r in reads if r[1] == "backward"] == []
     assert any(r[0] == "tolist" for r in reads)         # (the spy sees the reads that remain: labels, status)
     assert prof.profile().stats["bert.encoder.layer.0.intermediate.dense"]["count"].sum() == 10   # 5 labelled samples, 2 batches
+
+
+@pytest.mark.slow                                    # dynamo's tracing: about 9 and 16 s
+@pytest.mark.parametrize("how", ["torch.compile", "Module.compile"])
+def test_a_compiled_model_profiles_as_the_bare_model_and_its_hooks_are_never_compiled(how):
+    """torch.compile(model) and model.compile(): the profile's layer names carry no ``_orig_mod.`` prefix (as
+    without compile, so slices fit the bare model), the statistics are eager mode's, and dynamo never compiles
+    the engine's hooks (before, it compiled the tap hook once per layer up to its recompile limit, then warned)."""
+    pytest.importorskip("transformers")
+    import torch._dynamo as dynamo
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    import hf_models as hf
+    from neuslice.engine import hooks
+    from neuslice.engine.profiler import Profiler, _Batch
+
+    def run(compiled):
+        model, batch = hf.bert()
+        model.train()
+        m = model
+        if compiled and how == "torch.compile":
+            m = torch.compile(model, backend="eager")
+        elif compiled:
+            model.compile(backend="eager")
+        with neuslice.Profiler(m, hf.CLASSES, metrics=("avg", "var", "taylor")) as prof:
+            for i in range(3):
+                x, y = batch(6, 7, pad=2, seed=i), torch.arange(6) % hf.CLASSES
+                with prof.batch(y):
+                    F.cross_entropy(m(**x).logits, y, reduction="sum").backward()
+        return prof.profile()
+
+    dynamo.reset()
+    try:
+        want, got = run(False), run(True)
+        engine = [_Batch.on_tap, _Batch._finish, Profiler._on_forward, hooks.ChainHooks._watched]
+        compiled = [f.__qualname__ for f in engine if _debug_get_cache_entry_list(f.__code__)]
+    finally:
+        dynamo.reset()
+    assert got.layer_names == want.layer_names and not any(n.startswith("_orig_mod") for n in got.layer_names)
+    stats_close(got.stats, want.stats, **F64)
+    assert compiled == []

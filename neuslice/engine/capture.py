@@ -375,11 +375,16 @@ def warn_unmasked(fn: str, missed: Dict[str, list], t: int, stacklevel: int = 3)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The user's model inside ``DistributedDataParallel`` / ``DataParallel`` (docs/method.md §1): hooks go on
-    it and layer names carry no ``module.`` prefix, so a profile from the wrapper is the bare model's."""
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        model = model.module
-    return model
+    """The user's model inside ``DistributedDataParallel`` / ``DataParallel`` and ``torch.compile``'s wrapper
+    (docs/method.md §1): hooks go on it and layer names carry no ``module.`` / ``_orig_mod.`` prefix, so a
+    profile from the wrapper is the bare model's."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):     # torch.compile(model): OptimizedModule
+            model = model._orig_mod
+        else:
+            return model
 
 
 def drop_unused(fn: str, plan: Plan, no_grad: Sequence[str] = (), stacklevel: int = 4) -> Plan:

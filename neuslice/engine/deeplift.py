@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from .hooks import activation_modules, in_backward
+from .hooks import activation_modules, eager, in_backward
 
 __all__ = ["Rescale", "EPS"]
 
@@ -103,10 +103,10 @@ class Rescale:
         self._bufs: Dict[object, torch.Tensor] = {}
         self._recording = False
         self.modules = activation_modules(model, names)
-        self._handles = [model.register_forward_pre_hook(self._reset)]
+        self._handles = [model.register_forward_pre_hook(eager(self._reset))]
         try:
             for _, m in self.modules:
-                self._handles.append(m.register_forward_hook(self._hook))
+                self._handles.append(m.register_forward_hook(eager(self._hook)))
         except BaseException:
             self.remove()
             raise

@@ -24,7 +24,7 @@ from .capture import (GRADIENT_METRICS, StatusWords, add_present_all, at_path, c
                       nonfinite_what, present_classes, ref_positions_error, shared_ref, tap_view, unwrap,
                       warn_unmasked, warn_unseen)
 from .graph import discover, head_entries, traceable
-from .hooks import ChainHooks, in_backward
+from .hooks import ChainHooks, eager, in_backward
 from .metrics import kept_stats
 from .slices import Profile
 
@@ -107,7 +107,7 @@ class Profiler:
             self._start(self._discover(lambda: call_model(model, baseline.to(model_device(model)))))
         else:
             self.reset()
-        self._root = model.register_forward_pre_hook(self._on_forward, with_kwargs=True)
+        self._root = model.register_forward_pre_hook(eager(self._on_forward), with_kwargs=True)
 
     # -- public ---------------------------------------------------------------------------
     def batch(self, labels: Tensor, mask: Optional[Tensor] = None) -> "_Batch":
