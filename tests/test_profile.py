@@ -728,8 +728,8 @@ def test_non_finite_batch_names_the_layer(deferred):
     with pytest.raises(neuslice.NonFiniteError, match=r"neuslice.profile: layer 'features.0' \(tapped at "
                                                       r"'features.2'\).*non-finite.*no statistic changed"):
         neuslice.profile(model, [(x, y)], K, progress=False)
-    with pytest.raises(ValueError, match=r"data must yield \(inputs, labels\) or \(inputs, labels, mask\), got "
-                                         r"tuple of length 4"):
+    with pytest.raises(ValueError, match=r"data must yield \(inputs, labels\), \(inputs, labels, mask\) or a "
+                                         r"mapping of inputs holding 'labels', got tuple of length 4"):
         neuslice.profile(model, [(x, y, y, y)], K, progress=False)
     with pytest.raises(ValueError, match=r"mask must be \[B, T\] with B = 10 \(the labels' batch size\), got \[10\]"):
         neuslice.profile(model, [(x, y, y)], K, progress=False)
@@ -838,3 +838,18 @@ def test_profile_lets_go_of_its_tensors_when_it_returns():
         gc.enable()
     one_tap = 8 * 12 * hf.FFN * 4                     # bytes of one FFN tap of one batch
     assert held < one_tap, f"{held} bytes of tensors were left for the cyclic collector"
+
+
+def test_a_collators_mapping_batch_gives_its_labels_and_the_rest_as_inputs():
+    """Hugging Face collators yield one mapping per batch, labels included: profile takes ``labels`` from it and
+    gives the model the other entries, as for ``(inputs, labels)``; a mapping without labels is refused by name."""
+    pytest.importorskip("transformers")
+    import hf_models as hf
+    model, batch = hf.bert()
+    pairs = [(batch(6, 7, pad=2, seed=i), torch.arange(6) % hf.CLASSES) for i in range(2)]
+    want = neuslice.profile(model, pairs, hf.CLASSES, progress=False)
+    got = neuslice.profile(model, [{**x, "labels": y} for x, y in pairs], hf.CLASSES, progress=False)
+    stats_close(got.stats, want.stats, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"a mapping of inputs holding 'labels', got dict of length 2 with keys "
+                                         r"\['attention_mask', 'input_ids'\] and no 'labels'"):
+        neuslice.profile(model, [x for x, _ in pairs], hf.CLASSES, progress=False)

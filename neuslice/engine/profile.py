@@ -395,10 +395,17 @@ def _first_device(x):
 
 
 def _unpack(fn: str, batch) -> Tuple[object, Tensor, Optional[Tensor]]:
+    """``(inputs, labels, mask)`` of one batch: a pair or triple, or a mapping holding ``labels`` (a Hugging Face
+    collator's batch), whose other entries are the inputs (the model is not given the labels)."""
     if isinstance(batch, (list, tuple)) and len(batch) in (2, 3):
         return batch[0], batch[1], (batch[2] if len(batch) == 3 else None)
-    raise ValueError(f"{fn}: data must yield (inputs, labels) or (inputs, labels, mask), got "
-                     f"{type(batch).__name__}{'' if not hasattr(batch, '__len__') else f' of length {len(batch)}'}")
+    if isinstance(batch, Mapping) and "labels" in batch:
+        return {k: v for k, v in batch.items() if k != "labels"}, batch["labels"], None
+    what = f"{type(batch).__name__}{'' if not hasattr(batch, '__len__') else f' of length {len(batch)}'}"
+    if isinstance(batch, Mapping):
+        what += f" with keys {sorted(map(str, batch))} and no 'labels'"
+    raise ValueError(f"{fn}: data must yield (inputs, labels), (inputs, labels, mask) or a mapping of inputs "
+                     f"holding 'labels', got {what}")
 
 
 def profile(model: nn.Module, data: Iterable, num_classes: int, *, layers=None,
@@ -412,6 +419,8 @@ def profile(model: nn.Module, data: Iterable, num_classes: int, *, layers=None,
             eval mode (restored afterwards); its parameters, buffers and ``.grad`` are left untouched.
         data: a DataLoader or any iterable of ``(inputs, labels)`` or ``(inputs, labels, mask)``: inputs a
             tensor ``[B, ...]`` (or a tuple/dict of them, passed as ``model(*inputs)``/``model(**inputs)``),
+            or of mappings holding ``labels`` (a Hugging Face collator's batches: the other entries are the
+            inputs),
             labels integer ``[B]`` or ``[B, T]`` (per token; channels-last layers only) in
             ``[0, num_classes)`` or equal to ``ignore_index`` (skipped). Padding does not count
             (docs/method.md §2): ``mask`` bool ``[B, T]`` (True = the position counts), or else the
