@@ -484,3 +484,47 @@ def test_a_compiled_model_profiles_as_the_bare_model_and_its_hooks_are_never_com
     assert got.layer_names == want.layer_names and not any(n.startswith("_orig_mod") for n in got.layer_names)
     stats_close(got.stats, want.stats, **F64)
     assert compiled == []
+
+
+@pytest.mark.slow                                    # dynamo's tracing
+def test_hooks_added_after_compiling_apply_slices_or_say_why_they_cannot():
+    """Code compiled before a hook was added does not run it (dynamo does not guard on module hooks). Slices.apply
+    on a model compiled in place runs it eagerly inside the block (before: the masks were silently ignored);
+    apply on torch.compile's wrapper, and a Profiler attached after the first compiled call, say what to do."""
+    pytest.importorskip("transformers")
+    import torch._dynamo as dynamo
+
+    import hf_models as hf
+    model, batch = hf.bert()
+    data = [(batch(6, 7, pad=2, seed=i), torch.arange(6) % hf.CLASSES) for i in range(2)]
+    x, y = data[0]
+    s = neuslice.semantic_slice(neuslice.profile(model, data, hf.CLASSES, progress=False), "taylor", 0.5)
+    dynamo.reset()
+    try:
+        with torch.no_grad():
+            plain = model(**x).logits
+            with s.apply(model, [0, 2]) as m:
+                want = m(**x).logits
+            assert not torch.allclose(want, plain)
+            model.compile(backend="eager")
+            model(**x)                                   # compiled without the mask hooks
+            impl = model._compiled_call_impl
+            with s.apply(model, [0, 2]) as m:
+                got = m(**x).logits
+            torch.testing.assert_close(got, want)
+            assert model._compiled_call_impl is impl
+            torch.testing.assert_close(model(**x).logits, plain)
+        wrapped, _ = hf.bert()
+        compiled = torch.compile(wrapped, backend="eager")
+        with pytest.raises(neuslice.SignatureError, match=r"model is torch.compile's wrapper of the model the file "
+                                                          r"was made for: pass the model you compiled"):
+            s.apply(compiled, [0, 2])
+        model.train()
+        F.cross_entropy(model(**x).logits, y).backward()          # compiled in train mode, without Profiler hooks
+        with pytest.raises(neuslice.NeusliceError, match=r"The model is compiled, and code compiled before the "
+                                                         r"Profiler was attached does not run its hooks"):
+            with neuslice.Profiler(model, hf.CLASSES, metrics=("avg", "taylor")) as prof:
+                with prof.batch(y):
+                    F.cross_entropy(model(**x).logits, y).backward()
+    finally:
+        dynamo.reset()

@@ -387,6 +387,19 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+def compiled_hint(model: nn.Module) -> str:
+    """When ``model`` is compiled (``torch.compile``'s wrapper, or ``nn.Module.compile()`` on it or a submodule):
+    why a hook added to it may never run, and what to do (appended to the engine's "not tapped" errors). Code
+    compiled before the hooks were added does not see them: dynamo does not guard on module hooks
+    (``torch._dynamo.config.skip_nnmodule_hook_guards``)."""
+    if not (isinstance(getattr(model, "_orig_mod", None), nn.Module)
+            or any(getattr(m, "_compiled_call_impl", None) is not None for m in unwrap(model).modules())):
+        return ""
+    return (". The model is compiled, and code compiled before the Profiler was attached does not run its hooks "
+            "(torch._dynamo.config.skip_nnmodule_hook_guards): attach the Profiler before the first compiled call, "
+            "or call torch._dynamo.reset() after attaching it")
+
+
 def drop_unused(fn: str, plan: Plan, no_grad: Sequence[str] = (), stacklevel: int = 4) -> Plan:
     """``plan`` without the layers ``no_grad`` (called, but no gradient of the target reaches them), after
     one warning naming those and the Conv/Linear modules never called in forward (docs/method.md §1). Named

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from . import heads as _heads
 from .graph import _stored_flow, discover, traceable
 from .calls import call_model
-from .hooks import ChainHooks, zero_outside
+from .hooks import ChainHooks, eager, zero_outside
 
 __all__ = ["compression_rate", "MaskedModel"]
 
@@ -108,6 +108,7 @@ class MaskedModel:
         self._hooks: Optional[ChainHooks] = None
         self._root = None
         self._probing = False
+        self._compiled: list = []       # (module, its compiled call) of modules compiled in place, in the block
 
     def _on_end(self, i: int, t: Tensor) -> Tensor:
         info = self.plan.layers[i]
@@ -126,10 +127,16 @@ class MaskedModel:
         return None
 
     def __enter__(self) -> nn.Module:
+        # A module compiled in place (nn.Module.compile()) runs code compiled before these hooks existed, which
+        # does not run them (dynamo does not guard on module hooks): inside the block it runs eagerly.
+        self._compiled = [(m, m._compiled_call_impl) for m in self.model.modules()
+                          if getattr(m, "_compiled_call_impl", None) is not None]
+        for m, _ in self._compiled:
+            m._compiled_call_impl = None
         if self.plan is not None:
             self._hooks = ChainHooks(self.model, self.plan.layers, self._on_end, point="end")
         else:
-            self._root = self.model.register_forward_pre_hook(self._first, with_kwargs=True)
+            self._root = self.model.register_forward_pre_hook(eager(self._first), with_kwargs=True)
         return self.model
 
     def __exit__(self, *exc) -> bool:
@@ -139,4 +146,7 @@ class MaskedModel:
         if self._root is not None:
             self._root.remove()
             self._root = None
+        for m, impl in self._compiled:
+            m._compiled_call_impl = impl
+        self._compiled = []
         return False

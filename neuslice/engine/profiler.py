@@ -18,7 +18,7 @@ from .. import ops
 from .._errors import NeusliceError, NonFiniteError
 from ..ops.reference import acc_dtype
 from .capture import (GRADIENT_METRICS, StatusWords, add_present_all, at_path, call_model, call_valid, call_views,
-                      check_calls, find_attention_mask, path_name, warn_ambiguous_masks,
+                      check_calls, compiled_hint, find_attention_mask, path_name, warn_ambiguous_masks,
                       check_ignore_index, check_labels, check_mask, check_metrics, check_num_classes,
                       compact_ignore, drop_unused, layer_entries, mask_facts, model_device, new_stats, new_totals,
                       nonfinite_what, present_classes, ref_positions_error, shared_ref, tap_view, unwrap,
@@ -79,6 +79,7 @@ class Profiler:
             raise TypeError(f"{fn}: model must be a torch.nn.Module, got {type(model).__name__}")
         if on_nonfinite not in ("raise", "skip"):
             raise ValueError(f"{fn}: on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
+        self._compiled = compiled_hint(model)
         model = unwrap(model)
         self.metrics = check_metrics(fn, metrics)
         self.ignore_index = check_ignore_index(fn, ignore_index)
@@ -474,7 +475,7 @@ class _Batch:
                                          "block, or profile without gradient metrics"))
             elif i not in self.seen:
                 out.append(NeusliceError(f"{self.FN}: layer {info.name!r} was not tapped at {info.tap!r} in this "
-                                         "batch: run the model's forward inside the block"))
+                                         f"batch: run the model's forward inside the block{self.p._compiled}"))
             elif self.p.grad and i not in self.graded and not self.errors:
                 out.append(NeusliceError(f"{self.FN}: no gradient reached layer {info.name!r} in this batch: call "
                                          "loss.backward() inside the block"))
@@ -490,7 +491,7 @@ class _Batch:
             self.saved.clear()
             return False
         if self.p.plan is None:
-            raise NeusliceError(f"{self.FN}: the model's forward did not run inside the block")
+            raise NeusliceError(f"{self.FN}: the model's forward did not run inside the block{self.p._compiled}")
         self._deferred_errors()
         unused = self._unused()
         problems = self._problems(unused)

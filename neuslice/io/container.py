@@ -84,6 +84,20 @@ def compare_layers(fn: str, what: str, expected: Sequence[dict], found: Sequence
                              f"file but {_describe(f, unit)} in this model")
 
 
+def _wrapper_error(fn: str, model: nn.Module, name: str) -> str:
+    """The error when ``model`` wraps the model that holds layer ``name`` (else ""): torch.compile's wrapper
+    (whose compiled code does not see hooks added to the model, so slices apply to the bare model) or
+    DistributedDataParallel / DataParallel."""
+    if isinstance(getattr(model, "_orig_mod", None), nn.Module) and name in dict(model._orig_mod.named_modules()):
+        return (f"{fn}: model is torch.compile's wrapper of the model the file was made for: pass the model you "
+                "compiled (model._orig_mod); a compiled model's code does not see the hooks that apply slices")
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) and \
+            name in dict(model.module.named_modules()):
+        return (f"{fn}: model is a {type(model).__name__} wrapper of the model the file was made for: pass the "
+                "model it wraps (model.module)")
+    return ""
+
+
 def check_model(fn: str, entries: Sequence[dict], model: nn.Module) -> None:
     """Raise :class:`SignatureError` naming the first layer of ``entries`` that ``model`` lacks or shapes
     differently (names, types and weight shapes; ``neuslice.engine`` adds order, widths and the head)."""
@@ -91,7 +105,8 @@ def check_model(fn: str, entries: Sequence[dict], model: nn.Module) -> None:
     for e in entries:
         m = modules.get(e["name"])
         if m is None:
-            raise SignatureError(f"{fn}: the file was made for another model: layer {e['name']!r} "
+            raise SignatureError(_wrapper_error(fn, model, e["name"]) or
+                                 f"{fn}: the file was made for another model: layer {e['name']!r} "
                                  f"({e['type']} with weight {e['weight_shape']}) is not in this model")
         got = layer_entry(e["name"], m) if isinstance(getattr(m, "weight", None), torch.Tensor) else None
         if got is None or got["type"] != e["type"] or got["weight_shape"] != list(e["weight_shape"]):
