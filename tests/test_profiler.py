@@ -528,3 +528,43 @@ def test_hooks_added_after_compiling_apply_slices_or_say_why_they_cannot():
                     F.cross_entropy(model(**x).logits, y).backward()
     finally:
         dynamo.reset()
+
+
+@pytest.mark.slow                                    # a fresh interpreter and dynamo's tracing
+def test_a_profiler_attached_before_compiling_wraps_its_hooks_once_dynamo_is_imported():
+    """Wrapping a hook for torch.compile imports dynamo (1.1 s), so the engine wraps only once it is imported: a
+    process that never compiles does not pay for it (profile, apply), and a Profiler attached before
+    torch.compile (dynamo not yet imported) wraps its hooks at the next batch, before the first compiled call
+    can trace them. In a fresh interpreter, where nothing imported dynamo yet (building a Hugging Face model
+    does: a plain model here)."""
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+    code = textwrap.dedent("""
+        import sys, torch, torch.nn.functional as F
+        from torch import nn
+        import neuslice
+        from neuslice.engine.profiler import _Batch
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+        x, y = torch.randn(6, 8), torch.arange(6) % 3
+        s = neuslice.semantic_slice(neuslice.profile(model, [(x, y)], 3, progress=False), "taylor", 0.5)
+        with s.apply(model, [0, 2]) as m:
+            m(x)
+        assert "torch._dynamo" not in sys.modules, "profile or apply imported dynamo"
+        prof = neuslice.Profiler(model, 3, metrics=("avg", "taylor"))
+        assert "torch._dynamo" not in sys.modules, "the Profiler imported dynamo"
+        cm = torch.compile(model, backend="eager")
+        for i in range(2):
+            with prof.batch(y):
+                F.cross_entropy(cm(torch.randn(6, 8)), y).backward()
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+        assert not _debug_get_cache_entry_list(_Batch.on_tap.__code__), "the tap hook was compiled"
+        assert prof.profile().num_batches == 2
+        print("ok")
+    """)
+    tests = Path(__file__).parent
+    r = subprocess.run([sys.executable, "-c", code], cwd=tests, capture_output=True, text=True, timeout=600,
+                       env={**__import__("os").environ, "PYTHONPATH": str(tests)})
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]

@@ -6,6 +6,7 @@ stage produced, so shared modules (one ``nn.ReLU`` used after several layers) ta
 """
 from __future__ import annotations
 
+import sys
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -86,6 +87,7 @@ class ChainHooks:
                 kind = ("watch" if watch else "point") if j == min(last, len(info.chain) - 1) else "pass"
                 per_module.setdefault(name, []).append((i, j, kind, _matcher(info.functional_target)))
         self._handles = []
+        self.eager = compiler_loaded()      # hooks wrapped by eager(): dynamo was imported
         try:
             restart = lambda m, a: None if in_backward() else self.reset()    # noqa: E731
             self._handles.append(model.register_forward_pre_hook(eager(restart)))
@@ -141,12 +143,19 @@ class ChainHooks:
         self.reset()
 
 
+def compiler_loaded() -> bool:
+    """Whether torch.compile's dynamo is imported: only then can a hook be traced (torch.compile imports it)."""
+    return "torch._dynamo" in sys.modules
+
+
 def eager(fn: Callable) -> Callable:
     """``fn`` as a hook that torch.compile never traces (``torch.compiler.disable``): in a compiled model
-    (``torch.compile``, ``nn.Module.compile()``) it runs as plain Python at a graph break. Traced, the engine's hooks, which read and
-    write the run's Python state, were compiled again for every layer (one recompile per tap up to dynamo's
-    recompile limit, then warnings). About 0.4 µs a call when nothing is compiled."""
-    return torch.compiler.disable(fn)
+    (``torch.compile``, ``nn.Module.compile()``) it runs as plain Python at a graph break. Traced, the engine's
+    hooks, which read and write the run's Python state, were compiled again for every layer (one recompile per
+    tap up to dynamo's recompile limit, then warnings). About 0.4 µs a call. ``fn`` itself while dynamo is not
+    imported (:func:`compiler_loaded`): wrapping imports it, 1.1 s, which a process that never compiles should
+    not pay; the ``Profiler`` wraps its hooks again once dynamo appears (``Profiler.batch``)."""
+    return torch.compiler.disable(fn) if compiler_loaded() else fn
 
 
 def in_backward() -> bool:

@@ -24,7 +24,7 @@ from .capture import (GRADIENT_METRICS, StatusWords, add_present_all, at_path, c
                       nonfinite_what, present_classes, ref_positions_error, shared_ref, tap_view, unwrap,
                       warn_unmasked, warn_unseen)
 from .graph import discover, head_entries, traceable
-from .hooks import ChainHooks, eager, in_backward
+from .hooks import ChainHooks, compiler_loaded, eager, in_backward
 from .metrics import kept_stats
 from .slices import Profile
 
@@ -109,6 +109,7 @@ class Profiler:
         else:
             self.reset()
         self._root = model.register_forward_pre_hook(eager(self._on_forward), with_kwargs=True)
+        self._root_eager = compiler_loaded()
 
     # -- public ---------------------------------------------------------------------------
     def batch(self, labels: Tensor, mask: Optional[Tensor] = None) -> "_Batch":
@@ -120,7 +121,19 @@ class Profiler:
         if self._batch is not None:
             raise RuntimeError(f"{fn}: a batch is already open (batches do not nest)")
         labels, host = check_labels(fn, labels, self.k, self.ignore_index)
+        if compiler_loaded() and not self._root_eager:
+            self._rewrap()
         return _Batch(self, labels, host, None if mask is None else check_mask(fn, mask, labels))
+
+    def _rewrap(self) -> None:
+        """Hooks made before dynamo was imported are plain functions (hooks.eager): made again, wrapped, before a
+        compiled model can trace them (torch.compile imports dynamo; it traces at the first call)."""
+        self._root.remove()
+        self._root = self.model.register_forward_pre_hook(eager(self._on_forward), with_kwargs=True)
+        self._root_eager = True
+        if self._hooks is not None and not self._hooks.eager:
+            self._hooks.remove()
+            self._hooks = ChainHooks(self.model, self.plan.layers, self._on_tap)
 
     def profile(self) -> Profile:
         """A snapshot :class:`~neuslice.Profile` (copies) of everything accumulated so far."""
