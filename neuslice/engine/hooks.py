@@ -152,9 +152,11 @@ def eager(fn: Callable) -> Callable:
     """``fn`` as a hook that torch.compile never traces (``torch.compiler.disable``): in a compiled model
     (``torch.compile``, ``nn.Module.compile()``) it runs as plain Python at a graph break. Traced, the engine's
     hooks, which read and write the run's Python state, were compiled again for every layer (one recompile per
-    tap up to dynamo's recompile limit, then warnings). About 0.4 µs a call. ``fn`` itself while dynamo is not
-    imported (:func:`compiler_loaded`): wrapping imports it, 1.1 s, which a process that never compiles should
-    not pay; the ``Profiler`` wraps its hooks again once dynamo appears (``Profiler.batch``)."""
+    tap up to dynamo's recompile limit, then warnings). It costs 0.5-0.7 µs a call (a Linear's forward with a
+    hook: 9.5 against 8.9 µs; a Profiler step of the 2-layer test BERT: 3.75 against 3.71 ms, medians of 14).
+    ``fn`` itself while dynamo is not imported (:func:`compiler_loaded`; building a transformers model imports
+    it): wrapping imports it, 1.1 s, which a process that never compiles should not pay; the ``Profiler`` wraps
+    its hooks again once dynamo appears (``Profiler.batch``)."""
     return torch.compiler.disable(fn) if compiler_loaded() else fn
 
 
