@@ -155,17 +155,15 @@ def warn_ambiguous_masks(fn: str, paths: Sequence[str], stacklevel: int = 3) -> 
                   "mask= (Profiler.batch)", stacklevel=stacklevel)
 
 
-def batch_mask(fn: str, inputs, mask, labels: Tensor) -> Tuple[Optional[Tuple[Tensor, Tensor]], List[str]]:
+def batch_mask(fn: str, inputs, mask, labels: Tensor, path: Optional[tuple]) -> Optional[Tuple[Tensor, Tensor]]:
     """The valid positions of one batch and their host copy (:func:`check_mask`; docs/method.md §2): ``mask`` when
-    given, else the ``attention_mask`` the inputs hold (:func:`find_attention_mask`: the Hugging Face convention,
-    in a mapping of inputs or one nested in them), else None (every position counts); with the paths of the
-    attention masks when there are several (none applied: the caller warns)."""
+    given, else the ``attention_mask`` the inputs hold at ``path`` (:func:`find_attention_mask`: the Hugging Face
+    convention, in a mapping of inputs or one nested in them), else None (every position counts)."""
     if mask is not None:
-        return check_mask(fn, mask, labels), []
-    path, several = find_attention_mask(inputs)
+        return check_mask(fn, mask, labels)
     if path is None:
-        return None, several
-    return check_mask(fn, at_path(inputs, path), labels, path_name(path)), []
+        return None
+    return check_mask(fn, at_path(inputs, path), labels, path_name(path))
 
 
 def check_num_classes(fn: str, num_classes, class_names) -> List[str]:

@@ -127,12 +127,11 @@ class _Offline:
                 self.rescale.record(False)
         return views, dl
 
-    def _ensure_ref(self, x) -> List[Optional[Tensor]]:
+    def _ensure_ref(self, x, path: Optional[tuple]) -> List[Optional[Tensor]]:
         """The references of a batch ``x`` (accumulate_'s ``ref`` per layer; Rescale's are set): shared ``[N, S]``
         from one forward of the baseline (again only when the per-sample shape or dtype changes), or, when
         ``x``'s ``attention_mask`` pads, per sample from the baseline with each sample's mask row
-        (docs/method.md §2, Reference r)."""
-        path = find_attention_mask(x)[0]
+        (docs/method.md §2, Reference r). ``path``: where ``x`` holds its attention mask, or None."""
         am = at_path(x, path) if path is not None else None
         if isinstance(am, Tensor) and am.dim() == 2 and am.numel() and not bool((am != 0).all()):
             return self._row_refs(x, am, path)
@@ -170,14 +169,15 @@ class _Offline:
         # nothing after the forward waits for the device but the status words' read; capture.host_copy).
         y, y_host = check_labels(self.fn, labels, self.k, self.ignore_index)
         y = y.to(self.device)
-        got, several = batch_mask(self.fn, x, mask, y)
+        path, several = find_attention_mask(x)      # (also where DeepLIFT's references put each mask row)
+        got = batch_mask(self.fn, x, mask, y, path)
         if several and not self.warned_masks:
             self.warned_masks = True
             warn_ambiguous_masks(self.fn, several, stacklevel=4)
         mask, mask_host = got or (None, None)
         mask, every_sample = None if mask is None else mask.to(self.device), mask_facts(mask_host)
         x = to_device(x, self.device)
-        refs = self._ensure_ref(x) if self.want_dl else [None] * len(self.taps)
+        refs = self._ensure_ref(x, path) if self.want_dl else [None] * len(self.taps)
         with torch.set_grad_enabled(self.grad):
             out = self._forward(x)
             views = [tap_views(self.fn, info, ts, y) for info, ts in zip(self.plan.layers, self.taps)]
